@@ -1,1 +1,26 @@
-//! placeholder
+//! ddpm: DDPM on libtorch, in the article's notation (encoder p, generator q).
+//!
+//! Mathematics and model (each held to `ddpm-reference` by the tests in `tests/`):
+pub mod bound;
+pub mod ema;
+pub mod error;
+pub mod lamb;
+pub mod loss;
+pub mod lr;
+pub mod marginal;
+pub mod oracle;
+pub mod sampler;
+pub mod schedule;
+pub mod sigma;
+pub mod timesteps;
+pub mod unet;
+
+// The product: devices, data, checkpoints, training, evaluation, the CLI.
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod grid;
+pub mod train;
