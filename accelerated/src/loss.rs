@@ -1,1 +1,142 @@
-//! (to be written)
+//! Training losses: the Euclidean loss on ε̂ (summed over every dimension of a sample,
+//! averaged over the batch) and the article's weighted loss (8).
+
+use crate::error::{DdpmError, Result};
+use crate::marginal::same_shape;
+use crate::schedule::{gather, Schedule};
+use tch::{Kind, Tensor};
+
+/// ‖ε − ε̂‖² per sample: the sum over all non-batch dimensions, shape [B].
+pub fn per_sample_sq_error(eps: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
+    same_shape("eps", eps, "eps_hat", eps_hat)?;
+    if eps.dim() < 2 {
+        return Err(DdpmError::Shape(format!(
+            "a batch [B, …] with at least one data dimension is needed, got {:?}",
+            eps.size()
+        )));
+    }
+    let dims: Vec<i64> = (1..eps.dim() as i64).collect();
+    Ok((eps - eps_hat).square().sum_dim_intlist(dims.as_slice(), false, None::<Kind>))
+}
+
+/// The unweighted training loss mean_B ‖ε − ε̂‖² (never a per-pixel mean).
+pub fn euclidean_loss(eps: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
+    Ok(per_sample_sq_error(eps, eps_hat)?.mean(None::<Kind>))
+}
+
+/// Weight of loss (8) on the unweighted loss, w_t = β_t⁴/(β̄_t² α_t² σ_t²), per sample [B];
+/// `sigma` is a σ table of length T+1 (see `sigma.rs`). Infinite where σ_t = 0 (σ_1 of
+/// `Posterior`): there the generator's step is deterministic and the KL is unbounded.
+pub fn loss_weight(schedule: &Schedule, sigma: &Tensor, t: &Tensor, kind: Kind) -> Result<Tensor> {
+    let like = Tensor::zeros([t.size().first().copied().unwrap_or(0)], (kind, t.device()));
+    let b = schedule.beta_at(t, &like)?;
+    let bb = schedule.beta_bar_at(t, &like)?;
+    let a = schedule.alpha_at(t, &like)?;
+    let s = gather(sigma, t, &like)?;
+    Ok(b.square().square() / (bb.square() * a.square() * s.square()))
+}
+
+/// Loss (8) per sample: w_t ‖ε − ε̂‖², shape [B].
+pub fn weighted_per_sample(
+    schedule: &Schedule,
+    sigma: &Tensor,
+    t: &Tensor,
+    eps: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
+    let err = per_sample_sq_error(eps, eps_hat)?;
+    Ok(loss_weight(schedule, sigma, t, err.kind())? * err)
+}
+
+/// Loss (8) averaged over the batch: mean_B w_t ‖ε − ε̂‖².
+pub fn weighted_loss(
+    schedule: &Schedule,
+    sigma: &Tensor,
+    t: &Tensor,
+    eps: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
+    Ok(weighted_per_sample(schedule, sigma, t, eps, eps_hat)?.mean(None::<Kind>))
+}
+
+/// The network input of loss (7): x_t = ᾱ_t x_0 + α_t β̄_{t−1} ε̄_{t−1} + β_t ε_t.
+pub fn loss7_input(
+    schedule: &Schedule,
+    x0: &Tensor,
+    t: &Tensor,
+    eps_bar_prev: &Tensor,
+    eps_t: &Tensor,
+) -> Result<Tensor> {
+    same_shape("x0", x0, "eps_bar_prev", eps_bar_prev)?;
+    same_shape("x0", x0, "eps_t", eps_t)?;
+    let ab = schedule.alpha_bar_at(t, x0)?;
+    let a = schedule.alpha_at(t, x0)?;
+    let bb_prev = schedule.beta_bar_at(&(t - 1), x0)?;
+    let b = schedule.beta_at(t, x0)?;
+    Ok(ab * x0 + a * bb_prev * eps_bar_prev + b * eps_t)
+}
+
+/// Loss (7) per sample: β_t²/(α_t² σ_t²) ‖ε_t − ε_θ‖² with ε_θ = (β_t/β̄_t) ε̂, shape [B].
+pub fn loss7_per_sample(
+    schedule: &Schedule,
+    sigma: &Tensor,
+    t: &Tensor,
+    eps_t: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
+    let b = schedule.beta_at(t, eps_hat)?;
+    let eps_theta = &b / schedule.beta_bar_at(t, eps_hat)? * eps_hat;
+    let err = per_sample_sq_error(eps_t, &eps_theta)?;
+    let like = err.zeros_like();
+    let a = schedule.alpha_at(t, &like)?;
+    let s = gather(sigma, t, &like)?;
+    Ok(schedule.beta_at(t, &like)?.square() / (a.square() * s.square()) * err)
+}
+
+/// The θ-free constant (7) − (8) = d β_t² β̄_{t−1}² / (σ_t² β̄_t²), per sample [B] in `kind`.
+pub fn loss7_minus_loss8(
+    schedule: &Schedule,
+    sigma: &Tensor,
+    t: &Tensor,
+    d: i64,
+    kind: Kind,
+) -> Result<Tensor> {
+    let like = Tensor::zeros([t.size().first().copied().unwrap_or(0)], (kind, t.device()));
+    let b = schedule.beta_at(t, &like)?;
+    let bb_prev = schedule.beta_bar_at(&(t - 1), &like)?;
+    let bb = schedule.beta_bar_at(t, &like)?;
+    let s = gather(sigma, t, &like)?;
+    Ok(b.square() * bb_prev.square() / (s.square() * bb.square()) * d as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::ScheduleKind;
+    use crate::sigma::SigmaChoice;
+    use tch::Device;
+
+    #[test]
+    fn loss_is_a_sum_over_pixels_and_a_mean_over_the_batch() {
+        let eps = Tensor::ones([2, 1, 3, 3], (Kind::Double, Device::Cpu));
+        let eps_hat = Tensor::cat(&[eps.get(0).unsqueeze(0) * 0.0, eps.get(1).unsqueeze(0) * 3.0], 0);
+        let per = Vec::<f64>::try_from(per_sample_sq_error(&eps, &eps_hat).unwrap()).unwrap();
+        assert_eq!(per, vec![9.0, 36.0]);
+        let mean = f64::try_from(euclidean_loss(&eps, &eps_hat).unwrap()).unwrap();
+        assert_eq!(mean, 22.5);
+    }
+
+    #[test]
+    fn weight_is_infinite_only_where_sigma_vanishes() {
+        let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
+        let sigma = SigmaChoice::Posterior.table(&s).unwrap();
+        let t = Tensor::from_slice(&[1i64, 2, 10]);
+        let w = Vec::<f64>::try_from(loss_weight(&s, &sigma, &t, Kind::Double).unwrap()).unwrap();
+        assert!(w[0].is_infinite() && w[1].is_finite() && w[2].is_finite());
+        // With σ_t = β_t the weight reduces to β_t²/(β̄_t² α_t²).
+        let sigma = SigmaChoice::Beta.table(&s).unwrap();
+        let w = Vec::<f64>::try_from(loss_weight(&s, &sigma, &t, Kind::Double).unwrap()).unwrap();
+        let (a, b, bb) = (s.alpha().double_value(&[10]), s.beta().double_value(&[10]), s.beta_bar().double_value(&[10]));
+        assert!((w[2] - b * b / (bb * bb * a * a)).abs() < 1e-12 * w[2]);
+    }
+}
