@@ -1,1 +1,20 @@
-//! placeholder
+//! Exact f64 reference of DDPM in the notation of Su Jianlin's "DDPM = autoregressive VAE":
+//! encoder p, generator q, α_t the per-step signal scale, β_t = sqrt(1 − α_t²).
+//! Pure `ndarray`, CPU only; the accelerated crate and the proofs are checked against it.
+
+/// The error type and `Result` alias.
+pub mod error;
+/// Noise schedules α, β, ᾱ, β̄ (article, Ho's linear, cosine, arbitrary).
+pub mod schedule;
+/// The marginal p(x_t|x_0) = N(ᾱ_t x_0, β̄_t² I).
+pub mod marginal;
+/// The posterior p(x_{t−1}|x_t, x_0) = N(μ̃, σ̃_t² I).
+pub mod posterior;
+/// The generator's σ_t (posterior, β_t, isotropic-Gaussian optimum).
+pub mod sigma;
+/// Losses (7) and (8), unweighted and weighted, and the constant between them.
+pub mod loss;
+
+pub use error::{RefError, Result};
+pub use schedule::{Schedule, ScheduleKind};
+pub use sigma::SigmaChoice;
