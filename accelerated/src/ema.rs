@@ -1,1 +1,160 @@
-//! (to be written)
+//! Exponential moving average of the weights, kept as a shadow copy of every variable.
+
+use crate::error::{DdpmError, Result};
+use std::collections::HashMap;
+use tch::nn::VarStore;
+use tch::Tensor;
+
+/// Shadow weights w̄ ← d w̄ + (1 − d) w after each update, with d = decay, or with warm-up
+/// d_k = min(decay, (1 + k)/(10 + k)) at the k-th update (k = 0, 1, …; TensorFlow's
+/// `num_updates` rule), so early averages are not dominated by the random initial weights.
+#[derive(Debug)]
+pub struct Ema {
+    decay: f64,
+    warmup: bool,
+    updates: u64,
+    shadow: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    /// Starts the average at the current weights of `vs`; `decay` in [0, 1).
+    pub fn new(vs: &VarStore, decay: f64, warmup: bool) -> Result<Ema> {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(DdpmError::InvalidArgument(format!(
+                "the EMA decay must be in [0, 1), got {decay}"
+            )));
+        }
+        let mut shadow: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(name, w)| (name, w.detach().copy()))
+            .collect();
+        shadow.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Ema { decay, warmup, updates: 0, shadow })
+    }
+
+    /// The decay the next update will use.
+    pub fn current_decay(&self) -> f64 {
+        if self.warmup {
+            let k = self.updates as f64;
+            self.decay.min((1.0 + k) / (10.0 + k))
+        } else {
+            self.decay
+        }
+    }
+
+    /// Number of updates so far.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// w̄ ← d w̄ + (1 − d) w for every variable of `vs` (the one given to [`Ema::new`]).
+    pub fn update(&mut self, vs: &VarStore) -> Result<()> {
+        let d = self.current_decay();
+        let vars = vs.variables();
+        tch::no_grad(|| -> Result<()> {
+            for (name, avg) in self.shadow.iter_mut() {
+                let w = vars.get(name).ok_or_else(|| missing(name))?;
+                let _ = avg.f_lerp_(w, 1.0 - d)?;
+            }
+            Ok(())
+        })?;
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Copies the averaged weights into `vs` (e.g. a second model used for sampling).
+    pub fn copy_to(&self, vs: &VarStore) -> Result<()> {
+        let vars = vs.variables();
+        tch::no_grad(|| {
+            for (name, avg) in &self.shadow {
+                let mut w = vars.get(name).ok_or_else(|| missing(name))?.shallow_clone();
+                w.f_copy_(avg)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The averaged weights under the model's variable names (a loadable weight set).
+    pub fn export(&self) -> Vec<(String, Tensor)> {
+        self.shadow.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+
+    /// Restores averaged weights saved by [`Ema::export`] and the update count.
+    pub fn import(&mut self, named: &[(String, Tensor)], updates: u64) -> Result<()> {
+        let saved: HashMap<&str, &Tensor> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        if saved.len() != self.shadow.len() {
+            return Err(DdpmError::State(format!(
+                "the saved EMA has {} tensors, the model {}",
+                saved.len(),
+                self.shadow.len()
+            )));
+        }
+        tch::no_grad(|| {
+            for (name, avg) in self.shadow.iter_mut() {
+                let src = saved.get(name.as_str()).ok_or_else(|| missing(name))?;
+                if src.size() != avg.size() {
+                    return Err(DdpmError::State(format!(
+                        "EMA tensor {name} has shape {:?}, the model's {:?}",
+                        src.size(),
+                        avg.size()
+                    )));
+                }
+                avg.f_copy_(src)?;
+            }
+            Ok(())
+        })?;
+        self.updates = updates;
+        Ok(())
+    }
+}
+
+fn missing(name: &str) -> DdpmError {
+    DdpmError::State(format!("variable {name} is missing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Device, Kind};
+
+    #[test]
+    fn averages_towards_the_weights() {
+        let vs = VarStore::new(Device::Cpu);
+        let mut w = vs.root().zeros("w", &[3]);
+        let mut ema = Ema::new(&vs, 0.9, false).unwrap();
+        tch::no_grad(|| {
+            let _ = w.fill_(1.0);
+        });
+        ema.update(&vs).unwrap();
+        ema.update(&vs).unwrap();
+        // 1 − 0.9² after two updates towards 1 from 0.
+        let got = ema.export()[0].1.double_value(&[0]);
+        assert!((got - 0.19).abs() < 1e-6);
+
+        let other = VarStore::new(Device::Cpu);
+        let _ = other.root().var("w", &[3], nn::Init::Const(5.0));
+        ema.copy_to(&other).unwrap();
+        assert!((other.variables()["w"].double_value(&[2]) - 0.19).abs() < 1e-6);
+
+        let mut restored = Ema::new(&vs, 0.9, false).unwrap();
+        restored.import(&ema.export(), ema.updates()).unwrap();
+        assert_eq!(restored.updates(), 2);
+        assert!((restored.export()[0].1.double_value(&[1]) - 0.19).abs() < 1e-6);
+        let wrong = vec![("w".to_string(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))];
+        assert!(restored.import(&wrong, 0).is_err());
+    }
+
+    #[test]
+    fn warmup_limits_the_early_decay() {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().zeros("w", &[1]);
+        let mut ema = Ema::new(&vs, 0.9999, true).unwrap();
+        assert!((ema.current_decay() - 0.1).abs() < 1e-15);
+        for _ in 0..90 {
+            ema.update(&vs).unwrap();
+        }
+        assert!((ema.current_decay() - 91.0 / 100.0).abs() < 1e-15);
+        assert!(Ema::new(&vs, 1.0, true).is_err());
+    }
+}
