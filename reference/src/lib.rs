@@ -14,7 +14,10 @@ pub mod posterior;
 pub mod sigma;
 /// Losses (7) and (8), unweighted and weighted, and the constant between them.
 pub mod loss;
+/// The test oracle: the exact E[ε|x_t] for known data laws.
+pub mod oracle;
 
 pub use error::{RefError, Result};
+pub use oracle::Law;
 pub use schedule::{Schedule, ScheduleKind};
 pub use sigma::SigmaChoice;
