@@ -164,7 +164,7 @@ impl Law {
         r /= &total;
         let mut eps = Array2::zeros(xt.raw_dim());
         for k in 0..v.len() {
-            eps += &(residual(k) * &r.column(k).insert_axis(Axis(1)) * (bb / v[k]));
+            eps += &(residual(k) * r.column(k).insert_axis(Axis(1)) * (bb / v[k]));
         }
         Ok(eps)
     }
