@@ -50,7 +50,7 @@ pub enum RefError {
         value: f64,
     },
     /// A strided sampler cannot take this many steps.
-    #[error("cannot take {n} strided steps with T = {t_max}: need 1 <= n <= T, and n >= 2 when T > 1 so that both T and 1 are visited")]
+    #[error("cannot take {n} strided sampling steps with T = {t_max}: need 1 <= n <= T")]
     InvalidStepCount {
         /// Requested number of steps.
         n: usize,

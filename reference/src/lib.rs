@@ -16,6 +16,8 @@ pub mod sigma;
 pub mod loss;
 /// The test oracle: the exact E[ε|x_t] for known data laws.
 pub mod oracle;
+/// Sampler steps: ancestral, clipped-x̂_0, strided timesteps, DDIM.
+pub mod sampler;
 
 pub use error::{RefError, Result};
 pub use oracle::Law;
