@@ -1,1 +1,530 @@
-//! (to be written)
+//! The article's U-Net without attention: 3×3 conv in; levels of residual blocks with channel
+//! multipliers; average-pool down, nearest up; skips joined by addition; GroupNorm → 3×3 conv
+//! out. Never BatchNorm: each sample's output depends on that sample only.
+//!
+//! Layout, for levels ℓ = 0..L−1 with C_ℓ = base·mult_ℓ channels and N blocks a level:
+//! `h = conv_in(x)`; down: at each level N blocks (each output kept as a skip), then
+//! average-pool except at the last level; one middle block; up, from the last level: N blocks,
+//! each followed by `h += skip` (the skip of the same level and position), then nearest
+//! up-sampling except at level 0; `h += conv_in(x)`; `out = conv_out(GroupNorm(h))`.
+//!
+//! Residual block (in → out channels), post-norm as in the article's Keras code:
+//! `h = x + W_t·temb`; `h = GN(swish(conv3×3(h)))`; dropout; `h = swish(conv3×3(h))`;
+//! `y = GN(h + skip(x))`, `skip` a 1×1 conv when in ≠ out, else the identity.
+//!
+//! Variable names: every normalisation layer's path component starts with `norm`, so LAMB's
+//! exclusion rule (see `lamb.rs`) finds them by name as well as by dimension.
+
+use crate::error::{DdpmError, Result};
+use crate::sampler::NoisePredictor;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// How the time step t enters the network.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeEmbedding {
+    /// The article's trainable Embedding(T, base) (row t−1 for step t).
+    Learned,
+    /// Fixed sinusoidal features of t (dimension base) through Linear → swish → Linear
+    /// (width 4·base); each row is shared by all t, which helps short runs.
+    Sinusoidal,
+}
+
+/// The network's sizes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UNetConfig {
+    /// Height = width of the images.
+    pub image_size: i64,
+    /// Image channels (1 grey, 3 RGB).
+    pub in_channels: i64,
+    /// Channels of level 0 (the article's `embedding_size`).
+    pub base_channels: i64,
+    /// Channel multiplier of each level; the number of levels is its length.
+    pub channel_mults: Vec<i64>,
+    /// Residual blocks per level on each path.
+    pub blocks_per_level: i64,
+    /// GroupNorm groups; a layer with fewer channels uses one group per channel.
+    pub groups: i64,
+    /// How t enters the network.
+    pub time_embedding: TimeEmbedding,
+    /// Dropout probability inside residual blocks during training (0 = none).
+    pub dropout: f64,
+    /// T, the number of diffusion steps (rows of the learned embedding).
+    pub t_max: i64,
+}
+
+impl UNetConfig {
+    /// MNIST 28×28 grey: 32·[1, 2, 2], 1 block a level (28 → 14 → 7), sinusoidal t, T = 1000;
+    /// 473,345 parameters.
+    pub fn mnist() -> UNetConfig {
+        UNetConfig {
+            image_size: 28,
+            in_channels: 1,
+            base_channels: 32,
+            channel_mults: vec![1, 2, 2],
+            blocks_per_level: 1,
+            groups: 32,
+            time_embedding: TimeEmbedding::Sinusoidal,
+            dropout: 0.0,
+            t_max: 1000,
+        }
+    }
+
+    /// CIFAR-style 32×32 RGB: 128·[1, 2, 2, 2], 2 blocks a level, sinusoidal t, dropout 0.1,
+    /// T = 1000; 18,758,659 parameters.
+    pub fn cifar32() -> UNetConfig {
+        UNetConfig {
+            image_size: 32,
+            in_channels: 3,
+            base_channels: 128,
+            channel_mults: vec![1, 2, 2, 2],
+            blocks_per_level: 2,
+            dropout: 0.1,
+            ..UNetConfig::mnist()
+        }
+    }
+
+    /// The article's CelebA-HQ 128×128 RGB: 128·[1, 1, 2, 2, 4, 4], 2 blocks a level,
+    /// learned Embedding(T, 128), T = 1000; 55,019,779 parameters.
+    pub fn celeba128() -> UNetConfig {
+        UNetConfig {
+            image_size: 128,
+            in_channels: 3,
+            base_channels: 128,
+            channel_mults: vec![1, 1, 2, 2, 4, 4],
+            blocks_per_level: 2,
+            groups: 32,
+            time_embedding: TimeEmbedding::Learned,
+            dropout: 0.0,
+            t_max: 1000,
+        }
+    }
+
+    /// The preset called `name` (`mnist`, `cifar32`, `celeba128`).
+    pub fn preset(name: &str) -> Result<UNetConfig> {
+        match name {
+            "mnist" => Ok(UNetConfig::mnist()),
+            "cifar32" => Ok(UNetConfig::cifar32()),
+            "celeba128" => Ok(UNetConfig::celeba128()),
+            _ => Err(DdpmError::InvalidModel(format!(
+                "unknown preset {name:?}; choose mnist, cifar32 or celeba128"
+            ))),
+        }
+    }
+
+    /// Channels of each level, C_ℓ = base · mult_ℓ.
+    pub fn level_channels(&self) -> Vec<i64> {
+        self.channel_mults.iter().map(|m| m * self.base_channels).collect()
+    }
+
+    /// Groups used by a GroupNorm over `channels` channels: min(groups, channels).
+    pub fn groups_for(&self, channels: i64) -> i64 {
+        self.groups.min(channels)
+    }
+
+    /// Width of the time embedding fed to every block.
+    pub fn time_dim(&self) -> i64 {
+        match self.time_embedding {
+            TimeEmbedding::Learned => self.base_channels,
+            TimeEmbedding::Sinusoidal => 4 * self.base_channels,
+        }
+    }
+
+    /// Checks that the network can be built, with a message saying what to change.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(DdpmError::InvalidModel(msg));
+        if self.channel_mults.is_empty() {
+            return bad("at least one level (channel multiplier) is needed".into());
+        }
+        for (name, v) in [
+            ("image size", self.image_size),
+            ("input channels", self.in_channels),
+            ("base channels", self.base_channels),
+            ("blocks per level", self.blocks_per_level),
+            ("groups", self.groups),
+            ("T", self.t_max),
+        ] {
+            if v < 1 {
+                return bad(format!("{name} must be at least 1, got {v}"));
+            }
+        }
+        if self.channel_mults.iter().any(|&m| m < 1) {
+            return bad(format!("channel multipliers must be at least 1, got {:?}", self.channel_mults));
+        }
+        let downs = self.channel_mults.len() as u32 - 1;
+        let factor = 1i64.checked_shl(downs).unwrap_or(i64::MAX);
+        if self.image_size % factor != 0 {
+            return bad(format!(
+                "image size {} must be divisible by 2^{downs} = {factor} for {} levels",
+                self.image_size,
+                downs + 1
+            ));
+        }
+        for c in self.level_channels() {
+            let g = self.groups_for(c);
+            if c % g != 0 {
+                return bad(format!("{c} channels cannot be split into {g} GroupNorm groups"));
+            }
+        }
+        if self.time_embedding == TimeEmbedding::Sinusoidal && self.base_channels % 2 != 0 {
+            return bad(format!(
+                "sinusoidal time features need an even base channel count, got {}",
+                self.base_channels
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+enum TimeNet {
+    Learned(nn::Embedding),
+    Sinusoidal { half: i64, mlp1: nn::Linear, mlp2: nn::Linear },
+}
+
+impl TimeNet {
+    fn new(p: &nn::Path, cfg: &UNetConfig) -> TimeNet {
+        let c = cfg.base_channels;
+        match cfg.time_embedding {
+            TimeEmbedding::Learned => {
+                TimeNet::Learned(nn::embedding(p / "embedding", cfg.t_max, c, Default::default()))
+            }
+            TimeEmbedding::Sinusoidal => TimeNet::Sinusoidal {
+                half: c / 2,
+                mlp1: nn::linear(p / "mlp1", c, 4 * c, Default::default()),
+                mlp2: nn::linear(p / "mlp2", 4 * c, 4 * c, Default::default()),
+            },
+        }
+    }
+
+    /// [B, time_dim] embedding of t (Int64 [B]).
+    fn forward(&self, t: &Tensor, kind: Kind) -> Tensor {
+        match self {
+            TimeNet::Learned(emb) => emb.forward(&(t - 1)),
+            TimeNet::Sinusoidal { half, mlp1, mlp2 } => {
+                // Frequencies 10000^(−i/half), i = 0..half, as in the Transformer.
+                let i = Tensor::arange(*half, (kind, t.device()));
+                let freq = (i * (-(10000f64.ln()) / *half as f64)).exp();
+                let args = t.to_kind(kind).unsqueeze(1) * freq.unsqueeze(0);
+                let feats = Tensor::cat(&[args.sin(), args.cos()], 1);
+                mlp2.forward(&mlp1.forward(&feats).silu())
+            }
+        }
+    }
+}
+
+fn conv3(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
+    nn::conv2d(p, c_in, c_out, 3, nn::ConvConfig { padding: 1, ..Default::default() })
+}
+
+fn norm(p: nn::Path, cfg: &UNetConfig, channels: i64) -> nn::GroupNorm {
+    nn::group_norm(p, cfg.groups_for(channels), channels, Default::default())
+}
+
+#[derive(Debug)]
+struct ResBlock {
+    time_proj: nn::Linear,
+    conv1: nn::Conv2D,
+    norm1: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    norm2: nn::GroupNorm,
+    skip: Option<nn::Conv2D>,
+    dropout: f64,
+}
+
+impl ResBlock {
+    fn new(p: &nn::Path, cfg: &UNetConfig, c_in: i64, c_out: i64) -> ResBlock {
+        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+        ResBlock {
+            time_proj: nn::linear(p / "time_proj", cfg.time_dim(), c_in, no_bias),
+            conv1: conv3(p / "conv1", c_in, c_out),
+            norm1: norm(p / "norm1", cfg, c_out),
+            conv2: conv3(p / "conv2", c_out, c_out),
+            norm2: norm(p / "norm2", cfg, c_out),
+            skip: (c_in != c_out).then(|| nn::conv2d(p / "skip", c_in, c_out, 1, Default::default())),
+            dropout: cfg.dropout,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, train: bool) -> Tensor {
+        let shift = self.time_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
+        let h = self.norm1.forward(&self.conv1.forward(&(x + shift)).silu());
+        let h = h.dropout(self.dropout, train && self.dropout > 0.0);
+        let h = self.conv2.forward(&h).silu();
+        let skip = match &self.skip {
+            Some(conv) => conv.forward(x),
+            None => x.shallow_clone(),
+        };
+        self.norm2.forward(&(h + skip))
+    }
+}
+
+/// The U-Net ε̂(x_t, t).
+#[derive(Debug)]
+pub struct UNet {
+    cfg: UNetConfig,
+    time: TimeNet,
+    conv_in: nn::Conv2D,
+    down: Vec<Vec<ResBlock>>,
+    mid: ResBlock,
+    up: Vec<Vec<ResBlock>>,
+    norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl UNet {
+    /// Builds the network's variables under `p` (normally `vs.root()`).
+    pub fn new(p: &nn::Path, cfg: &UNetConfig) -> Result<UNet> {
+        cfg.validate()?;
+        let chans = cfg.level_channels();
+        let n = cfg.blocks_per_level;
+        let c0 = chans[0];
+        let mut down = Vec::new();
+        let mut c = c0;
+        for (level, &c_level) in chans.iter().enumerate() {
+            let lp = p / "down" / level;
+            down.push(
+                (0..n)
+                    .map(|j| {
+                        let block = ResBlock::new(&(&lp / j), cfg, c, c_level);
+                        c = c_level;
+                        block
+                    })
+                    .collect(),
+            );
+        }
+        let mid = ResBlock::new(&(p / "mid"), cfg, c, c);
+        let mut up = Vec::new();
+        for (level, &c_level) in chans.iter().enumerate().rev() {
+            let lp = p / "up" / level;
+            up.push(
+                (0..n)
+                    .map(|j| {
+                        let block = ResBlock::new(&(&lp / j), cfg, c, c_level);
+                        c = c_level;
+                        block
+                    })
+                    .collect(),
+            );
+        }
+        Ok(UNet {
+            time: TimeNet::new(&(p / "time"), cfg),
+            conv_in: conv3(p / "conv_in", cfg.in_channels, c0),
+            down,
+            mid,
+            up,
+            norm_out: norm(p / "norm_out", cfg, c0),
+            conv_out: conv3(p / "conv_out", c0, cfg.in_channels),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    /// Checks that x is [B, in_channels, size, size].
+    pub fn check_shape(&self, shape: &[i64]) -> Result<()> {
+        let c = &self.cfg;
+        if shape.len() == 4 && shape[1..] == [c.in_channels, c.image_size, c.image_size] {
+            Ok(())
+        } else {
+            Err(DdpmError::Shape(format!(
+                "the network takes images [B, {}, {}, {}], got {shape:?}",
+                c.in_channels, c.image_size, c.image_size
+            )))
+        }
+    }
+
+    /// ε̂(x_t, t) for x_t [B, C, H, W] and t Int64 [B] (values 1..=T); `train` turns dropout
+    /// on. Computes in the weights' kind and returns x_t's kind.
+    pub fn forward_t(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_shape(&x_t.size())?;
+        crate::schedule::check_t(t, x_t)?;
+        let kind = self.conv_in.ws.kind();
+        let x = x_t.to_kind(kind);
+        let temb = self.time.forward(t, kind);
+        let h0 = self.conv_in.forward(&x);
+        let mut skips = Vec::new();
+        let mut h = h0.shallow_clone();
+        let last = self.down.len() - 1;
+        for (level, blocks) in self.down.iter().enumerate() {
+            for block in blocks {
+                h = block.forward(&h, &temb, train);
+                skips.push(h.shallow_clone());
+            }
+            if level != last {
+                h = h.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+            }
+        }
+        h = self.mid.forward(&h, &temb, train);
+        for (i, blocks) in self.up.iter().enumerate() {
+            for block in blocks {
+                // Pushed in the mirror order, so the pop is the same level and position.
+                let skip = skips.pop().expect("one skip per down block");
+                h = block.forward(&h, &temb, train) + skip;
+            }
+            if i != last {
+                let (hh, ww) = (h.size()[2], h.size()[3]);
+                h = h.upsample_nearest2d([2 * hh, 2 * ww], None::<f64>, None::<f64>);
+            }
+        }
+        let out = self.conv_out.forward(&self.norm_out.forward(&(h + h0)));
+        Ok(out.to_kind(x_t.kind()))
+    }
+}
+
+impl NoisePredictor for UNet {
+    /// Panics with the shape error if `x_t` does not fit; `check_input` reports it first.
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
+        self.forward_t(x_t, t, false).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn check_input(&self, shape: &[i64]) -> Result<()> {
+        self.check_shape(shape)
+    }
+}
+
+/// Number of scalar parameters in a variable store.
+pub fn parameter_count(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables().iter().map(|v| v.numel() as i64).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn build(cfg: &UNetConfig) -> (nn::VarStore, UNet) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = UNet::new(&vs.root(), cfg).unwrap();
+        (vs, net)
+    }
+
+    fn tiny() -> UNetConfig {
+        UNetConfig {
+            image_size: 8,
+            in_channels: 2,
+            base_channels: 8,
+            channel_mults: vec![1, 2],
+            blocks_per_level: 2,
+            groups: 4,
+            ..UNetConfig::mnist()
+        }
+    }
+
+    /// The parameter count the layout in the module doc implies, derived independently.
+    fn expected_count(cfg: &UNetConfig) -> i64 {
+        let conv = |i: i64, o: i64, k: i64| i * o * k * k + o;
+        let gn = |c: i64| 2 * c;
+        let e = cfg.time_dim();
+        let block = |i: i64, o: i64| {
+            e * i + conv(i, o, 3) + conv(o, o, 3) + 2 * gn(o) + if i != o { conv(i, o, 1) } else { 0 }
+        };
+        let b = cfg.base_channels;
+        let time = match cfg.time_embedding {
+            TimeEmbedding::Learned => cfg.t_max * b,
+            TimeEmbedding::Sinusoidal => (b * 4 * b + 4 * b) + (4 * b * 4 * b + 4 * b),
+        };
+        let chans = cfg.level_channels();
+        let mut total = time + conv(cfg.in_channels, b, 3) + gn(b) + conv(b, cfg.in_channels, 3);
+        let mut c = b;
+        for &cl in &chans {
+            for _ in 0..cfg.blocks_per_level {
+                total += block(c, cl);
+                c = cl;
+            }
+        }
+        total += block(c, c);
+        for &cl in chans.iter().rev() {
+            for _ in 0..cfg.blocks_per_level {
+                total += block(c, cl);
+                c = cl;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn preset_parameter_counts() {
+        // mnist 473,345; cifar32 18,758,659; celeba128 55,019,779 (printed with --nocapture).
+        for name in ["mnist", "cifar32", "celeba128"] {
+            let cfg = UNetConfig::preset(name).unwrap();
+            let vs = nn::VarStore::new(Device::Cpu);
+            UNet::new(&vs.root(), &cfg).unwrap();
+            let n = parameter_count(&vs);
+            println!("{name}: {n} parameters");
+            assert_eq!(n, expected_count(&cfg), "{name}");
+        }
+        assert_eq!(expected_count(&tiny()), parameter_count(&build(&tiny()).0));
+    }
+
+    #[test]
+    fn output_has_the_input_shape_and_kind() {
+        let (_vs, net) = build(&tiny());
+        let x = Tensor::randn([3, 2, 8, 8], (Kind::Double, Device::Cpu));
+        let t = Tensor::from_slice(&[1i64, 500, 1000]);
+        let y = net.predict(&x, &t);
+        assert_eq!((y.size(), y.kind()), (x.size(), Kind::Double));
+        assert!(net.forward_t(&x.narrow(2, 0, 4), &t, false).is_err());
+        assert!(net.forward_t(&x, &t.narrow(0, 0, 2), false).is_err());
+    }
+
+    #[test]
+    fn samples_do_not_influence_each_other() {
+        for time_embedding in [TimeEmbedding::Learned, TimeEmbedding::Sinusoidal] {
+            let (_vs, net) = build(&UNetConfig { time_embedding, ..tiny() });
+            let x = Tensor::randn([4, 2, 8, 8], (Kind::Float, Device::Cpu));
+            let t = Tensor::from_slice(&[3i64, 70, 700, 999]);
+            let whole = net.predict(&x, &t);
+            let alone = net.predict(&x.narrow(0, 2, 1), &t.narrow(0, 2, 1));
+            // Same arithmetic on a smaller batch; only float reassociation may differ.
+            let diff = f64::try_from((whole.narrow(0, 2, 1) - alone).abs().max()).unwrap();
+            assert!(diff < 1e-5, "{time_embedding:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn time_changes_the_output() {
+        for time_embedding in [TimeEmbedding::Learned, TimeEmbedding::Sinusoidal] {
+            let (_vs, net) = build(&UNetConfig { time_embedding, ..tiny() });
+            let x = Tensor::randn([1, 2, 8, 8], (Kind::Float, Device::Cpu)).repeat([2, 1, 1, 1]);
+            let y = net.predict(&x, &Tensor::from_slice(&[10i64, 900]));
+            let diff = f64::try_from((y.get(0) - y.get(1)).abs().max()).unwrap();
+            assert!(diff > 1e-3, "{time_embedding:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn invalid_configurations_are_explained() {
+        let odd = UNetConfig { image_size: 30, channel_mults: vec![1, 2, 2], ..UNetConfig::mnist() };
+        assert!(odd.validate().unwrap_err().to_string().contains("divisible by 2^2"));
+        let groups = UNetConfig { base_channels: 48, groups: 32, ..UNetConfig::mnist() };
+        assert!(groups.validate().is_err());
+        let small = UNetConfig { base_channels: 16, groups: 32, ..UNetConfig::mnist() };
+        assert!(small.validate().is_ok());
+        assert!(UNetConfig::preset("imagenet").is_err());
+    }
+
+    #[test]
+    fn gradients_reach_every_parameter() {
+        let (vs, net) = build(&tiny());
+        let x = Tensor::randn([2, 2, 8, 8], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[5i64, 6]);
+        net.forward_t(&x, &t, true).unwrap().square().sum(Kind::Float).backward();
+        for (name, v) in vs.variables() {
+            let g = v.grad();
+            if name.starts_with("time.embedding") {
+                continue; // only the rows of the t's used receive gradient
+            }
+            assert!(f64::try_from(g.abs().sum(Kind::Float)).unwrap() > 0.0, "{name}");
+        }
+    }
+}
