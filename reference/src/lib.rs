@@ -18,6 +18,8 @@ pub mod loss;
 pub mod oracle;
 /// Sampler steps: ancestral, clipped-x̂_0, strided timesteps, DDIM.
 pub mod sampler;
+/// One LAMB optimiser step on an f64 array.
+pub mod lamb;
 
 pub use error::{RefError, Result};
 pub use oracle::Law;
