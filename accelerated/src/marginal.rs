@@ -59,6 +59,7 @@ mod tests {
 
     #[test]
     fn posterior_of_the_marginal_is_consistent() {
+        let _rng = crate::sampler::rng_lock();
         // Sampling x_{t−1} from p(x_{t−1}|x_0), then x_t from p(x_t|x_{t−1}), the posterior
         // mean with x_0 known must equal E[x_{t−1}|x_t, x_0]; checked on the deterministic
         // identity μ̃(x_t = ᾱ_t x_0, x_0) = ᾱ_{t−1} x_0.
@@ -75,6 +76,7 @@ mod tests {
 
     #[test]
     fn predict_x0_inverts_the_marginal() {
+        let _rng = crate::sampler::rng_lock();
         let s = Schedule::new(ScheduleKind::Cosine, 50, Device::Cpu).unwrap();
         let x0 = Tensor::randn([4, 2, 3], (Kind::Double, Device::Cpu));
         let eps = Tensor::randn([4, 2, 3], (Kind::Double, Device::Cpu));

@@ -1,7 +1,11 @@
 //! Generator steps and the sampling loop.
 
-use crate::error::Result;
-use tch::Tensor;
+use crate::error::{DdpmError, Result};
+use crate::marginal::{posterior_mean, predict_x0, same_shape};
+use crate::schedule::{gather, Schedule};
+use crate::sigma::SigmaChoice;
+use crate::timesteps::{step_pairs, strided};
+use tch::{Device, Kind, Tensor};
 
 /// Anything that predicts the noise: ε̂(x_t, t) = (β̄_t/β_t) ε_θ(x_t, t).
 pub trait NoisePredictor {
@@ -12,5 +16,329 @@ pub trait NoisePredictor {
     fn check_input(&self, shape: &[i64]) -> Result<()> {
         let _ = shape;
         Ok(())
+    }
+}
+
+/// Any `Fn(x_t, t) -> ε̂` closure is a noise predictor (handy for tests and oracles).
+impl<F: Fn(&Tensor, &Tensor) -> Tensor> NoisePredictor for F {
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
+        self(x_t, t)
+    }
+}
+
+/// The article's step x_{t−1} = (x_t − (β_t²/β̄_t) ε̂)/α_t + σ_t z, with `sigma` a σ table of
+/// length T+1 (see `sigma.rs`) read at each sample's t (Int64 [B], values 1..=T).
+pub fn ancestral_step(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    eps_hat: &Tensor,
+    sigma: &Tensor,
+    z: &Tensor,
+) -> Result<Tensor> {
+    same_shape("x_t", x_t, "eps_hat", eps_hat)?;
+    same_shape("x_t", x_t, "z", z)?;
+    let b = schedule.beta_at(t, x_t)?;
+    let bb = schedule.beta_bar_at(t, x_t)?;
+    let a = schedule.alpha_at(t, x_t)?;
+    let s = gather(sigma, t, x_t)?;
+    Ok((x_t - b.square() / bb * eps_hat) / a + s * z)
+}
+
+/// Ho et al.'s step: x̂_0 = clip((x_t − β̄_t ε̂)/ᾱ_t, −1, 1), then the posterior mean
+/// μ̃(x_t, x̂_0) plus σ_t z.
+pub fn ancestral_step_clipped(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    eps_hat: &Tensor,
+    sigma: &Tensor,
+    z: &Tensor,
+) -> Result<Tensor> {
+    same_shape("x_t", x_t, "z", z)?;
+    let x0 = predict_x0(schedule, x_t, t, eps_hat)?.clamp(-1.0, 1.0);
+    let mean = posterior_mean(schedule, x_t, &x0, t)?;
+    Ok(mean + gather(sigma, t, x_t)? * z)
+}
+
+/// DDIM step τ → τ′ (t, t_prev Int64 [B], τ′ < τ, τ′ may be 0): x̂_0 = (x_τ − β̄_τ ε̂)/ᾱ_τ,
+/// σ = η (β̄_τ′/β̄_τ) sqrt(1 − ᾱ_τ²/ᾱ_τ′²), x_τ′ = ᾱ_τ′ x̂_0 + sqrt(β̄_τ′² − σ²) ε̂ + σ z;
+/// η ∈ [0, 1] (0 deterministic, 1 the strided posterior, i.e. strided DDPM).
+pub fn ddim_step(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    t_prev: &Tensor,
+    eps_hat: &Tensor,
+    eta: f64,
+    z: &Tensor,
+) -> Result<Tensor> {
+    let x0 = predict_x0(schedule, x_t, t, eps_hat)?;
+    ddim_from_x0(schedule, x_t, t, t_prev, &x0, eps_hat, eta, z)
+}
+
+/// [`ddim_step`] with x̂_0 clipped to [−1, 1] and ε̂ recomputed from it,
+/// ε̂′ = (x_τ − ᾱ_τ x̂_0)/β̄_τ, so that η = 1 gives the clipped posterior mean.
+pub fn ddim_step_clipped(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    t_prev: &Tensor,
+    eps_hat: &Tensor,
+    eta: f64,
+    z: &Tensor,
+) -> Result<Tensor> {
+    let x0 = predict_x0(schedule, x_t, t, eps_hat)?.clamp(-1.0, 1.0);
+    let eps = (x_t - schedule.alpha_bar_at(t, x_t)? * &x0) / schedule.beta_bar_at(t, x_t)?;
+    ddim_from_x0(schedule, x_t, t, t_prev, &x0, &eps, eta, z)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ddim_from_x0(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    t_prev: &Tensor,
+    x0: &Tensor,
+    eps_hat: &Tensor,
+    eta: f64,
+    z: &Tensor,
+) -> Result<Tensor> {
+    check_eta(eta)?;
+    same_shape("x_t", x_t, "z", z)?;
+    let ab = schedule.alpha_bar_at(t, x_t)?;
+    let bb = schedule.beta_bar_at(t, x_t)?;
+    let ab_prev = schedule.alpha_bar_at(t_prev, x_t)?;
+    let bb_prev = schedule.beta_bar_at(t_prev, x_t)?;
+    let ratio: Tensor = 1.0 - (&ab / &ab_prev).square();
+    let sigma = &bb_prev / bb * ratio.clamp_min(0.0).sqrt() * eta;
+    // β̄_τ′² − σ² ≥ 0 for η ≤ 1; the clamp only absorbs rounding.
+    let keep = (bb_prev.square() - sigma.square()).clamp_min(0.0).sqrt();
+    Ok(ab_prev * x0 + keep * eps_hat + sigma * z)
+}
+
+fn check_eta(eta: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&eta) {
+        Ok(())
+    } else {
+        Err(DdpmError::InvalidArgument(format!("DDIM's η must be in [0, 1], got {eta}")))
+    }
+}
+
+/// How to sample.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplerConfig {
+    /// σ_t of the ancestral sampler (unused by DDIM, whose σ comes from η).
+    pub sigma: SigmaChoice,
+    /// Number of visited steps (strided, see `timesteps.rs`); `None` = all T. Fewer than T
+    /// needs DDIM (`eta`).
+    pub steps: Option<usize>,
+    /// `None`: the article's ancestral sampler; `Some(η)`: DDIM with that η.
+    pub eta: Option<f64>,
+    /// Clip x̂_0 to [−1, 1] at every step (Ho et al.'s sampler).
+    pub clip_each_step: bool,
+    /// Clip the result to [−1, 1].
+    pub clip_final: bool,
+    /// Add σ_1 z on the last step (1 → 0); off by default, as Ho et al., so the result is the
+    /// decoder's mean.
+    pub final_noise: bool,
+    /// Seed libtorch's generators with this before sampling.
+    pub seed: Option<i64>,
+}
+
+impl Default for SamplerConfig {
+    /// The article's sampler: ancestral, σ_t = β_t, all T steps, clip only the result.
+    fn default() -> Self {
+        SamplerConfig {
+            sigma: SigmaChoice::Beta,
+            steps: None,
+            eta: None,
+            clip_each_step: false,
+            clip_final: true,
+            final_noise: false,
+            seed: None,
+        }
+    }
+}
+
+/// The sampling loop from x_T ~ N(0, I), batched on one device.
+#[derive(Debug)]
+pub struct Sampler {
+    cfg: SamplerConfig,
+    schedule: Schedule,
+    sigma: Tensor,
+    pairs: Vec<(i64, i64)>,
+}
+
+impl Sampler {
+    /// Prepares the σ table and the visited steps.
+    pub fn new(schedule: &Schedule, cfg: SamplerConfig) -> Result<Sampler> {
+        let t_max = schedule.t_max();
+        let n = cfg.steps.unwrap_or(t_max as usize);
+        if let Some(eta) = cfg.eta {
+            check_eta(eta)?;
+        } else if n as i64 != t_max {
+            return Err(DdpmError::InvalidArgument(format!(
+                "the ancestral sampler visits all T = {t_max} steps; for {n} steps use DDIM (eta = 1 is strided DDPM)"
+            )));
+        }
+        let pairs = step_pairs(&strided(t_max, n)?);
+        Ok(Sampler { sigma: cfg.sigma.table(schedule)?, cfg, schedule: schedule.clone(), pairs })
+    }
+
+    /// The (τ, τ′) steps walked, from (T, ·) down to (·, 0).
+    pub fn steps(&self) -> &[(i64, i64)] {
+        &self.pairs
+    }
+
+    /// Samples a batch of `shape` = [B, …] (Float) on `device`.
+    pub fn sample<M: NoisePredictor + ?Sized>(&self, model: &M, shape: &[i64], device: Device) -> Result<Tensor> {
+        self.sample_with(model, shape, device, |_, _| {})
+    }
+
+    /// [`Sampler::sample`], calling `on_step(done, total)` after each step. Nothing in the loop
+    /// waits for the device, so on CUDA the callback runs ahead of the computation.
+    pub fn sample_with<M: NoisePredictor + ?Sized>(
+        &self,
+        model: &M,
+        shape: &[i64],
+        device: Device,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        model.check_input(shape)?;
+        if shape.is_empty() {
+            return Err(DdpmError::Shape("the sample shape needs a batch dimension".into()));
+        }
+        if let Some(seed) = self.cfg.seed {
+            tch::manual_seed(seed);
+        }
+        let schedule = self.schedule.to_device(device);
+        let sigma = self.sigma.to_device(device);
+        let b = shape[0];
+        let opts = (Kind::Float, device);
+        tch::no_grad(|| {
+            let mut x = Tensor::randn(shape, opts);
+            let total = self.pairs.len();
+            for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
+                let t_vec = Tensor::full([b], t, (Kind::Int64, device));
+                let eps_hat = model.predict(&x, &t_vec);
+                let z = if t_prev > 0 || self.cfg.final_noise {
+                    Tensor::randn(shape, opts)
+                } else {
+                    Tensor::zeros(shape, opts)
+                };
+                x = match (self.cfg.eta, self.cfg.clip_each_step) {
+                    (None, false) => ancestral_step(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?,
+                    (None, true) => ancestral_step_clipped(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?,
+                    (Some(eta), clip) => {
+                        let prev = Tensor::full([b], t_prev, (Kind::Int64, device));
+                        let step = if clip { ddim_step_clipped } else { ddim_step };
+                        step(&schedule, &x, &t_vec, &prev, &eps_hat, eta, &z)?
+                    }
+                };
+                on_step(i + 1, total);
+            }
+            Ok(if self.cfg.clip_final { x.clamp(-1.0, 1.0) } else { x })
+        })
+    }
+}
+
+/// libtorch has one global generator, so a unit test that needs seeded draws to repeat must
+/// hold this lock, and so must every unit test that draws random numbers meanwhile.
+#[cfg(test)]
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::ScheduleKind;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        f64::try_from((a - b).abs().max()).unwrap()
+    }
+
+    fn randn(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Double, Device::Cpu))
+    }
+
+    #[test]
+    fn ddim_with_eta_one_is_the_posterior_step() {
+        let _rng = rng_lock();
+        tch::manual_seed(1);
+        let s = Schedule::new(ScheduleKind::Article, 100, Device::Cpu).unwrap();
+        let posterior = SigmaChoice::Posterior.table(&s).unwrap();
+        let (x, eps_hat, z) = (randn(&[4, 3]), randn(&[4, 3]), randn(&[4, 3]));
+        let t = Tensor::from_slice(&[1i64, 2, 50, 100]);
+        let prev = &t - 1;
+        let ddim = ddim_step(&s, &x, &t, &prev, &eps_hat, 1.0, &z).unwrap();
+        let ancestral = ancestral_step(&s, &x, &t, &eps_hat, &posterior, &z).unwrap();
+        assert!(max_diff(&ddim, &ancestral) < 1e-10);
+        let ddim_c = ddim_step_clipped(&s, &x, &t, &prev, &eps_hat, 1.0, &z).unwrap();
+        let ancestral_c = ancestral_step_clipped(&s, &x, &t, &eps_hat, &posterior, &z).unwrap();
+        assert!(max_diff(&ddim_c, &ancestral_c) < 1e-10);
+    }
+
+    #[test]
+    fn strided_ddim_with_eta_one_is_the_strided_posterior() {
+        let _rng = rng_lock();
+        // With α_{τ|τ′} = ᾱ_τ/ᾱ_τ′ and β_{τ|τ′}² = 1 − α_{τ|τ′}², η = 1 samples the posterior
+        // p(x_τ′|x_τ, x̂_0): mean (ᾱ_τ′ β_{τ|τ′}² x̂_0 + α_{τ|τ′} β̄_τ′² x_τ)/β̄_τ²,
+        // std β̄_τ′ β_{τ|τ′}/β̄_τ.
+        tch::manual_seed(2);
+        let s = Schedule::new(ScheduleKind::Cosine, 1000, Device::Cpu).unwrap();
+        let (x, eps_hat, z) = (randn(&[2, 5]), randn(&[2, 5]), randn(&[2, 5]));
+        let t = Tensor::from_slice(&[900i64, 40]);
+        let prev = Tensor::from_slice(&[700i64, 0]);
+        let got = ddim_step(&s, &x, &t, &prev, &eps_hat, 1.0, &z).unwrap();
+        let ab = s.alpha_bar_at(&t, &x).unwrap();
+        let ab_p = s.alpha_bar_at(&prev, &x).unwrap();
+        let bb = s.beta_bar_at(&t, &x).unwrap();
+        let bb_p = s.beta_bar_at(&prev, &x).unwrap();
+        let a_step = &ab / &ab_p;
+        let b2_step: Tensor = 1.0 - a_step.square();
+        let x0 = (&x - &bb * &eps_hat) / &ab;
+        let mean = (&ab_p * &b2_step * x0 + a_step * bb_p.square() * &x) / bb.square();
+        let expected = mean + bb_p * b2_step.sqrt() / bb * &z;
+        assert!(max_diff(&got, &expected) < 1e-10);
+        assert!(ddim_step(&s, &x, &t, &prev, &eps_hat, 1.5, &z).is_err());
+    }
+
+    #[test]
+    fn deterministic_ddim_ignores_the_noise() {
+        let _rng = rng_lock();
+        let s = Schedule::new(ScheduleKind::Linear, 50, Device::Cpu).unwrap();
+        let (x, eps_hat) = (randn(&[3, 2]), randn(&[3, 2]));
+        let t = Tensor::from_slice(&[50i64, 30, 10]);
+        let prev = Tensor::from_slice(&[40i64, 0, 5]);
+        let a = ddim_step(&s, &x, &t, &prev, &eps_hat, 0.0, &randn(&[3, 2])).unwrap();
+        let b = ddim_step(&s, &x, &t, &prev, &eps_hat, 0.0, &randn(&[3, 2])).unwrap();
+        assert_eq!(max_diff(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn sampler_is_reproducible_and_walks_every_step() {
+        let _rng = rng_lock();
+        let s = Schedule::new(ScheduleKind::Article, 20, Device::Cpu).unwrap();
+        let model = |x: &Tensor, _t: &Tensor| x * 0.1;
+        let cfg = SamplerConfig { seed: Some(7), ..SamplerConfig::default() };
+        let sampler = Sampler::new(&s, cfg.clone()).unwrap();
+        let mut seen = Vec::new();
+        let a = sampler.sample_with(&model, &[3, 1, 2, 2], Device::Cpu, |i, n| seen.push((i, n))).unwrap();
+        let b = sampler.sample(&model, &[3, 1, 2, 2], Device::Cpu).unwrap();
+        assert_eq!(seen.len(), 20);
+        assert_eq!(seen[19], (20, 20));
+        assert_eq!(max_diff(&a, &b), 0.0);
+        assert!(f64::try_from(a.abs().max()).unwrap() <= 1.0);
+        let strided = Sampler::new(&s, SamplerConfig { steps: Some(5), eta: Some(0.0), ..cfg.clone() }).unwrap();
+        assert_eq!(strided.steps(), &[(20, 15), (15, piece(20, 5, 2)), (piece(20, 5, 2), piece(20, 5, 1)), (piece(20, 5, 1), 1), (1, 0)]);
+        assert!(Sampler::new(&s, SamplerConfig { steps: Some(5), ..cfg }).is_err());
+    }
+
+    /// τ_i of `strided(t_max, n)`, i counted from 0 at τ = 1.
+    fn piece(t_max: i64, n: usize, i: usize) -> i64 {
+        crate::timesteps::strided(t_max, n).unwrap()[n - 1 - i]
     }
 }

@@ -35,6 +35,7 @@ pub enum TimeEmbedding {
 
 /// The network's sizes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UNetConfig {
     /// Height = width of the images.
     pub image_size: i64,
@@ -454,6 +455,7 @@ mod tests {
 
     #[test]
     fn preset_parameter_counts() {
+        let _rng = crate::sampler::rng_lock();
         // mnist 473,345; cifar32 18,758,659; celeba128 55,019,779 (printed with --nocapture).
         for name in ["mnist", "cifar32", "celeba128"] {
             let cfg = UNetConfig::preset(name).unwrap();
@@ -468,6 +470,7 @@ mod tests {
 
     #[test]
     fn output_has_the_input_shape_and_kind() {
+        let _rng = crate::sampler::rng_lock();
         let (_vs, net) = build(&tiny());
         let x = Tensor::randn([3, 2, 8, 8], (Kind::Double, Device::Cpu));
         let t = Tensor::from_slice(&[1i64, 500, 1000]);
@@ -479,6 +482,7 @@ mod tests {
 
     #[test]
     fn samples_do_not_influence_each_other() {
+        let _rng = crate::sampler::rng_lock();
         for time_embedding in [TimeEmbedding::Learned, TimeEmbedding::Sinusoidal] {
             let (_vs, net) = build(&UNetConfig { time_embedding, ..tiny() });
             let x = Tensor::randn([4, 2, 8, 8], (Kind::Float, Device::Cpu));
@@ -493,6 +497,7 @@ mod tests {
 
     #[test]
     fn time_changes_the_output() {
+        let _rng = crate::sampler::rng_lock();
         for time_embedding in [TimeEmbedding::Learned, TimeEmbedding::Sinusoidal] {
             let (_vs, net) = build(&UNetConfig { time_embedding, ..tiny() });
             let x = Tensor::randn([1, 2, 8, 8], (Kind::Float, Device::Cpu)).repeat([2, 1, 1, 1]);
@@ -515,6 +520,7 @@ mod tests {
 
     #[test]
     fn gradients_reach_every_parameter() {
+        let _rng = crate::sampler::rng_lock();
         let (vs, net) = build(&tiny());
         let x = Tensor::randn([2, 2, 8, 8], (Kind::Float, Device::Cpu));
         let t = Tensor::from_slice(&[5i64, 6]);
