@@ -24,6 +24,51 @@ pub enum DdpmError {
     /// Saved optimiser or EMA state that does not match the model it is restored into.
     #[error("cannot restore state: {0}")]
     State(String),
+    /// A data set that is missing, empty, malformed or does not fit the requested shape.
+    #[error("data: {0}")]
+    Data(String),
+    /// An image file that cannot be opened or decoded (truncated, wrong format).
+    #[error("cannot read image {path}: {source}")]
+    Image {
+        /// The offending file.
+        path: std::path::PathBuf,
+        /// What the decoder said.
+        source: image::ImageError,
+    },
+    /// A file-system operation failed; `context` says what was being done to which path.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        context: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A checkpoint that is missing, corrupt (checksum mismatch) or belongs to another model.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint directory.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configuration file or value that cannot be used (unknown key, wrong type, bad value).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Training produced a NaN or infinite loss.
+    #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower the learning rate, enable --grad-clip, or pass --skip-nonfinite)")]
+    NonFinite {
+        /// The training step (1-based) whose loss was not finite.
+        step: u64,
+        /// The loss value.
+        loss: f64,
+    },
+}
+
+impl DdpmError {
+    /// An [`DdpmError::Io`] error saying what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> DdpmError {
+        DdpmError::Io { context: context.into(), source }
+    }
 }
 
 /// `Result` with [`DdpmError`].

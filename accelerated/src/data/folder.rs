@@ -1,1 +1,175 @@
-//! (to be written)
+//! Any folder of PNG/JPEG images (CelebA-HQ style): each image centre-cropped to a square,
+//! resized to the target side, converted to grey or RGB, and kept as 8-bit pixels.
+
+use super::Dataset;
+use crate::error::{DdpmError, Result};
+use image::imageops::FilterType;
+use image::DynamicImage;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// Colour channels the images are converted to.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Channels {
+    /// One channel (luma).
+    #[default]
+    Grey,
+    /// Three channels.
+    Rgb,
+}
+
+impl Channels {
+    /// Number of channels C.
+    pub fn count(self) -> i64 {
+        match self {
+            Channels::Grey => 1,
+            Channels::Rgb => 3,
+        }
+    }
+}
+
+/// The image files directly inside `dir` (`.png`, `.jpg`, `.jpeg`, any case), sorted by name
+/// so that the data order, and hence a seeded run, does not depend on the file system.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(DdpmError::Data(format!(
+            "the image folder {} does not exist or is not a directory",
+            dir.display()
+        )));
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?.path();
+        let is_image = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"));
+        if is_image && path.is_file() {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(DdpmError::Data(format!(
+            "the image folder {} holds no .png/.jpg/.jpeg files",
+            dir.display()
+        )));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Loads every image of `dir` as `[N, C, side, side]` 8-bit pixels, decoding on all cores.
+/// Errors name the file that cannot be decoded or is smaller than `side`.
+pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
+    if side == 0 {
+        return Err(DdpmError::Data("the image size must be positive".into()));
+    }
+    let files = image_files(dir)?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len());
+    let chunk = files.len().div_ceil(workers);
+    let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || -> Result<Vec<u8>> {
+                    let mut out = Vec::with_capacity(part.len() * (side * side) as usize * channels.count() as usize);
+                    for path in part {
+                        out.extend(prepare(path, side, channels)?);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(DdpmError::Data("an image decoder thread panicked".into())))).collect()
+    });
+    let mut pixels = Vec::new();
+    for part in parts {
+        pixels.extend(part?);
+    }
+    let (n, s, c) = (files.len() as i64, side as i64, channels.count());
+    // Decoded images are height × width × channel; the model wants channel first.
+    let images = Tensor::from_slice(&pixels).view([n, s, s, c]).permute([0, 3, 1, 2]).contiguous();
+    Dataset::from_pixels(images, format!("image folder {}", dir.display()))
+}
+
+/// One image as `side × side × C` bytes: centre-cropped to a square, resized, converted.
+pub fn prepare(path: &Path, side: u32, channels: Channels) -> Result<Vec<u8>> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| DdpmError::io(format!("cannot open image {}", path.display()), e))?
+        .with_guessed_format()
+        .map_err(|e| DdpmError::io(format!("cannot read image {}", path.display()), e))?
+        .decode()
+        .map_err(|source| DdpmError::Image { path: path.to_path_buf(), source })?;
+    let (w, h) = (img.width(), img.height());
+    if w.min(h) < side {
+        return Err(DdpmError::Data(format!(
+            "image {} is {w}×{h}, smaller than the target size {side}×{side} (choose a smaller --image-size or remove it)",
+            path.display()
+        )));
+    }
+    let square = w.min(h);
+    let cropped = img.crop_imm((w - square) / 2, (h - square) / 2, square, square);
+    let resized = if square == side { cropped } else { cropped.resize_exact(side, side, FilterType::Lanczos3) };
+    Ok(match channels {
+        Channels::Grey => DynamicImage::ImageLuma8(resized.to_luma8()).into_bytes(),
+        Channels::Rgb => DynamicImage::ImageRgb8(resized.to_rgb8()).into_bytes(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::test_dir;
+    use image::{Rgb, RgbImage};
+
+    /// A w×h image whose left half is red and right half blue.
+    fn picture(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, _| if x < w / 2 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) })
+    }
+
+    #[test]
+    fn crops_the_centre_and_resizes() {
+        let dir = test_dir("folder_ok");
+        // 12×4: the centre 4×4 square spans x = 4..8, half red and half blue.
+        picture(12, 4).save(dir.join("b.png")).unwrap();
+        picture(8, 8).save(dir.join("a.PNG")).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+        let d = load(&dir, 4, Channels::Rgb).unwrap();
+        assert_eq!((d.len(), d.item_shape()), (2, vec![3, 4, 4]));
+        let raw = d.raw(&[0, 1]).unwrap();
+        for i in 0..2 {
+            let red = Vec::<u8>::try_from(raw.get(i).get(0).get(0)).unwrap();
+            let blue = Vec::<u8>::try_from(raw.get(i).get(2).get(0)).unwrap();
+            assert_eq!((red[0], red[3]), (255, 0), "image {i}");
+            assert_eq!((blue[0], blue[3]), (0, 255), "image {i}");
+        }
+        let g = load(&dir, 2, Channels::Grey).unwrap();
+        assert_eq!(g.item_shape(), vec![1, 2, 2]);
+    }
+
+    #[test]
+    fn clear_errors_for_bad_folders_and_files() {
+        let missing = load(Path::new("/nonexistent/celeba"), 8, Channels::Rgb).unwrap_err().to_string();
+        assert!(missing.contains("does not exist"), "{missing}");
+
+        let empty = test_dir("folder_empty");
+        let err = load(&empty, 8, Channels::Rgb).unwrap_err().to_string();
+        assert!(err.contains("no .png"), "{err}");
+
+        let small = test_dir("folder_small");
+        picture(6, 9).save(small.join("tiny.png")).unwrap();
+        let err = load(&small, 8, Channels::Rgb).unwrap_err().to_string();
+        assert!(err.contains("tiny.png") && err.contains("6×9"), "{err}");
+
+        let broken = test_dir("folder_truncated");
+        picture(16, 16).save(broken.join("whole.png")).unwrap();
+        let bytes = std::fs::read(broken.join("whole.png")).unwrap();
+        std::fs::write(broken.join("cut.png"), &bytes[..bytes.len() / 2]).unwrap();
+        let err = load(&broken, 8, Channels::Rgb).unwrap_err().to_string();
+        assert!(err.contains("cut.png"), "{err}");
+    }
+}
