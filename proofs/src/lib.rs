@@ -12,3 +12,5 @@ pub mod stats;
 pub mod gauss;
 /// The encoder chain simulated one step at a time.
 pub mod chain;
+/// Bayes' rule by numeric integration for 1-D Gaussian models.
+pub mod bayes;

@@ -1,28 +1,16 @@
 //! Section 3 of docs/derivations.md: p(x_{t−1}|x_t, x_0) = N(μ̃, σ̃_t² I).
 
-use ddpm_proofs::gauss::density_1d;
-use ddpm_proofs::quad::trapezoid;
+use ddpm_proofs::bayes::gaussian_posterior_by_quadrature;
 use ddpm_reference::{posterior, Schedule, ScheduleKind};
 use ndarray::array;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Mean and variance of the normalised density ∝ p(x_t|x_{t−1}) p(x_{t−1}|x_0) in x_{t−1},
-/// integrated on a grid that resolves the narrower of the two factors.
+/// Mean and variance of p(x_{t−1}|x_t, x_0) by Bayes' rule on a grid: prior
+/// p(x_{t−1}|x_0) = N(ᾱ_{t−1}x_0, β̄_{t−1}²), likelihood p(x_t|x_{t−1}) = N(α_t x_{t−1}, β_t²).
 fn bayes_by_quadrature(schedule: &Schedule, x0: f64, xt: f64, t: usize) -> (f64, f64) {
     let (a, b) = (schedule.alphas()[t], schedule.betas()[t]);
-    let (ab_prev, bb_prev) = (schedule.alpha_bars()[t - 1], schedule.beta_bars()[t - 1]);
-    // As functions of x_{t−1}: the likelihood peaks at x_t/α_t with width β_t/α_t, the prior
-    // at ᾱ_{t−1}x_0 with width β̄_{t−1}.
-    let (c1, w1, c2, w2) = (xt / a, b / a, ab_prev * x0, bb_prev);
-    let (lo, hi) = (c1.min(c2) - 14.0 * w1.max(w2), c1.max(c2) + 14.0 * w1.max(w2));
-    let h = w1.min(w2) / 40.0;
-    let rule = trapezoid(lo, hi, ((hi - lo) / h) as usize + 2);
-    let dens = rule.nodes.mapv(|x| density_1d(xt, a * x, b * b) * density_1d(x, ab_prev * x0, bb_prev * bb_prev));
-    let z = rule.integrate(&dens);
-    let mean = rule.integrate(&(&dens * &rule.nodes)) / z;
-    let var = rule.integrate(&(&dens * &rule.nodes.mapv(|x| (x - mean).powi(2)))) / z;
-    (mean, var)
+    gaussian_posterior_by_quadrature(schedule.alpha_bars()[t - 1] * x0, schedule.beta_bars()[t - 1], a, b, xt)
 }
 
 #[test]
