@@ -133,3 +133,77 @@ fn general_sigma_is_mean_conditional_variance_for_finite_set_data() {
         }
     }
 }
+
+/// σ minimising E_{x_0, x_t} KL(p(x_{t−1}|x_t, x_0) ‖ N(μ*(x_t), σ²)) for data N(m, s²) in
+/// 1-D (s = 0: Dirac at m), by golden-section search on ln σ. μ* is the generator's mean with
+/// the oracle noise predictor (the reference's ancestral step with z = 0); the expectation is
+/// a tensor trapezoid rule over x_0 = m + s u, x_t = ᾱ_t x_0 + β̄_t e, which is exact to
+/// rounding because the integrand is a quadratic in (u, e) times their Gaussian density.
+fn sigma_by_golden_section_gaussian(schedule: &Schedule, t: usize, m: f64, s: f64) -> f64 {
+    use ddpm_proofs::gauss::cross_entropy_1d;
+    use ddpm_proofs::optimize::golden_section_min;
+    use ddpm_proofs::quad::standard_normal_rule;
+    use ddpm_reference::oracle::Law;
+    use ddpm_reference::{posterior, sampler};
+    use ndarray::{array, Array2};
+    let law = if s == 0.0 {
+        Law::dirac(array![m]).unwrap()
+    } else {
+        Law::gaussian_mixture(array![1.0], array![[m]], array![s]).unwrap()
+    };
+    let rule = standard_normal_rule(10.0, 0.1);
+    let u_rule = if s == 0.0 { ddpm_proofs::quad::Rule { nodes: array![0.0], weights: array![1.0] } } else { rule.clone() };
+    let n = u_rule.nodes.len() * rule.nodes.len();
+    let (ab, bb) = (schedule.alpha_bars()[t], schedule.beta_bars()[t]);
+    let x0 = Array2::from_shape_fn((n, 1), |(i, _)| m + s * u_rule.nodes[i / rule.nodes.len()]);
+    let xt = Array2::from_shape_fn((n, 1), |(i, _)| ab * x0[[i, 0]] + bb * rule.nodes[i % rule.nodes.len()]);
+    let weights: Vec<f64> = (0..n).map(|i| u_rule.weights[i / rule.nodes.len()] * rule.weights[i % rule.nodes.len()]).collect();
+    let post_mean = posterior::mean(schedule, &x0, &xt, t).unwrap();
+    let post_var = posterior::std(schedule, t).unwrap().powi(2);
+    let eps_star = law.optimal_eps(schedule, &xt, t).unwrap();
+    let mu_star = sampler::ancestral_step(schedule, &xt, t, &eps_star, 0.0, &Array2::zeros((n, 1))).unwrap();
+    let objective = |log_sigma: f64| {
+        let var = (2.0 * log_sigma).exp();
+        (0..n).map(|i| weights[i] * cross_entropy_1d(post_mean[[i, 0]], post_var, mu_star[[i, 0]], var)).sum::<f64>()
+    };
+    golden_section_min(objective, (1e-5f64).ln(), 10f64.ln(), 1e-11).0.exp()
+}
+
+/// The article's schedule, Ho's linear one and a random one, with a spread of t ≥ 2.
+fn golden_section_cases() -> Vec<(Schedule, Vec<usize>)> {
+    let mut rng = StdRng::seed_from_u64(37);
+    let random: Vec<f64> = (0..15).map(|_| rng.random_range(0.3f64..0.999).sqrt()).collect();
+    vec![
+        (Schedule::new(ScheduleKind::Article, 1000).unwrap(), vec![2, 3, 10, 100, 500, 1000]),
+        (Schedule::new(ScheduleKind::Linear, 1000).unwrap(), vec![2, 250, 1000]),
+        (Schedule::from_alphas(&random).unwrap(), (2..=15).collect()),
+    ]
+}
+
+fn assert_golden_section_lands_on(choice: SigmaChoice, m: f64, s: f64) {
+    for (schedule, ts) in golden_section_cases() {
+        for t in ts {
+            let found = sigma_by_golden_section_gaussian(&schedule, t, m, s);
+            let formula = sigma(&schedule, choice, t).unwrap();
+            // The search stops at a bracket of 1e-11 in ln σ; the objective is exact to rounding.
+            assert!((found / formula - 1.0).abs() < 1e-6, "T = {}, t = {t}, {choice:?}: argmin {found} vs {formula}", schedule.t_max());
+        }
+    }
+}
+
+#[test]
+fn golden_section_finds_dirac_sigma() {
+    assert_golden_section_lands_on(SigmaChoice::Posterior, 0.7, 0.0);
+}
+
+#[test]
+fn golden_section_finds_standard_normal_sigma() {
+    assert_golden_section_lands_on(SigmaChoice::Beta, 0.0, 1.0);
+}
+
+#[test]
+fn golden_section_finds_isotropic_sigma() {
+    for (m, s) in [(0.3, 0.5), (-1.0, 0.1), (0.0, 2.0)] {
+        assert_golden_section_lands_on(SigmaChoice::Isotropic { data_std: s }, m, s);
+    }
+}
