@@ -20,6 +20,8 @@ pub mod oracle;
 pub mod sampler;
 /// One LAMB optimiser step on an f64 array.
 pub mod lamb;
+/// The variational bound: KL terms, the 256-bin decoder, the negative ELBO in bits/dim.
+pub mod bound;
 
 pub use error::{RefError, Result};
 pub use oracle::Law;
