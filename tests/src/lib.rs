@@ -153,6 +153,21 @@ pub fn close(
     close_scaled(what, actual, expected, &scale, rel)
 }
 
+/// Fails the proptest case unless `max |actual − expected| ≤ tol · max |expected|`: agreement
+/// relative to the array's size, for values whose roundoff is set by their largest entry.
+pub fn close_in_norm(
+    what: &str,
+    actual: &[f64],
+    expected: &[f64],
+    tol: f64,
+) -> Result<(), TestCaseError> {
+    let size = expected
+        .iter()
+        .fold(0.0f64, |m, e| m.max(e.abs()))
+        .max(f64::MIN_POSITIVE);
+    close_scaled(what, actual, expected, &vec![size; expected.len()], tol)
+}
+
 /// Values rounded to f32 and back: what an f32 tensor holds, so that the reference can be fed
 /// exactly the inputs the f32 computation saw.
 pub fn round_f32(a: &Array2<f64>) -> Array2<f64> {
