@@ -35,7 +35,12 @@ pub fn prior_kl(schedule: &Schedule, x0: &Tensor) -> Result<Tensor> {
 }
 
 /// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t.
-pub fn generator_mean(schedule: &Schedule, x_t: &Tensor, t: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
+pub fn generator_mean(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
     same_shape("x_t", x_t, "eps_hat", eps_hat)?;
     let b = schedule.beta_at(t, x_t)?;
     let bb = schedule.beta_bar_at(t, x_t)?;
@@ -182,7 +187,11 @@ pub fn negative_elbo<M: NoisePredictor + ?Sized>(
             }
             on_step(step as usize, total);
         }
-        Ok(BoundTerms { prior, diffusion, decoder })
+        Ok(BoundTerms {
+            prior,
+            diffusion,
+            decoder,
+        })
     })
 }
 
@@ -222,8 +231,15 @@ mod tests {
         let phi = |x: f64| 0.5 * libm_erfc(-x / std::f64::consts::SQRT_2);
         for i in 0..4 {
             let (ai, bi) = (a.double_value(&[i]), b.double_value(&[i]));
-            let expected = if ai > 0.0 { (phi(-ai) - phi(-bi)).ln() } else { (phi(bi) - phi(ai)).ln() };
-            assert!((got.double_value(&[i]) - expected).abs() < 1e-9 * expected.abs().max(1.0), "{i}");
+            let expected = if ai > 0.0 {
+                (phi(-ai) - phi(-bi)).ln()
+            } else {
+                (phi(bi) - phi(ai)).ln()
+            };
+            assert!(
+                (got.double_value(&[i]) - expected).abs() < 1e-9 * expected.abs().max(1.0),
+                "{i}"
+            );
         }
         // Far tail: Φ(−30) ≈ 4.9e-198; the bin of width 0.01 at 30 still has a finite log.
         let far = got.double_value(&[4]);
@@ -254,7 +270,8 @@ mod tests {
         // With the exact ε* of a Dirac and σ = σ̃, every L_{t−1} (t ≥ 2) vanishes.
         let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Article, 50, Device::Cpu).unwrap();
-        let c = (Tensor::from_slice(&[0i64, 128, 255]).to_kind(Kind::Double) * (2.0 / 255.0) - 1.0).view([1, 3]);
+        let c = (Tensor::from_slice(&[0i64, 128, 255]).to_kind(Kind::Double) * (2.0 / 255.0) - 1.0)
+            .view([1, 3]);
         let oracle = Oracle::new(DataLaw::dirac(&c.view([3])).unwrap(), &s);
         let sigma = SigmaChoice::Posterior.table(&s).unwrap();
         let terms = negative_elbo(&oracle, &s, &sigma, &c.repeat([2, 1]), |_, _| {}).unwrap();
@@ -270,7 +287,9 @@ mod tests {
         let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
         let sigma = SigmaChoice::Posterior.table(&s).unwrap();
-        let x0 = Tensor::from_slice(&[-1.0, 1.0, 0.0]).view([1, 3]).repeat([2, 1]);
+        let x0 = Tensor::from_slice(&[-1.0, 1.0, 0.0])
+            .view([1, 3])
+            .repeat([2, 1]);
         let (x_t, eps_hat) = (Tensor::randn([2, 3], CPU64), Tensor::randn([2, 3], CPU64));
         let t = Tensor::from_slice(&[1i64, 5]);
         let mixed = bound_term(&s, &sigma, &x0, &t, &x_t, &eps_hat).unwrap();

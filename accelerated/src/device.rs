@@ -11,7 +11,15 @@ pub const EXPECTED_LIBTORCH_VERSION: &str = "2.11.0";
 
 /// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
@@ -87,7 +95,11 @@ pub fn torch_info() -> TorchInfo {
         libtorch_version,
         version_source,
         cuda_available,
-        cuda_device_count: if cuda_available { Cuda::device_count() } else { 0 },
+        cuda_device_count: if cuda_available {
+            Cuda::device_count()
+        } else {
+            0
+        },
         cudnn_available: cuda_available && Cuda::cudnn_is_available(),
         cpu_threads: tch::get_num_threads(),
     }
@@ -103,7 +115,10 @@ fn loaded_libtorch_version() -> Option<(String, PathBuf)> {
         .find(|path| path.ends_with("/libtorch_cpu.so"))?;
     let root = Path::new(lib).parent()?.parent()?;
     let from_wheel = root.join("version.py");
-    if let Some(v) = std::fs::read_to_string(&from_wheel).ok().and_then(|s| parse_version_py(&s)) {
+    if let Some(v) = std::fs::read_to_string(&from_wheel)
+        .ok()
+        .and_then(|s| parse_version_py(&s))
+    {
         return Some((v, from_wheel));
     }
     let from_archive = root.join("build-version");
@@ -112,7 +127,9 @@ fn loaded_libtorch_version() -> Option<(String, PathBuf)> {
 }
 
 fn parse_version_py(text: &str) -> Option<String> {
-    let line = text.lines().find(|l| l.trim_start().starts_with("__version__"))?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("__version__"))?;
     let value = line.split_once('=')?.1.trim();
     Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
 }
@@ -136,7 +153,10 @@ mod tests {
         );
         assert!(DeviceChoice::Cpu.resolve().is_ok());
         if !info.cuda_available {
-            assert!(matches!(DeviceChoice::Cuda.resolve(), Err(DdpmError::CudaUnavailable)));
+            assert!(matches!(
+                DeviceChoice::Cuda.resolve(),
+                Err(DdpmError::CudaUnavailable)
+            ));
             assert_eq!(DeviceChoice::Auto.resolve().unwrap(), Device::Cpu);
         }
     }

@@ -30,7 +30,12 @@ impl Ema {
             .map(|(name, w)| (name, w.detach().copy()))
             .collect();
         shadow.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Ema { decay, warmup, updates: 0, shadow })
+        Ok(Ema {
+            decay,
+            warmup,
+            updates: 0,
+            shadow,
+        })
     }
 
     /// The decay the next update will use.
@@ -77,7 +82,10 @@ impl Ema {
 
     /// The averaged weights under the model's variable names (a loadable weight set).
     pub fn export(&self) -> Vec<(String, Tensor)> {
-        self.shadow.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        self.shadow
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
     }
 
     /// Restores averaged weights saved by [`Ema::export`] and the update count.
@@ -141,7 +149,10 @@ mod tests {
         restored.import(&ema.export(), ema.updates()).unwrap();
         assert_eq!(restored.updates(), 2);
         assert!((restored.export()[0].1.double_value(&[1]) - 0.19).abs() < 1e-6);
-        let wrong = vec![("w".to_string(), Tensor::zeros([4], (Kind::Float, Device::Cpu)))];
+        let wrong = vec![(
+            "w".to_string(),
+            Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+        )];
         assert!(restored.import(&wrong, 0).is_err());
     }
 

@@ -67,7 +67,10 @@ pub enum DdpmError {
 impl DdpmError {
     /// An [`DdpmError::Io`] error saying what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> DdpmError {
-        DdpmError::Io { context: context.into(), source }
+        DdpmError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -27,7 +27,14 @@ impl Default for LambConfig {
     /// lr 1e-3 (the article's), β = (0.9, 0.999), ε = 1e-6 and weight decay 0.01 (the LAMB
     /// paper's and bert4keras's), no clipping.
     fn default() -> Self {
-        LambConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, max_grad_norm: None }
+        LambConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.01,
+            max_grad_norm: None,
+        }
     }
 }
 
@@ -43,7 +50,9 @@ impl LambConfig {
         if ok {
             Ok(())
         } else {
-            Err(DdpmError::InvalidArgument(format!("invalid LAMB settings: {self:?}")))
+            Err(DdpmError::InvalidArgument(format!(
+                "invalid LAMB settings: {self:?}"
+            )))
         }
     }
 }
@@ -62,23 +71,29 @@ pub fn lamb_update(
     adapt: bool,
 ) -> Result<()> {
     if step < 1 {
-        return Err(DdpmError::InvalidArgument(format!("LAMB steps count from 1, got {step}")));
+        return Err(DdpmError::InvalidArgument(format!(
+            "LAMB steps count from 1, got {step}"
+        )));
     }
     tch::no_grad(|| -> Result<()> {
-        let _ = m.f_mul_scalar_(cfg.beta1)?.f_add_(&(grad * (1.0 - cfg.beta1)))?;
-        let _ = v.f_mul_scalar_(cfg.beta2)?.f_add_(&(grad.square() * (1.0 - cfg.beta2)))?;
+        let _ = m
+            .f_mul_scalar_(cfg.beta1)?
+            .f_add_(&(grad * (1.0 - cfg.beta1)))?;
+        let _ = v
+            .f_mul_scalar_(cfg.beta2)?
+            .f_add_(&(grad.square() * (1.0 - cfg.beta2)))?;
         let m_hat = &*m / (1.0 - cfg.beta1.powi(step as i32));
         let v_hat = &*v / (1.0 - cfg.beta2.powi(step as i32));
         let mut update = m_hat / (v_hat.sqrt() + cfg.eps);
         if adapt {
             if cfg.weight_decay != 0.0 {
-                update = update + &*param * cfg.weight_decay;
+                update += &*param * cfg.weight_decay;
             }
             let w_norm = param.norm();
             let u_norm = update.norm();
             let both = w_norm.gt(0.0).logical_and(&u_norm.gt(0.0));
             let ratio = (w_norm / &u_norm).where_scalarother(&both, 1.0);
-            update = update * ratio;
+            update *= ratio;
         }
         let _ = param.f_sub_(&(update * cfg.lr))?;
         Ok(())
@@ -89,7 +104,8 @@ pub fn lamb_update(
 /// biases and normalisation parameters, recognised as tensors of dimension ≤ 1 or by name
 /// (last component `bias`, or a component starting with `norm`).
 pub fn is_adapted(name: &str, param: &Tensor) -> bool {
-    let by_name = name.rsplit('.').next() == Some("bias") || name.split('.').any(|c| c.starts_with("norm"));
+    let by_name =
+        name.rsplit('.').next() == Some("bias") || name.split('.').any(|c| c.starts_with("norm"));
     param.dim() > 1 && !by_name
 }
 
@@ -124,11 +140,21 @@ impl Lamb {
                 let adapt = is_adapted(&name, &param);
                 let m = param.zeros_like().detach();
                 let v = param.zeros_like().detach();
-                Slot { name, param, m, v, adapt }
+                Slot {
+                    name,
+                    param,
+                    m,
+                    v,
+                    adapt,
+                }
             })
             .collect();
         slots.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Lamb { cfg, step: 0, slots })
+        Ok(Lamb {
+            cfg,
+            step: 0,
+            slots,
+        })
     }
 
     /// The settings.
@@ -149,7 +175,10 @@ impl Lamb {
     /// The names of the adapted and of the excluded variables.
     pub fn partition(&self) -> (Vec<&str>, Vec<&str>) {
         let (a, e): (Vec<&Slot>, Vec<&Slot>) = self.slots.iter().partition(|s| s.adapt);
-        (a.iter().map(|s| s.name.as_str()).collect(), e.iter().map(|s| s.name.as_str()).collect())
+        (
+            a.iter().map(|s| s.name.as_str()).collect(),
+            e.iter().map(|s| s.name.as_str()).collect(),
+        )
     }
 
     /// Sets every gradient to zero.
@@ -196,7 +225,15 @@ impl Lamb {
                 }
                 None => grad,
             };
-            lamb_update(&mut s.param, &grad, &mut s.m, &mut s.v, self.step, &self.cfg, s.adapt)?;
+            lamb_update(
+                &mut s.param,
+                &grad,
+                &mut s.m,
+                &mut s.v,
+                self.step,
+                &self.cfg,
+                s.adapt,
+            )?;
         }
         Ok(norm)
     }
@@ -230,9 +267,9 @@ impl Lamb {
             for s in self.slots.iter_mut() {
                 for (prefix, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                     let key = format!("{prefix}.{}", s.name);
-                    let src = saved
-                        .get(key.as_str())
-                        .ok_or_else(|| DdpmError::State(format!("the saved LAMB state lacks {key}")))?;
+                    let src = saved.get(key.as_str()).ok_or_else(|| {
+                        DdpmError::State(format!("the saved LAMB state lacks {key}"))
+                    })?;
                     if src.size() != dst.size() {
                         return Err(DdpmError::State(format!(
                             "{key} has shape {:?}, the model's variable {:?}",
@@ -265,7 +302,11 @@ mod tests {
         let mut w = Tensor::from_slice(&[3.0, -4.0]);
         let g = Tensor::from_slice(&[0.5, 2.0]);
         let (mut m, mut v) = (w.zeros_like(), w.zeros_like());
-        let cfg = LambConfig { lr: 0.1, weight_decay: 0.0, ..LambConfig::default() };
+        let cfg = LambConfig {
+            lr: 0.1,
+            weight_decay: 0.0,
+            ..LambConfig::default()
+        };
         let before = w.copy();
         lamb_update(&mut w, &g, &mut m, &mut v, 1, &cfg, true).unwrap();
         let moved = f64::try_from((&w - &before).norm()).unwrap();
@@ -274,7 +315,10 @@ mod tests {
         let mut b = Tensor::from_slice(&[3.0, -4.0]);
         let (mut m, mut v) = (b.zeros_like(), b.zeros_like());
         lamb_update(&mut b, &g, &mut m, &mut v, 1, &cfg, false).unwrap();
-        let expected = Tensor::from_slice(&[3.0 - 0.1 * 0.5 / (0.5 + 1e-6), -4.0 - 0.1 * 2.0 / (2.0 + 1e-6)]);
+        let expected = Tensor::from_slice(&[
+            3.0 - 0.1 * 0.5 / (0.5 + 1e-6),
+            -4.0 - 0.1 * 2.0 / (2.0 + 1e-6),
+        ]);
         assert!(f64::try_from((b - expected).abs().max()).unwrap() < 1e-12);
     }
 
@@ -298,7 +342,15 @@ mod tests {
         let lamb = Lamb::new(&vs, LambConfig::default()).unwrap();
         let (adapted, excluded) = lamb.partition();
         assert_eq!(adapted, vec!["block.conv1.weight", "scale_table"]);
-        assert_eq!(excluded, vec!["block.conv1.bias", "block.norm1.bias", "block.norm1.weight", "norm_matrix"]);
+        assert_eq!(
+            excluded,
+            vec![
+                "block.conv1.bias",
+                "block.norm1.bias",
+                "block.norm1.weight",
+                "norm_matrix"
+            ]
+        );
     }
 
     #[test]
@@ -313,7 +365,10 @@ mod tests {
             let vars = vs.variables();
             (vars["w"].sum(Kind::Float) * 3.0 + vars["bias"].square().sum(Kind::Float)).backward();
         };
-        let cfg = LambConfig { max_grad_norm: Some(1.0), ..LambConfig::default() };
+        let cfg = LambConfig {
+            max_grad_norm: Some(1.0),
+            ..LambConfig::default()
+        };
         let (vs_a, vs_b) = (make(), make());
         let mut a = Lamb::new(&vs_a, cfg).unwrap();
         let mut b = Lamb::new(&vs_b, cfg).unwrap();
@@ -335,7 +390,9 @@ mod tests {
             loss_of(vs);
             let _ = lamb.step().unwrap();
         }
-        let diff = (&vs_a.variables()["w"] - &vs_b.variables()["w"]).abs().max();
+        let diff = (&vs_a.variables()["w"] - &vs_b.variables()["w"])
+            .abs()
+            .max();
         assert_eq!(f64::try_from(diff).unwrap(), 0.0);
         assert!(b.load_state(&a.state()[1..]).is_err());
     }
@@ -344,7 +401,14 @@ mod tests {
     fn clipping_bounds_the_gradient_norm_used() {
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[4, 4], nn::Init::Const(1.0));
-        let mut lamb = Lamb::new(&vs, LambConfig { max_grad_norm: Some(0.5), ..LambConfig::default() }).unwrap();
+        let mut lamb = Lamb::new(
+            &vs,
+            LambConfig {
+                max_grad_norm: Some(0.5),
+                ..LambConfig::default()
+            },
+        )
+        .unwrap();
         (w.sum(Kind::Float) * 10.0).backward();
         let norm = f64::try_from(lamb.step().unwrap()).unwrap();
         assert!((norm - 40.0).abs() < 1e-4);

@@ -16,7 +16,9 @@ pub fn per_sample_sq_error(eps: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
         )));
     }
     let dims: Vec<i64> = (1..eps.dim() as i64).collect();
-    Ok((eps - eps_hat).square().sum_dim_intlist(dims.as_slice(), false, None::<Kind>))
+    Ok((eps - eps_hat)
+        .square()
+        .sum_dim_intlist(dims.as_slice(), false, None::<Kind>))
 }
 
 /// The unweighted training loss mean_B ‖ε − ε̂‖² (never a per-pixel mean).
@@ -119,7 +121,10 @@ mod tests {
     #[test]
     fn loss_is_a_sum_over_pixels_and_a_mean_over_the_batch() {
         let eps = Tensor::ones([2, 1, 3, 3], (Kind::Double, Device::Cpu));
-        let eps_hat = Tensor::cat(&[eps.get(0).unsqueeze(0) * 0.0, eps.get(1).unsqueeze(0) * 3.0], 0);
+        let eps_hat = Tensor::cat(
+            &[eps.get(0).unsqueeze(0) * 0.0, eps.get(1).unsqueeze(0) * 3.0],
+            0,
+        );
         let per = Vec::<f64>::try_from(per_sample_sq_error(&eps, &eps_hat).unwrap()).unwrap();
         assert_eq!(per, vec![9.0, 36.0]);
         let mean = f64::try_from(euclidean_loss(&eps, &eps_hat).unwrap()).unwrap();
@@ -136,7 +141,11 @@ mod tests {
         // With σ_t = β_t the weight reduces to β_t²/(β̄_t² α_t²).
         let sigma = SigmaChoice::Beta.table(&s).unwrap();
         let w = Vec::<f64>::try_from(loss_weight(&s, &sigma, &t, Kind::Double).unwrap()).unwrap();
-        let (a, b, bb) = (s.alpha().double_value(&[10]), s.beta().double_value(&[10]), s.beta_bar().double_value(&[10]));
+        let (a, b, bb) = (
+            s.alpha().double_value(&[10]),
+            s.beta().double_value(&[10]),
+            s.beta_bar().double_value(&[10]),
+        );
         assert!((w[2] - b * b / (bb * bb * a * a)).abs() < 1e-12 * w[2]);
     }
 }

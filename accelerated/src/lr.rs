@@ -21,7 +21,11 @@ impl LrSchedule {
                 "the learning rate must be positive and finite, got {base}"
             )));
         }
-        let mut knots = if warmup > 0 { vec![(0, 0.0), (warmup, 1.0)] } else { vec![(0, 1.0)] };
+        let mut knots = if warmup > 0 {
+            vec![(0, 0.0), (warmup, 1.0)]
+        } else {
+            vec![(0, 1.0)]
+        };
         for &(step, factor) in decay {
             let last = knots[knots.len() - 1].0;
             if step <= last {

@@ -5,7 +5,12 @@ use crate::schedule::Schedule;
 use tch::Tensor;
 
 /// x_t = ᾱ_t x_0 + β̄_t ε, one t per sample (`t` Int64 [B], `x0` and `eps` [B, …]).
-pub fn marginal_sample(schedule: &Schedule, x0: &Tensor, t: &Tensor, eps: &Tensor) -> Result<Tensor> {
+pub fn marginal_sample(
+    schedule: &Schedule,
+    x0: &Tensor,
+    t: &Tensor,
+    eps: &Tensor,
+) -> Result<Tensor> {
     same_shape("x0", x0, "eps", eps)?;
     let ab = schedule.alpha_bar_at(t, x0)?;
     let bb = schedule.beta_bar_at(t, x0)?;
@@ -13,7 +18,12 @@ pub fn marginal_sample(schedule: &Schedule, x0: &Tensor, t: &Tensor, eps: &Tenso
 }
 
 /// Posterior mean μ̃ = (ᾱ_{t−1} β_t² x_0 + α_t β̄_{t−1}² x_t)/β̄_t², for t ≥ 1.
-pub fn posterior_mean(schedule: &Schedule, x_t: &Tensor, x0: &Tensor, t: &Tensor) -> Result<Tensor> {
+pub fn posterior_mean(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    x0: &Tensor,
+    t: &Tensor,
+) -> Result<Tensor> {
     same_shape("x_t", x_t, "x0", x0)?;
     let t_prev = t - 1;
     let ab_prev = schedule.alpha_bar_at(&t_prev, x_t)?;
@@ -32,7 +42,12 @@ pub fn posterior_std(schedule: &Schedule, t: &Tensor, like: &Tensor) -> Result<T
 }
 
 /// The estimate x̂_0 = (x_t − β̄_t ε̂)/ᾱ_t that a noise prediction implies.
-pub fn predict_x0(schedule: &Schedule, x_t: &Tensor, t: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
+pub fn predict_x0(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
     same_shape("x_t", x_t, "eps_hat", eps_hat)?;
     let bb = schedule.beta_bar_at(t, x_t)?;
     Ok((x_t - bb * eps_hat) / schedule.alpha_bar_at(t, x_t)?)

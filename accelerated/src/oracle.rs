@@ -3,8 +3,8 @@
 //! sampling from that law.
 
 use crate::error::{DdpmError, Result};
-use crate::schedule::{gather, Schedule};
 use crate::sampler::NoisePredictor;
+use crate::schedule::{gather, Schedule};
 use tch::{Device, Kind, Tensor};
 
 /// A data law in R^d with a closed-form E[ε|x_t], held as an isotropic Gaussian mixture
@@ -32,7 +32,12 @@ impl DataLaw {
     /// `stds` [K] (non-negative).
     pub fn mixture(weights: &Tensor, means: &Tensor, stds: &Tensor) -> Result<DataLaw> {
         let k = weights.size().first().copied().unwrap_or(0);
-        if weights.dim() != 1 || k == 0 || means.dim() != 2 || means.size()[0] != k || stds.size() != [k] {
+        if weights.dim() != 1
+            || k == 0
+            || means.dim() != 2
+            || means.size()[0] != k
+            || stds.size() != [k]
+        {
             return Err(DdpmError::Shape(format!(
                 "a mixture needs weights [K], means [K, d] and stds [K], got {:?}, {:?}, {:?}",
                 weights.size(),
@@ -43,21 +48,35 @@ impl DataLaw {
         let weights = weights.to_kind(Kind::Double);
         let stds = stds.to_kind(Kind::Double).to_device(weights.device());
         let means = means.to_kind(Kind::Double).to_device(weights.device());
-        let valid = weights.ge(0.0).all().logical_and(&stds.ge(0.0).all()).logical_and(&means.isfinite().all());
+        let valid = weights
+            .ge(0.0)
+            .all()
+            .logical_and(&stds.ge(0.0).all())
+            .logical_and(&means.isfinite().all());
         let total = weights.sum(Kind::Double);
-        if !bool::try_from(&valid)? || !(f64::try_from(&total)? > 0.0) {
+        let total_positive =
+            f64::try_from(&total)?.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
+        if !bool::try_from(&valid)? || !total_positive {
             return Err(DdpmError::InvalidArgument(
                 "mixture weights and standard deviations must be non-negative (weights not all 0) and means finite"
                     .into(),
             ));
         }
-        Ok(DataLaw { weights: weights / total, means, stds })
+        Ok(DataLaw {
+            weights: weights / total,
+            means,
+            stds,
+        })
     }
 
     /// The finite set {c_k} with weights w_k (`points` [K, d]).
     pub fn finite(weights: &Tensor, points: &Tensor) -> Result<DataLaw> {
         let k = points.size().first().copied().unwrap_or(0);
-        DataLaw::mixture(weights, points, &Tensor::zeros([k], (Kind::Double, points.device())))
+        DataLaw::mixture(
+            weights,
+            points,
+            &Tensor::zeros([k], (Kind::Double, points.device())),
+        )
     }
 
     /// The Dirac at `point` [d].
@@ -69,7 +88,11 @@ impl DataLaw {
     /// The standard normal N(0, I) in `dim` dimensions.
     pub fn standard_normal(dim: i64, device: Device) -> Result<DataLaw> {
         let opts = (Kind::Double, device);
-        DataLaw::mixture(&Tensor::ones([1], opts), &Tensor::zeros([1, dim], opts), &Tensor::ones([1], opts))
+        DataLaw::mixture(
+            &Tensor::ones([1], opts),
+            &Tensor::zeros([1, dim], opts),
+            &Tensor::ones([1], opts),
+        )
     }
 
     /// d, the data dimension.
@@ -91,7 +114,8 @@ impl DataLaw {
         let law = self.to_device(device);
         let idx = law.weights.multinomial(n, true);
         let noise = Tensor::randn([n, self.dim()], (Kind::Double, device));
-        let x = law.means.index_select(0, &idx) + law.stds.index_select(0, &idx).unsqueeze(1) * noise;
+        let x =
+            law.means.index_select(0, &idx) + law.stds.index_select(0, &idx).unsqueeze(1) * noise;
         x.to_kind(kind)
     }
 
@@ -115,8 +139,8 @@ impl DataLaw {
         let ab = gather(schedule.alpha_bar(), t, &x)?; // [B, 1]
         let bb = gather(schedule.beta_bar(), t, &x)?;
         let v = ab.square() * s.square().unsqueeze(0) + bb.square(); // [B, K]
-        // ‖x − ᾱ m_k‖² = ᾱ² ‖x/ᾱ − m_k‖², computed directly (no ‖x‖² − 2x·m expansion,
-        // whose cancellation would swamp the tiny v_k of small t in f32).
+                                                                     // ‖x − ᾱ m_k‖² = ᾱ² ‖x/ᾱ − m_k‖², computed directly (no ‖x‖² − 2x·m expansion,
+                                                                     // whose cancellation would swamp the tiny v_k of small t in f32).
         let dist = Tensor::cdist(&(&x / &ab), &m, 2.0, 2i64).square() * ab.square();
         let d = self.dim() as f64;
         let log_r = w.log().unsqueeze(0) - v.log() * (d / 2.0) - dist / (&v * 2.0);
@@ -136,7 +160,10 @@ pub struct Oracle {
 impl Oracle {
     /// The oracle for `law` under `schedule`.
     pub fn new(law: DataLaw, schedule: &Schedule) -> Oracle {
-        Oracle { law, schedule: schedule.clone() }
+        Oracle {
+            law,
+            schedule: schedule.clone(),
+        }
     }
 
     /// The data law.
@@ -148,7 +175,9 @@ impl Oracle {
 impl NoisePredictor for Oracle {
     /// Panics with the shape error if x_t's size does not match the law; `check_input` first.
     fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
-        self.law.optimal_eps(&self.schedule, x_t, t).unwrap_or_else(|e| panic!("{e}"))
+        self.law
+            .optimal_eps(&self.schedule, x_t, t)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn check_input(&self, shape: &[i64]) -> Result<()> {
@@ -191,7 +220,10 @@ mod tests {
         let ab = s.alpha_bar_at(&t, &x).unwrap();
         let bb = s.beta_bar_at(&t, &x).unwrap();
         assert!(max_diff(&dirac, &((&x - &ab * c.unsqueeze(0)) / &bb)) < 1e-9);
-        let normal = DataLaw::standard_normal(3, Device::Cpu).unwrap().optimal_eps(&s, &x, &t).unwrap();
+        let normal = DataLaw::standard_normal(3, Device::Cpu)
+            .unwrap()
+            .optimal_eps(&s, &x, &t)
+            .unwrap();
         assert!(max_diff(&normal, &(&bb * &x)) < 1e-12);
     }
 
@@ -208,11 +240,15 @@ mod tests {
         let got = law.optimal_eps(&s, &x, &t).unwrap();
         for b in 0..2 {
             let tb = t.int64_value(&[b]);
-            let (ab, bb) = (s.alpha_bar().double_value(&[tb]), s.beta_bar().double_value(&[tb]));
+            let (ab, bb) = (
+                s.alpha_bar().double_value(&[tb]),
+                s.beta_bar().double_value(&[tb]),
+            );
             let xb = x.get(b);
             let dens: Vec<f64> = (0..3)
                 .map(|k| {
-                    let r2 = f64::try_from((&xb - points.get(k) * ab).square().sum(Kind::Double)).unwrap();
+                    let r2 = f64::try_from((&xb - points.get(k) * ab).square().sum(Kind::Double))
+                        .unwrap();
                     weights.double_value(&[k]) * (-r2 / (2.0 * bb * bb)).exp()
                 })
                 .collect();
@@ -229,7 +265,12 @@ mod tests {
         let _rng = rng_lock();
         let s = schedule();
         let (mean, sd) = (Tensor::from_slice(&[1.0, -2.0, 0.5, 3.0]), 0.7);
-        let law = DataLaw::mixture(&Tensor::ones([1], CPU64), &mean.unsqueeze(0), &Tensor::from_slice(&[sd])).unwrap();
+        let law = DataLaw::mixture(
+            &Tensor::ones([1], CPU64),
+            &mean.unsqueeze(0),
+            &Tensor::from_slice(&[sd]),
+        )
+        .unwrap();
         let x = Tensor::randn([3, 2, 2], CPU64);
         let t = Tensor::from_slice(&[1i64, 100, 999]);
         let got = law.optimal_eps(&s, &x, &t).unwrap();
@@ -248,8 +289,15 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 100, Device::Cpu).unwrap();
         let c = Tensor::from_slice(&[0.25f64, -0.5, 0.75, 0.0]);
         let oracle = Oracle::new(DataLaw::dirac(&c).unwrap(), &s);
-        let cfg = SamplerConfig { sigma: SigmaChoice::Posterior, seed: Some(3), ..SamplerConfig::default() };
-        let x = Sampler::new(&s, cfg).unwrap().sample(&oracle, &[5, 4], Device::Cpu).unwrap();
+        let cfg = SamplerConfig {
+            sigma: SigmaChoice::Posterior,
+            seed: Some(3),
+            ..SamplerConfig::default()
+        };
+        let x = Sampler::new(&s, cfg)
+            .unwrap()
+            .sample(&oracle, &[5, 4], Device::Cpu)
+            .unwrap();
         assert!(max_diff(&x, &c.to_kind(Kind::Float).unsqueeze(0)) < 1e-4);
         assert!(oracle.check_input(&[5, 3]).is_err());
     }

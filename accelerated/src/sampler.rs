@@ -121,7 +121,9 @@ fn check_eta(eta: f64) -> Result<()> {
     if (0.0..=1.0).contains(&eta) {
         Ok(())
     } else {
-        Err(DdpmError::InvalidArgument(format!("DDIM's η must be in [0, 1], got {eta}")))
+        Err(DdpmError::InvalidArgument(format!(
+            "DDIM's η must be in [0, 1], got {eta}"
+        )))
     }
 }
 
@@ -183,7 +185,12 @@ impl Sampler {
             )));
         }
         let pairs = step_pairs(&strided(t_max, n)?);
-        Ok(Sampler { sigma: cfg.sigma.table(schedule)?, cfg, schedule: schedule.clone(), pairs })
+        Ok(Sampler {
+            sigma: cfg.sigma.table(schedule)?,
+            cfg,
+            schedule: schedule.clone(),
+            pairs,
+        })
     }
 
     /// The (τ, τ′) steps walked, from (T, ·) down to (·, 0).
@@ -192,7 +199,12 @@ impl Sampler {
     }
 
     /// Samples a batch of `shape` = [B, …] (Float) on `device`.
-    pub fn sample<M: NoisePredictor + ?Sized>(&self, model: &M, shape: &[i64], device: Device) -> Result<Tensor> {
+    pub fn sample<M: NoisePredictor + ?Sized>(
+        &self,
+        model: &M,
+        shape: &[i64],
+        device: Device,
+    ) -> Result<Tensor> {
         self.sample_with(model, shape, device, |_, _| {})
     }
 
@@ -207,7 +219,9 @@ impl Sampler {
     ) -> Result<Tensor> {
         model.check_input(shape)?;
         if shape.is_empty() {
-            return Err(DdpmError::Shape("the sample shape needs a batch dimension".into()));
+            return Err(DdpmError::Shape(
+                "the sample shape needs a batch dimension".into(),
+            ));
         }
         if let Some(seed) = self.cfg.seed {
             tch::manual_seed(seed);
@@ -229,7 +243,9 @@ impl Sampler {
                 };
                 x = match (self.cfg.eta, self.cfg.clip_each_step) {
                     (None, false) => ancestral_step(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?,
-                    (None, true) => ancestral_step_clipped(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?,
+                    (None, true) => {
+                        ancestral_step_clipped(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?
+                    }
                     (Some(eta), clip) => {
                         let prev = Tensor::full([b], t_prev, (Kind::Int64, device));
                         let step = if clip { ddim_step_clipped } else { ddim_step };
@@ -238,7 +254,11 @@ impl Sampler {
                 };
                 on_step(i + 1, total);
             }
-            Ok(if self.cfg.clip_final { x.clamp(-1.0, 1.0) } else { x })
+            Ok(if self.cfg.clip_final {
+                x.clamp(-1.0, 1.0)
+            } else {
+                x
+            })
         })
     }
 }
@@ -323,18 +343,47 @@ mod tests {
         let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Article, 20, Device::Cpu).unwrap();
         let model = |x: &Tensor, _t: &Tensor| x * 0.1;
-        let cfg = SamplerConfig { seed: Some(7), ..SamplerConfig::default() };
+        let cfg = SamplerConfig {
+            seed: Some(7),
+            ..SamplerConfig::default()
+        };
         let sampler = Sampler::new(&s, cfg.clone()).unwrap();
         let mut seen = Vec::new();
-        let a = sampler.sample_with(&model, &[3, 1, 2, 2], Device::Cpu, |i, n| seen.push((i, n))).unwrap();
+        let a = sampler
+            .sample_with(&model, &[3, 1, 2, 2], Device::Cpu, |i, n| seen.push((i, n)))
+            .unwrap();
         let b = sampler.sample(&model, &[3, 1, 2, 2], Device::Cpu).unwrap();
         assert_eq!(seen.len(), 20);
         assert_eq!(seen[19], (20, 20));
         assert_eq!(max_diff(&a, &b), 0.0);
         assert!(f64::try_from(a.abs().max()).unwrap() <= 1.0);
-        let strided = Sampler::new(&s, SamplerConfig { steps: Some(5), eta: Some(0.0), ..cfg.clone() }).unwrap();
-        assert_eq!(strided.steps(), &[(20, 15), (15, piece(20, 5, 2)), (piece(20, 5, 2), piece(20, 5, 1)), (piece(20, 5, 1), 1), (1, 0)]);
-        assert!(Sampler::new(&s, SamplerConfig { steps: Some(5), ..cfg }).is_err());
+        let strided = Sampler::new(
+            &s,
+            SamplerConfig {
+                steps: Some(5),
+                eta: Some(0.0),
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            strided.steps(),
+            &[
+                (20, 15),
+                (15, piece(20, 5, 2)),
+                (piece(20, 5, 2), piece(20, 5, 1)),
+                (piece(20, 5, 1), 1),
+                (1, 0)
+            ]
+        );
+        assert!(Sampler::new(
+            &s,
+            SamplerConfig {
+                steps: Some(5),
+                ..cfg
+            }
+        )
+        .is_err());
     }
 
     /// τ_i of `strided(t_max, n)`, i counted from 0 at τ = 1.

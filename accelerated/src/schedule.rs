@@ -6,7 +6,15 @@ use tch::{Device, Kind, Tensor};
 
 /// Which schedule of α_1..α_T to build.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
@@ -210,7 +218,10 @@ pub fn gather(table: &Tensor, t: &Tensor, like: &Tensor) -> Result<Tensor> {
     let mut shape = vec![1i64; like.dim().max(1)];
     shape[0] = b;
     let picked = table.f_index_select(0, &t.f_to_device(table.device())?)?;
-    Ok(picked.f_to_kind(like.kind())?.f_to_device(like.device())?.f_view(shape.as_slice())?)
+    Ok(picked
+        .f_to_kind(like.kind())?
+        .f_to_device(like.device())?
+        .f_view(shape.as_slice())?)
 }
 
 /// Checks that `t` is an Int64 tensor [B] matching the batch of `x`; returns B.
@@ -243,7 +254,12 @@ mod tests {
     #[test]
     fn article_schedule_matches_its_definition() {
         let s = Schedule::new(ScheduleKind::Article, 1000, Device::Cpu).unwrap();
-        let (a, b, ab, bb) = (host(s.alpha()), host(s.beta()), host(s.alpha_bar()), host(s.beta_bar()));
+        let (a, b, ab, bb) = (
+            host(s.alpha()),
+            host(s.beta()),
+            host(s.alpha_bar()),
+            host(s.beta_bar()),
+        );
         assert_eq!(a.len(), 1001);
         assert_eq!((a[0], b[0], ab[0], bb[0]), (1.0, 0.0, 1.0, 0.0));
         let mut prod = 1.0;
@@ -262,10 +278,14 @@ mod tests {
     fn cosine_schedule_is_not_truncated_to_integers() {
         let s = Schedule::new(ScheduleKind::Cosine, 10, Device::Cpu).unwrap();
         let b_ho = host(&s.ho_beta());
-        let f = |t: f64| (((t / 10.0) + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
-        for t in 1..10 {
+        let f = |t: f64| {
+            (((t / 10.0) + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                .cos()
+                .powi(2)
+        };
+        for (t, got) in b_ho.iter().enumerate().take(10).skip(1) {
             let expected = (1.0 - f(t as f64) / f(t as f64 - 1.0)).min(0.999);
-            assert!((b_ho[t] - expected).abs() < 1e-14, "t={t}: {} vs {expected}", b_ho[t]);
+            assert!((got - expected).abs() < 1e-14, "t={t}: {got} vs {expected}");
         }
         assert!((b_ho[10] - 0.999).abs() < 1e-14);
     }

@@ -7,7 +7,9 @@ use crate::error::{DdpmError, Result};
 /// step from τ_1 = 1 to 0. `n = 1` visits only T (one jump T → 0). Errors when n = 0 or n > T.
 pub fn strided(t_max: i64, n: usize) -> Result<Vec<i64>> {
     if t_max < 1 {
-        return Err(DdpmError::InvalidArgument(format!("T must be at least 1, got {t_max}")));
+        return Err(DdpmError::InvalidArgument(format!(
+            "T must be at least 1, got {t_max}"
+        )));
     }
     let n_i = n as i64;
     if n == 0 || n_i > t_max {
@@ -22,7 +24,10 @@ pub fn strided(t_max: i64, n: usize) -> Result<Vec<i64>> {
     // Successive values differ by at least (T−1)/(n−1) ≥ 1, so they are distinct.
     let span = t_max - 1;
     let den = 2 * (n_i - 1);
-    Ok((0..n_i).rev().map(|k| 1 + (2 * k * span + (n_i - 1)) / den).collect())
+    Ok((0..n_i)
+        .rev()
+        .map(|k| 1 + (2 * k * span + (n_i - 1)) / den)
+        .collect())
 }
 
 /// The (τ, τ′) pairs the sampler walks: (τ_n, τ_{n−1}), …, (τ_1, 0).

@@ -118,7 +118,10 @@ impl UNetConfig {
 
     /// Channels of each level, C_ℓ = base · mult_ℓ.
     pub fn level_channels(&self) -> Vec<i64> {
-        self.channel_mults.iter().map(|m| m * self.base_channels).collect()
+        self.channel_mults
+            .iter()
+            .map(|m| m * self.base_channels)
+            .collect()
     }
 
     /// Groups used by a GroupNorm over `channels` channels: min(groups, channels).
@@ -153,7 +156,10 @@ impl UNetConfig {
             }
         }
         if self.channel_mults.iter().any(|&m| m < 1) {
-            return bad(format!("channel multipliers must be at least 1, got {:?}", self.channel_mults));
+            return bad(format!(
+                "channel multipliers must be at least 1, got {:?}",
+                self.channel_mults
+            ));
         }
         let downs = self.channel_mults.len() as u32 - 1;
         let factor = 1i64.checked_shl(downs).unwrap_or(i64::MAX);
@@ -167,7 +173,9 @@ impl UNetConfig {
         for c in self.level_channels() {
             let g = self.groups_for(c);
             if c % g != 0 {
-                return bad(format!("{c} channels cannot be split into {g} GroupNorm groups"));
+                return bad(format!(
+                    "{c} channels cannot be split into {g} GroupNorm groups"
+                ));
             }
         }
         if self.time_embedding == TimeEmbedding::Sinusoidal && self.base_channels % 2 != 0 {
@@ -186,16 +194,23 @@ impl UNetConfig {
 #[derive(Debug)]
 enum TimeNet {
     Learned(nn::Embedding),
-    Sinusoidal { half: i64, mlp1: nn::Linear, mlp2: nn::Linear },
+    Sinusoidal {
+        half: i64,
+        mlp1: nn::Linear,
+        mlp2: nn::Linear,
+    },
 }
 
 impl TimeNet {
     fn new(p: &nn::Path, cfg: &UNetConfig) -> TimeNet {
         let c = cfg.base_channels;
         match cfg.time_embedding {
-            TimeEmbedding::Learned => {
-                TimeNet::Learned(nn::embedding(p / "embedding", cfg.t_max, c, Default::default()))
-            }
+            TimeEmbedding::Learned => TimeNet::Learned(nn::embedding(
+                p / "embedding",
+                cfg.t_max,
+                c,
+                Default::default(),
+            )),
             TimeEmbedding::Sinusoidal => TimeNet::Sinusoidal {
                 half: c / 2,
                 mlp1: nn::linear(p / "mlp1", c, 4 * c, Default::default()),
@@ -221,7 +236,16 @@ impl TimeNet {
 }
 
 fn conv3(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
-    nn::conv2d(p, c_in, c_out, 3, nn::ConvConfig { padding: 1, ..Default::default() })
+    nn::conv2d(
+        p,
+        c_in,
+        c_out,
+        3,
+        nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        },
+    )
 }
 
 fn norm(p: nn::Path, cfg: &UNetConfig, channels: i64) -> nn::GroupNorm {
@@ -241,14 +265,18 @@ struct ResBlock {
 
 impl ResBlock {
     fn new(p: &nn::Path, cfg: &UNetConfig, c_in: i64, c_out: i64) -> ResBlock {
-        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+        let no_bias = nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        };
         ResBlock {
             time_proj: nn::linear(p / "time_proj", cfg.time_dim(), c_in, no_bias),
             conv1: conv3(p / "conv1", c_in, c_out),
             norm1: norm(p / "norm1", cfg, c_out),
             conv2: conv3(p / "conv2", c_out, c_out),
             norm2: norm(p / "norm2", cfg, c_out),
-            skip: (c_in != c_out).then(|| nn::conv2d(p / "skip", c_in, c_out, 1, Default::default())),
+            skip: (c_in != c_out)
+                .then(|| nn::conv2d(p / "skip", c_in, c_out, 1, Default::default())),
             dropout: cfg.dropout,
         }
     }
@@ -385,7 +413,8 @@ impl UNet {
 impl NoisePredictor for UNet {
     /// Panics with the shape error if `x_t` does not fit; `check_input` reports it first.
     fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
-        self.forward_t(x_t, t, false).unwrap_or_else(|e| panic!("{e}"))
+        self.forward_t(x_t, t, false)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn check_input(&self, shape: &[i64]) -> Result<()> {
@@ -395,7 +424,10 @@ impl NoisePredictor for UNet {
 
 /// Number of scalar parameters in a variable store.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables().iter().map(|v| v.numel() as i64).sum()
+    vs.trainable_variables()
+        .iter()
+        .map(|v| v.numel() as i64)
+        .sum()
 }
 
 #[cfg(test)]
@@ -427,7 +459,11 @@ mod tests {
         let gn = |c: i64| 2 * c;
         let e = cfg.time_dim();
         let block = |i: i64, o: i64| {
-            e * i + conv(i, o, 3) + conv(o, o, 3) + 2 * gn(o) + if i != o { conv(i, o, 1) } else { 0 }
+            e * i
+                + conv(i, o, 3)
+                + conv(o, o, 3)
+                + 2 * gn(o)
+                + if i != o { conv(i, o, 1) } else { 0 }
         };
         let b = cfg.base_channels;
         let time = match cfg.time_embedding {
@@ -484,7 +520,10 @@ mod tests {
     fn samples_do_not_influence_each_other() {
         let _rng = crate::sampler::rng_lock();
         for time_embedding in [TimeEmbedding::Learned, TimeEmbedding::Sinusoidal] {
-            let (_vs, net) = build(&UNetConfig { time_embedding, ..tiny() });
+            let (_vs, net) = build(&UNetConfig {
+                time_embedding,
+                ..tiny()
+            });
             let x = Tensor::randn([4, 2, 8, 8], (Kind::Float, Device::Cpu));
             let t = Tensor::from_slice(&[3i64, 70, 700, 999]);
             let whole = net.predict(&x, &t);
@@ -499,7 +538,10 @@ mod tests {
     fn time_changes_the_output() {
         let _rng = crate::sampler::rng_lock();
         for time_embedding in [TimeEmbedding::Learned, TimeEmbedding::Sinusoidal] {
-            let (_vs, net) = build(&UNetConfig { time_embedding, ..tiny() });
+            let (_vs, net) = build(&UNetConfig {
+                time_embedding,
+                ..tiny()
+            });
             let x = Tensor::randn([1, 2, 8, 8], (Kind::Float, Device::Cpu)).repeat([2, 1, 1, 1]);
             let y = net.predict(&x, &Tensor::from_slice(&[10i64, 900]));
             let diff = f64::try_from((y.get(0) - y.get(1)).abs().max()).unwrap();
@@ -509,11 +551,27 @@ mod tests {
 
     #[test]
     fn invalid_configurations_are_explained() {
-        let odd = UNetConfig { image_size: 30, channel_mults: vec![1, 2, 2], ..UNetConfig::mnist() };
-        assert!(odd.validate().unwrap_err().to_string().contains("divisible by 2^2"));
-        let groups = UNetConfig { base_channels: 48, groups: 32, ..UNetConfig::mnist() };
+        let odd = UNetConfig {
+            image_size: 30,
+            channel_mults: vec![1, 2, 2],
+            ..UNetConfig::mnist()
+        };
+        assert!(odd
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("divisible by 2^2"));
+        let groups = UNetConfig {
+            base_channels: 48,
+            groups: 32,
+            ..UNetConfig::mnist()
+        };
         assert!(groups.validate().is_err());
-        let small = UNetConfig { base_channels: 16, groups: 32, ..UNetConfig::mnist() };
+        let small = UNetConfig {
+            base_channels: 16,
+            groups: 32,
+            ..UNetConfig::mnist()
+        };
         assert!(small.validate().is_ok());
         assert!(UNetConfig::preset("imagenet").is_err());
     }
@@ -524,13 +582,20 @@ mod tests {
         let (vs, net) = build(&tiny());
         let x = Tensor::randn([2, 2, 8, 8], (Kind::Float, Device::Cpu));
         let t = Tensor::from_slice(&[5i64, 6]);
-        net.forward_t(&x, &t, true).unwrap().square().sum(Kind::Float).backward();
+        net.forward_t(&x, &t, true)
+            .unwrap()
+            .square()
+            .sum(Kind::Float)
+            .backward();
         for (name, v) in vs.variables() {
             let g = v.grad();
             if name.starts_with("time.embedding") {
                 continue; // only the rows of the t's used receive gradient
             }
-            assert!(f64::try_from(g.abs().sum(Kind::Float)).unwrap() > 0.0, "{name}");
+            assert!(
+                f64::try_from(g.abs().sum(Kind::Float)).unwrap() > 0.0,
+                "{name}"
+            );
         }
     }
 }
