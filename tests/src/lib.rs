@@ -382,3 +382,52 @@ pub fn case() -> impl Strategy<Value = Case> {
 /// is 1.2e-38) and x̂_0 = (x_t − β̄_t ε̂)/ᾱ_t overflows; the f32 path serves named schedules,
 /// whose ᾱ_T stays above 1e-5.
 pub const F32_MIN_ALPHA_BAR: f64 = 1e-20;
+
+/// An isotropic Gaussian mixture Σ_k w_k N(m_k, s_k² I) in f64, the form both oracles share
+/// (a Dirac or a finite set has s_k = 0).
+#[derive(Clone, Debug)]
+pub struct Mixture {
+    /// Weights w_k (normalised by the laws).
+    pub weights: Vec<f64>,
+    /// Means m_k, one row each [K, d].
+    pub means: Array2<f64>,
+    /// Standard deviations s_k.
+    pub stds: Vec<f64>,
+}
+
+impl Mixture {
+    /// The reference's law.
+    pub fn reference(&self) -> reference::oracle::Law {
+        reference::oracle::Law::gaussian_mixture(
+            ndarray::Array1::from(self.weights.clone()),
+            self.means.clone(),
+            ndarray::Array1::from(self.stds.clone()),
+        )
+        .expect("valid mixture")
+    }
+
+    /// The tch side's law on `device`.
+    pub fn tch(&self, device: Device) -> ddpm::oracle::DataLaw {
+        let w = Tensor::from_slice(&self.weights).to_device(device);
+        let s = Tensor::from_slice(&self.stds).to_device(device);
+        ddpm::oracle::DataLaw::mixture(&w, &tensor(&self.means, Kind::Double, device), &s)
+            .expect("valid mixture")
+    }
+}
+
+/// Mixtures of 1..=4 components in d = 1..=4 dimensions, weights in [0.05, 1], means in
+/// [−2, 2], stds 0 (points) or in [0.05, 1.5].
+pub fn mixture() -> impl Strategy<Value = Mixture> {
+    (1usize..=4, 1usize..=4).prop_flat_map(|(k, d)| {
+        (
+            prop::collection::vec(0.05f64..1.0, k),
+            prop::collection::vec(-2.0f64..2.0, k * d),
+            prop::collection::vec(prop_oneof![Just(0.0), 0.05f64..1.5], k),
+        )
+            .prop_map(move |(weights, m, stds)| Mixture {
+                weights,
+                means: Array2::from_shape_vec((k, d), m).expect("k·d means"),
+                stds,
+            })
+    })
+}
