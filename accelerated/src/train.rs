@@ -1,1 +1,554 @@
-//! (to be written)
+//! Training: mean_B ‖ε − ε̂(ᾱ_t x_0 + β̄_t ε, t)‖² (or loss (8) with its exact weight),
+//! t ~ U{1..T}, LAMB with warm-up and piecewise-linear decay, EMA of the weights, atomic
+//! checkpoints, exact resume, metrics as JSON lines and sample grids.
+//!
+//! Resuming is exact because nothing random depends on history: step k's samples, t, ε,
+//! flips and libtorch seed (dropout) are drawn from a generator keyed by (seed, k), the
+//! epoch order from one keyed by (seed, epoch), and the optimiser, EMA and weights are
+//! restored bit for bit. On the CPU a resumed run ends with the same weights as an
+//! uninterrupted one.
+
+use crate::checkpoint::{self, Checkpoint, DataPosition, Manifest, TrainingState};
+use crate::config::{Config, DataSource, LossWeight};
+use crate::data::folder::{self, Channels};
+use crate::data::loader::{Batch, BatchPlan, Loader};
+use crate::data::{mnist, Dataset};
+use crate::ema::Ema;
+use crate::error::{DdpmError, Result};
+use crate::lamb::Lamb;
+use crate::loss::{euclidean_loss, weighted_loss};
+use crate::lr::LrSchedule;
+use crate::marginal::marginal_sample;
+use crate::sampler::Sampler;
+use crate::schedule::Schedule;
+use crate::unet::UNet;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// Batches prepared ahead of the device.
+const PREFETCH: usize = 4;
+/// Consecutive non-finite batches tolerated by `skip_nonfinite` before giving up.
+const MAX_CONSECUTIVE_SKIPS: u64 = 50;
+
+/// The data set the configuration names, checked against the model's image shape.
+pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
+    let [c, s, _] = cfg.image_shape();
+    let data = match cfg.data.source {
+        DataSource::Mnist => {
+            let path = cfg.data.path.clone().unwrap_or_else(mnist::default_path);
+            mnist::load(&path, s == 32)?
+        }
+        DataSource::Folder => {
+            let dir = cfg.data.path.as_ref().ok_or_else(|| {
+                DdpmError::Config("data.source = folder needs a directory: pass --data DIR".into())
+            })?;
+            let channels = if c == 3 { Channels::Rgb } else { Channels::Grey };
+            folder::load(dir, s as u32, channels)?
+        }
+    };
+    if data.item_shape() != cfg.image_shape() {
+        return Err(DdpmError::Data(format!(
+            "{} has images {:?} but the model takes {:?}",
+            data.name(),
+            data.item_shape(),
+            cfg.image_shape()
+        )));
+    }
+    Ok(data)
+}
+
+/// The (training, held-out) split of the run's data, seeded with the run's seed.
+pub fn split(cfg: &Config, data: &Dataset) -> Result<(Dataset, Option<Dataset>)> {
+    data.split(cfg.data.holdout, cfg.train.seed)
+}
+
+/// A network and its variables on `device`, initialised from libtorch's generator seeded
+/// with `seed`.
+pub fn build_model(cfg: &Config, device: Device, seed: u64) -> Result<(VarStore, UNet)> {
+    let vs = VarStore::new(device);
+    tch::manual_seed(seed as i64);
+    let net = UNet::new(&vs.root(), &cfg.model)?;
+    Ok((vs, net))
+}
+
+/// Runs `f` with CUDA autocast in bfloat16 when `enabled` (a no-op on the CPU).
+fn autocast_bf16<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
+    if !(enabled && device.is_cuda()) {
+        return f();
+    }
+    // tch only toggles autocast, whose CUDA dtype defaults to float16; libtorch's
+    // `at::autocast::set_autocast_dtype(DeviceType, ScalarType)` picks bfloat16. Both enums
+    // are `int8_t`-backed, which the C calling convention passes like `i8`.
+    extern "C" {
+        #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
+        fn set_autocast_dtype(device_type: i8, dtype: i8);
+    }
+    const CUDA: i8 = 1;
+    const BFLOAT16: i8 = 15;
+    // SAFETY: the symbol is exported by libtorch_cpu (torch 2.11) with this signature.
+    unsafe { set_autocast_dtype(CUDA, BFLOAT16) };
+    tch::autocast(true, f)
+}
+
+/// What one update did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepOutcome {
+    /// The weights were updated; the loss before the update.
+    Updated(f64),
+    /// The loss was not finite and the batch was skipped (`skip_nonfinite`).
+    Skipped(f64),
+}
+
+/// The model, its optimiser and EMA, and the step counter.
+pub struct Trainer {
+    cfg: Config,
+    device: Device,
+    vs: VarStore,
+    net: UNet,
+    lamb: Lamb,
+    ema: Ema,
+    lr: LrSchedule,
+    schedule: Schedule,
+    loss_sigma: Option<Tensor>,
+    step: u64,
+    skipped: u64,
+    last_grad_norm: Option<Tensor>,
+}
+
+impl Trainer {
+    /// A fresh run: weights initialised from the run's seed, moments and step at zero.
+    pub fn new(cfg: &Config, device: Device) -> Result<Trainer> {
+        cfg.validate()?;
+        let (vs, net) = build_model(cfg, device, cfg.train.seed)?;
+        let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
+        let loss_sigma = match cfg.train.loss_weight {
+            LossWeight::None => None,
+            LossWeight::Article => Some(cfg.train.loss_sigma.table(&schedule)?),
+        };
+        Ok(Trainer {
+            lamb: Lamb::new(&vs, cfg.lamb())?,
+            ema: Ema::new(&vs, cfg.train.ema_decay, cfg.train.ema_warmup)?,
+            lr: cfg.lr_schedule()?,
+            cfg: cfg.clone(),
+            device,
+            vs,
+            net,
+            schedule,
+            loss_sigma,
+            step: 0,
+            skipped: 0,
+            last_grad_norm: None,
+        })
+    }
+
+    /// Continues from `ckpt`: weights, EMA, LAMB state and counters.
+    pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        ckpt.load_weights(&self.vs, false)?;
+        self.ema.import(&ckpt.state.ema, ckpt.manifest.ema_updates)?;
+        self.lamb.load_state(&ckpt.state.optim)?;
+        self.step = ckpt.manifest.step;
+        self.skipped = ckpt.manifest.skipped_steps;
+        Ok(())
+    }
+
+    /// Updates done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Batches skipped for a non-finite loss.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The weights being trained.
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// One update on `batch` (which must be the batch of step `self.step() + 1`).
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepOutcome> {
+        let k = self.step + 1;
+        if batch.step != k {
+            return Err(DdpmError::InvalidArgument(format!("batch of step {} given for step {k}", batch.step)));
+        }
+        tch::manual_seed(batch.torch_seed);
+        let dev = self.device;
+        let x0 = batch.x0.f_to_device(dev)?;
+        let t = batch.t.f_to_device(dev)?;
+        let eps = batch.eps.f_to_device(dev)?;
+        let x_t = marginal_sample(&self.schedule, &x0, &t, &eps)?;
+        let eps_hat = autocast_bf16(self.cfg.train.bf16, dev, || self.net.forward_t(&x_t, &t, true))?
+            .f_to_kind(Kind::Float)?;
+        let loss = match &self.loss_sigma {
+            None => euclidean_loss(&eps, &eps_hat)?,
+            Some(sigma) => weighted_loss(&self.schedule, sigma, &t, &eps, &eps_hat)?,
+        };
+        let value = f64::try_from(&loss)?;
+        self.lamb.zero_grad();
+        if !value.is_finite() {
+            if !self.cfg.train.skip_nonfinite {
+                return Err(DdpmError::NonFinite { step: k, loss: value });
+            }
+            self.step = k;
+            self.skipped += 1;
+            return Ok(StepOutcome::Skipped(value));
+        }
+        loss.f_backward()?;
+        self.lamb.set_lr(self.lr.lr(k));
+        self.last_grad_norm = Some(self.lamb.step()?);
+        self.ema.update(&self.vs)?;
+        self.step = k;
+        Ok(StepOutcome::Updated(value))
+    }
+
+    /// The global gradient norm of the last update (waits for the device).
+    pub fn last_grad_norm(&self) -> Option<f64> {
+        self.last_grad_norm.as_ref().and_then(|g| f64::try_from(g).ok())
+    }
+
+    /// The learning rate of the last update.
+    pub fn current_lr(&self) -> f64 {
+        self.lr.lr(self.step)
+    }
+
+    /// Errors if any weight is NaN or infinite (checked before every checkpoint, so a
+    /// diverged run never overwrites a good one).
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, w) in self.vs.variables() {
+            if !bool::try_from(w.f_isfinite()?.f_all()?)? {
+                return Err(DdpmError::State(format!(
+                    "weight {name} is not finite at step {}; the checkpoint was not written",
+                    self.step
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors a checkpoint holds.
+    pub fn state(&self) -> TrainingState {
+        let mut model: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        model.sort_by(|a, b| a.0.cmp(&b.0));
+        TrainingState { model, ema: self.ema.export(), optim: self.lamb.state() }
+    }
+
+    /// The manifest of a checkpoint at the current step, for a training set of `n` samples.
+    pub fn manifest(&self, n: usize) -> Manifest {
+        let plan = self.plan();
+        let (epoch, batch_in_epoch) = plan.position(n, self.step + 1);
+        Manifest {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step,
+            seed: self.cfg.train.seed,
+            data_position: DataPosition { epoch, batch_in_epoch, steps_per_epoch: plan.steps_per_epoch(n) },
+            ema_updates: self.ema.updates(),
+            skipped_steps: self.skipped,
+            config: self.cfg.clone(),
+            tensors: Default::default(),
+            files: Default::default(),
+        }
+    }
+
+    /// How batches are drawn for this run.
+    pub fn plan(&self) -> BatchPlan {
+        BatchPlan {
+            batch_size: self.cfg.train.batch_size,
+            seed: self.cfg.train.seed,
+            t_max: self.cfg.diffusion.t_max,
+            flip: self.cfg.data.flip,
+        }
+    }
+
+    /// Samples `sample.n` images with the EMA (or raw) weights and writes them as a grid.
+    pub fn write_grid(&self, path: &Path) -> Result<()> {
+        let images = if self.cfg.sample.ema {
+            let (vs, net) = build_model(&self.cfg, self.device, self.cfg.train.seed)?;
+            self.ema.copy_to(&vs)?;
+            self.sample(&net)?
+        } else {
+            self.sample(&self.net)?
+        };
+        crate::grid::save_grid(&images, path, None)
+    }
+
+    fn sample(&self, net: &UNet) -> Result<Tensor> {
+        let sampler = Sampler::new(&self.schedule, self.cfg.sampler(Some(self.cfg.train.seed as i64)))?;
+        let [c, s, _] = self.cfg.image_shape();
+        sampler.sample(net, &[self.cfg.sample.n as i64, c, s, s], self.device)
+    }
+}
+
+/// How to run [`train`].
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The run directory: `config.toml`, `metrics.jsonl`, `samples/`, `checkpoints/`.
+    pub run_dir: PathBuf,
+    /// Where to compute.
+    pub device: Device,
+    /// Continue from the newest good checkpoint in `run_dir` instead of starting afresh.
+    pub resume: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Updates done in total.
+    pub steps: u64,
+    /// Mean loss over the last logging window (NaN if no update ran).
+    pub last_loss: f64,
+    /// The final checkpoint.
+    pub checkpoint: PathBuf,
+    /// The final sample grid.
+    pub grid: PathBuf,
+    /// Batches skipped for a non-finite loss.
+    pub skipped: u64,
+}
+
+/// The checkpoints directory of a run.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Trains on the data `cfg` names (see [`train_on`]). With `resume`, the configuration
+/// saved in the checkpoint is used, except `train.steps` which `steps` may raise.
+pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<TrainSummary> {
+    let (cfg, resume_from) = if opts.resume {
+        let ckpt = checkpoint::latest_good(&checkpoints_dir(&opts.run_dir))?.ok_or_else(|| DdpmError::Checkpoint {
+            path: checkpoints_dir(&opts.run_dir),
+            reason: "holds no checkpoint to resume from".into(),
+        })?;
+        let mut cfg = ckpt.manifest.config.clone();
+        cfg.train.steps = steps.unwrap_or(cfg.train.steps);
+        (cfg, Some(ckpt))
+    } else {
+        (cfg.clone(), None)
+    };
+    let data = load_dataset(&cfg)?;
+    let (train_set, _) = split(&cfg, &data)?;
+    train_on(&cfg, train_set, opts, resume_from)
+}
+
+/// Trains on `data`, from scratch or from `resume_from`.
+pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: Option<Checkpoint>) -> Result<TrainSummary> {
+    let ckpt_root = checkpoints_dir(&opts.run_dir);
+    if resume_from.is_none() && !checkpoint::list(&ckpt_root)?.is_empty() {
+        return Err(DdpmError::Config(format!(
+            "{} already holds checkpoints: pass --resume to continue that run, or choose another --run-dir",
+            opts.run_dir.display()
+        )));
+    }
+    let mut trainer = Trainer::new(cfg, opts.device)?;
+    if let Some(ckpt) = &resume_from {
+        trainer.restore(ckpt)?;
+        tracing::info!("resuming from {} at step {}", ckpt.dir.display(), trainer.step());
+    }
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(|e| DdpmError::io(format!("cannot create the run directory {}", opts.run_dir.display()), e))?;
+    write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.run_dir.join("metrics.jsonl"))
+        .map_err(|e| DdpmError::io(format!("cannot open {}", opts.run_dir.join("metrics.jsonl").display()), e))?;
+
+    let total = cfg.train.steps;
+    let first = trainer.step() + 1;
+    let n = data.len();
+    let mut loader = Loader::spawn(data, trainer.plan(), first, PREFETCH)?;
+    let bar = progress_bar(opts.progress, total, trainer.step());
+    let started = Instant::now();
+    let (mut window_sum, mut window_n, mut window_start, mut last_loss) = (0.0, 0u64, Instant::now(), f64::NAN);
+    let mut consecutive_skips = 0;
+    let mut last_saved = None;
+    let mut last_grid = None;
+    while trainer.step() < total {
+        let batch = loader.next_batch()?;
+        let k = batch.step;
+        match trainer.train_step(&batch)? {
+            StepOutcome::Updated(loss) => {
+                consecutive_skips = 0;
+                window_sum += loss;
+                window_n += 1;
+            }
+            StepOutcome::Skipped(loss) => {
+                consecutive_skips += 1;
+                bar.suspend(|| tracing::warn!("step {k}: loss {loss} is not finite; batch skipped"));
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
+                    return Err(DdpmError::NonFinite { step: k, loss });
+                }
+            }
+        }
+        bar.set_position(k);
+        if k % cfg.train.log_every == 0 || k == total {
+            let secs = window_start.elapsed().as_secs_f64();
+            last_loss = if window_n > 0 { window_sum / window_n as f64 } else { f64::NAN };
+            let line = serde_json::json!({
+                "step": k,
+                "loss": finite_or_null(last_loss),
+                "lr": trainer.current_lr(),
+                "grad_norm": trainer.last_grad_norm().and_then(finite_or_null),
+                "steps_per_s": cfg.train.log_every as f64 / secs.max(1e-9),
+                "elapsed_s": started.elapsed().as_secs_f64(),
+                "skipped": trainer.skipped(),
+            });
+            writeln!(metrics, "{line}").map_err(|e| DdpmError::io("cannot append to metrics.jsonl", e))?;
+            bar.set_message(format!("loss {last_loss:.2}"));
+            (window_sum, window_n, window_start) = (0.0, 0, Instant::now());
+        }
+        if k % cfg.train.checkpoint_every == 0 || k == total {
+            trainer.check_finite()?;
+            let dir = checkpoint::save(&ckpt_root, trainer.manifest(n), &trainer.state(), cfg.train.keep_last)?;
+            bar.suspend(|| tracing::info!("step {k}: checkpoint {}", dir.display()));
+            last_saved = Some(dir);
+        }
+        if (cfg.train.sample_every > 0 && k % cfg.train.sample_every == 0) || k == total {
+            let path = opts.run_dir.join("samples").join(format!("{}.png", checkpoint::dir_name(k)));
+            bar.set_message(format!("loss {last_loss:.2}, sampling"));
+            trainer.write_grid(&path)?;
+            bar.suspend(|| tracing::info!("step {k}: samples {}", path.display()));
+            last_grid = Some(path);
+        }
+    }
+    bar.finish();
+    let checkpoint = match last_saved {
+        Some(dir) => dir,
+        None => ckpt_root.join(checkpoint::dir_name(trainer.step())),
+    };
+    let grid = last_grid.unwrap_or_else(|| opts.run_dir.join("samples").join(format!("{}.png", checkpoint::dir_name(trainer.step()))));
+    Ok(TrainSummary { steps: trainer.step(), last_loss, checkpoint, grid, skipped: trainer.skipped() })
+}
+
+fn finite_or_null(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+fn write_text(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
+}
+
+fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total).with_position(at);
+    let style = ProgressStyle::with_template("{elapsed_precise} {wide_bar} {pos}/{len} {msg} {per_sec} ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::test_dir;
+    use crate::unet::UNetConfig;
+
+    fn tiny(steps: u64) -> Config {
+        let mut cfg = Config::mnist();
+        // The data are handed to `train_on` directly; `folder` only lifts MNIST's 28×28 check.
+        cfg.data.source = DataSource::Folder;
+        cfg.model = UNetConfig {
+            image_size: 8,
+            base_channels: 8,
+            channel_mults: vec![1, 2],
+            groups: 4,
+            dropout: 0.1,
+            ..UNetConfig::mnist()
+        };
+        cfg.train.steps = steps;
+        cfg.train.batch_size = 4;
+        cfg.train.warmup_steps = 2;
+        cfg.train.lr_decay = vec![];
+        cfg.train.checkpoint_every = 3;
+        cfg.train.keep_last = 5;
+        cfg.train.sample_every = 0;
+        cfg.train.log_every = 1;
+        cfg.sample.n = 2;
+        cfg.sample.steps = Some(4);
+        cfg.sample.eta = Some(1.0);
+        cfg
+    }
+
+    fn pictures(n: i64) -> Dataset {
+        let i = Tensor::arange(n * 64, (Kind::Int64, Device::Cpu));
+        let px = (i * 37 + 11).remainder(256).to_kind(Kind::Uint8).view([n, 1, 8, 8]);
+        Dataset::from_pixels(px, "pictures").unwrap()
+    }
+
+    fn opts(dir: &Path, resume: bool) -> TrainOptions {
+        TrainOptions { run_dir: dir.to_path_buf(), device: Device::Cpu, resume, progress: false }
+    }
+
+    fn same_tensors(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+    }
+
+    #[test]
+    fn a_resumed_run_ends_bitwise_where_an_uninterrupted_one_does() {
+        let _guard = crate::sampler::rng_lock();
+        let cfg = tiny(7);
+        let whole = test_dir("train_whole");
+        let summary = train_on(&cfg, pictures(10), &opts(&whole, false), None).unwrap();
+        assert_eq!(summary.steps, 7);
+        assert!(summary.grid.exists());
+        let lines = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 7);
+
+        let resumed = test_dir("train_resumed");
+        let from = checkpoints_dir(&resumed).join("step-0000003");
+        std::fs::create_dir_all(&from).unwrap();
+        for entry in std::fs::read_dir(checkpoints_dir(&whole).join("step-0000003")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), from.join(entry.file_name())).unwrap();
+        }
+        let ckpt = checkpoint::latest_good(&checkpoints_dir(&resumed)).unwrap().unwrap();
+        assert_eq!(ckpt.manifest.step, 3);
+        train_on(&cfg, pictures(10), &opts(&resumed, true), Some(ckpt)).unwrap();
+
+        let a = checkpoint::load(&checkpoints_dir(&whole).join("step-0000007")).unwrap();
+        let b = checkpoint::load(&checkpoints_dir(&resumed).join("step-0000007")).unwrap();
+        assert!(same_tensors(&a.state.model, &b.state.model), "weights differ");
+        assert!(same_tensors(&a.state.ema, &b.state.ema), "EMA differs");
+        assert!(same_tensors(&a.state.optim, &b.state.optim), "LAMB state differs");
+        let start = checkpoint::load(&checkpoints_dir(&whole).join("step-0000003")).unwrap();
+        assert!(!same_tensors(&start.state.model, &a.state.model), "training did not move the weights");
+
+        let err = train_on(&cfg, pictures(10), &opts(&whole, false), None).unwrap_err().to_string();
+        assert!(err.contains("--resume"), "{err}");
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_or_skips_without_writing_a_bad_checkpoint() {
+        let _guard = crate::sampler::rng_lock();
+        // Eight pictures, one of them NaN: each epoch has one bad batch of the two.
+        let x = crate::data::pixels_to_model(&pictures(8).raw(&(0..8).collect::<Vec<_>>()).unwrap()).unwrap();
+        let _ = x.get(5).fill_(f64::NAN);
+        let data = Dataset::from_values(x, "with a NaN").unwrap();
+        let mut cfg = tiny(6);
+        let dir = test_dir("train_nan");
+        let err = train_on(&cfg, data.clone(), &opts(&dir, false), None).unwrap_err();
+        let DdpmError::NonFinite { step, .. } = err else { panic!("{err}") };
+        assert!(step <= 2, "the bad batch comes within the first epoch, got step {step}");
+        assert!(checkpoint::list(&checkpoints_dir(&dir)).unwrap().iter().all(|(s, _)| *s < step));
+
+        cfg.train.skip_nonfinite = true;
+        let dir = test_dir("train_nan_skip");
+        let summary = train_on(&cfg, data, &opts(&dir, false), None).unwrap();
+        assert_eq!((summary.steps, summary.skipped), (6, 3));
+        let last = checkpoint::load(&summary.checkpoint).unwrap();
+        assert_eq!(last.manifest.skipped_steps, 3);
+        assert!(last.state.model.iter().all(|(_, w)| bool::try_from(w.isfinite().all()).unwrap()));
+    }
+}

@@ -36,6 +36,9 @@ pub struct Batch {
     pub t: Tensor,
     /// Noise ε ~ N(0, I), f32, same shape as `x0`.
     pub eps: Tensor,
+    /// Seed for libtorch's own generator during this step (dropout), so that it too is a
+    /// function of (seed, step).
+    pub torch_seed: i64,
 }
 
 impl BatchPlan {
@@ -86,8 +89,10 @@ impl BatchPlan {
             let mask = Tensor::from_slice(&flips).view([b, 1, 1, 1]);
             x0 = x0.f_flip([3])?.f_where_self(&mask, &x0)?;
         }
+        let torch_seed = rng.random_range(0..i64::MAX);
         Ok(Batch {
             step,
+            torch_seed,
             eps: Tensor::from_slice(&eps).f_view(x0.size().as_slice())?,
             t: Tensor::from_slice(&t),
             x0,
@@ -165,7 +170,7 @@ mod tests {
     }
 
     fn same(a: &Batch, b: &Batch) -> bool {
-        a.step == b.step && a.x0.equal(&b.x0) && a.t.equal(&b.t) && a.eps.equal(&b.eps)
+        a.step == b.step && a.torch_seed == b.torch_seed && a.x0.equal(&b.x0) && a.t.equal(&b.t) && a.eps.equal(&b.eps)
     }
 
     #[test]
