@@ -1,0 +1,394 @@
+"""PyTorch eager twin of the ddpm crate's U-Net, LAMB, EMA and samplers, for the
+`versus_pytorch` bench.
+
+It mirrors accelerated/src/unet.rs, lamb.rs, ema.rs, marginal.rs, loss.rs and sampler.rs op for
+op (same layers, same parameter names, same per-parameter LAMB arithmetic, same gathers from the
+f64 schedule tables), so that the two sides do the same work and only the framework around the
+kernels differs. It is a worker: the bench binary starts it, writes the spec as the first line
+on stdin (JSON, with the schedule tables and the step lists computed by the Rust side), reads one
+"ready" JSON line, then sends one phase name a line (`train`, `strided`, `ancestral`, `quit`)
+and reads one JSON line of measurements for each.
+"""
+
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResBlock(nn.Module):
+    """h = x + W_t·temb; h = GN(swish(conv1(h))); dropout; h = swish(conv2(h)); GN(h + skip(x))."""
+
+    def __init__(self, cfg, c_in, c_out):
+        super().__init__()
+        self.time_proj = nn.Linear(time_dim(cfg), c_in, bias=False)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1 = nn.GroupNorm(min(cfg["groups"], c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(cfg["groups"], c_out), c_out)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.dropout = cfg["dropout"]
+
+    def forward(self, x, temb, train):
+        shift = self.time_proj(temb).unsqueeze(-1).unsqueeze(-1)
+        h = self.norm1(F.silu(self.conv1(x + shift)))
+        h = F.dropout(h, self.dropout, train and self.dropout > 0.0)
+        h = F.silu(self.conv2(h))
+        skip = self.skip(x) if self.skip is not None else x
+        return self.norm2(h + skip)
+
+
+def time_dim(cfg):
+    return cfg["base_channels"] * (4 if cfg["time_embedding"] == "sinusoidal" else 1)
+
+
+class TimeNet(nn.Module):
+    """Learned Embedding(T, base), or sinusoidal features → Linear → swish → Linear."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg["base_channels"]
+        self.learned = cfg["time_embedding"] == "learned"
+        if self.learned:
+            self.embedding = nn.Embedding(cfg["t_max"], c)
+        else:
+            self.half = c // 2
+            self.mlp1 = nn.Linear(c, 4 * c)
+            self.mlp2 = nn.Linear(4 * c, 4 * c)
+
+    def forward(self, t, kind):
+        if self.learned:
+            return self.embedding(t - 1)
+        i = torch.arange(self.half, dtype=kind, device=t.device)
+        freq = (i * (-math.log(10000.0) / self.half)).exp()
+        args = t.to(kind).unsqueeze(1) * freq.unsqueeze(0)
+        feats = torch.cat([args.sin(), args.cos()], 1)
+        return self.mlp2(F.silu(self.mlp1(feats)))
+
+
+class UNet(nn.Module):
+    """The article's U-Net without attention, laid out exactly as unet.rs."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chans = [m * cfg["base_channels"] for m in cfg["channel_mults"]]
+        n = cfg["blocks_per_level"]
+        c0 = chans[0]
+        self.time = TimeNet(cfg)
+        self.conv_in = nn.Conv2d(cfg["in_channels"], c0, 3, padding=1)
+        c = c0
+        self.down = nn.ModuleList()
+        for c_level in chans:
+            blocks = nn.ModuleList()
+            for _ in range(n):
+                blocks.append(ResBlock(cfg, c, c_level))
+                c = c_level
+            self.down.append(blocks)
+        self.mid = ResBlock(cfg, c, c)
+        # unet.rs names the up levels by their level index (last level first); ModuleList
+        # numbers them in order, which changes names only, not the arithmetic.
+        self.up = nn.ModuleList()
+        for c_level in reversed(chans):
+            blocks = nn.ModuleList()
+            for _ in range(n):
+                blocks.append(ResBlock(cfg, c, c_level))
+                c = c_level
+            self.up.append(blocks)
+        self.norm_out = nn.GroupNorm(min(cfg["groups"], c0), c0)
+        self.conv_out = nn.Conv2d(c0, cfg["in_channels"], 3, padding=1)
+
+    def forward(self, x_t, t, train):
+        kind = self.conv_in.weight.dtype
+        x = x_t.to(kind)
+        temb = self.time(t, kind)
+        h0 = self.conv_in(x)
+        skips = []
+        h = h0
+        last = len(self.down) - 1
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, temb, train)
+                skips.append(h)
+            if level != last:
+                h = F.avg_pool2d(h, 2, 2, 0, False, True)
+        h = self.mid(h, temb, train)
+        for i, blocks in enumerate(self.up):
+            for block in blocks:
+                h = block(h, temb, train) + skips.pop()
+            if i != last:
+                h = F.interpolate(h, size=(2 * h.shape[2], 2 * h.shape[3]), mode="nearest")
+        out = self.conv_out(self.norm_out(h + h0))
+        return out.to(x_t.dtype)
+
+
+def is_adapted(name, p):
+    """lamb.rs's rule: adapt every variable of dimension > 1 that is not a bias or a norm."""
+    parts = name.split(".")
+    return p.dim() > 1 and parts[-1] != "bias" and not any(c.startswith("norm") for c in parts)
+
+
+class Lamb:
+    """lamb.rs's LAMB, op for op: per-parameter moments, trust ratio on adapted parameters,
+    and the global gradient norm (f64) that the Rust step returns for logging."""
+
+    def __init__(self, model, cfg):
+        self.cfg = cfg
+        self.k = 0
+        self.slots = []
+        for name, p in sorted(model.named_parameters()):
+            m = torch.zeros_like(p).detach()
+            v = torch.zeros_like(p).detach()
+            self.slots.append((p, m, v, is_adapted(name, p)))
+
+    def zero_grad(self):
+        # tch's zero_grad zeroes each defined gradient in place (it does not drop it).
+        for p, _, _, _ in self.slots:
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self):
+        c = self.cfg
+        squares = [p.grad.norm().to(torch.float64).square() for p, _, _, _ in self.slots if p.grad is not None]
+        norm = torch.stack(squares, 0).sum(dtype=torch.float64).sqrt()
+        self.k += 1
+        b1, b2 = c["beta1"], c["beta2"]
+        for p, m, v, adapt in self.slots:
+            g = p.grad
+            if g is None:
+                continue
+            m.mul_(b1).add_(g * (1.0 - b1))
+            v.mul_(b2).add_(g.square() * (1.0 - b2))
+            m_hat = m / (1.0 - b1 ** self.k)
+            v_hat = v / (1.0 - b2 ** self.k)
+            update = m_hat / (v_hat.sqrt() + c["eps"])
+            if adapt:
+                if c["weight_decay"] != 0.0:
+                    update = update + p * c["weight_decay"]
+                w_norm = p.norm()
+                u_norm = update.norm()
+                both = w_norm.gt(0.0).logical_and(u_norm.gt(0.0))
+                ratio = torch.where(both, w_norm / u_norm, 1.0)
+                update = update * ratio
+            p.sub_(update * c["lr"])
+        return norm
+
+
+class Ema:
+    """ema.rs: w̄ ← lerp(w̄, w, 1 − d), d = min(decay, (1 + k)/(10 + k)) with warm-up."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.k = 0
+        self.pairs = [(p.detach().clone(), p) for _, p in sorted(model.named_parameters())]
+
+    @torch.no_grad()
+    def update(self):
+        d = min(self.decay, (1.0 + self.k) / (10.0 + self.k))
+        for avg, w in self.pairs:
+            avg.lerp_(w, 1.0 - d)
+        self.k += 1
+
+
+class Schedule:
+    """The Rust side's f64 tables (α, β, ᾱ, β̄, σ), index 0 the identity."""
+
+    def __init__(self, spec, device):
+        tables = spec["tables"]
+        f64 = dict(dtype=torch.float64, device=device)
+        self.alpha = torch.tensor(tables["alpha"], **f64)
+        self.beta = torch.tensor(tables["beta"], **f64)
+        self.alpha_bar = torch.tensor(tables["alpha_bar"], **f64)
+        self.beta_bar = torch.tensor(tables["beta_bar"], **f64)
+        self.sigma = torch.tensor(tables["sigma"], **f64)
+        self.t_max = len(tables["alpha"]) - 1
+
+
+def gather(table, t, like):
+    """schedule.rs's gather: table[t] as like's kind and device, shaped [B, 1, …, 1]."""
+    shape = [1] * max(like.dim(), 1)
+    shape[0] = t.shape[0]
+    return table.index_select(0, t.to(table.device)).to(like.dtype).to(like.device).view(shape)
+
+
+def ancestral_step(s, x, t, eps_hat, z):
+    b = gather(s.beta, t, x)
+    bb = gather(s.beta_bar, t, x)
+    a = gather(s.alpha, t, x)
+    sig = gather(s.sigma, t, x)
+    return (x - b.square() / bb * eps_hat) / a + sig * z
+
+
+def ddim_step(s, x, t, t_prev, eps_hat, eta, z):
+    bb = gather(s.beta_bar, t, x)
+    x0 = (x - bb * eps_hat) / gather(s.alpha_bar, t, x)
+    ab = gather(s.alpha_bar, t, x)
+    bb = gather(s.beta_bar, t, x)
+    ab_prev = gather(s.alpha_bar, t_prev, x)
+    bb_prev = gather(s.beta_bar, t_prev, x)
+    ratio = 1.0 - (ab / ab_prev).square()
+    sigma = bb_prev / bb * ratio.clamp_min(0.0).sqrt() * eta
+    keep = (bb_prev.square() - sigma.square()).clamp_min(0.0).sqrt()
+    return ab_prev * x0 + keep * eps_hat + sigma * z
+
+
+@torch.no_grad()
+def sample(model, s, pairs, eta, shape, device):
+    """sampler.rs's loop: x_T ~ N(0, I), one step per (τ, τ′), no final noise, clip the result."""
+    b = shape[0]
+    x = torch.randn(shape, dtype=torch.float32, device=device)
+    for t, t_prev in pairs:
+        t_vec = torch.full([b], t, dtype=torch.int64, device=device)
+        eps_hat = model(x, t_vec, False)
+        z = torch.randn(shape, dtype=torch.float32, device=device) if t_prev > 0 else torch.zeros(shape, dtype=torch.float32, device=device)
+        if eta is None:
+            x = ancestral_step(s, x, t_vec, eps_hat, z)
+        else:
+            prev = torch.full([b], t_prev, dtype=torch.int64, device=device)
+            x = ddim_step(s, x, t_vec, prev, eps_hat, eta, z)
+    return x.clamp(-1.0, 1.0)
+
+
+def read_hwm_bytes():
+    """Peak resident set size (VmHWM) of this process since the last reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_hwm():
+    """Resets VmHWM to the current RSS (Linux ≥ 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Worker:
+    def __init__(self, spec):
+        self.spec = spec
+        self.device = torch.device("cuda" if spec["device"] == "cuda" else "cpu")
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = spec["cudnn_benchmark"]
+        if spec.get("seed") is not None:
+            torch.manual_seed(spec["seed"])
+        self.bf16 = spec["precision"] == "bf16"
+        cfg = spec["model"]
+        self.cfg = cfg
+        self.model = UNet(cfg).to(self.device)
+        self.memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+        if spec["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.lamb = Lamb(self.model, spec["lamb"])
+        self.ema = Ema(self.model, spec["ema_decay"])
+        self.schedule = Schedule(spec, self.device)
+        size = cfg["image_size"]
+        self.image = [cfg["in_channels"], size, size]
+        batch = spec["train_batch"]
+        x0 = torch.rand([batch] + self.image, device=self.device) * 2.0 - 1.0
+        self.x0 = x0.contiguous(memory_format=self.memory_format)
+
+    def train_step(self):
+        x0 = self.x0
+        t = torch.randint(1, self.schedule.t_max + 1, [x0.shape[0]], dtype=torch.int64, device=self.device)
+        eps = torch.randn_like(x0)
+        x_t = gather(self.schedule.alpha_bar, t, x0) * x0 + gather(self.schedule.beta_bar, t, x0) * eps
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            eps_hat = self.model(x_t, t, True)
+            loss = (eps - eps_hat).square().sum(dim=list(range(1, eps.dim()))).mean()
+        self.lamb.zero_grad()
+        loss.backward()
+        self.lamb.step()
+        self.ema.update()
+
+    def run_sampler(self, pairs, eta, images):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return sample(self.model, self.schedule, pairs, eta, [images] + self.image, self.device)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def warm_up(self):
+        for _ in range(self.spec["warmup_steps"]):
+            self.train_step()
+        for images in {self.spec["strided_images"], self.spec["ancestral_images"]}:
+            if images > 0:
+                self.run_sampler(self.spec["warmup_pairs"], 1.0, images)
+        self.sync()
+
+    def phase(self, name):
+        s = self.spec
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        hwm_reset = reset_hwm()
+        self.sync()
+        start = time.perf_counter()
+        if name == "train":
+            for _ in range(s["train_steps"]):
+                self.train_step()
+            images = s["train_steps"] * s["train_batch"]
+        else:
+            if name == "strided":
+                self.run_sampler(s["strided_pairs"], 1.0, s["strided_images"])
+                images = s["strided_images"]
+            else:
+                self.run_sampler(s["ancestral_pairs"], None, s["ancestral_images"])
+                images = s["ancestral_images"]
+        self.sync()
+        seconds = time.perf_counter() - start
+        out = {
+            "phase": name,
+            "seconds": seconds,
+            "images": images,
+            "peak_rss_bytes": read_hwm_bytes(),
+            "rss_peak_is_per_phase": hwm_reset,
+        }
+        if self.device.type == "cuda":
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        return out
+
+    def ready(self):
+        params = list(self.model.named_parameters())
+        info = {
+            "ready": True,
+            "side": "pytorch",
+            "parameters": sum(p.numel() for _, p in params),
+            "adapted_parameters": sum(p.numel() for n, p in params if is_adapted(n, p)),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        }
+        if self.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(0)
+        return info
+
+
+def main():
+    spec = json.loads(sys.stdin.readline())
+    worker = Worker(spec)
+    worker.warm_up()
+    print(json.dumps(worker.ready()), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "quit":
+            break
+        if name not in ("train", "strided", "ancestral"):
+            print(json.dumps({"error": f"unknown phase {name!r}"}), flush=True)
+            continue
+        print(json.dumps(worker.phase(name)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
