@@ -1,1 +1,526 @@
-//! (to be written)
+//! The `ddpm` command line: `train`, `sample`, `eval`, `info`.
+
+use crate::checkpoint;
+use crate::config::{Config, LossWeight, PRESETS};
+use crate::data::folder::Channels;
+use crate::data::mnist;
+use crate::device::{torch_info, DeviceChoice};
+use crate::eval::{evaluate, EvalOptions};
+use crate::grid;
+use crate::sampler::Sampler;
+use crate::schedule::{Schedule, ScheduleKind};
+use crate::sigma::SigmaChoice;
+use crate::train::{build_model, train, TrainOptions};
+use crate::unet::TimeEmbedding;
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+
+/// DDPM as "an autoregressive VAE" (Su Jianlin), on libtorch: train, sample, evaluate.
+#[derive(Debug, Parser)]
+#[command(name = "ddpm", version, propagate_version = true)]
+pub struct Cli {
+    /// Where to compute: `auto` takes CUDA device 0 when libtorch sees one, else the CPU.
+    #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model; writes config.toml, metrics.jsonl, samples/ and checkpoints/ in --out.
+    Train(TrainArgs),
+    /// Draw samples from a checkpoint and write them as a PNG grid (and optionally one file each).
+    Sample(SampleArgs),
+    /// The negative ELBO (bits/dim) of a checkpoint on its run's held-out images.
+    Eval(EvalArgs),
+    /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
+    Info,
+}
+
+/// σ_t of the generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SigmaArg {
+    /// σ_t = β̄_{t−1} β_t / β̄_t (optimal for a single training image).
+    Posterior,
+    /// σ_t = β_t (optimal for standard-normal data; the article's sampler).
+    Beta,
+    /// Optimal for isotropic Gaussian data N(m, s² I); needs --data-std s.
+    Isotropic,
+}
+
+fn sigma_choice(arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaChoice> {
+    Ok(match (arg, data_std) {
+        (SigmaArg::Posterior, _) => SigmaChoice::Posterior,
+        (SigmaArg::Beta, _) => SigmaChoice::Beta,
+        (SigmaArg::Isotropic, Some(s)) => SigmaChoice::Isotropic { data_std: s },
+        (SigmaArg::Isotropic, None) => bail!(
+            "--sigma isotropic needs --data-std S (the data's per-dimension standard deviation)"
+        ),
+    })
+}
+
+/// `ddpm train`. Settings come from --preset (or --config FILE); each flag given overrides one.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base settings: `mnist` (embedded digits, a ~20-minute CPU run), `cifar32` or
+    /// `celeba128` (the article's CelebA-HQ setting; both need --data DIR).
+    #[arg(long, default_value = "mnist", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    pub preset: String,
+    /// A TOML or JSON file of settings (sections data, model, diffusion, train, sample; an
+    /// optional top-level `preset` key picks its base). Replaces --preset.
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// The run directory [default: runs/<preset>].
+    #[arg(long, visible_alias = "run-dir", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its newest intact checkpoint, exactly as if never
+    /// stopped; its saved settings are used, only --steps may change.
+    #[arg(long)]
+    pub resume: bool,
+    /// Train on this folder of PNG/JPEG images (centre-cropped and resized) instead of MNIST.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Image side; MNIST allows 28 (default) or 32 (padded) [default: the preset's].
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    /// Image colours for --data [default: the preset's].
+    #[arg(long, value_enum)]
+    pub channels: Option<Channels>,
+    /// Flip training images horizontally at random.
+    #[arg(long)]
+    pub flip: bool,
+    /// Images held out of training for `ddpm eval` [default: the preset's].
+    #[arg(long)]
+    pub holdout: Option<usize>,
+    /// Channels of the first U-Net level [default: the preset's].
+    #[arg(long)]
+    pub base_channels: Option<i64>,
+    /// How t enters the network [default: the preset's].
+    #[arg(long, value_enum)]
+    pub time_embedding: Option<TimeEmbedding>,
+    /// Noise schedule [default: the preset's, `article`].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    /// Number of diffusion steps T [default: 1000].
+    #[arg(long)]
+    pub t_max: Option<i64>,
+    /// Optimiser updates [default: the preset's].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per update [default: the preset's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// LAMB's base learning rate [default: 1e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Updates of linear learning-rate warm-up [default: the preset's].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Clip the global gradient norm to this [default: no clipping].
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// EMA decay of the weights [default: the preset's].
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// `none`: mean_B ‖ε − ε̂‖² (the article's training loss); `article`: loss (8) with its
+    /// exact weight for --loss-sigma [default: none].
+    #[arg(long, value_enum)]
+    pub loss_weight: Option<LossWeight>,
+    /// σ_t in loss (8)'s weight [default: beta].
+    #[arg(long, value_enum)]
+    pub loss_sigma: Option<SigmaArg>,
+    /// s for --loss-sigma isotropic.
+    #[arg(long)]
+    pub data_std: Option<f64>,
+    /// bfloat16 autocast on CUDA (ignored on the CPU).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Seed of everything random [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N updates (and at the end) [default: the preset's].
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// Keep the last K checkpoints [default: 3].
+    #[arg(long, value_name = "K")]
+    pub keep_last: Option<usize>,
+    /// Write a sample grid every N updates (and at the end; 0 = only at the end) [default:
+    /// the preset's].
+    #[arg(long, value_name = "N")]
+    pub sample_every: Option<u64>,
+    /// Skip batches whose loss is NaN or infinite instead of stopping.
+    #[arg(long)]
+    pub skip_nonfinite: bool,
+}
+
+impl TrainArgs {
+    /// The settings: the config file or preset, then each flag given. Returns the names of
+    /// the flags that changed something.
+    pub fn config(&self) -> anyhow::Result<(Config, Vec<&'static str>)> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::preset(&self.preset)?,
+        };
+        let mut set = Vec::new();
+        let mut note = |name: &'static str, given: bool| {
+            if given {
+                set.push(name);
+            }
+            given
+        };
+        if note("--data", self.data.is_some()) {
+            cfg.data.source = crate::config::DataSource::Folder;
+            cfg.data.path = self.data.clone();
+        }
+        if let Some(s) = self.image_size.filter(|_| note("--image-size", true)) {
+            cfg.model.image_size = s;
+        }
+        if let Some(c) = self.channels.filter(|_| note("--channels", true)) {
+            cfg.model.in_channels = c.count();
+        }
+        if note("--flip", self.flip) {
+            cfg.data.flip = true;
+        }
+        if let Some(h) = self.holdout.filter(|_| note("--holdout", true)) {
+            cfg.data.holdout = h;
+        }
+        if let Some(c) = self.base_channels.filter(|_| note("--base-channels", true)) {
+            cfg.model.base_channels = c;
+        }
+        if let Some(e) = self
+            .time_embedding
+            .filter(|_| note("--time-embedding", true))
+        {
+            cfg.model.time_embedding = e;
+        }
+        if let Some(s) = self.schedule.filter(|_| note("--schedule", true)) {
+            cfg.diffusion.schedule = s;
+        }
+        if let Some(t) = self.t_max.filter(|_| note("--t-max", true)) {
+            cfg.diffusion.t_max = t;
+            cfg.model.t_max = t;
+        }
+        if let Some(s) = self.steps.filter(|_| note("--steps", true)) {
+            // A preset's last decay point is its run length; keep it at the end of the run.
+            if let Some(last) = cfg
+                .train
+                .lr_decay
+                .last_mut()
+                .filter(|p| p.step == cfg.train.steps && s > cfg.train.warmup_steps)
+            {
+                last.step = s;
+            }
+            cfg.train.steps = s;
+        }
+        if let Some(b) = self.batch_size.filter(|_| note("--batch-size", true)) {
+            cfg.train.batch_size = b;
+        }
+        if let Some(lr) = self.lr.filter(|_| note("--lr", true)) {
+            cfg.train.lr = lr;
+        }
+        if let Some(w) = self.warmup.filter(|_| note("--warmup", true)) {
+            cfg.train.warmup_steps = w;
+        }
+        if note("--grad-clip", self.grad_clip.is_some()) {
+            cfg.train.grad_clip = self.grad_clip;
+        }
+        if let Some(d) = self.ema_decay.filter(|_| note("--ema-decay", true)) {
+            cfg.train.ema_decay = d;
+        }
+        if let Some(w) = self.loss_weight.filter(|_| note("--loss-weight", true)) {
+            cfg.train.loss_weight = w;
+        }
+        if let Some(s) = self.loss_sigma.filter(|_| note("--loss-sigma", true)) {
+            cfg.train.loss_sigma = sigma_choice(s, self.data_std)?;
+        }
+        if note("--bf16", self.bf16) {
+            cfg.train.bf16 = true;
+        }
+        if let Some(s) = self.seed.filter(|_| note("--seed", true)) {
+            cfg.train.seed = s;
+        }
+        if let Some(n) = self
+            .checkpoint_every
+            .filter(|_| note("--checkpoint-every", true))
+        {
+            cfg.train.checkpoint_every = n;
+        }
+        if let Some(k) = self.keep_last.filter(|_| note("--keep-last", true)) {
+            cfg.train.keep_last = k;
+        }
+        if let Some(n) = self.sample_every.filter(|_| note("--sample-every", true)) {
+            cfg.train.sample_every = n;
+        }
+        if note("--skip-nonfinite", self.skip_nonfinite) {
+            cfg.train.skip_nonfinite = true;
+        }
+        cfg.validate()?;
+        Ok((cfg, set))
+    }
+}
+
+/// `ddpm sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 36)]
+    pub n: usize,
+    /// The PNG grid to write.
+    #[arg(long, default_value = "samples.png", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also write each image as DIR/NNNNN.png.
+    #[arg(long, value_name = "DIR")]
+    pub each: Option<PathBuf>,
+    /// σ_t of the ancestral sampler [default: the run's sample.sigma].
+    #[arg(long, value_enum)]
+    pub sigma: Option<SigmaArg>,
+    /// s for --sigma isotropic (the data's per-dimension standard deviation).
+    #[arg(long)]
+    pub data_std: Option<f64>,
+    /// Visit only N of the T steps, evenly strided (needs --eta) [default: all T].
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+    /// Use DDIM with this η (0 deterministic, 1 strided DDPM) [default: the ancestral sampler].
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Clip x̂_0 to [−1, 1] at every step (true/false) [default: the run's sample.clip_each_step].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub clip_each_step: Option<bool>,
+    /// Seed of the sampler's noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Use the raw weights instead of their EMA.
+    #[arg(long)]
+    pub raw: bool,
+    /// Images per grid row [default: ceil(sqrt(n))].
+    #[arg(long)]
+    pub columns: Option<i64>,
+}
+
+/// `ddpm eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Evaluate only the first N held-out images [default: all].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// A quick estimate from K random t per image instead of all T (unbiased, noisier; the
+    /// output says so).
+    #[arg(long, value_name = "K")]
+    pub quick: Option<usize>,
+    /// σ_t of the generator [default: the run's sample.sigma].
+    #[arg(long, value_enum)]
+    pub sigma: Option<SigmaArg>,
+    /// s for --sigma isotropic.
+    #[arg(long)]
+    pub data_std: Option<f64>,
+    /// Use the raw weights instead of their EMA.
+    #[arg(long)]
+    pub raw: bool,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let progress = !cli.no_progress;
+    match cli.command {
+        Command::Info => info(cli.device),
+        Command::Train(args) => run_train(&args, cli.device, progress),
+        Command::Sample(args) => run_sample(&args, cli.device, progress),
+        Command::Eval(args) => {
+            let device = cli.device.resolve()?;
+            let opts = EvalOptions {
+                checkpoint: args.checkpoint.clone(),
+                device,
+                ema: !args.raw,
+                limit: args.limit,
+                batch_size: args.batch_size,
+                quick: args.quick,
+                sigma: args
+                    .sigma
+                    .map(|s| sigma_choice(s, args.data_std))
+                    .transpose()?,
+                seed: args.seed,
+                progress,
+            };
+            let report = evaluate(&opts)
+                .with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+fn info(choice: DeviceChoice) -> anyhow::Result<()> {
+    println!("ddpm {}", env!("CARGO_PKG_VERSION"));
+    println!("{}", torch_info());
+    match choice.resolve() {
+        Ok(d) => println!("device for --device {choice:?}: {d:?}"),
+        Err(e) => println!("device for --device {choice:?}: unavailable ({e})"),
+    }
+    let mnist = mnist::default_path();
+    let state = if mnist.exists() {
+        "present"
+    } else {
+        "MISSING: run scripts/bootstrap.sh"
+    };
+    println!("embedded MNIST-5k: {} ({state})", mnist.display());
+    Ok(())
+}
+
+fn run_train(args: &TrainArgs, device: DeviceChoice, progress: bool) -> anyhow::Result<()> {
+    let (cfg, set) = args.config()?;
+    if args.resume {
+        if let Some(flag) = set.iter().find(|f| **f != "--steps") {
+            bail!("--resume continues with the run's saved settings; {flag} cannot change them (only --steps can)");
+        }
+    }
+    let run_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&args.preset));
+    let opts = TrainOptions {
+        run_dir: run_dir.clone(),
+        device: device.resolve()?,
+        resume: args.resume,
+        progress,
+    };
+    tracing::info!(
+        "training on {:?}, run directory {}",
+        opts.device,
+        run_dir.display()
+    );
+    let summary = train(&cfg, &opts, args.steps)
+        .with_context(|| format!("training in {}", run_dir.display()))?;
+    println!(
+        "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}",
+        summary.steps,
+        summary.last_loss,
+        if summary.skipped > 0 {
+            format!(", {} batches skipped", summary.skipped)
+        } else {
+            String::new()
+        },
+        summary.checkpoint.display(),
+        summary.grid.display()
+    );
+    Ok(())
+}
+
+fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow::Result<()> {
+    if args.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let device = device.resolve()?;
+    let ckpt = checkpoint::open(&args.checkpoint)?;
+    let mut cfg = ckpt.manifest.config.clone();
+    if let Some(s) = args.sigma {
+        cfg.sample.sigma = sigma_choice(s, args.data_std)?;
+    }
+    if args.steps.is_some() {
+        cfg.sample.steps = args.steps;
+    }
+    if args.eta.is_some() {
+        cfg.sample.eta = args.eta;
+    }
+    if let Some(c) = args.clip_each_step {
+        cfg.sample.clip_each_step = c;
+    }
+    let (vs, net) = build_model(&cfg, device, cfg.train.seed)?;
+    ckpt.load_weights(&vs, !args.raw)?;
+    let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
+    let sampler = Sampler::new(&schedule, cfg.sampler(Some(args.seed)))?;
+    let bar = if progress {
+        indicatif::ProgressBar::new(sampler.steps().len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let [c, s, _] = cfg.image_shape();
+    tracing::info!(
+        "sampling {} images from {} (step {}) on {device:?}",
+        args.n,
+        ckpt.dir.display(),
+        ckpt.manifest.step
+    );
+    let images = sampler.sample_with(&net, &[args.n as i64, c, s, s], device, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    grid::save_grid(&images, &args.out, args.columns)?;
+    println!("wrote {}", args.out.display());
+    if let Some(dir) = &args.each {
+        grid::save_each(&images, dir)?;
+        println!("wrote {} images to {}", args.n, dir.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_flags_override_the_preset() {
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["ddpm", "train", "--steps", "30", "--lr", "0.002", "--bf16"])
+                .unwrap();
+        let Command::Train(args) = cli.command else {
+            panic!("not train")
+        };
+        let (cfg, set) = args.config().unwrap();
+        assert_eq!(
+            (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
+            (30, 0.002, true)
+        );
+        assert_eq!(
+            cfg.train.lr_decay.last().unwrap().step,
+            30,
+            "the decay end follows --steps"
+        );
+        assert_eq!(set, vec!["--steps", "--lr", "--bf16"]);
+        let cli = Cli::try_parse_from([
+            "ddpm",
+            "train",
+            "--loss-weight",
+            "article",
+            "--loss-sigma",
+            "posterior",
+        ])
+        .unwrap();
+        let Command::Train(args) = cli.command else {
+            panic!("not train")
+        };
+        assert!(args.config().unwrap_err().to_string().contains("posterior"));
+        assert!(Cli::try_parse_from(["ddpm", "train", "--preset", "imagenet"]).is_err());
+        assert!(Cli::try_parse_from([
+            "ddpm",
+            "sample",
+            "--sigma",
+            "isotropic",
+            "--clip-each-step"
+        ])
+        .is_ok());
+    }
+}
