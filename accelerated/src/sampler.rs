@@ -132,8 +132,8 @@ fn check_eta(eta: f64) -> Result<()> {
 pub struct SamplerConfig {
     /// σ_t of the ancestral sampler (unused by DDIM, whose σ comes from η).
     pub sigma: SigmaChoice,
-    /// Number of visited steps (strided, see `timesteps.rs`); `None` = all T. Fewer than T
-    /// needs DDIM (`eta`).
+    /// Number of visited steps (strided, see `timesteps.rs`); `None` = all T. With fewer than
+    /// T the ancestral sampler walks the respaced chain (`Schedule::respaced`), σ chosen on it.
     pub steps: Option<usize>,
     /// `None`: the article's ancestral sampler; `Some(η)`: DDIM with that η.
     pub eta: Option<f64>,
@@ -168,6 +168,8 @@ impl Default for SamplerConfig {
 pub struct Sampler {
     cfg: SamplerConfig,
     schedule: Schedule,
+    /// The chain the ancestral step walks: `schedule` itself for all T steps, else respaced.
+    chain: Schedule,
     sigma: Tensor,
     pairs: Vec<(i64, i64)>,
 }
@@ -179,18 +181,40 @@ impl Sampler {
         let n = cfg.steps.unwrap_or(t_max as usize);
         if let Some(eta) = cfg.eta {
             check_eta(eta)?;
-        } else if n as i64 != t_max {
-            return Err(DdpmError::InvalidArgument(format!(
-                "the ancestral sampler visits all T = {t_max} steps; for {n} steps use DDIM (eta = 1 is strided DDPM)"
-            )));
         }
-        let pairs = step_pairs(&strided(t_max, n)?);
+        let visited = strided(t_max, n)?;
+        let chain = if n as i64 == t_max {
+            schedule.clone()
+        } else {
+            schedule.respaced(&visited)?
+        };
         Ok(Sampler {
-            sigma: cfg.sigma.table(schedule)?,
+            sigma: cfg.sigma.table(&chain)?,
             cfg,
             schedule: schedule.clone(),
-            pairs,
+            chain,
+            pairs: step_pairs(&visited),
         })
+    }
+
+    /// [`Sampler::new`] with an explicit σ table in place of `cfg.sigma`'s, e.g. σ_t estimated
+    /// from a trained network: one entry per step of the walked chain plus σ_0 = 0, so T+1
+    /// entries for all T steps and n+1 for `steps = Some(n)` (indexed by the respaced k).
+    pub fn with_sigma_table(
+        schedule: &Schedule,
+        cfg: SamplerConfig,
+        sigma: &Tensor,
+    ) -> Result<Sampler> {
+        let mut sampler = Sampler::new(schedule, cfg)?;
+        let len = sampler.chain.t_max() + 1;
+        if sigma.size() != [len] {
+            return Err(DdpmError::Shape(format!(
+                "the σ table must have one entry per visited step plus σ_0, {len} in all, got {:?}",
+                sigma.size()
+            )));
+        }
+        sampler.sigma = sigma.to_kind(Kind::Double).to_device(schedule.device());
+        Ok(sampler)
     }
 
     /// The (τ, τ′) steps walked, from (T, ·) down to (·, 0).
@@ -227,6 +251,7 @@ impl Sampler {
             tch::manual_seed(seed);
         }
         let schedule = self.schedule.to_device(device);
+        let chain = self.chain.to_device(device);
         let sigma = self.sigma.to_device(device);
         let b = shape[0];
         let opts = (Kind::Float, device);
@@ -235,6 +260,8 @@ impl Sampler {
             let total = self.pairs.len();
             for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
                 let t_vec = Tensor::full([b], t, (Kind::Int64, device));
+                // The ancestral step's index in `chain`: k = n − i (equal to t for all T steps).
+                let k_vec = Tensor::full([b], (total - i) as i64, (Kind::Int64, device));
                 let eps_hat = model.predict(&x, &t_vec);
                 let z = if t_prev > 0 || self.cfg.final_noise {
                     Tensor::randn(shape, opts)
@@ -242,9 +269,9 @@ impl Sampler {
                     Tensor::zeros(shape, opts)
                 };
                 x = match (self.cfg.eta, self.cfg.clip_each_step) {
-                    (None, false) => ancestral_step(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?,
+                    (None, false) => ancestral_step(&chain, &x, &k_vec, &eps_hat, &sigma, &z)?,
                     (None, true) => {
-                        ancestral_step_clipped(&schedule, &x, &t_vec, &eps_hat, &sigma, &z)?
+                        ancestral_step_clipped(&chain, &x, &k_vec, &eps_hat, &sigma, &z)?
                     }
                     (Some(eta), clip) => {
                         let prev = Tensor::full([b], t_prev, (Kind::Int64, device));
@@ -376,14 +403,52 @@ mod tests {
                 (1, 0)
             ]
         );
-        assert!(Sampler::new(
-            &s,
-            SamplerConfig {
-                steps: Some(5),
-                ..cfg
-            }
-        )
-        .is_err());
+    }
+
+    /// Strided DDPM two ways: the ancestral step on the respaced chain with the posterior σ, and
+    /// DDIM with η = 1, are the same formula; in f64 with the same noise they must agree.
+    #[test]
+    fn respaced_posterior_step_equals_ddim_eta_one() {
+        let _rng = rng_lock();
+        let s = Schedule::new(ScheduleKind::Cosine, 50, Device::Cpu).unwrap();
+        let visited = crate::timesteps::strided(50, 7).unwrap();
+        let chain = s.respaced(&visited).unwrap();
+        let sigma = SigmaChoice::Posterior.table(&chain).unwrap();
+        for (i, &(t, t_prev)) in step_pairs(&visited).iter().enumerate() {
+            let (x, eps_hat, z) = (randn(&[4, 3]), randn(&[4, 3]), randn(&[4, 3]));
+            let k = Tensor::full([4], (visited.len() - i) as i64, (Kind::Int64, Device::Cpu));
+            let (tv, pv) = (
+                Tensor::full([4], t, (Kind::Int64, Device::Cpu)),
+                Tensor::full([4], t_prev, (Kind::Int64, Device::Cpu)),
+            );
+            let a = ancestral_step(&chain, &x, &k, &eps_hat, &sigma, &z).unwrap();
+            let b = ddim_step(&s, &x, &tv, &pv, &eps_hat, 1.0, &z).unwrap();
+            assert!(
+                max_diff(&a, &b) < 1e-9,
+                "step {t} -> {t_prev}: {}",
+                max_diff(&a, &b)
+            );
+        }
+    }
+
+    #[test]
+    fn respaced_chain_keeps_alpha_bar_at_visited_steps() {
+        let s = Schedule::new(ScheduleKind::Article, 30, Device::Cpu).unwrap();
+        let visited = crate::timesteps::strided(30, 4).unwrap();
+        let r = s.respaced(&visited).unwrap();
+        for (k, &tau) in visited.iter().rev().enumerate() {
+            let (a, b) = (
+                r.alpha_bar().double_value(&[k as i64 + 1]),
+                s.alpha_bar().double_value(&[tau]),
+            );
+            assert!((a - b).abs() < 1e-14, "k = {}: {a} vs {b}", k + 1);
+        }
+        let full = s
+            .respaced(&crate::timesteps::strided(30, 30).unwrap())
+            .unwrap();
+        assert!(max_diff(full.alpha(), s.alpha()) < 1e-14);
+        assert!(s.respaced(&[3, 5]).is_err());
+        assert!(s.respaced(&[31]).is_err());
     }
 
     /// τ_i of `strided(t_max, n)`, i counted from 0 at τ = 1.

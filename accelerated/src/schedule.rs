@@ -129,6 +129,29 @@ impl Schedule {
         }
     }
 
+    /// The sub-chain over visited steps τ_n > … > τ_1 (descending, as `timesteps::strided`
+    /// gives them): its step k has α_k = ᾱ_{τ_k}/ᾱ_{τ_{k−1}} (τ_0 = 0), so its ᾱ_k = ᾱ_{τ_k}
+    /// and every σ choice and ancestral step applies to it unchanged (strided DDPM).
+    pub fn respaced(&self, visited: &[i64]) -> Result<Schedule> {
+        let ascending_ok = visited.windows(2).all(|w| w[0] > w[1]);
+        let in_range = visited.iter().all(|&t| (1..=self.t_max).contains(&t));
+        if visited.is_empty() || !ascending_ok || !in_range {
+            return Err(DdpmError::InvalidArgument(format!(
+                "visited steps must be distinct, descending and within 1..={}, got {visited:?}",
+                self.t_max
+            )));
+        }
+        let mut tau: Vec<i64> = visited.iter().rev().copied().collect();
+        tau.insert(0, 0);
+        let index = Tensor::from_slice(&tau).to_device(self.device());
+        let log_ab = self.alpha_bar.index_select(0, &index).log();
+        let n = visited.len() as i64;
+        let log_alpha = log_ab.narrow(0, 1, n) - log_ab.narrow(0, 0, n);
+        // β_k = sqrt(1 − α_k²) = sqrt(−expm1(2 ln α_k)) keeps its digits when α_k ≈ 1.
+        let beta = (&log_alpha * 2.0).expm1().neg().sqrt();
+        Ok(Self::from_log_alpha(log_alpha, beta, n))
+    }
+
     /// T, the number of steps.
     pub fn t_max(&self) -> i64 {
         self.t_max
