@@ -4,7 +4,10 @@ use std::f64::consts::TAU;
 /// ln N(x; m, v I) for each row of `x` (m of the same shape), v > 0 the variance.
 pub fn log_density(x: &Array2<f64>, m: &Array2<f64>, var: f64) -> Array1<f64> {
     let d = x.ncols() as f64;
-    (x - m).mapv(|r| r * r).sum_axis(Axis(1)).mapv(|sq| -0.5 * (sq / var + d * (TAU * var).ln()))
+    (x - m)
+        .mapv(|r| r * r)
+        .sum_axis(Axis(1))
+        .mapv(|sq| -0.5 * (sq / var + d * (TAU * var).ln()))
 }
 
 /// The 1-D density N(x; m, v).

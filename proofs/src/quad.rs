@@ -19,7 +19,10 @@ impl Rule {
 
 /// Trapezoid rule with `n ≥ 2` equally spaced nodes on [a, b].
 pub fn trapezoid(a: f64, b: f64, n: usize) -> Rule {
-    assert!(n >= 2 && b > a, "a trapezoid rule needs n >= 2 nodes on a non-empty interval");
+    assert!(
+        n >= 2 && b > a,
+        "a trapezoid rule needs n >= 2 nodes on a non-empty interval"
+    );
     let h = (b - a) / (n - 1) as f64;
     let nodes = Array1::linspace(a, b, n);
     let mut weights = Array1::from_elem(n, h);
@@ -37,5 +40,8 @@ pub fn standard_normal_rule(half_width: f64, h: f64) -> Rule {
     let n = (2.0 * half_width / h).round() as usize + 1;
     let plain = trapezoid(-half_width, half_width, n);
     let density = plain.nodes.mapv(|u| (-0.5 * u * u).exp() / TAU.sqrt());
-    Rule { weights: plain.weights * density, nodes: plain.nodes }
+    Rule {
+        weights: plain.weights * density,
+        nodes: plain.nodes,
+    }
 }

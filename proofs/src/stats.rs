@@ -16,7 +16,11 @@ pub fn estimate(samples: ArrayView1<f64>) -> Estimate {
     let n = samples.len() as f64;
     let mean = samples.sum() / n;
     let var = samples.mapv(|x| (x - mean).powi(2)).sum() / (n - 1.0);
-    Estimate { mean, se: (var / n).sqrt(), var }
+    Estimate {
+        mean,
+        se: (var / n).sqrt(),
+        var,
+    }
 }
 
 /// One-sample Kolmogorov–Smirnov statistic D = sup |F_n − F| of `samples` against `cdf`.

@@ -23,11 +23,24 @@ fn predictor(x: &Array2<f64>, t: usize) -> Array2<f64> {
 
 /// The generator's mean μ(x_t) from the reference's sampler step without noise.
 fn generator_mean(schedule: &Schedule, xt: &Array2<f64>, t: usize) -> Array2<f64> {
-    ancestral_step(schedule, xt, t, &predictor(xt, t), 0.0, &Array2::zeros(xt.raw_dim())).unwrap()
+    ancestral_step(
+        schedule,
+        xt,
+        t,
+        &predictor(xt, t),
+        0.0,
+        &Array2::zeros(xt.raw_dim()),
+    )
+    .unwrap()
 }
 
 fn data_law() -> Law {
-    Law::gaussian_mixture(array![0.3, 0.7], array![[-0.6, 0.4], [0.5, -0.2]], array![0.25, 0.1]).unwrap()
+    Law::gaussian_mixture(
+        array![0.3, 0.7],
+        array![[-0.6, 0.4], [0.5, -0.2]],
+        array![0.25, 0.1],
+    )
+    .unwrap()
 }
 
 #[test]
@@ -38,9 +51,14 @@ fn joint_kl_by_simulation_equals_entropy_plus_bound_terms() {
     // Their expectations agree (the decoder term −ln q(x_0|x_1) and ln p̃(x_0) are common to both
     // sides and left out). Paired per chain; |mean difference| < 4 standard errors.
     let mut rng = StdRng::seed_from_u64(111);
-    let random: Vec<f64> = (0..50).map(|_| rng.random_range(0.6f64..0.99).sqrt()).collect();
+    let random: Vec<f64> = (0..50)
+        .map(|_| rng.random_range(0.6f64..0.99).sqrt())
+        .collect();
     let law = data_law();
-    for (schedule, n) in [(Schedule::from_alphas(&random).unwrap(), 20000), (Schedule::new(ScheduleKind::Article, 1000).unwrap(), 4000)] {
+    for (schedule, n) in [
+        (Schedule::from_alphas(&random).unwrap(), 20000),
+        (Schedule::new(ScheduleKind::Article, 1000).unwrap(), 4000),
+    ] {
         let t_max = schedule.t_max();
         let x0 = law.sample(n, &mut rng).unwrap();
         let mut by_density = Array1::<f64>::zeros(n);
@@ -80,14 +98,21 @@ fn per_step_cross_entropy_equals_posterior_kl_plus_entropy() {
     for t in [2, 30, 400, 1000] {
         let x0 = law.sample(n, &mut rng).unwrap();
         let (ab_prev, bb_prev) = (schedule.alpha_bars()[t - 1], schedule.beta_bars()[t - 1]);
-        let x_prev = &x0 * ab_prev + ddpm_reference::marginal::standard_normal(n, 2, &mut rng) * bb_prev;
+        let x_prev =
+            &x0 * ab_prev + ddpm_reference::marginal::standard_normal(n, 2, &mut rng) * bb_prev;
         let (xt, _) = forward_step(&schedule, &x_prev, t, &mut rng);
         let sig = sigma(&schedule, SigmaChoice::Beta, t).unwrap() * 1.3;
         let cross_entropy = -log_density(&x_prev, &generator_mean(&schedule, &xt, t), sig * sig);
         let post_var = posterior::std(&schedule, t).unwrap().powi(2);
         let entropy = (TAU * E * post_var).ln(); // d/2 · ln(2πe σ̃²) with d = 2
-        let kl = transition_term(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap() + entropy;
+        let kl =
+            transition_term(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap() + entropy;
         let diff = estimate((&cross_entropy - &kl).view());
-        assert!(diff.mean.abs() < 4.0 * diff.se, "t = {t}: cross-entropy − (KL + entropy) = {} (se {})", diff.mean, diff.se);
+        assert!(
+            diff.mean.abs() < 4.0 * diff.se,
+            "t = {t}: cross-entropy − (KL + entropy) = {} (se {})",
+            diff.mean,
+            diff.se
+        );
     }
 }

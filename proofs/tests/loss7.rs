@@ -16,9 +16,14 @@ use std::f64::consts::TAU;
 #[test]
 fn loss7_is_twice_the_generator_cross_entropy() {
     let mut rng = StdRng::seed_from_u64(61);
-    let random: Vec<f64> = (0..20).map(|_| rng.random_range(0.5f64..0.999).sqrt()).collect();
+    let random: Vec<f64> = (0..20)
+        .map(|_| rng.random_range(0.5f64..0.999).sqrt())
+        .collect();
     let cases = [
-        (Schedule::new(ScheduleKind::Article, 1000).unwrap(), vec![1, 2, 400, 1000]),
+        (
+            Schedule::new(ScheduleKind::Article, 1000).unwrap(),
+            vec![1, 2, 400, 1000],
+        ),
         (Schedule::from_alphas(&random).unwrap(), vec![1, 7, 20]),
     ];
     let predictor = |x: &Array2<f64>, t: usize| x.mapv(|v| (v * 0.9).tanh() + 0.01 * t as f64);
@@ -33,12 +38,24 @@ fn loss7_is_twice_the_generator_cross_entropy() {
             let mut step_rng = StdRng::seed_from_u64(t as u64);
             let (xt, eps_t) = forward_step(&schedule, &x_prev, t, &mut step_rng);
             // The generator's mean: the reference's ancestral step without noise.
-            let mu = ancestral_step(&schedule, &xt, t, &predictor(&xt, t), 0.0, &Array2::zeros(xt.raw_dim())).unwrap();
+            let mu = ancestral_step(
+                &schedule,
+                &xt,
+                t,
+                &predictor(&xt, t),
+                0.0,
+                &Array2::zeros(xt.raw_dim()),
+            )
+            .unwrap();
             let cross_entropy = -log_density(&x_prev, &mu, sig * sig).mean().unwrap();
             let from_density = 2.0 * cross_entropy - d as f64 * (TAU * sig * sig).ln();
-            let l7 = loss7_with_noise(&schedule, &x0, &eps_bar_prev, &eps_t, t, sig, predictor).unwrap();
+            let l7 =
+                loss7_with_noise(&schedule, &x0, &eps_bar_prev, &eps_t, t, sig, predictor).unwrap();
             // Same noise on both sides: equal up to rounding.
-            assert!((from_density - l7).abs() < 1e-9 * l7.abs().max(1.0), "t = {t}: {from_density} vs (7) = {l7}");
+            assert!(
+                (from_density - l7).abs() < 1e-9 * l7.abs().max(1.0),
+                "t = {t}: {from_density} vs (7) = {l7}"
+            );
         }
     }
 }

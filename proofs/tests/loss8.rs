@@ -2,7 +2,9 @@
 //! θ-independent constant d·β_t² β̄_{t−1}²/(σ_t² β̄_t²) between them, and why (8) has lower variance.
 
 use ddpm_proofs::stats::{estimate, Estimate};
-use ddpm_reference::loss::{constant_7_minus_8, loss7_monte_carlo, loss7_with_noise, loss8_weighted, weight};
+use ddpm_reference::loss::{
+    constant_7_minus_8, loss7_monte_carlo, loss7_with_noise, loss8_weighted, weight,
+};
 use ddpm_reference::marginal::standard_normal;
 use ddpm_reference::sigma::{sigma, SigmaChoice};
 use ddpm_reference::{Schedule, ScheduleKind};
@@ -36,11 +38,25 @@ fn batched(k: usize, mut batch: impl FnMut() -> f64) -> Estimate {
 #[test]
 fn loss7_minus_loss8_is_the_constant() {
     let mut rng = StdRng::seed_from_u64(41);
-    let random: Vec<f64> = (0..60).map(|_| rng.random_range(0.6f64..0.999).sqrt()).collect();
+    let random: Vec<f64> = (0..60)
+        .map(|_| rng.random_range(0.6f64..0.999).sqrt())
+        .collect();
     let cases = [
-        (Schedule::new(ScheduleKind::Article, 1000).unwrap(), vec![1, 2, 137, 900], 3),
-        (Schedule::from_alphas(&random).unwrap(), vec![1, 5, 31, 60], 1),
-        (Schedule::new(ScheduleKind::Linear, 200).unwrap(), vec![3, 100], 8),
+        (
+            Schedule::new(ScheduleKind::Article, 1000).unwrap(),
+            vec![1, 2, 137, 900],
+            3,
+        ),
+        (
+            Schedule::from_alphas(&random).unwrap(),
+            vec![1, 5, 31, 60],
+            1,
+        ),
+        (
+            Schedule::new(ScheduleKind::Linear, 200).unwrap(),
+            vec![3, 100],
+            8,
+        ),
     ];
     let (k, n) = (40, 1000);
     for (schedule, ts, d) in cases {
@@ -81,8 +97,12 @@ fn loss8_is_loss7_averaged_over_the_rotated_noise() {
     let mut rng = StdRng::seed_from_u64(43);
     let (m, d, k) = (5, 4, 4000);
     for t in [2, 50, 700] {
-        let (a, b, bb, bb_prev) =
-            (schedule.alphas()[t], schedule.betas()[t], schedule.beta_bars()[t], schedule.beta_bars()[t - 1]);
+        let (a, b, bb, bb_prev) = (
+            schedule.alphas()[t],
+            schedule.betas()[t],
+            schedule.beta_bars()[t],
+            schedule.beta_bars()[t - 1],
+        );
         let (c, s) = (a * bb_prev / bb, b / bb);
         let sig = sigma(&schedule, SigmaChoice::Beta, t).unwrap();
         for (name, predictor) in predictors() {
@@ -122,24 +142,47 @@ fn loss8_variance_is_lower_by_the_stated_excess() {
     let mut rng = StdRng::seed_from_u64(47);
     let (n, d) = (20000, 2);
     for t in [10, 300, 1000] {
-        let (a, b, bb, bb_prev) =
-            (schedule.alphas()[t], schedule.betas()[t], schedule.beta_bars()[t], schedule.beta_bars()[t - 1]);
+        let (a, b, bb, bb_prev) = (
+            schedule.alphas()[t],
+            schedule.betas()[t],
+            schedule.beta_bars()[t],
+            schedule.beta_bars()[t - 1],
+        );
         let sig = sigma(&schedule, SigmaChoice::Posterior, t).unwrap();
         let w = weight(&schedule, t, sig).unwrap();
         let (scale, bcoef) = (b * b / (a * a * sig * sig), a * bb_prev / bb);
         for (name, predictor) in predictors() {
             let x0 = standard_normal(n, d, &mut rng) * 0.5;
-            let (e1, e2, eps) =
-                (standard_normal(n, d, &mut rng), standard_normal(n, d, &mut rng), standard_normal(n, d, &mut rng));
+            let (e1, e2, eps) = (
+                standard_normal(n, d, &mut rng),
+                standard_normal(n, d, &mut rng),
+                standard_normal(n, d, &mut rng),
+            );
             let f7 = per_row(n, |i| {
                 let r = s![i..i + 1, ..];
-                loss7_with_noise(&schedule, &x0.slice(r).to_owned(), &e1.slice(r).to_owned(), &e2.slice(r).to_owned(), t, sig, predictor)
-                    .unwrap()
+                loss7_with_noise(
+                    &schedule,
+                    &x0.slice(r).to_owned(),
+                    &e1.slice(r).to_owned(),
+                    &e2.slice(r).to_owned(),
+                    t,
+                    sig,
+                    predictor,
+                )
+                .unwrap()
             });
             let x0_8 = standard_normal(n, d, &mut rng) * 0.5;
             let f8 = per_row(n, |i| {
                 let r = s![i..i + 1, ..];
-                loss8_weighted(&schedule, &x0_8.slice(r).to_owned(), &eps.slice(r).to_owned(), t, sig, predictor).unwrap()
+                loss8_weighted(
+                    &schedule,
+                    &x0_8.slice(r).to_owned(),
+                    &eps.slice(r).to_owned(),
+                    t,
+                    sig,
+                    predictor,
+                )
+                .unwrap()
             });
             let var_of = |f: &Array1<f64>| {
                 let m = f.mean().unwrap();
@@ -147,8 +190,18 @@ fn loss8_variance_is_lower_by_the_stated_excess() {
             };
             let (v7, v8) = (var_of(&f7), var_of(&f8));
             let a_sq = f8.mapv(|f| (b / bb).powi(2) * f / w);
-            let excess = estimate(a_sq.mapv(|q| scale * scale * (4.0 * bcoef * bcoef * q + 2.0 * bcoef.powi(4) * d as f64)).view());
-            assert!(v7.mean > v8.mean, "t = {t}, {name}: Var(7) = {} not above Var(8) = {}", v7.mean, v8.mean);
+            let excess = estimate(
+                a_sq.mapv(|q| {
+                    scale * scale * (4.0 * bcoef * bcoef * q + 2.0 * bcoef.powi(4) * d as f64)
+                })
+                .view(),
+            );
+            assert!(
+                v7.mean > v8.mean,
+                "t = {t}, {name}: Var(7) = {} not above Var(8) = {}",
+                v7.mean,
+                v8.mean
+            );
             let se = v7.se.hypot(v8.se).hypot(excess.se);
             assert!(
                 (v7.mean - v8.mean - excess.mean).abs() < 4.0 * se,

@@ -17,8 +17,16 @@ type Components = Vec<(f64, f64, f64)>;
 
 fn laws_1d() -> Vec<(&'static str, Law, Components)> {
     vec![
-        ("dirac", Law::dirac(array![0.4]).unwrap(), vec![(1.0, 0.4, 0.0)]),
-        ("standard normal", Law::standard_normal(1).unwrap(), vec![(1.0, 0.0, 1.0)]),
+        (
+            "dirac",
+            Law::dirac(array![0.4]).unwrap(),
+            vec![(1.0, 0.4, 0.0)],
+        ),
+        (
+            "standard normal",
+            Law::standard_normal(1).unwrap(),
+            vec![(1.0, 0.0, 1.0)],
+        ),
         (
             "finite set",
             Law::finite_set(array![[-0.8], [0.1], [0.7]], array![1.0, 2.0, 1.0]).unwrap(),
@@ -31,7 +39,8 @@ fn laws_1d() -> Vec<(&'static str, Law, Components)> {
         ),
         (
             "mixture",
-            Law::gaussian_mixture(array![0.3, 0.7], array![[-0.5], [0.6]], array![0.2, 0.1]).unwrap(),
+            Law::gaussian_mixture(array![0.3, 0.7], array![[-0.5], [0.6]], array![0.2, 0.1])
+                .unwrap(),
             vec![(0.3, -0.5, 0.2), (0.7, 0.6, 0.1)],
         ),
     ]
@@ -50,9 +59,14 @@ fn eps_by_bayes(components: &Components, ab: f64, bb: f64, xt: f64) -> f64 {
             // Cover the prior and the likelihood in x_0 (centre x_t/ᾱ, width β̄/ᾱ) at 1/30 of
             // the narrower width.
             let (c, wl) = (xt / ab, bb / ab);
-            let (lo, hi) = ((m - 12.0 * s).min(c - 12.0 * wl), (m + 12.0 * s).max(c + 12.0 * wl));
+            let (lo, hi) = (
+                (m - 12.0 * s).min(c - 12.0 * wl),
+                (m + 12.0 * s).max(c + 12.0 * wl),
+            );
             let rule = trapezoid(lo, hi, ((hi - lo) / (s.min(wl) / 30.0)) as usize + 2);
-            let lik = rule.nodes.mapv(|x0| w * density_1d(x0, m, s * s) * density_1d(xt, ab * x0, bb * bb));
+            let lik = rule
+                .nodes
+                .mapv(|x0| w * density_1d(x0, m, s * s) * density_1d(xt, ab * x0, bb * bb));
             num += rule.integrate(&(&lik * &rule.nodes.mapv(|x0| (xt - ab * x0) / bb)));
             den += rule.integrate(&lik);
         }
@@ -63,9 +77,14 @@ fn eps_by_bayes(components: &Components, ab: f64, bb: f64, xt: f64) -> f64 {
 #[test]
 fn oracle_matches_bayes_by_quadrature() {
     let mut rng = StdRng::seed_from_u64(71);
-    let random: Vec<f64> = (0..12).map(|_| rng.random_range(0.4f64..0.99).sqrt()).collect();
+    let random: Vec<f64> = (0..12)
+        .map(|_| rng.random_range(0.4f64..0.99).sqrt())
+        .collect();
     let cases = [
-        (Schedule::new(ScheduleKind::Article, 1000).unwrap(), vec![1, 10, 300, 1000]),
+        (
+            Schedule::new(ScheduleKind::Article, 1000).unwrap(),
+            vec![1, 10, 300, 1000],
+        ),
         (Schedule::from_alphas(&random).unwrap(), vec![1, 4, 12]),
     ];
     for (name, law, components) in laws_1d() {
@@ -74,11 +93,15 @@ fn oracle_matches_bayes_by_quadrature() {
                 let (ab, bb) = (schedule.alpha_bars()[t], schedule.beta_bars()[t]);
                 // x_t drawn from its own marginal, so every point is where the oracle is used.
                 let x0 = law.sample(7, &mut rng).unwrap();
-                let xt = sample_with_noise(schedule, &x0, t, &standard_normal(7, 1, &mut rng)).unwrap();
+                let xt =
+                    sample_with_noise(schedule, &x0, t, &standard_normal(7, 1, &mut rng)).unwrap();
                 let oracle = law.optimal_eps(schedule, &xt, t).unwrap();
                 for (&x, &o) in xt.iter().zip(oracle.iter()) {
                     let bayes = eps_by_bayes(&components, ab, bb, x);
-                    assert!((o - bayes).abs() < 1e-8 * bayes.abs().max(1.0), "{name}, t = {t}, x_t = {x}: oracle {o} vs Bayes {bayes}");
+                    assert!(
+                        (o - bayes).abs() < 1e-8 * bayes.abs().max(1.0),
+                        "{name}, t = {t}, x_t = {x}: oracle {o} vs Bayes {bayes}"
+                    );
                 }
             }
         }
@@ -90,13 +113,28 @@ fn laws_2d() -> Vec<(&'static str, Law)> {
     vec![
         ("dirac", Law::dirac(array![0.5, -0.25]).unwrap()),
         ("standard normal", Law::standard_normal(2).unwrap()),
-        ("finite set", Law::finite_set(array![[-1.0, 1.0], [0.5, 0.5], [0.2, -0.9]], array![0.2, 0.5, 0.3]).unwrap()),
+        (
+            "finite set",
+            Law::finite_set(
+                array![[-1.0, 1.0], [0.5, 0.5], [0.2, -0.9]],
+                array![0.2, 0.5, 0.3],
+            )
+            .unwrap(),
+        ),
         (
             "mixture",
-            Law::gaussian_mixture(array![0.5, 0.5], array![[-0.6, 0.0], [0.6, 0.3]], array![0.3, 0.15]).unwrap(),
+            Law::gaussian_mixture(
+                array![0.5, 0.5],
+                array![[-0.6, 0.0], [0.6, 0.3]],
+                array![0.3, 0.15],
+            )
+            .unwrap(),
         ),
     ]
 }
+
+/// A direction h(x_t) in which to move the oracle.
+type Perturbation = fn(&Array2<f64>) -> Array2<f64>;
 
 #[test]
 fn oracle_beats_every_perturbation() {
@@ -105,8 +143,10 @@ fn oracle_beats_every_perturbation() {
     // difference minus δ²‖h‖² (both per batch) must be within 4 standard errors of 0.
     let schedule = Schedule::new(ScheduleKind::Article, 1000).unwrap();
     let mut rng = StdRng::seed_from_u64(73);
-    let perturbations: Vec<(&str, fn(&Array2<f64>) -> Array2<f64>)> = vec![
-        ("constant", |x| Array2::from_shape_fn(x.raw_dim(), |(_, j)| if j == 0 { 1.0 } else { -0.5 })),
+    let perturbations: Vec<(&str, Perturbation)> = vec![
+        ("constant", |x| {
+            Array2::from_shape_fn(x.raw_dim(), |(_, j)| if j == 0 { 1.0 } else { -0.5 })
+        }),
         ("sine", |x| x.mapv(|v| (3.0 * v).sin())),
         ("coupled", |x| {
             let s = x.sum_axis(Axis(1)).insert_axis(Axis(1));
@@ -123,9 +163,14 @@ fn oracle_beats_every_perturbation() {
                     for _ in 0..k {
                         let x0 = law.sample(n, &mut rng).unwrap();
                         let eps = standard_normal(n, 2, &mut rng);
-                        let best = loss8(&schedule, &x0, &eps, t, |x, t| law.optimal_eps(&schedule, x, t).unwrap()).unwrap();
-                        let worse =
-                            loss8(&schedule, &x0, &eps, t, |x, t| law.optimal_eps(&schedule, x, t).unwrap() + h(x) * delta).unwrap();
+                        let best = loss8(&schedule, &x0, &eps, t, |x, t| {
+                            law.optimal_eps(&schedule, x, t).unwrap()
+                        })
+                        .unwrap();
+                        let worse = loss8(&schedule, &x0, &eps, t, |x, t| {
+                            law.optimal_eps(&schedule, x, t).unwrap() + h(x) * delta
+                        })
+                        .unwrap();
                         let xt = sample_with_noise(&schedule, &x0, t, &eps).unwrap();
                         let h_sq = h(&xt).mapv(|v| v * v).sum() / n as f64;
                         excess.push(worse - best);
@@ -134,8 +179,17 @@ fn oracle_beats_every_perturbation() {
                     let e = estimate(Array1::from(excess).view());
                     let dev = estimate(Array1::from(deviation).view());
                     let what = format!("{law_name}, t = {t}, h = {h_name}, δ = {delta}");
-                    assert!(e.mean > 0.0, "{what}: the perturbation improved the loss by {}", -e.mean);
-                    assert!(dev.mean.abs() < 4.0 * dev.se.max(1e-15), "{what}: cross term {} (se {})", dev.mean, dev.se);
+                    assert!(
+                        e.mean > 0.0,
+                        "{what}: the perturbation improved the loss by {}",
+                        -e.mean
+                    );
+                    assert!(
+                        dev.mean.abs() < 4.0 * dev.se.max(1e-15),
+                        "{what}: cross term {} (se {})",
+                        dev.mean,
+                        dev.se
+                    );
                 }
             }
         }
@@ -151,10 +205,18 @@ fn minimum_loss_matches_closed_form() {
     let (k, n, d) = (40, 2500, 3);
     let (m, s) = (0.2, 0.6);
     let gaussian = Law::gaussian_mixture(array![1.0], array![[m, -m, 0.0]], array![s]).unwrap();
-    let mixture = Law::gaussian_mixture(array![0.4, 0.6], array![[-0.5, 0.0, 0.5], [0.5, 0.2, -0.3]], array![0.2, 0.4]).unwrap();
+    let mixture = Law::gaussian_mixture(
+        array![0.4, 0.6],
+        array![[-0.5, 0.0, 0.5], [0.5, 0.2, -0.3]],
+        array![0.2, 0.4],
+    )
+    .unwrap();
     let dirac = Law::dirac(array![0.1, 0.2, 0.3]).unwrap();
     let normal = Law::standard_normal(d).unwrap();
-    for schedule in [Schedule::new(ScheduleKind::Article, 1000).unwrap(), Schedule::new(ScheduleKind::Cosine, 100).unwrap()] {
+    for schedule in [
+        Schedule::new(ScheduleKind::Article, 1000).unwrap(),
+        Schedule::new(ScheduleKind::Cosine, 100).unwrap(),
+    ] {
         let t_max = schedule.t_max();
         for t in [1, t_max / 10, t_max / 2, t_max] {
             let (ab, bb) = (schedule.alpha_bars()[t], schedule.beta_bars()[t]);
@@ -171,21 +233,51 @@ fn minimum_loss_matches_closed_form() {
                 for _ in 0..k {
                     let x0 = law.sample(n, &mut rng).unwrap();
                     let eps = standard_normal(n, d, &mut rng);
-                    losses.push(loss8(&schedule, &x0, &eps, t, |x, t| law.optimal_eps(&schedule, x, t).unwrap()).unwrap());
+                    losses.push(
+                        loss8(&schedule, &x0, &eps, t, |x, t| {
+                            law.optimal_eps(&schedule, x, t).unwrap()
+                        })
+                        .unwrap(),
+                    );
                     let xt = sample_with_noise(&schedule, &x0, t, &eps).unwrap();
-                    energies.push(d as f64 - law.optimal_eps(&schedule, &xt, t).unwrap().mapv(|e| e * e).sum() / n as f64);
+                    energies.push(
+                        d as f64
+                            - law
+                                .optimal_eps(&schedule, &xt, t)
+                                .unwrap()
+                                .mapv(|e| e * e)
+                                .sum()
+                                / n as f64,
+                    );
                 }
                 let loss = estimate(Array1::from(losses).view());
                 let energy = estimate(Array1::from(energies).view());
                 let what = format!("T = {t_max}, t = {t}, {name}");
                 if let Some(expected) = expected {
-                    assert!((loss.mean - expected).abs() < 4.0 * loss.se + 1e-12, "{what}: min loss {} vs {expected} (se {})", loss.mean, loss.se);
-                    assert!((energy.mean - expected).abs() < 4.0 * energy.se + 1e-12, "{what}: d − E‖ε*‖² = {} vs {expected}", energy.mean);
+                    assert!(
+                        (loss.mean - expected).abs() < 4.0 * loss.se + 1e-12,
+                        "{what}: min loss {} vs {expected} (se {})",
+                        loss.mean,
+                        loss.se
+                    );
+                    assert!(
+                        (energy.mean - expected).abs() < 4.0 * energy.se + 1e-12,
+                        "{what}: d − E‖ε*‖² = {} vs {expected}",
+                        energy.mean
+                    );
                     let reported = law.min_loss(&schedule, t).unwrap().unwrap();
-                    assert!((reported - expected).abs() <= 1e-12 * expected.max(1.0), "{what}: min_loss {reported} vs {expected}");
+                    assert!(
+                        (reported - expected).abs() <= 1e-12 * expected.max(1.0),
+                        "{what}: min_loss {reported} vs {expected}"
+                    );
                 } else {
                     let se = loss.se.hypot(energy.se);
-                    assert!((loss.mean - energy.mean).abs() < 4.0 * se, "{what}: {} vs d − E‖ε*‖² = {}", loss.mean, energy.mean);
+                    assert!(
+                        (loss.mean - energy.mean).abs() < 4.0 * se,
+                        "{what}: {} vs d − E‖ε*‖² = {}",
+                        loss.mean,
+                        energy.mean
+                    );
                 }
             }
         }

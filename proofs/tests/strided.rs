@@ -19,12 +19,28 @@ const KS_ALPHA: f64 = 0.001;
 /// a KS test of the standardised values.
 fn assert_normal(samples: &Array1<f64>, mean: f64, sd: f64, what: &str) {
     let m = estimate(samples.view());
-    assert!((m.mean - mean).abs() < 4.0 * m.se, "{what}: mean {} vs {mean} (se {})", m.mean, m.se);
+    assert!(
+        (m.mean - mean).abs() < 4.0 * m.se,
+        "{what}: mean {} vs {mean} (se {})",
+        m.mean,
+        m.se
+    );
     let v = estimate(samples.mapv(|x| (x - m.mean).powi(2)).view());
-    assert!((v.mean - sd * sd).abs() < 4.0 * v.se, "{what}: variance {} vs {} (se {})", v.mean, sd * sd, v.se);
+    assert!(
+        (v.mean - sd * sd).abs() < 4.0 * v.se,
+        "{what}: variance {} vs {} (se {})",
+        v.mean,
+        sd * sd,
+        v.se
+    );
     let std_normal = Normal::standard();
-    let d = ks_statistic(samples.mapv(|x| (x - mean) / sd).view(), |x| std_normal.cdf(x));
-    assert!(d < ks_critical(KS_ALPHA, samples.len()), "{what}: KS D = {d}");
+    let d = ks_statistic(samples.mapv(|x| (x - mean) / sd).view(), |x| {
+        std_normal.cdf(x)
+    });
+    assert!(
+        d < ks_critical(KS_ALPHA, samples.len()),
+        "{what}: KS D = {d}"
+    );
 }
 
 #[test]
@@ -35,12 +51,22 @@ fn strided_timesteps_are_well_formed() {
             assert_eq!(steps.len(), n, "T = {t_max}, n = {n}");
             assert_eq!(steps[0], t_max, "T = {t_max}, n = {n}: must start at T");
             if n > 1 {
-                assert_eq!(*steps.last().unwrap(), 1, "T = {t_max}, n = {n}: must end at 1");
+                assert_eq!(
+                    *steps.last().unwrap(),
+                    1,
+                    "T = {t_max}, n = {n}: must end at 1"
+                );
             }
-            assert!(steps.windows(2).all(|w| w[0] > w[1]), "T = {t_max}, n = {n}: not strictly descending: {steps:?}");
+            assert!(
+                steps.windows(2).all(|w| w[0] > w[1]),
+                "T = {t_max}, n = {n}: not strictly descending: {steps:?}"
+            );
             let pairs = step_pairs(&steps);
             assert_eq!(pairs.last().unwrap().1, 0, "the last step goes to 0");
-            assert!(pairs.iter().all(|&(a, b)| b < a), "every step goes backwards");
+            assert!(
+                pairs.iter().all(|&(a, b)| b < a),
+                "every step goes backwards"
+            );
         }
         assert!(strided_timesteps(t_max, 0).is_err());
         assert!(strided_timesteps(t_max, t_max + 1).is_err());
@@ -62,9 +88,16 @@ fn strided_chain_matches_eq9() {
         let mut prev = 0;
         for &tau in &visited {
             let ratio = schedule.alpha_bars()[tau] / schedule.alpha_bars()[prev];
-            x = x * ratio + standard_normal(n, 1, &mut rng).column(0).to_owned() * (1.0 - ratio * ratio).sqrt();
+            x = x * ratio
+                + standard_normal(n, 1, &mut rng).column(0).to_owned()
+                    * (1.0 - ratio * ratio).sqrt();
             let (ab, bb) = (schedule.alpha_bars()[tau], schedule.beta_bars()[tau]);
-            assert_normal(&x, ab * x0_value, bb, &format!("{n_steps} steps, τ = {tau}"));
+            assert_normal(
+                &x,
+                ab * x0_value,
+                bb,
+                &format!("{n_steps} steps, τ = {tau}"),
+            );
             prev = tau;
         }
     }
@@ -82,20 +115,50 @@ fn ddim_eta_one_is_the_strided_posterior() {
         let x0 = rng.random_range(-1.0..1.0);
         let eps = rng.random_range(-2.0..2.0);
         let (ab, bb) = (schedule.alpha_bars()[tau], schedule.beta_bars()[tau]);
-        let (ab_next, bb_next) = (schedule.alpha_bars()[tau_next], schedule.beta_bars()[tau_next]);
+        let (ab_next, bb_next) = (
+            schedule.alpha_bars()[tau_next],
+            schedule.beta_bars()[tau_next],
+        );
         let x_tau = array![[ab * x0 + bb * eps]];
-        let step = |z: f64| ddim_step(&schedule, &x_tau, tau, tau_next, &array![[eps]], 1.0, &array![[z]]).unwrap()[[0, 0]];
+        let step = |z: f64| {
+            ddim_step(
+                &schedule,
+                &x_tau,
+                tau,
+                tau_next,
+                &array![[eps]],
+                1.0,
+                &array![[z]],
+            )
+            .unwrap()[[0, 0]]
+        };
         let (mean, spread) = (step(0.0), step(1.0) - step(0.0));
         let ratio = ab / ab_next;
-        let (bayes_mean, bayes_var) = gaussian_posterior_by_quadrature(ab_next * x0, bb_next, ratio, (1.0 - ratio * ratio).sqrt(), x_tau[[0, 0]]);
+        let (bayes_mean, bayes_var) = gaussian_posterior_by_quadrature(
+            ab_next * x0,
+            bb_next,
+            ratio,
+            (1.0 - ratio * ratio).sqrt(),
+            x_tau[[0, 0]],
+        );
         let sd = bayes_var.sqrt();
-        assert!((mean - bayes_mean).abs() < 1e-7 * sd, "{tau} -> {tau_next}: mean {mean} vs Bayes {bayes_mean}");
-        assert!((spread / sd - 1.0).abs() < 1e-7, "{tau} -> {tau_next}: σ {spread} vs Bayes {sd}");
+        assert!(
+            (mean - bayes_mean).abs() < 1e-7 * sd,
+            "{tau} -> {tau_next}: mean {mean} vs Bayes {bayes_mean}"
+        );
+        assert!(
+            (spread / sd - 1.0).abs() < 1e-7,
+            "{tau} -> {tau_next}: σ {spread} vs Bayes {sd}"
+        );
     }
     // The last step τ' = 0 has a point posterior: x_0 itself, with no noise.
     let x_tau = array![[0.3 * schedule.alpha_bars()[1] + 0.8 * schedule.beta_bars()[1]]];
     let out = ddim_step(&schedule, &x_tau, 1, 0, &array![[0.8]], 1.0, &array![[5.0]]).unwrap();
-    assert!((out[[0, 0]] - 0.3).abs() < 1e-12, "final step gives {} instead of x_0 = 0.3", out[[0, 0]]);
+    assert!(
+        (out[[0, 0]] - 0.3).abs() < 1e-12,
+        "final step gives {} instead of x_0 = 0.3",
+        out[[0, 0]]
+    );
 }
 
 #[test]
@@ -110,7 +173,10 @@ fn ddim_eta_one_single_step_is_the_ancestral_step() {
         let sig = sigma(&schedule, SigmaChoice::Posterior, t).unwrap();
         let ancestral = ancestral_step(&schedule, &xt, t, &eps_hat, sig, &z).unwrap();
         for (a, b) in ddim.iter().zip(ancestral.iter()) {
-            assert!((a - b).abs() < 1e-9 * b.abs().max(1.0), "t = {t}: DDIM {a} vs ancestral {b}");
+            assert!(
+                (a - b).abs() < 1e-9 * b.abs().max(1.0),
+                "t = {t}: DDIM {a} vs ancestral {b}"
+            );
         }
     }
 }
@@ -122,14 +188,39 @@ fn ddim_eta_zero_is_deterministic() {
     for (tau, tau_next) in [(1000, 900), (300, 1), (1, 0)] {
         let xt = standard_normal(5, 2, &mut rng);
         let eps_hat = standard_normal(5, 2, &mut rng);
-        let first = ddim_step(&schedule, &xt, tau, tau_next, &eps_hat, 0.0, &standard_normal(5, 2, &mut rng)).unwrap();
-        let second = ddim_step(&schedule, &xt, tau, tau_next, &eps_hat, 0.0, &standard_normal(5, 2, &mut rng)).unwrap();
-        assert_eq!(first, second, "{tau} -> {tau_next}: η = 0 output depends on z");
+        let first = ddim_step(
+            &schedule,
+            &xt,
+            tau,
+            tau_next,
+            &eps_hat,
+            0.0,
+            &standard_normal(5, 2, &mut rng),
+        )
+        .unwrap();
+        let second = ddim_step(
+            &schedule,
+            &xt,
+            tau,
+            tau_next,
+            &eps_hat,
+            0.0,
+            &standard_normal(5, 2, &mut rng),
+        )
+        .unwrap();
+        assert_eq!(
+            first, second,
+            "{tau} -> {tau_next}: η = 0 output depends on z"
+        );
         // And it is ᾱ_{τ'} x̂_0 + β̄_{τ'} ε̂ with x̂_0 = (x_τ − β̄_τ ε̂)/ᾱ_τ.
         let x0_hat = (&xt - &(&eps_hat * schedule.beta_bars()[tau])) / schedule.alpha_bars()[tau];
-        let expected = x0_hat * schedule.alpha_bars()[tau_next] + &eps_hat * schedule.beta_bars()[tau_next];
+        let expected =
+            x0_hat * schedule.alpha_bars()[tau_next] + &eps_hat * schedule.beta_bars()[tau_next];
         for (a, b) in first.iter().zip(expected.iter()) {
-            assert!((a - b).abs() < 1e-10 * b.abs().max(1.0), "{tau} -> {tau_next}: {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-10 * b.abs().max(1.0),
+                "{tau} -> {tau_next}: {a} vs {b}"
+            );
         }
     }
 }
@@ -145,15 +236,31 @@ fn ddim_with_dirac_oracle_preserves_marginals() {
     let n = 20000;
     for (n_steps, eta) in [(10, 0.0), (10, 0.5), (25, 1.0)] {
         let steps = strided_timesteps(1000, n_steps).unwrap();
-        let mut x: Array2<f64> = standard_normal(n, 1, &mut rng) * schedule.beta_bars()[1000] + c * schedule.alpha_bars()[1000];
+        let mut x: Array2<f64> = standard_normal(n, 1, &mut rng) * schedule.beta_bars()[1000]
+            + c * schedule.alpha_bars()[1000];
         for (tau, tau_next) in step_pairs(&steps) {
             let eps_hat = law.optimal_eps(&schedule, &x, tau).unwrap();
-            x = ddim_step(&schedule, &x, tau, tau_next, &eps_hat, eta, &standard_normal(n, 1, &mut rng)).unwrap();
+            x = ddim_step(
+                &schedule,
+                &x,
+                tau,
+                tau_next,
+                &eps_hat,
+                eta,
+                &standard_normal(n, 1, &mut rng),
+            )
+            .unwrap();
             let what = format!("{n_steps} steps, η = {eta}, τ' = {tau_next}");
             if tau_next == 0 {
-                assert!(x.iter().all(|&v| (v - c).abs() < 1e-9), "{what}: final samples are not c");
+                assert!(
+                    x.iter().all(|&v| (v - c).abs() < 1e-9),
+                    "{what}: final samples are not c"
+                );
             } else {
-                let (ab, bb) = (schedule.alpha_bars()[tau_next], schedule.beta_bars()[tau_next]);
+                let (ab, bb) = (
+                    schedule.alpha_bars()[tau_next],
+                    schedule.beta_bars()[tau_next],
+                );
                 assert_normal(&x.column(0).to_owned(), ab * c, bb, &what);
             }
         }
