@@ -7,11 +7,9 @@ pub struct Estimate {
     pub mean: f64,
     /// Standard error of the mean.
     pub se: f64,
-    /// Sample variance (denominator n − 1).
-    pub var: f64,
 }
 
-/// Mean, variance and standard error of the mean of `n ≥ 2` samples.
+/// Mean and standard error of the mean (sample variance with denominator n − 1) of `n ≥ 2` samples.
 pub fn estimate(samples: ArrayView1<f64>) -> Estimate {
     let n = samples.len() as f64;
     let mean = samples.sum() / n;
