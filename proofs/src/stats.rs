@@ -17,7 +17,6 @@ pub fn estimate(samples: ArrayView1<f64>) -> Estimate {
     Estimate {
         mean,
         se: (var / n).sqrt(),
-        var,
     }
 }
 
