@@ -24,3 +24,6 @@ pub mod device;
 pub mod eval;
 pub mod grid;
 pub mod train;
+
+// Sample quality: FD-MNIST, entropies and bits/dim per σ_t choice and step count.
+pub mod quality;
