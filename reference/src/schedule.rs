@@ -81,6 +81,26 @@ impl Schedule {
         Ok(Self::from_parts(alpha, log_alpha, beta_ho.mapv(f64::sqrt)))
     }
 
+    /// The sub-chain over visited steps τ_n > … > τ_1 (descending, as
+    /// `sampler::strided_timesteps` gives them): its step k has α_k = ᾱ_{τ_k}/ᾱ_{τ_{k−1}}
+    /// (τ_0 = 0), so ᾱ_k = ᾱ_{τ_k} and every σ choice and ancestral step applies to it as is.
+    pub fn respaced(&self, visited: &[usize]) -> Result<Self> {
+        for &t in visited {
+            self.check_t(t, 1)?;
+        }
+        if let Some(w) = visited.windows(2).find(|w| w[0] <= w[1]) {
+            return Err(RefError::NotBackwards { from: w[0], to: w[1] });
+        }
+        if visited.is_empty() {
+            return Err(RefError::InvalidStepCount { n: 0, t_max: self.t_max() });
+        }
+        let tau: Vec<usize> = std::iter::once(0).chain(visited.iter().rev().copied()).collect();
+        let log_alpha = Array1::from_iter(tau.windows(2).map(|w| self.log_alpha_bar[w[1]] - self.log_alpha_bar[w[0]]));
+        let alpha = log_alpha.mapv(f64::exp);
+        let beta = log_alpha.mapv(|l| (-(2.0 * l).exp_m1()).sqrt());
+        Ok(Self::from_parts(alpha, log_alpha, beta))
+    }
+
     /// Builds all arrays from per-step α_t, ln α_t and β_t (t = 1..T).
     fn from_parts(alpha: Array1<f64>, log_alpha: Array1<f64>, beta: Array1<f64>) -> Self {
         let with_identity = |first: f64, rest: &Array1<f64>| {
@@ -315,5 +335,25 @@ mod tests {
         assert_eq!(s.alpha(11), Err(RefError::TimeOutOfRange { t: 11, min: 0, max: 10 }));
         assert_eq!(s.check_t(0, 1), Err(RefError::TimeOutOfRange { t: 0, min: 1, max: 10 }));
         assert!(s.alpha(11).unwrap_err().to_string().contains("t = 11"));
+    }
+
+    #[test]
+    fn respaced_chain_keeps_alpha_bar_at_visited_steps() {
+        let s = Schedule::new(ScheduleKind::Cosine, 40).unwrap();
+        let visited = [40, 27, 14, 1];
+        let r = s.respaced(&visited).unwrap();
+        assert_eq!(r.t_max(), 4);
+        for (k, &tau) in visited.iter().rev().enumerate() {
+            let (a, b) = (r.alpha_bar(k + 1).unwrap(), s.alpha_bar(tau).unwrap());
+            assert!((a - b).abs() < 1e-14 * b.max(1e-300), "k = {}: {a} vs {b}", k + 1);
+            let ratio = s.alpha_bar(tau).unwrap() / s.alpha_bar(if k == 0 { 0 } else { visited[visited.len() - k] }).unwrap();
+            assert!((r.alpha(k + 1).unwrap() - ratio).abs() < 1e-14);
+        }
+        let all: Vec<usize> = (1..=40).rev().collect();
+        let full = s.respaced(&all).unwrap();
+        assert!((full.alphas() - s.alphas()).iter().all(|d| d.abs() < 1e-14));
+        assert!(s.respaced(&[3, 5]).is_err());
+        assert!(s.respaced(&[41]).is_err());
+        assert!(s.respaced(&[]).is_err());
     }
 }
