@@ -6,8 +6,9 @@ op (same layers, same parameter names, same per-parameter LAMB arithmetic, same 
 f64 schedule tables), so that the two sides do the same work and only the framework around the
 kernels differs. It is a worker: the bench binary starts it, writes the spec as the first line
 on stdin (JSON, with the schedule tables and the step lists computed by the Rust side), reads one
-"ready" JSON line, then sends one phase name a line (`train`, `strided`, `ancestral`, `quit`)
-and reads one JSON line of measurements for each.
+"ready" JSON line, then sends one phase name a line (`train`; `trainer`, the same loop timed
+against the Rust product's trainer; `strided`; `ancestral`; `quit`) and reads one JSON line of
+measurements for each.
 """
 
 import json
@@ -179,6 +180,49 @@ class Lamb:
         return norm
 
 
+class ForeachLamb(Lamb):
+    """The same LAMB arithmetic with PyTorch's multi-tensor `_foreach_*` kernels (a handful of
+    launches per step instead of ~15 per parameter). Not what the Rust side does — tch has no
+    foreach bindings — but it measures what a multi-tensor LAMB would gain (`--twin-foreach`)."""
+
+    def zero_grad(self):
+        grads = [p.grad for p, _, _, _ in self.slots if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+    @torch.no_grad()
+    def step(self):
+        c = self.cfg
+        live = [(p, m, v, a) for p, m, v, a in self.slots if p.grad is not None]
+        params = [p for p, _, _, _ in live]
+        grads = [p.grad for p in params]
+        ms = [m for _, m, _, _ in live]
+        vs = [v for _, _, v, _ in live]
+        norm = torch.stack(torch._foreach_norm(grads)).to(torch.float64).square().sum().sqrt()
+        self.k += 1
+        b1, b2 = c["beta1"], c["beta2"]
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+        m_hat = torch._foreach_div(ms, 1.0 - b1 ** self.k)
+        denom = torch._foreach_sqrt(torch._foreach_div(vs, 1.0 - b2 ** self.k))
+        torch._foreach_add_(denom, c["eps"])
+        update = torch._foreach_div(m_hat, denom)
+        adapted = [i for i, (_, _, _, a) in enumerate(live) if a]
+        if adapted:
+            upd_a = [update[i] for i in adapted]
+            par_a = [params[i] for i in adapted]
+            if c["weight_decay"] != 0.0:
+                torch._foreach_add_(upd_a, par_a, alpha=c["weight_decay"])
+            w_norm = torch.stack(torch._foreach_norm(par_a))
+            u_norm = torch.stack(torch._foreach_norm(upd_a))
+            ratio = torch.where(w_norm.gt(0.0).logical_and(u_norm.gt(0.0)), w_norm / u_norm, 1.0)
+            torch._foreach_mul_(upd_a, list(ratio.unbind(0)))
+        torch._foreach_add_(params, update, alpha=-c["lr"])
+        return norm
+
+
 class Ema:
     """ema.rs: w̄ ← lerp(w̄, w, 1 − d), d = min(decay, (1 + k)/(10 + k)) with warm-up."""
 
@@ -188,10 +232,13 @@ class Ema:
         self.pairs = [(p.detach().clone(), p) for _, p in sorted(model.named_parameters())]
 
     @torch.no_grad()
-    def update(self):
+    def update(self, foreach=False):
         d = min(self.decay, (1.0 + self.k) / (10.0 + self.k))
-        for avg, w in self.pairs:
-            avg.lerp_(w, 1.0 - d)
+        if foreach:
+            torch._foreach_lerp_([a for a, _ in self.pairs], [w for _, w in self.pairs], 1.0 - d)
+        else:
+            for avg, w in self.pairs:
+                avg.lerp_(w, 1.0 - d)
         self.k += 1
 
 
@@ -263,6 +310,14 @@ def read_hwm_bytes():
     return None
 
 
+def cpu_seconds():
+    """CPU time (user + system, all threads) of this process from /proc/self/stat, in the same
+    clock ticks of 1/100 s that the Rust side reads."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
 def reset_hwm():
     """Resets VmHWM to the current RSS (Linux ≥ 4.0); False where the kernel refuses."""
     try:
@@ -290,7 +345,8 @@ class Worker:
         self.memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
         if spec["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.lamb = Lamb(self.model, spec["lamb"])
+        self.foreach = bool(spec.get("twin_foreach"))
+        self.lamb = (ForeachLamb if self.foreach else Lamb)(self.model, spec["lamb"])
         self.ema = Ema(self.model, spec["ema_decay"])
         self.schedule = Schedule(spec, self.device)
         size = cfg["image_size"]
@@ -310,7 +366,7 @@ class Worker:
         self.lamb.zero_grad()
         loss.backward()
         self.lamb.step()
-        self.ema.update()
+        self.ema.update(self.foreach)
 
     def run_sampler(self, pairs, eta, images):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -334,8 +390,9 @@ class Worker:
             torch.cuda.reset_peak_memory_stats()
         hwm_reset = reset_hwm()
         self.sync()
+        cpu_start = cpu_seconds()
         start = time.perf_counter()
-        if name == "train":
+        if name in ("train", "trainer"):
             for _ in range(s["train_steps"]):
                 self.train_step()
             images = s["train_steps"] * s["train_batch"]
@@ -351,6 +408,7 @@ class Worker:
         out = {
             "phase": name,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds() - cpu_start,
             "images": images,
             "peak_rss_bytes": read_hwm_bytes(),
             "rss_peak_is_per_phase": hwm_reset,
@@ -369,6 +427,7 @@ class Worker:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
+            "foreach_optimiser": self.foreach,
         }
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(0)
@@ -384,7 +443,7 @@ def main():
         name = line.strip()
         if name == "quit":
             break
-        if name not in ("train", "strided", "ancestral"):
+        if name not in ("train", "trainer", "strided", "ancestral"):
             print(json.dumps({"error": f"unknown phase {name!r}"}), flush=True)
             continue
         print(json.dumps(worker.phase(name)), flush=True)

@@ -14,6 +14,8 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgAction, Parser, ValueEnum};
+use ddpm::config::Config;
+use ddpm::data::loader::Batch;
 use ddpm::ema::Ema;
 use ddpm::lamb::{is_adapted, Lamb, LambConfig};
 use ddpm::loss::euclidean_loss;
@@ -21,6 +23,7 @@ use ddpm::marginal::marginal_sample;
 use ddpm::sampler::{Sampler, SamplerConfig};
 use ddpm::schedule::{Schedule, ScheduleKind};
 use ddpm::sigma::SigmaChoice;
+use ddpm::train::Trainer;
 use ddpm::unet::{parameter_count, UNet, UNetConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -52,8 +55,12 @@ enum Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Phase {
-    /// Timed training steps: forward, loss, backward, LAMB step, EMA update.
+    /// Timed training steps: forward, loss, backward, LAMB step, EMA update, built here from
+    /// the library's pieces with t and ε drawn on the device and no host synchronisation.
     Train,
+    /// The same steps through the product, `ddpm::train::Trainer::train_step`, fed a batch
+    /// prepared on the CPU as its loader does (the twin runs its training loop again).
+    Trainer,
     /// Strided DDPM sampling (DDIM with η = 1) over `--strided-steps` steps.
     Strided,
     /// The article's ancestral sampler over all T steps.
@@ -64,6 +71,7 @@ impl Phase {
     fn name(self) -> &'static str {
         match self {
             Phase::Train => "train",
+            Phase::Trainer => "trainer",
             Phase::Strided => "strided",
             Phase::Ancestral => "ancestral",
         }
@@ -105,7 +113,12 @@ struct Args {
     #[arg(long)]
     ancestral_images: Option<i64>,
     /// Phases to time, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "train,strided,ancestral")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "train,trainer,strided,ancestral"
+    )]
     phases: Vec<Phase>,
     /// CPU intra-op threads of both sides (default: libtorch's choice, reported).
     #[arg(long)]
@@ -113,6 +126,10 @@ struct Args {
     /// Convert weights and training inputs to channels-last on both sides.
     #[arg(long)]
     channels_last: bool,
+    /// Let the twin run LAMB and EMA with PyTorch's multi-tensor `_foreach_*` kernels (same
+    /// arithmetic, far fewer launches), to measure what a multi-tensor optimiser would gain.
+    #[arg(long)]
+    twin_foreach: bool,
     /// cuDNN autotuning on both sides (CUDA only).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     cudnn_benchmark: bool,
@@ -156,6 +173,7 @@ struct Spec {
     threads: Option<i32>,
     channels_last: bool,
     cudnn_benchmark: bool,
+    twin_foreach: bool,
     seed: i64,
     train_batch: i64,
     train_steps: usize,
@@ -175,11 +193,21 @@ const EMA_DECAY: f64 = 0.9999;
 const WARMUP_SAMPLER_STEPS: usize = 5;
 
 fn sampler_config(steps: Option<usize>, eta: Option<f64>) -> SamplerConfig {
-    SamplerConfig { sigma: SIGMA, steps, eta, clip_each_step: false, clip_final: true, final_noise: false, seed: None }
+    SamplerConfig {
+        sigma: SIGMA,
+        steps,
+        eta,
+        clip_each_step: false,
+        clip_final: true,
+        final_noise: false,
+        seed: None,
+    }
 }
 
 fn host(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double))?)
+    Ok(Vec::<f64>::try_from(
+        t.to_device(Device::Cpu).to_kind(Kind::Double),
+    )?)
 }
 
 /// Per-run sizes: the preset's training batch on CUDA; on the CPU sizes that keep a round to
@@ -192,13 +220,18 @@ struct Sizes {
 }
 
 fn default_sizes(config: &str, cuda: bool) -> Result<Sizes> {
-    let s = |batch, train_steps, strided_images, ancestral_images| Sizes { batch, train_steps, strided_images, ancestral_images };
+    let s = |batch, train_steps, strided_images, ancestral_images| Sizes {
+        batch,
+        train_steps,
+        strided_images,
+        ancestral_images,
+    };
     Ok(match (config, cuda) {
         ("mnist", true) => s(64, 50, 256, 256),
         ("cifar32", true) => s(128, 30, 256, 256),
         ("celeba128", true) => s(64, 10, 64, 16),
-        ("mnist", false) => s(64, 4, 16, 2),
-        ("cifar32", false) => s(8, 2, 2, 0),
+        ("mnist", false) => s(64, 2, 16, 2),
+        ("cifar32", false) => s(8, 1, 1, 0),
         ("celeba128", false) => bail!("celeba128 is benchmarked on CUDA only (pass --batch and the image counts to force a CPU run)"),
         (other, _) => bail!("unknown config {other:?}; choose mnist, cifar32 or celeba128"),
     })
@@ -210,16 +243,28 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
         bail!("--precision bf16 needs CUDA: tch's autocast is CUDA-only, so the sides would not match on the CPU");
     }
     let model = UNetConfig::preset(&args.config)?;
-    let forced = args.batch.is_some() && args.strided_images.is_some() && args.ancestral_images.is_some();
+    let forced =
+        args.batch.is_some() && args.strided_images.is_some() && args.ancestral_images.is_some();
     let sizes = match default_sizes(&args.config, cuda) {
         Ok(s) => s,
-        Err(_) if forced => Sizes { batch: 0, train_steps: 2, strided_images: 0, ancestral_images: 0 },
+        Err(_) if forced => Sizes {
+            batch: 0,
+            train_steps: 2,
+            strided_images: 0,
+            ancestral_images: 0,
+        },
         Err(e) => return Err(e),
     };
     let schedule = Schedule::new(ScheduleKind::Article, model.t_max, Device::Cpu)?;
-    let strided = Sampler::new(&schedule, sampler_config(Some(args.strided_steps), Some(1.0)))?;
+    let strided = Sampler::new(
+        &schedule,
+        sampler_config(Some(args.strided_steps), Some(1.0)),
+    )?;
     let ancestral = Sampler::new(&schedule, sampler_config(None, None))?;
-    let warmup = Sampler::new(&schedule, sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0)))?;
+    let warmup = Sampler::new(
+        &schedule,
+        sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0)),
+    )?;
     let tables = Tables {
         alpha: host(schedule.alpha())?,
         beta: host(schedule.beta())?,
@@ -235,6 +280,7 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
         threads: args.threads,
         channels_last: args.channels_last,
         cudnn_benchmark: args.cudnn_benchmark,
+        twin_foreach: args.twin_foreach,
         seed: args.seed,
         train_batch: args.batch.unwrap_or(sizes.batch),
         train_steps: args.train_steps.unwrap_or(sizes.train_steps),
@@ -301,11 +347,62 @@ struct Ours {
     strided: Sampler,
     ancestral: Sampler,
     warmup: Sampler,
+    product: Product,
+}
+
+/// The product's trainer and one CPU batch that it is fed at every step.
+struct Product {
+    trainer: Trainer,
+    x0: Tensor,
+    t: Tensor,
+    eps: Tensor,
+}
+
+impl Product {
+    fn new(spec: &Spec, device: Device) -> Result<Product> {
+        let mut cfg = Config::preset(&spec.config)?;
+        cfg.model = spec.model.clone();
+        cfg.train.batch_size = spec.train_batch as usize;
+        cfg.train.bf16 = spec.precision == Precision::Bf16;
+        cfg.train.seed = spec.seed as u64;
+        let trainer = Trainer::new(&cfg, device)?;
+        let [c, h, w] = cfg.image_shape();
+        let shape = [spec.train_batch, c, h, w];
+        let cpu = (Kind::Float, Device::Cpu);
+        Ok(Product {
+            trainer,
+            x0: Tensor::rand(shape, cpu) * 2.0 - 1.0,
+            t: Tensor::randint_low(
+                1,
+                spec.model.t_max + 1,
+                [spec.train_batch],
+                (Kind::Int64, Device::Cpu),
+            ),
+            eps: Tensor::randn(shape, cpu),
+        })
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let k = self.trainer.step() + 1;
+        let batch = Batch {
+            step: k,
+            x0: self.x0.shallow_clone(),
+            t: self.t.shallow_clone(),
+            eps: self.eps.shallow_clone(),
+            torch_seed: k as i64,
+        };
+        let _ = self.trainer.train_step(&batch)?;
+        Ok(())
+    }
 }
 
 impl Ours {
     fn new(spec: Spec) -> Result<Ours> {
-        let device = if spec.device == "cuda" { Device::Cuda(0) } else { Device::Cpu };
+        let device = if spec.device == "cuda" {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        };
         if let Some(n) = spec.threads {
             tch::set_num_threads(n);
         }
@@ -332,15 +429,44 @@ impl Ours {
         let ema = Ema::new(&vs, spec.ema_decay, true)?;
         let schedule = Schedule::new(ScheduleKind::Article, spec.model.t_max, device)?;
         let m = &spec.model;
-        let x0 = Tensor::rand([spec.train_batch, m.in_channels, m.image_size, m.image_size], (Kind::Float, device)) * 2.0 - 1.0;
-        let x0 = if spec.channels_last { channels_last(&x0) } else { x0 };
-        let strided = Sampler::new(&schedule, sampler_config(Some(spec.strided_pairs.len()), Some(1.0)))?;
+        let x0 = Tensor::rand(
+            [spec.train_batch, m.in_channels, m.image_size, m.image_size],
+            (Kind::Float, device),
+        ) * 2.0
+            - 1.0;
+        let x0 = if spec.channels_last {
+            channels_last(&x0)
+        } else {
+            x0
+        };
+        let strided = Sampler::new(
+            &schedule,
+            sampler_config(Some(spec.strided_pairs.len()), Some(1.0)),
+        )?;
         let ancestral = Sampler::new(&schedule, sampler_config(None, None))?;
-        let warmup = Sampler::new(&schedule, sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0)))?;
+        let warmup = Sampler::new(
+            &schedule,
+            sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0)),
+        )?;
         if strided.steps() != spec.strided_pairs.as_slice() {
             bail!("our strided steps differ from the spec's");
         }
-        Ok(Ours { spec, device, bf16, vs, net, lamb, ema, schedule, x0, strided, ancestral, warmup })
+        let product = Product::new(&spec, device)?;
+        Ok(Ours {
+            spec,
+            device,
+            bf16,
+            vs,
+            net,
+            lamb,
+            ema,
+            schedule,
+            x0,
+            strided,
+            ancestral,
+            warmup,
+            product,
+        })
     }
 
     fn train_step(&mut self) -> Result<()> {
@@ -362,7 +488,9 @@ impl Ours {
     fn sample(&self, sampler: &Sampler, images: i64) -> Result<Tensor> {
         let m = &self.spec.model;
         let shape = [images, m.in_channels, m.image_size, m.image_size];
-        Ok(tch::autocast(self.bf16, || sampler.sample(&self.net, &shape, self.device))?)
+        Ok(tch::autocast(self.bf16, || {
+            sampler.sample(&self.net, &shape, self.device)
+        })?)
     }
 
     fn sync(&self) {
@@ -374,6 +502,7 @@ impl Ours {
     fn warm_up(&mut self) -> Result<()> {
         for _ in 0..self.spec.warmup_steps {
             self.train_step()?;
+            self.product.step()?;
         }
         let mut sizes = vec![self.spec.strided_images, self.spec.ancestral_images];
         sizes.dedup();
@@ -387,11 +516,18 @@ impl Ours {
     fn phase(&mut self, phase: Phase) -> Result<Value> {
         let hwm_reset = reset_hwm();
         self.sync();
+        let cpu_start = cpu_seconds();
         let start = Instant::now();
         let images = match phase {
             Phase::Train => {
                 for _ in 0..self.spec.train_steps {
                     self.train_step()?;
+                }
+                self.spec.train_steps as i64 * self.spec.train_batch
+            }
+            Phase::Trainer => {
+                for _ in 0..self.spec.train_steps {
+                    self.product.step()?;
                 }
                 self.spec.train_steps as i64 * self.spec.train_batch
             }
@@ -406,9 +542,11 @@ impl Ours {
         };
         self.sync();
         let seconds = start.elapsed().as_secs_f64();
+        let cpu = cpu_seconds().zip(cpu_start).map(|(b, a)| b - a);
         Ok(json!({
             "phase": phase.name(),
             "seconds": seconds,
+            "cpu_seconds": cpu,
             "images": images,
             "peak_rss_bytes": read_hwm_bytes(),
             "rss_peak_is_per_phase": hwm_reset,
@@ -417,7 +555,11 @@ impl Ours {
 
     fn ready(&self) -> Value {
         let vars = self.vs.variables();
-        let adapted: i64 = vars.iter().filter(|(n, w)| is_adapted(n, w)).map(|(_, w)| w.numel() as i64).sum();
+        let adapted: i64 = vars
+            .iter()
+            .filter(|(n, w)| is_adapted(n, w))
+            .map(|(_, w)| w.numel() as i64)
+            .sum();
         json!({
             "ready": true,
             "side": "ours",
@@ -444,6 +586,7 @@ fn run_worker() -> Result<()> {
         let reply = match line.trim() {
             "quit" => break,
             "train" => ours.phase(Phase::Train)?,
+            "trainer" => ours.phase(Phase::Trainer)?,
             "strided" => ours.phase(Phase::Strided)?,
             "ancestral" => ours.phase(Phase::Ancestral)?,
             other => json!({ "error": format!("unknown phase {other:?}") }),
@@ -458,7 +601,22 @@ fn run_worker() -> Result<()> {
 fn read_hwm_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+/// CPU time (user + system, all threads) this process has used, from /proc/self/stat in
+/// clock ticks of 1/100 s (Linux's USER_HZ on every mainstream architecture).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Resets VmHWM to the current RSS (Linux ≥ 4.0); false where the kernel refuses.
@@ -489,7 +647,13 @@ impl Worker {
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         writeln!(stdin, "{spec_line}")?;
         stdin.flush()?;
-        let mut w = Worker { side, child, stdin, stdout, ready: Value::Null };
+        let mut w = Worker {
+            side,
+            child,
+            stdin,
+            stdout,
+            ready: Value::Null,
+        };
         w.ready = w.reply()?;
         Ok(w)
     }
@@ -501,7 +665,10 @@ impl Worker {
             line.clear();
             if self.stdout.read_line(&mut line)? == 0 {
                 let status = self.child.wait()?;
-                bail!("the {} worker ended ({status}) without replying; its stderr is above", self.side);
+                bail!(
+                    "the {} worker ended ({status}) without replying; its stderr is above",
+                    self.side
+                );
             }
             match serde_json::from_str::<Value>(line.trim()) {
                 Ok(v) if v.is_object() => {
@@ -570,12 +737,17 @@ impl GpuPoll {
 
 fn gpu_process_mib(pid: u32) -> Option<u64> {
     let out = Command::new("nvidia-smi")
-        .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
         let (p, m) = l.split_once(',')?;
-        (p.trim().parse::<u32>().ok()? == pid).then(|| m.trim().parse::<u64>().ok()).flatten()
+        (p.trim().parse::<u32>().ok()? == pid)
+            .then(|| m.trim().parse::<u64>().ok())
+            .flatten()
     })
 }
 
@@ -583,12 +755,18 @@ fn stats(xs: &[f64]) -> (f64, f64, f64) {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) };
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    };
     (v[0], median, v[n - 1])
 }
 
 fn load_average() -> Option<String> {
-    std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
 fn cpu_model() -> Option<String> {
@@ -606,12 +784,18 @@ fn utc_now() -> String {
 }
 
 fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("—".into(), |b| format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0)))
+    bytes.map_or("—".into(), |b| {
+        format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0))
+    })
 }
 
 /// The first path that exists among the candidates, else the last one.
 fn first_existing(candidates: &[PathBuf]) -> PathBuf {
-    candidates.iter().find(|p| p.exists()).unwrap_or(&candidates[candidates.len() - 1]).clone()
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .unwrap_or(&candidates[candidates.len() - 1])
+        .clone()
 }
 
 fn drive(args: Args) -> Result<()> {
@@ -629,22 +813,39 @@ fn drive(args: Args) -> Result<()> {
         .phases
         .iter()
         .copied()
-        .filter(|p| !((*p == Phase::Ancestral && spec.ancestral_images == 0) || (*p == Phase::Strided && spec.strided_images == 0)))
+        .filter(|p| {
+            !((*p == Phase::Ancestral && spec.ancestral_images == 0)
+                || (*p == Phase::Strided && spec.strided_images == 0))
+        })
         .collect();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = args.python.clone().unwrap_or_else(|| {
-        first_existing(&[manifest.join("../.venv/bin/python"), PathBuf::from(".venv/bin/python"), PathBuf::from("python3")])
+        first_existing(&[
+            manifest.join("../.venv/bin/python"),
+            PathBuf::from(".venv/bin/python"),
+            PathBuf::from("python3"),
+        ])
     });
     let twin = args.twin.clone().unwrap_or_else(|| {
-        first_existing(&[manifest.join("benches/pytorch_twin.py"), PathBuf::from("accelerated/benches/pytorch_twin.py")])
+        first_existing(&[
+            manifest.join("benches/pytorch_twin.py"),
+            PathBuf::from("accelerated/benches/pytorch_twin.py"),
+        ])
     });
     let precision = match spec.precision {
         Precision::Fp32 => "fp32",
         Precision::Bf16 => "bf16",
     };
     let json_path = args.json.clone().unwrap_or_else(|| {
-        let dir = if manifest.join("../target").exists() { manifest.join("../target/bench") } else { PathBuf::from("target/bench") };
-        dir.join(format!("versus_pytorch-{}-{}-{precision}.json", spec.config, spec.device))
+        let dir = if manifest.join("../target").exists() {
+            manifest.join("../target/bench")
+        } else {
+            PathBuf::from("target/bench")
+        };
+        dir.join(format!(
+            "versus_pytorch-{}-{}-{precision}.json",
+            spec.config, spec.device
+        ))
     });
 
     let spec_line = serde_json::to_string(&spec)?;
@@ -659,18 +860,27 @@ fn drive(args: Args) -> Result<()> {
     let mut torch = Worker::spawn("pytorch", twin_cmd, &spec_line)?;
     for key in ["parameters", "adapted_parameters"] {
         if ours.ready[key] != torch.ready[key] {
-            bail!("{key}: ours {} ≠ PyTorch {}; the twin does not match the network", ours.ready[key], torch.ready[key]);
+            bail!(
+                "{key}: ours {} ≠ PyTorch {}; the twin does not match the network",
+                ours.ready[key],
+                torch.ready[key]
+            );
         }
     }
 
     let gpu = device.is_cuda();
     // results[phase][side] = one reply per round.
-    let mut results: Vec<[Vec<Value>; 2]> = phases.iter().map(|_| [Vec::new(), Vec::new()]).collect();
+    let mut results: Vec<[Vec<Value>; 2]> =
+        phases.iter().map(|_| [Vec::new(), Vec::new()]).collect();
     for round in 0..args.rounds {
         for (i, &phase) in phases.iter().enumerate() {
             let ours_first = round % 2 == 0;
             for pick in [ours_first, !ours_first] {
-                let (side, w) = if pick { (0, &mut ours) } else { (1, &mut torch) };
+                let (side, w) = if pick {
+                    (0, &mut ours)
+                } else {
+                    (1, &mut torch)
+                };
                 let r = w.measure(phase, gpu)?;
                 eprintln!(
                     "round {round} {:9} {:7}: {:.3} s",
@@ -687,38 +897,61 @@ fn drive(args: Args) -> Result<()> {
     torch.quit()?;
     let load_after = load_average();
 
-    let rate = |r: &Value| r["images"].as_f64().unwrap_or(0.0) / r["seconds"].as_f64().unwrap_or(f64::NAN);
+    let rate =
+        |r: &Value| r["images"].as_f64().unwrap_or(0.0) / r["seconds"].as_f64().unwrap_or(f64::NAN);
     let peak = |rs: &[Value], key: &str| rs.iter().filter_map(|r| r[key].as_u64()).max();
     let mut rows = Vec::new();
     let mut table = String::new();
-    let mem_label = if gpu { "GPU mem (nvidia-smi)" } else { "peak RSS" };
+    let mem_label = if gpu {
+        "GPU mem (nvidia-smi)"
+    } else {
+        "peak RSS"
+    };
     table.push_str(&format!(
-        "| phase | images/round | ours img/s | PyTorch img/s | ours/PyTorch min / median / max | {mem_label} ours | {mem_label} PyTorch |{}\n",
-        if gpu { " PyTorch max allocated |" } else { "" }
+        "| phase | images/round | ours img/s | PyTorch img/s | ours/PyTorch min / median / max | {} | {mem_label} ours | {mem_label} PyTorch |\n",
+        if gpu { "PyTorch max allocated" } else { "ratio by CPU time, median" }
     ));
-    table.push_str(&format!("|---|---:|---:|---:|---|---:|---:|{}\n", if gpu { "---:|" } else { "" }));
+    table.push_str("|---|---:|---:|---:|---|---:|---:|---:|\n");
     for (i, &phase) in phases.iter().enumerate() {
         let [o, p] = &results[i];
         let ours_rates: Vec<f64> = o.iter().map(rate).collect();
         let torch_rates: Vec<f64> = p.iter().map(rate).collect();
-        let ratios: Vec<f64> = ours_rates.iter().zip(&torch_rates).map(|(a, b)| a / b).collect();
+        let ratios: Vec<f64> = ours_rates
+            .iter()
+            .zip(&torch_rates)
+            .map(|(a, b)| a / b)
+            .collect();
         let (rmin, rmed, rmax) = stats(&ratios);
         let (_, omed, _) = stats(&ours_rates);
         let (_, pmed, _) = stats(&torch_rates);
-        let mem_key = if gpu { "gpu_process_peak_bytes" } else { "peak_rss_bytes" };
+        let mem_key = if gpu {
+            "gpu_process_peak_bytes"
+        } else {
+            "peak_rss_bytes"
+        };
         let (om, pm) = (peak(o, mem_key), peak(p, mem_key));
         let torch_alloc = peak(p, "cuda_max_allocated_bytes");
+        let cpu_rate = |r: &Value| {
+            r["images"].as_f64().unwrap_or(0.0) / r["cpu_seconds"].as_f64().unwrap_or(f64::NAN)
+        };
+        let cpu_ratios: Vec<f64> = o
+            .iter()
+            .zip(p)
+            .map(|(a, b)| cpu_rate(a) / cpu_rate(b))
+            .collect();
+        let (_, cpu_med, _) = stats(&cpu_ratios);
         let label = match phase {
             Phase::Train => format!("train (batch {})", spec.train_batch),
+            Phase::Trainer => format!("train via Trainer::train_step (batch {})", spec.train_batch),
             Phase::Strided => format!("sample, {}-step strided", spec.strided_pairs.len()),
             Phase::Ancestral => format!("sample, {}-step ancestral", spec.ancestral_pairs.len()),
         };
         table.push_str(&format!(
-            "| {label} | {} | {omed:.2} | {pmed:.2} | {rmin:.3} / {rmed:.3} / {rmax:.3} | {} | {} |{}\n",
+            "| {label} | {} | {omed:.2} | {pmed:.2} | {rmin:.3} / {rmed:.3} / {rmax:.3} | {} | {} | {} |\n",
             o.first().and_then(|r| r["images"].as_i64()).unwrap_or(0),
+            if gpu { mib(torch_alloc) } else { format!("{cpu_med:.3}") },
             mib(om),
             mib(pm),
-            if gpu { format!(" {} |", mib(torch_alloc)) } else { String::new() }
         ));
         rows.push(json!({
             "phase": phase.name(),
@@ -726,6 +959,7 @@ fn drive(args: Args) -> Result<()> {
             "ours": { "images_per_s": ours_rates, "median_images_per_s": omed, "rounds": o },
             "pytorch": { "images_per_s": torch_rates, "median_images_per_s": pmed, "rounds": p },
             "ratio": { "per_round": ratios, "min": rmin, "median": rmed, "max": rmax },
+            "ratio_by_cpu_time": { "per_round": cpu_ratios, "median": cpu_med },
             "peak_memory_bytes": { "measure": mem_key, "ours": om, "pytorch": pm, "pytorch_cuda_max_allocated": torch_alloc },
         }));
     }
@@ -733,7 +967,7 @@ fn drive(args: Args) -> Result<()> {
     println!(
         "\nddpm vs PyTorch eager — {} on {}, {precision}, {} rounds (A B / B A), {started}\n\
          machine: {} ({} CPUs{}); load before {} / after {}\n\
-         parameters: {} both sides; threads ours {} / PyTorch {}\n",
+         parameters: {} both sides; threads ours {} / PyTorch {}; channels-last {}; cuDNN autotuning {}{}\n",
         spec.config,
         spec.device,
         args.rounds,
@@ -745,6 +979,9 @@ fn drive(args: Args) -> Result<()> {
         ours_ready["parameters"],
         ours_ready["threads"],
         torch_ready["threads"],
+        spec.channels_last,
+        gpu && spec.cudnn_benchmark,
+        if spec.twin_foreach { "; PyTorch's LAMB/EMA use _foreach kernels" } else { "" },
     );
     println!("{table}");
     let mut settings = serde_json::to_value(&spec)?;
