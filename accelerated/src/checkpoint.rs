@@ -101,7 +101,8 @@ pub fn dir_name(step: u64) -> String {
 
 fn parse_dir_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("step-")?;
-    (digits.len() >= 7 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+    (digits.len() >= 7 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())?
 }
 
 /// Finished checkpoints under `root` as (step, dir), oldest first; `.tmp` leftovers and
@@ -114,7 +115,8 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     };
     let mut found = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| DdpmError::io(format!("cannot list {}", root.display()), e))?;
+        let entry =
+            entry.map_err(|e| DdpmError::io(format!("cannot list {}", root.display()), e))?;
         let step = entry.file_name().to_str().and_then(parse_dir_name);
         if let (Some(step), true) = (step, entry.path().is_dir()) {
             found.push((step, entry.path()));
@@ -126,11 +128,17 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 /// Writes `state` as checkpoint `manifest.step` under `root` (see the module doc), filling
 /// in the manifest's tensor shapes and checksums, then keeps only the newest `keep_last`.
-pub fn save(root: &Path, mut manifest: Manifest, state: &TrainingState, keep_last: usize) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    mut manifest: Manifest,
+    state: &TrainingState,
+    keep_last: usize,
+) -> Result<PathBuf> {
     let name = dir_name(manifest.step);
     let dir = root.join(&name);
     let tmp = root.join(format!("{name}.tmp"));
-    let written = write_tmp(root, &tmp, &mut manifest, state).and_then(|()| publish(root, &tmp, &dir));
+    let written =
+        write_tmp(root, &tmp, &mut manifest, state).and_then(|()| publish(root, &tmp, &dir));
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&tmp);
         return Err(DdpmError::Checkpoint {
@@ -142,14 +150,27 @@ pub fn save(root: &Path, mut manifest: Manifest, state: &TrainingState, keep_las
     Ok(dir)
 }
 
-fn write_tmp(root: &Path, tmp: &Path, manifest: &mut Manifest, state: &TrainingState) -> Result<()> {
-    fs::create_dir_all(root).map_err(|e| DdpmError::io(format!("cannot create {}", root.display()), e))?;
+fn write_tmp(
+    root: &Path,
+    tmp: &Path,
+    manifest: &mut Manifest,
+    state: &TrainingState,
+) -> Result<()> {
+    fs::create_dir_all(root)
+        .map_err(|e| DdpmError::io(format!("cannot create {}", root.display()), e))?;
     if tmp.exists() {
-        fs::remove_dir_all(tmp).map_err(|e| DdpmError::io(format!("cannot remove the leftover {}", tmp.display()), e))?;
+        fs::remove_dir_all(tmp).map_err(|e| {
+            DdpmError::io(format!("cannot remove the leftover {}", tmp.display()), e)
+        })?;
     }
-    fs::create_dir(tmp).map_err(|e| DdpmError::io(format!("cannot create {}", tmp.display()), e))?;
+    fs::create_dir(tmp)
+        .map_err(|e| DdpmError::io(format!("cannot create {}", tmp.display()), e))?;
     manifest.format_version = FORMAT_VERSION;
-    manifest.tensors = state.model.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    manifest.tensors = state
+        .model
+        .iter()
+        .map(|(n, t)| (n.clone(), t.size()))
+        .collect();
     manifest.files.clear();
     let config = manifest.config.to_toml()?.into_bytes();
     for (file, bytes) in [
@@ -170,13 +191,22 @@ fn write_tmp(root: &Path, tmp: &Path, manifest: &mut Manifest, state: &TrainingS
 fn publish(root: &Path, tmp: &Path, dir: &Path) -> Result<()> {
     // Re-saving a step (a run resumed at its last checkpoint) moves the old copy aside first;
     // its `.tmp` name keeps readers away from it.
-    let aside = root.join(format!("{}.old.tmp", dir.file_name().and_then(|n| n.to_str()).unwrap_or("step")));
+    let aside = root.join(format!(
+        "{}.old.tmp",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("step")
+    ));
     let replaced = dir.exists();
     if replaced {
         let _ = fs::remove_dir_all(&aside);
-        fs::rename(dir, &aside).map_err(|e| DdpmError::io(format!("cannot move {} aside", dir.display()), e))?;
+        fs::rename(dir, &aside)
+            .map_err(|e| DdpmError::io(format!("cannot move {} aside", dir.display()), e))?;
     }
-    fs::rename(tmp, dir).map_err(|e| DdpmError::io(format!("cannot rename {} to {}", tmp.display(), dir.display()), e))?;
+    fs::rename(tmp, dir).map_err(|e| {
+        DdpmError::io(
+            format!("cannot rename {} to {}", tmp.display(), dir.display()),
+            e,
+        )
+    })?;
     sync_dir(root)?;
     if replaced {
         let _ = fs::remove_dir_all(&aside);
@@ -210,7 +240,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {
@@ -223,7 +256,11 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::Int => Dtype::I32,
         Kind::Uint8 => Dtype::U8,
         Kind::Bool => Dtype::BOOL,
-        other => return Err(DdpmError::State(format!("cannot save a tensor of kind {other:?}"))),
+        other => {
+            return Err(DdpmError::State(format!(
+                "cannot save a tensor of kind {other:?}"
+            )))
+        }
     })
 }
 
@@ -237,7 +274,11 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
         Dtype::I32 => Kind::Int,
         Dtype::U8 => Kind::Uint8,
         Dtype::BOOL => Kind::Bool,
-        other => return Err(DdpmError::State(format!("cannot load a tensor of dtype {other:?}"))),
+        other => {
+            return Err(DdpmError::State(format!(
+                "cannot load a tensor of dtype {other:?}"
+            )))
+        }
     })
 }
 
@@ -254,10 +295,13 @@ fn serialize(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
     }
     let views = host
         .iter()
-        .map(|(name, dtype, shape, bytes)| Ok((*name, TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .map(|(name, dtype, shape, bytes)| {
+            Ok((*name, TensorView::new(*dtype, shape.clone(), bytes)?))
+        })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| DdpmError::State(format!("cannot describe a tensor for safetensors: {e}")))?;
-    safetensors::serialize(views, None).map_err(|e| DdpmError::State(format!("safetensors serialisation failed: {e}")))
+    safetensors::serialize(views, None)
+        .map_err(|e| DdpmError::State(format!("safetensors serialisation failed: {e}")))
 }
 
 fn deserialize(bytes: &[u8]) -> std::result::Result<Vec<(String, Tensor)>, String> {
@@ -275,10 +319,17 @@ fn deserialize(bytes: &[u8]) -> std::result::Result<Vec<(String, Tensor)>, Strin
 
 /// Reads the checkpoint in `dir`, verifying its format version and every file's sha256.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
-    let fail = |reason: String| DdpmError::Checkpoint { path: dir.to_path_buf(), reason };
-    let text = fs::read(dir.join(MANIFEST_FILE))
-        .map_err(|e| fail(format!("cannot read {MANIFEST_FILE} ({e}); an interrupted write?")))?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| fail(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
+    let fail = |reason: String| DdpmError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let text = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| {
+        fail(format!(
+            "cannot read {MANIFEST_FILE} ({e}); an interrupted write?"
+        ))
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| fail(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
     if manifest.format_version != FORMAT_VERSION {
         return Err(fail(format!(
             "format version {} (this program reads version {FORMAT_VERSION})",
@@ -287,23 +338,46 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     }
     let mut parts = BTreeMap::new();
     for file in DATA_FILES {
-        let expected = manifest.files.get(file).ok_or_else(|| fail(format!("the manifest lists no {file}")))?;
-        let bytes = fs::read(dir.join(file)).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
+        let expected = manifest
+            .files
+            .get(file)
+            .ok_or_else(|| fail(format!("the manifest lists no {file}")))?;
+        let bytes =
+            fs::read(dir.join(file)).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
         let actual = sha256_hex(&bytes);
         if &actual != expected {
-            return Err(fail(format!("{file} is corrupt: its sha256 is {actual}, the manifest says {expected}")));
+            return Err(fail(format!(
+                "{file} is corrupt: its sha256 is {actual}, the manifest says {expected}"
+            )));
         }
         if file != CONFIG_FILE {
-            parts.insert(file, deserialize(&bytes).map_err(|e| fail(format!("{file}: {e}")))?);
+            parts.insert(
+                file,
+                deserialize(&bytes).map_err(|e| fail(format!("{file}: {e}")))?,
+            );
         }
     }
     let mut take = |f| parts.remove(f).unwrap_or_default();
-    let state = TrainingState { model: take(MODEL_FILE), ema: take(EMA_FILE), optim: take(OPTIM_FILE) };
-    let shapes: BTreeMap<String, Vec<i64>> = state.model.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    let state = TrainingState {
+        model: take(MODEL_FILE),
+        ema: take(EMA_FILE),
+        optim: take(OPTIM_FILE),
+    };
+    let shapes: BTreeMap<String, Vec<i64>> = state
+        .model
+        .iter()
+        .map(|(n, t)| (n.clone(), t.size()))
+        .collect();
     if shapes != manifest.tensors {
-        return Err(fail(format!("{MODEL_FILE} does not hold the tensors its manifest lists")));
+        return Err(fail(format!(
+            "{MODEL_FILE} does not hold the tensors its manifest lists"
+        )));
     }
-    Ok(Checkpoint { dir: dir.to_path_buf(), manifest, state })
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        manifest,
+        state,
+    })
 }
 
 /// The newest checkpoint under `root` that reads back intact; corrupt newer ones are skipped
@@ -330,7 +404,11 @@ pub fn latest_good(root: &Path) -> Result<Option<Checkpoint>> {
     }
     Err(DdpmError::Checkpoint {
         path: root.to_path_buf(),
-        reason: format!("none of the {} checkpoints is intact: {}", all.len(), problems.join("; ")),
+        reason: format!(
+            "none of the {} checkpoints is intact: {}",
+            all.len(),
+            problems.join("; ")
+        ),
     })
 }
 
@@ -340,10 +418,15 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     if path.join(MANIFEST_FILE).exists() {
         return load(path);
     }
-    let root = if path.join("checkpoints").is_dir() { path.join("checkpoints") } else { path.to_path_buf() };
+    let root = if path.join("checkpoints").is_dir() {
+        path.join("checkpoints")
+    } else {
+        path.to_path_buf()
+    };
     latest_good(&root)?.ok_or_else(|| DdpmError::Checkpoint {
         path: path.to_path_buf(),
-        reason: "holds no checkpoint (expected step-NNNNNNN/ directories or a run directory)".into(),
+        reason: "holds no checkpoint (expected step-NNNNNNN/ directories or a run directory)"
+            .into(),
     })
 }
 
@@ -351,16 +434,28 @@ impl Checkpoint {
     /// Errors unless the tensors fit `vs` exactly (same names, same shapes), listing the
     /// differences.
     pub fn check_architecture(&self, vs: &VarStore) -> Result<()> {
-        let want: BTreeMap<String, Vec<i64>> = vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        let want: BTreeMap<String, Vec<i64>> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
         let mut diffs = Vec::new();
         for (name, shape) in &want {
             match self.manifest.tensors.get(name) {
                 None => diffs.push(format!("missing {name}")),
-                Some(s) if s != shape => diffs.push(format!("{name} is {s:?}, the model needs {shape:?}")),
+                Some(s) if s != shape => {
+                    diffs.push(format!("{name} is {s:?}, the model needs {shape:?}"))
+                }
                 Some(_) => {}
             }
         }
-        diffs.extend(self.manifest.tensors.keys().filter(|n| !want.contains_key(*n)).map(|n| format!("unexpected {n}")));
+        diffs.extend(
+            self.manifest
+                .tensors
+                .keys()
+                .filter(|n| !want.contains_key(*n))
+                .map(|n| format!("unexpected {n}")),
+        );
         if diffs.is_empty() {
             return Ok(());
         }
@@ -381,8 +476,15 @@ impl Checkpoint {
     /// after [`Checkpoint::check_architecture`].
     pub fn load_weights(&self, vs: &VarStore, ema: bool) -> Result<()> {
         self.check_architecture(vs)?;
-        let source = if ema { &self.state.ema } else { &self.state.model };
-        copy_into(vs, source).map_err(|reason| DdpmError::Checkpoint { path: self.dir.clone(), reason })
+        let source = if ema {
+            &self.state.ema
+        } else {
+            &self.state.model
+        };
+        copy_into(vs, source).map_err(|reason| DdpmError::Checkpoint {
+            path: self.dir.clone(),
+            reason,
+        })
     }
 }
 
@@ -390,11 +492,18 @@ impl Checkpoint {
 fn copy_into(vs: &VarStore, named: &[(String, Tensor)]) -> std::result::Result<(), String> {
     let vars = vs.variables();
     if named.len() != vars.len() {
-        return Err(format!("holds {} weight tensors, the model has {}", named.len(), vars.len()));
+        return Err(format!(
+            "holds {} weight tensors, the model has {}",
+            named.len(),
+            vars.len()
+        ));
     }
     tch::no_grad(|| {
         for (name, src) in named {
-            let mut dst = vars.get(name).ok_or_else(|| format!("has a tensor {name} the model lacks"))?.shallow_clone();
+            let mut dst = vars
+                .get(name)
+                .ok_or_else(|| format!("has a tensor {name} the model lacks"))?
+                .shallow_clone();
             dst.f_copy_(src).map_err(|e| format!("{name}: {e}"))?;
         }
         Ok(())
@@ -417,7 +526,11 @@ mod tests {
     }
 
     fn named(vs: &VarStore, scale: f64) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.detach() * scale)).collect();
+        let mut v: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach() * scale))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -425,7 +538,11 @@ mod tests {
     fn state(vs: &VarStore) -> TrainingState {
         let mut optim = named(vs, 0.5);
         optim.push(("step".into(), Tensor::from(17i64)));
-        TrainingState { model: named(vs, 1.0), ema: named(vs, 2.0), optim }
+        TrainingState {
+            model: named(vs, 1.0),
+            ema: named(vs, 2.0),
+            optim,
+        }
     }
 
     fn manifest(step: u64) -> Manifest {
@@ -433,7 +550,11 @@ mod tests {
             format_version: 0,
             step,
             seed: 9,
-            data_position: DataPosition { epoch: 1, batch_in_epoch: 2, steps_per_epoch: 70 },
+            data_position: DataPosition {
+                epoch: 1,
+                batch_in_epoch: 2,
+                steps_per_epoch: 70,
+            },
             ema_updates: step,
             skipped_steps: 0,
             config: Config::mnist(),
@@ -443,7 +564,10 @@ mod tests {
     }
 
     fn equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
     }
 
     #[test]
@@ -454,7 +578,11 @@ mod tests {
         let dir = save(&root, manifest(120), &st, 3).unwrap();
         assert_eq!(dir, root.join("step-0000120"));
         let back = load(&dir).unwrap();
-        assert!(equal(&back.state.model, &st.model) && equal(&back.state.ema, &st.ema) && equal(&back.state.optim, &st.optim));
+        assert!(
+            equal(&back.state.model, &st.model)
+                && equal(&back.state.ema, &st.ema)
+                && equal(&back.state.optim, &st.optim)
+        );
         assert_eq!(back.manifest.step, 120);
         assert_eq!(back.manifest.config, Config::mnist());
         assert_eq!(back.manifest.tensors["a.weight"], vec![4, 3]);
@@ -463,7 +591,10 @@ mod tests {
         back.load_weights(&fresh, true).unwrap();
         assert!(equal(&named(&fresh, 1.0), &st.ema));
         let err = back.check_architecture(&net(1, 5)).unwrap_err().to_string();
-        assert!(err.contains("a.weight is [4, 3], the model needs [5, 3]"), "{err}");
+        assert!(
+            err.contains("a.weight is [4, 3], the model needs [5, 3]"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -514,9 +645,15 @@ mod tests {
         save(&root, manifest(1), &state(&vs), 5).unwrap();
         let mut bad = state(&vs);
         // A kind safetensors cannot hold makes the write fail after the first file.
-        bad.ema.push(("z".into(), Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu))));
+        bad.ema.push((
+            "z".into(),
+            Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu)),
+        ));
         let err = save(&root, manifest(2), &bad, 5).unwrap_err().to_string();
-        assert!(err.contains("step-0000002") && err.contains("earlier checkpoints are intact"), "{err}");
+        assert!(
+            err.contains("step-0000002") && err.contains("earlier checkpoints are intact"),
+            "{err}"
+        );
         assert!(!root.join("step-0000002.tmp").exists() && !root.join("step-0000002").exists());
         assert_eq!(latest_good(&root).unwrap().unwrap().manifest.step, 1);
     }

@@ -158,6 +158,10 @@ pub struct TrainArgs {
     /// the preset's].
     #[arg(long, value_name = "N")]
     pub sample_every: Option<u64>,
+    /// Sampler steps of the grids drawn during training (strided; `ddpm sample` is not
+    /// affected) [default: the preset's, 100].
+    #[arg(long, value_name = "N")]
+    pub grid_steps: Option<usize>,
     /// Skip batches whose loss is NaN or infinite instead of stopping.
     #[arg(long)]
     pub skip_nonfinite: bool,
@@ -209,17 +213,10 @@ impl TrainArgs {
         if let Some(t) = self.t_max.filter(|_| note("--t-max", true)) {
             cfg.diffusion.t_max = t;
             cfg.model.t_max = t;
+            cfg.train.grid_steps = cfg.train.grid_steps.map(|n| n.min(t.max(1) as usize));
         }
+        let preset_steps = cfg.train.steps;
         if let Some(s) = self.steps.filter(|_| note("--steps", true)) {
-            // A preset's last decay point is its run length; keep it at the end of the run.
-            if let Some(last) = cfg
-                .train
-                .lr_decay
-                .last_mut()
-                .filter(|p| p.step == cfg.train.steps && s > cfg.train.warmup_steps)
-            {
-                last.step = s;
-            }
             cfg.train.steps = s;
         }
         if let Some(b) = self.batch_size.filter(|_| note("--batch-size", true)) {
@@ -261,8 +258,21 @@ impl TrainArgs {
         if let Some(n) = self.sample_every.filter(|_| note("--sample-every", true)) {
             cfg.train.sample_every = n;
         }
+        if note("--grid-steps", self.grid_steps.is_some()) {
+            cfg.train.grid_steps = self.grid_steps;
+        }
         if note("--skip-nonfinite", self.skip_nonfinite) {
             cfg.train.skip_nonfinite = true;
+        }
+        // A preset's last decay point marks the end of its run: move it to the end of this
+        // one, or drop it when this run ends within the warm-up.
+        let t = &mut cfg.train;
+        if t.steps != preset_steps && t.lr_decay.last().is_some_and(|p| p.step == preset_steps) {
+            let end = t.lr_decay.pop().expect("checked non-empty above");
+            let after_previous = t.lr_decay.last().map_or(t.warmup_steps, |p| p.step);
+            if t.steps > after_previous {
+                t.lr_decay.push(crate::config::LrPoint { step: t.steps, ..end });
+            }
         }
         cfg.validate()?;
         Ok((cfg, set))
@@ -484,7 +494,7 @@ mod tests {
     fn the_command_line_is_consistent_and_flags_override_the_preset() {
         Cli::command().debug_assert();
         let cli =
-            Cli::try_parse_from(["ddpm", "train", "--steps", "30", "--lr", "0.002", "--bf16"])
+            Cli::try_parse_from(["ddpm", "train", "--steps", "300", "--lr", "0.002", "--bf16"])
                 .unwrap();
         let Command::Train(args) = cli.command else {
             panic!("not train")
@@ -492,13 +502,18 @@ mod tests {
         let (cfg, set) = args.config().unwrap();
         assert_eq!(
             (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
-            (30, 0.002, true)
+            (300, 0.002, true)
         );
         assert_eq!(
-            cfg.train.lr_decay.last().unwrap().step,
-            30,
+            cfg.train.lr_decay,
+            vec![crate::config::LrPoint { step: 300, factor: 0.1 }],
             "the decay end follows --steps"
         );
+        let short = Cli::try_parse_from(["ddpm", "train", "--steps", "30"]).unwrap();
+        let Command::Train(short) = short.command else {
+            panic!("not train")
+        };
+        assert!(short.config().unwrap().0.train.lr_decay.is_empty(), "a run inside the warm-up has no decay");
         assert_eq!(set, vec!["--steps", "--lr", "--bf16"]);
         let cli = Cli::try_parse_from([
             "ddpm",

@@ -129,6 +129,11 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Skip a batch whose loss is not finite instead of stopping.
     pub skip_nonfinite: bool,
+    /// Steps of the sampler drawing the grids during training: strided (DDIM with
+    /// `sample.eta`, or η = 1, strided DDPM, when unset) to keep their cost small; absent =
+    /// the full `sample` sampler. `ddpm sample` always uses the `sample` settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_steps: Option<usize>,
 }
 
 /// The sampling section.
@@ -161,15 +166,26 @@ impl Config {
     /// per-step x̂_0 clipping); see docs/ for the measurements.
     pub fn mnist() -> Config {
         Config {
-            data: DataConfig { source: DataSource::Mnist, path: None, flip: false, holdout: 500 },
+            data: DataConfig {
+                source: DataSource::Mnist,
+                path: None,
+                flip: false,
+                holdout: 500,
+            },
             model: UNetConfig::mnist(),
-            diffusion: DiffusionConfig { schedule: ScheduleKind::Article, t_max: 1000 },
+            diffusion: DiffusionConfig {
+                schedule: ScheduleKind::Article,
+                t_max: 1000,
+            },
             train: TrainConfig {
                 steps: 2000,
                 batch_size: 64,
                 lr: 1e-3,
                 warmup_steps: 100,
-                lr_decay: vec![LrPoint { step: 2000, factor: 0.1 }],
+                lr_decay: vec![LrPoint {
+                    step: 2000,
+                    factor: 0.1,
+                }],
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-6,
@@ -186,8 +202,16 @@ impl Config {
                 sample_every: 500,
                 log_every: 10,
                 skip_nonfinite: false,
+                grid_steps: Some(100),
             },
-            sample: SampleConfig { sigma: SigmaChoice::Beta, steps: None, eta: None, clip_each_step: true, n: 36, ema: true },
+            sample: SampleConfig {
+                sigma: SigmaChoice::Beta,
+                steps: None,
+                eta: None,
+                clip_each_step: true,
+                n: 36,
+                ema: true,
+            },
         }
     }
 
@@ -195,13 +219,27 @@ impl Config {
     pub fn cifar32() -> Config {
         let mnist = Config::mnist();
         Config {
-            data: DataConfig { source: DataSource::Folder, path: None, flip: true, holdout: 1000 },
+            data: DataConfig {
+                source: DataSource::Folder,
+                path: None,
+                flip: true,
+                holdout: 1000,
+            },
             model: UNetConfig::cifar32(),
             train: TrainConfig {
                 steps: 200_000,
                 batch_size: 128,
                 warmup_steps: 1000,
-                lr_decay: vec![LrPoint { step: 100_000, factor: 0.5 }, LrPoint { step: 200_000, factor: 0.1 }],
+                lr_decay: vec![
+                    LrPoint {
+                        step: 100_000,
+                        factor: 0.5,
+                    },
+                    LrPoint {
+                        step: 200_000,
+                        factor: 0.1,
+                    },
+                ],
                 ema_decay: 0.9999,
                 checkpoint_every: 5000,
                 sample_every: 5000,
@@ -217,15 +255,25 @@ impl Config {
     pub fn celeba128() -> Config {
         let cifar = Config::cifar32();
         Config {
-            data: DataConfig { holdout: 500, ..cifar.data },
+            data: DataConfig {
+                holdout: 500,
+                ..cifar.data
+            },
             model: UNetConfig::celeba128(),
             train: TrainConfig {
                 steps: 1_000_000,
                 batch_size: 64,
-                lr_decay: vec![LrPoint { step: 1_000_000, factor: 0.1 }],
+                lr_decay: vec![LrPoint {
+                    step: 1_000_000,
+                    factor: 0.1,
+                }],
                 ..cifar.train
             },
-            sample: SampleConfig { clip_each_step: false, n: 16, ..cifar.sample },
+            sample: SampleConfig {
+                clip_each_step: false,
+                n: 16,
+                ..cifar.sample
+            },
             ..cifar
         }
     }
@@ -236,30 +284,40 @@ impl Config {
             "mnist" => Ok(Config::mnist()),
             "cifar32" => Ok(Config::cifar32()),
             "celeba128" => Ok(Config::celeba128()),
-            _ => Err(DdpmError::Config(format!("unknown preset {name:?}; choose one of {}", PRESETS.join(", ")))),
+            _ => Err(DdpmError::Config(format!(
+                "unknown preset {name:?}; choose one of {}",
+                PRESETS.join(", ")
+            ))),
         }
     }
 
     /// Reads a TOML (`.toml`) or JSON (`.json`) file. Its optional top-level `preset` key
     /// (default `mnist`) picks the base; every other key replaces the base's value.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| DdpmError::io(format!("cannot read the config file {}", path.display()), e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            DdpmError::io(format!("cannot read the config file {}", path.display()), e)
+        })?;
         let origin = path.display().to_string();
         match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => Config::from_toml_str(&text, &origin),
             Some("json") => {
-                let table: toml::Table = serde_json::from_str(&text)
-                    .map_err(|e| DdpmError::Config(format!("{origin}: {e} (JSON null is not allowed: leave the key out)")))?;
+                let table: toml::Table = serde_json::from_str(&text).map_err(|e| {
+                    DdpmError::Config(format!(
+                        "{origin}: {e} (JSON null is not allowed: leave the key out)"
+                    ))
+                })?;
                 Config::from_table(table, &origin)
             }
-            _ => Err(DdpmError::Config(format!("{origin}: a config file must end in .toml or .json"))),
+            _ => Err(DdpmError::Config(format!(
+                "{origin}: a config file must end in .toml or .json"
+            ))),
         }
     }
 
     /// Parses TOML text (see [`Config::from_file`]); `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Config> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
         Config::from_table(table, origin)
     }
 
@@ -267,26 +325,37 @@ impl Config {
         let preset = match table.remove("preset") {
             None => "mnist".to_string(),
             Some(toml::Value::String(s)) => s,
-            Some(other) => return Err(DdpmError::Config(format!("{origin}: `preset` must be a string, got {other}"))),
+            Some(other) => {
+                return Err(DdpmError::Config(format!(
+                    "{origin}: `preset` must be a string, got {other}"
+                )))
+            }
         };
         let mut merged = toml::Table::try_from(Config::preset(&preset)?)
             .map_err(|e| DdpmError::Config(format!("cannot represent preset {preset}: {e}")))?;
         merge(&mut merged, table);
         // Parsing the merged document as text makes serde's errors quote the offending line.
-        let text = toml::to_string(&merged).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| DdpmError::Config(format!("{origin} (over preset {preset}): {e}")))?;
+        let text =
+            toml::to_string(&merged).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| DdpmError::Config(format!("{origin} (over preset {preset}): {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// The configuration as TOML, as written beside each checkpoint.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| DdpmError::Config(format!("cannot write the configuration as TOML: {e}")))
+        toml::to_string(self)
+            .map_err(|e| DdpmError::Config(format!("cannot write the configuration as TOML: {e}")))
     }
 
     /// The shape of one image, [C, S, S].
     pub fn image_shape(&self) -> [i64; 3] {
-        [self.model.in_channels, self.model.image_size, self.model.image_size]
+        [
+            self.model.in_channels,
+            self.model.image_size,
+            self.model.image_size,
+        ]
     }
 
     /// Checks the values together, with messages saying what to change.
@@ -300,16 +369,25 @@ impl Config {
                 self.diffusion.t_max, m.t_max
             ));
         }
-        if d.source == DataSource::Mnist && (m.in_channels != 1 || !(m.image_size == 28 || m.image_size == 32)) {
+        if d.source == DataSource::Mnist
+            && (m.in_channels != 1 || !(m.image_size == 28 || m.image_size == 32))
+        {
             return bad(format!(
                 "MNIST is grey 28×28 (or padded to 32×32), but the model takes {}×{}×{}",
                 m.in_channels, m.image_size, m.image_size
             ));
         }
         if d.source == DataSource::Folder && !(m.in_channels == 1 || m.in_channels == 3) {
-            return bad(format!("images have 1 (grey) or 3 (RGB) channels, not {}", m.in_channels));
+            return bad(format!(
+                "images have 1 (grey) or 3 (RGB) channels, not {}",
+                m.in_channels
+            ));
         }
-        for (name, v) in [("train.steps", t.steps), ("train.checkpoint_every", t.checkpoint_every), ("train.log_every", t.log_every)] {
+        for (name, v) in [
+            ("train.steps", t.steps),
+            ("train.checkpoint_every", t.checkpoint_every),
+            ("train.log_every", t.log_every),
+        ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
@@ -321,16 +399,28 @@ impl Config {
             return bad(format!("train.lr must be positive, got {}", t.lr));
         }
         if !(0.0..1.0).contains(&t.ema_decay) {
-            return bad(format!("train.ema_decay must be in [0, 1), got {}", t.ema_decay));
+            return bad(format!(
+                "train.ema_decay must be in [0, 1), got {}",
+                t.ema_decay
+            ));
         }
         if t.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return bad(format!("train.grad_clip must be positive, got {:?}", t.grad_clip));
+            return bad(format!(
+                "train.grad_clip must be positive, got {:?}",
+                t.grad_clip
+            ));
         }
         if t.loss_weight == LossWeight::Article && t.loss_sigma == SigmaChoice::Posterior {
             return bad("loss (8) with σ = posterior has σ_1 = 0, an infinite weight at t = 1; choose beta or isotropic".into());
         }
         if s.eta.is_none() && s.steps.is_some_and(|n| n as i64 != m.t_max) {
-            return bad(format!("sample.steps = {:?} < T needs DDIM: set sample.eta (1 = strided DDPM)", s.steps));
+            return bad(format!(
+                "sample.steps = {:?} < T needs DDIM: set sample.eta (1 = strided DDPM)",
+                s.steps
+            ));
+        }
+        if t.grid_steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
+            return bad(format!("train.grid_steps must be between 1 and T = {}", m.t_max));
         }
         self.lr_schedule()?;
         Ok(())
@@ -338,7 +428,12 @@ impl Config {
 
     /// The learning-rate schedule of `train`.
     pub fn lr_schedule(&self) -> Result<crate::lr::LrSchedule> {
-        let points: Vec<(u64, f64)> = self.train.lr_decay.iter().map(|p| (p.step, p.factor)).collect();
+        let points: Vec<(u64, f64)> = self
+            .train
+            .lr_decay
+            .iter()
+            .map(|p| (p.step, p.factor))
+            .collect();
         crate::lr::LrSchedule::new(self.train.lr, self.train.warmup_steps, &points)
     }
 
@@ -389,7 +484,11 @@ mod tests {
         for name in PRESETS {
             let cfg = Config::preset(name).unwrap();
             cfg.validate().unwrap();
-            let back = Config::from_toml_str(&format!("preset = {name:?}\n{}", cfg.to_toml().unwrap()), "test").unwrap();
+            let back = Config::from_toml_str(
+                &format!("preset = {name:?}\n{}", cfg.to_toml().unwrap()),
+                "test",
+            )
+            .unwrap();
             assert_eq!(back, cfg, "{name}");
         }
         assert!(Config::preset("imagenet").is_err());
@@ -409,20 +508,36 @@ mod tests {
         let json = serde_json::json!({"train": {"steps": 7}, "sample": {"sigma": {"kind": "isotropic", "data_std": 0.5}}});
         let table: toml::Table = serde_json::from_value(json).unwrap();
         let cfg = Config::from_table(table, "j").unwrap();
-        assert_eq!((cfg.train.steps, cfg.sample.sigma), (7, SigmaChoice::Isotropic { data_std: 0.5 }));
+        assert_eq!(
+            (cfg.train.steps, cfg.sample.sigma),
+            (7, SigmaChoice::Isotropic { data_std: 0.5 })
+        );
     }
 
     #[test]
     fn unknown_keys_and_wrong_types_are_errors() {
-        let err = Config::from_toml_str("[train]\nlearning_rate = 0.1\n", "f.toml").unwrap_err().to_string();
-        assert!(err.contains("learning_rate") && err.contains("f.toml"), "{err}");
-        let err = Config::from_toml_str("[model]\nchannels = 3\n", "f.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str("[train]\nlearning_rate = 0.1\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("learning_rate") && err.contains("f.toml"),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[model]\nchannels = 3\n", "f.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("channels"), "{err}");
-        let err = Config::from_toml_str("colour = true\n", "f.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str("colour = true\n", "f.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("colour"), "{err}");
-        let err = Config::from_toml_str("[train]\nsteps = \"many\"\n", "f.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str("[train]\nsteps = \"many\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("steps") && err.contains("many"), "{err}");
-        let err = Config::from_toml_str("[diffusion]\nt_max = 500\n", "f.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str("[diffusion]\nt_max = 500\n", "f.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("t_max"), "{err}");
         assert!(Config::from_toml_str("preset = \"nope\"\n", "f.toml").is_err());
     }

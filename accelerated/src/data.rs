@@ -47,7 +47,10 @@ pub struct Dataset {
 impl Clone for Dataset {
     fn clone(&self) -> Self {
         // The stored values are never mutated, so sharing their storage is safe.
-        Dataset { values: self.values.shallow_clone(), name: self.name.clone() }
+        Dataset {
+            values: self.values.shallow_clone(),
+            name: self.name.clone(),
+        }
     }
 }
 
@@ -72,14 +75,20 @@ impl Dataset {
                 values.size()
             )));
         }
-        Dataset::checked(values.to_kind(Kind::Float).to_device(Device::Cpu), name.into())
+        Dataset::checked(
+            values.to_kind(Kind::Float).to_device(Device::Cpu),
+            name.into(),
+        )
     }
 
     fn checked(values: Tensor, name: String) -> Result<Dataset> {
         if values.size()[0] == 0 {
             return Err(DdpmError::Data(format!("the data set {name} is empty")));
         }
-        Ok(Dataset { values: values.contiguous(), name })
+        Ok(Dataset {
+            values: values.contiguous(),
+            name,
+        })
     }
 
     /// Where the data came from, for messages.
@@ -121,7 +130,11 @@ impl Dataset {
     /// The samples at `indices` in model space, f32 on the CPU.
     pub fn batch(&self, indices: &[i64]) -> Result<Tensor> {
         let raw = self.raw(indices)?;
-        Ok(if self.is_8bit() { pixels_to_model(&raw)? } else { raw })
+        Ok(if self.is_8bit() {
+            pixels_to_model(&raw)?
+        } else {
+            raw
+        })
     }
 
     /// Splits off `holdout` samples, chosen by a permutation seeded with `seed`, as
@@ -141,15 +154,24 @@ impl Dataset {
         order.shuffle(&mut seeded_rng(seed, Stream::Split, 0));
         let (test, train) = order.split_at(holdout);
         let part = |idx: &[i64], what: &str| -> Result<Dataset> {
-            Ok(Dataset { values: self.raw(idx)?, name: format!("{} ({what})", self.name) })
+            Ok(Dataset {
+                values: self.raw(idx)?,
+                name: format!("{} ({what})", self.name),
+            })
         };
-        Ok((part(train, "training split")?, Some(part(test, "held-out split")?)))
+        Ok((
+            part(train, "training split")?,
+            Some(part(test, "held-out split")?),
+        ))
     }
 }
 
 /// 8-bit pixels k ↦ x = 2k/255 − 1 ∈ [−1, 1], f32.
 pub fn pixels_to_model(pixels: &Tensor) -> Result<Tensor> {
-    Ok(pixels.f_to_kind(Kind::Float)?.f_mul_scalar(2.0 / 255.0)?.f_sub_scalar(1.0)?)
+    Ok(pixels
+        .f_to_kind(Kind::Float)?
+        .f_mul_scalar(2.0 / 255.0)?
+        .f_sub_scalar(1.0)?)
 }
 
 /// A fresh, empty directory for one test (cleared first if an earlier run left it).

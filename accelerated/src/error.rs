@@ -28,20 +28,20 @@ pub enum DdpmError {
     #[error("data: {0}")]
     Data(String),
     /// An image file that cannot be opened or decoded (truncated, wrong format).
-    #[error("cannot read image {path}: {source}")]
+    #[error("cannot read image {path}: {cause}")]
     Image {
         /// The offending file.
         path: std::path::PathBuf,
-        /// What the decoder said.
-        source: image::ImageError,
+        /// What the decoder said (in the message, not a separate cause, so it prints once).
+        cause: image::ImageError,
     },
     /// A file-system operation failed; `context` says what was being done to which path.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done, naming the path.
         context: String,
-        /// The operating system's error.
-        source: std::io::Error,
+        /// The operating system's error (in the message, not a separate cause, so it prints once).
+        cause: std::io::Error,
     },
     /// A checkpoint that is missing, corrupt (checksum mismatch) or belongs to another model.
     #[error("checkpoint {path}: {reason}")]
@@ -66,10 +66,10 @@ pub enum DdpmError {
 
 impl DdpmError {
     /// An [`DdpmError::Io`] error saying what was being done.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> DdpmError {
+    pub fn io(context: impl Into<String>, cause: std::io::Error) -> DdpmError {
         DdpmError::Io {
             context: context.into(),
-            source,
+            cause,
         }
     }
 }

@@ -84,13 +84,20 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     let data = load_dataset(cfg)?;
     let (_, held_out) = split(cfg, &data)?;
     let held_out = held_out.ok_or_else(|| {
-        DdpmError::Data("this run held out no images (data.holdout = 0), so there is nothing to evaluate on".into())
+        DdpmError::Data(
+            "this run held out no images (data.holdout = 0), so there is nothing to evaluate on"
+                .into(),
+        )
     })?;
     evaluate_checkpoint(&ckpt, &held_out, opts)
 }
 
 /// Evaluates `ckpt` on `data` (8-bit images).
-pub fn evaluate_checkpoint(ckpt: &Checkpoint, data: &Dataset, opts: &EvalOptions) -> Result<EvalReport> {
+pub fn evaluate_checkpoint(
+    ckpt: &Checkpoint,
+    data: &Dataset,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
     let cfg = &ckpt.manifest.config;
     let (vs, net) = build_model(cfg, opts.device, cfg.train.seed)?;
     ckpt.load_weights(&vs, opts.ema)?;
@@ -115,12 +122,17 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
         ));
     }
     if opts.batch_size == 0 || opts.quick == Some(0) {
-        return Err(DdpmError::InvalidArgument("the batch size and the number of t draws must be at least 1".into()));
+        return Err(DdpmError::InvalidArgument(
+            "the batch size and the number of t draws must be at least 1".into(),
+        ));
     }
     let n = opts.limit.unwrap_or(data.len()).min(data.len());
     let t_max = schedule.t_max();
     let per_batch = opts.quick.map_or(t_max as u64, |k| k as u64);
-    let bar = bar(opts.progress, n.div_ceil(opts.batch_size) as u64 * per_batch);
+    let bar = bar(
+        opts.progress,
+        n.div_ceil(opts.batch_size) as u64 * per_batch,
+    );
     let dims = data.item_dim();
     let nats_to_bits = 1.0 / (dims as f64 * std::f64::consts::LN_2);
     tch::manual_seed(opts.seed as i64);
@@ -138,7 +150,12 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
                 let sum = tch::no_grad(|| -> Result<Tensor> {
                     let mut sum = prior.zeros_like();
                     for _ in 0..k {
-                        let t = Tensor::randint_low(1, t_max + 1, [idx.len() as i64], (Kind::Int64, opts.device));
+                        let t = Tensor::randint_low(
+                            1,
+                            t_max + 1,
+                            [idx.len() as i64],
+                            (Kind::Int64, opts.device),
+                        );
                         let x_t = marginal_sample(schedule, &x0, &t, &x0.randn_like())?;
                         let eps_hat = model.predict(&x_t, &t);
                         sum += bound_term(schedule, sigma, &x0, &t, &x_t, &eps_hat)?;
@@ -153,11 +170,23 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
         parts.push(terms.map(|t| t.to_device(Device::Cpu).to_kind(Kind::Double) * nats_to_bits));
     }
     bar.finish_and_clear();
-    let column = |i: usize| Tensor::cat(&parts.iter().map(|p| p[i].shallow_clone()).collect::<Vec<_>>(), 0);
+    let column = |i: usize| {
+        Tensor::cat(
+            &parts
+                .iter()
+                .map(|p| p[i].shallow_clone())
+                .collect::<Vec<_>>(),
+            0,
+        )
+    };
     let (prior, diffusion, decoder) = (column(0), column(1), column(2));
     let total = &prior + &diffusion + &decoder;
     let mean = |t: &Tensor| f64::try_from(t.mean(Kind::Double)).unwrap_or(f64::NAN);
-    let std_error = if n > 1 { f64::try_from(total.std(true)).unwrap_or(f64::NAN) / (n as f64).sqrt() } else { f64::NAN };
+    let std_error = if n > 1 {
+        f64::try_from(total.std(true)).unwrap_or(f64::NAN) / (n as f64).sqrt()
+    } else {
+        f64::NAN
+    };
     Ok(EvalReport {
         step: 0,
         images: n,
@@ -175,7 +204,9 @@ fn bar(show: bool, len: u64) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} {wide_bar} {pos}/{len} model calls, ETA {eta}") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} {wide_bar} {pos}/{len} model calls, ETA {eta}",
+    ) {
         bar.set_style(style);
     }
     bar
@@ -209,17 +240,27 @@ mod tests {
         // 4 of its standard errors (Student t, 23 d.o.f.: significance level ≈ 6e-4).
         let s = Schedule::new(ScheduleKind::Article, 50, Device::Cpu).unwrap();
         let sigma = SigmaChoice::Beta.table(&s).unwrap();
-        let px = (Tensor::arange(24 * 16, (Kind::Int64, Device::Cpu)) * 23).remainder(256).to_kind(Kind::Uint8).view([24, 1, 4, 4]);
+        let px = (Tensor::arange(24 * 16, (Kind::Int64, Device::Cpu)) * 23)
+            .remainder(256)
+            .to_kind(Kind::Uint8)
+            .view([24, 1, 4, 4]);
         let data = Dataset::from_pixels(px, "tiny").unwrap();
         let bb = s.beta_bar().shallow_clone();
         let model = move |x: &Tensor, t: &Tensor| crate::schedule::gather(&bb, t, x).unwrap() * x;
         let full = evaluate_model(&model, &s, &sigma, &data, &opts(None)).unwrap();
         let quick = evaluate_model(&model, &s, &sigma, &data, &opts(Some(40))).unwrap();
-        assert!(full.bits_per_dim.is_finite() && full.bits_per_dim > 0.0, "{full}");
+        assert!(
+            full.bits_per_dim.is_finite() && full.bits_per_dim > 0.0,
+            "{full}"
+        );
         let diff = (full.bits_per_dim - quick.bits_per_dim).abs();
         assert!(diff < 4.0 * quick.std_error, "{full}\n{quick}");
         assert!(quick.to_string().contains("QUICK ESTIMATE"));
-        let real = Dataset::from_values(Tensor::zeros([2, 1, 4, 4], (Kind::Float, Device::Cpu)), "real").unwrap();
+        let real = Dataset::from_values(
+            Tensor::zeros([2, 1, 4, 4], (Kind::Float, Device::Cpu)),
+            "real",
+        )
+        .unwrap();
         assert!(evaluate_model(&model, &s, &sigma, &real, &opts(None)).is_err());
     }
 }

@@ -26,16 +26,28 @@ pub fn to_pixels(images: &Tensor) -> Result<Tensor> {
 pub fn tile(images: &Tensor, columns: Option<i64>) -> Result<Tensor> {
     let size = images.size();
     let [n, c, h, w] = size[..] else {
-        return Err(DdpmError::Shape(format!("a grid needs images [N, C, H, W], got {size:?}")));
+        return Err(DdpmError::Shape(format!(
+            "a grid needs images [N, C, H, W], got {size:?}"
+        )));
     };
     if n == 0 || !(c == 1 || c == 3) {
-        return Err(DdpmError::Shape(format!("a grid needs N ≥ 1 images with 1 or 3 channels, got {size:?}")));
+        return Err(DdpmError::Shape(format!(
+            "a grid needs N ≥ 1 images with 1 or 3 channels, got {size:?}"
+        )));
     }
-    let cols = columns.unwrap_or_else(|| (n as f64).sqrt().ceil() as i64).clamp(1, n);
+    let cols = columns
+        .unwrap_or_else(|| (n as f64).sqrt().ceil() as i64)
+        .clamp(1, n);
     let rows = (n + cols - 1) / cols;
     let px = to_pixels(images)?;
     // Blank cells fill the last row; each cell gets a gap on its top and left.
-    let filled = Tensor::f_cat(&[px, Tensor::zeros([rows * cols - n, c, h, w], (Kind::Uint8, Device::Cpu))], 0)?;
+    let filled = Tensor::f_cat(
+        &[
+            px,
+            Tensor::zeros([rows * cols - n, c, h, w], (Kind::Uint8, Device::Cpu)),
+        ],
+        0,
+    )?;
     let cells = filled.f_constant_pad_nd([GAP, 0, GAP, 0])?;
     let (ch, cw) = (h + GAP, w + GAP);
     let grid = cells
@@ -49,22 +61,35 @@ pub fn tile(images: &Tensor, columns: Option<i64>) -> Result<Tensor> {
 pub fn write_png(pixels: &Tensor, path: &Path) -> Result<()> {
     let size = pixels.size();
     let [c, h, w] = size[..] else {
-        return Err(DdpmError::Shape(format!("a PNG needs pixels [C, H, W], got {size:?}")));
+        return Err(DdpmError::Shape(format!(
+            "a PNG needs pixels [C, H, W], got {size:?}"
+        )));
     };
     let color = match c {
         1 => ExtendedColorType::L8,
         3 => ExtendedColorType::Rgb8,
-        _ => return Err(DdpmError::Shape(format!("a PNG needs 1 or 3 channels, got {c}"))),
+        _ => {
+            return Err(DdpmError::Shape(format!(
+                "a PNG needs 1 or 3 channels, got {c}"
+            )))
+        }
     };
     let hwc = pixels.f_permute([1, 2, 0])?.f_contiguous()?;
     let bytes = Vec::<u8>::try_from(hwc.f_reshape([-1])?)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| DdpmError::io(format!("cannot create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DdpmError::io(format!("cannot create {}", dir.display()), e))?;
     }
-    image::save_buffer_with_format(path, &bytes, w as u32, h as u32, color, ImageFormat::Png).map_err(|e| match e {
-        image::ImageError::IoError(e) => DdpmError::io(format!("cannot write {}", path.display()), e),
-        other => DdpmError::Image { path: path.to_path_buf(), source: other },
-    })
+    image::save_buffer_with_format(path, &bytes, w as u32, h as u32, color, ImageFormat::Png)
+        .map_err(|e| match e {
+            image::ImageError::IoError(e) => {
+                DdpmError::io(format!("cannot write {}", path.display()), e)
+            }
+            other => DdpmError::Image {
+                path: path.to_path_buf(),
+                cause: other,
+            },
+        })
 }
 
 /// Writes `[N, C, H, W]` images in [−1, 1] as one PNG grid.
@@ -93,8 +118,13 @@ mod tests {
         let imgs = levels.view([5, 1, 1, 1]).expand([5, 3, 2, 3], false);
         let g = tile(&imgs, Some(3)).unwrap();
         assert_eq!(g.size(), vec![3, 2 * (2 + GAP) + GAP, 3 * (3 + GAP) + GAP]);
-        let at = |r: i64, c: i64| u8::try_from(g.get(1).get(GAP + r * (2 + GAP)).get(GAP + c * (3 + GAP))).unwrap();
-        assert_eq!([at(0, 0), at(0, 1), at(0, 2), at(1, 0), at(1, 1), at(1, 2)], [0, 64, 128, 191, 255, 0]);
+        let at = |r: i64, c: i64| {
+            u8::try_from(g.get(1).get(GAP + r * (2 + GAP)).get(GAP + c * (3 + GAP))).unwrap()
+        };
+        assert_eq!(
+            [at(0, 0), at(0, 1), at(0, 2), at(1, 0), at(1, 1), at(1, 2)],
+            [0, 64, 128, 191, 255, 0]
+        );
         assert_eq!(u8::try_from(g.get(0).get(0).get(0)).unwrap(), 0);
     }
 
@@ -108,8 +138,14 @@ mod tests {
         assert_eq!(back.color(), image::ColorType::L8);
         let rgb = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
         save_each(&rgb, &dir.join("each")).unwrap();
-        let one = image::open(dir.join("each").join("00001.png")).unwrap().to_rgb8();
+        let one = image::open(dir.join("each").join("00001.png"))
+            .unwrap()
+            .to_rgb8();
         assert_eq!(one.get_pixel(0, 0).0, [128, 128, 128]);
-        assert!(tile(&Tensor::zeros([2, 2, 4, 4], (Kind::Float, Device::Cpu)), None).is_err());
+        assert!(tile(
+            &Tensor::zeros([2, 2, 4, 4], (Kind::Float, Device::Cpu)),
+            None
+        )
+        .is_err());
     }
 }

@@ -46,7 +46,11 @@ pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
             let dir = cfg.data.path.as_ref().ok_or_else(|| {
                 DdpmError::Config("data.source = folder needs a directory: pass --data DIR".into())
             })?;
-            let channels = if c == 3 { Channels::Rgb } else { Channels::Grey };
+            let channels = if c == 3 {
+                Channels::Rgb
+            } else {
+                Channels::Grey
+            };
             folder::load(dir, s as u32, channels)?
         }
     };
@@ -148,7 +152,8 @@ impl Trainer {
     /// Continues from `ckpt`: weights, EMA, LAMB state and counters.
     pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.load_weights(&self.vs, false)?;
-        self.ema.import(&ckpt.state.ema, ckpt.manifest.ema_updates)?;
+        self.ema
+            .import(&ckpt.state.ema, ckpt.manifest.ema_updates)?;
         self.lamb.load_state(&ckpt.state.optim)?;
         self.step = ckpt.manifest.step;
         self.skipped = ckpt.manifest.skipped_steps;
@@ -179,7 +184,10 @@ impl Trainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepOutcome> {
         let k = self.step + 1;
         if batch.step != k {
-            return Err(DdpmError::InvalidArgument(format!("batch of step {} given for step {k}", batch.step)));
+            return Err(DdpmError::InvalidArgument(format!(
+                "batch of step {} given for step {k}",
+                batch.step
+            )));
         }
         tch::manual_seed(batch.torch_seed);
         let dev = self.device;
@@ -187,8 +195,10 @@ impl Trainer {
         let t = batch.t.f_to_device(dev)?;
         let eps = batch.eps.f_to_device(dev)?;
         let x_t = marginal_sample(&self.schedule, &x0, &t, &eps)?;
-        let eps_hat = autocast_bf16(self.cfg.train.bf16, dev, || self.net.forward_t(&x_t, &t, true))?
-            .f_to_kind(Kind::Float)?;
+        let eps_hat = autocast_bf16(self.cfg.train.bf16, dev, || {
+            self.net.forward_t(&x_t, &t, true)
+        })?
+        .f_to_kind(Kind::Float)?;
         let loss = match &self.loss_sigma {
             None => euclidean_loss(&eps, &eps_hat)?,
             Some(sigma) => weighted_loss(&self.schedule, sigma, &t, &eps, &eps_hat)?,
@@ -197,7 +207,10 @@ impl Trainer {
         self.lamb.zero_grad();
         if !value.is_finite() {
             if !self.cfg.train.skip_nonfinite {
-                return Err(DdpmError::NonFinite { step: k, loss: value });
+                return Err(DdpmError::NonFinite {
+                    step: k,
+                    loss: value,
+                });
             }
             self.step = k;
             self.skipped += 1;
@@ -213,7 +226,9 @@ impl Trainer {
 
     /// The global gradient norm of the last update (waits for the device).
     pub fn last_grad_norm(&self) -> Option<f64> {
-        self.last_grad_norm.as_ref().and_then(|g| f64::try_from(g).ok())
+        self.last_grad_norm
+            .as_ref()
+            .and_then(|g| f64::try_from(g).ok())
     }
 
     /// The learning rate of the last update.
@@ -239,7 +254,11 @@ impl Trainer {
     pub fn state(&self) -> TrainingState {
         let mut model: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         model.sort_by(|a, b| a.0.cmp(&b.0));
-        TrainingState { model, ema: self.ema.export(), optim: self.lamb.state() }
+        TrainingState {
+            model,
+            ema: self.ema.export(),
+            optim: self.lamb.state(),
+        }
     }
 
     /// The manifest of a checkpoint at the current step, for a training set of `n` samples.
@@ -250,7 +269,11 @@ impl Trainer {
             format_version: checkpoint::FORMAT_VERSION,
             step: self.step,
             seed: self.cfg.train.seed,
-            data_position: DataPosition { epoch, batch_in_epoch, steps_per_epoch: plan.steps_per_epoch(n) },
+            data_position: DataPosition {
+                epoch,
+                batch_in_epoch,
+                steps_per_epoch: plan.steps_per_epoch(n),
+            },
             ema_updates: self.ema.updates(),
             skipped_steps: self.skipped,
             config: self.cfg.clone(),
@@ -282,7 +305,12 @@ impl Trainer {
     }
 
     fn sample(&self, net: &UNet) -> Result<Tensor> {
-        let sampler = Sampler::new(&self.schedule, self.cfg.sampler(Some(self.cfg.train.seed as i64)))?;
+        let mut how = self.cfg.sampler(Some(self.cfg.train.seed as i64));
+        if let Some(n) = self.cfg.train.grid_steps {
+            how.steps = Some(n);
+            how.eta = how.eta.or(Some(1.0));
+        }
+        let sampler = Sampler::new(&self.schedule, how)?;
         let [c, s, _] = self.cfg.image_shape();
         sampler.sample(net, &[self.cfg.sample.n as i64, c, s, s], self.device)
     }
@@ -325,9 +353,11 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 /// saved in the checkpoint is used, except `train.steps` which `steps` may raise.
 pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<TrainSummary> {
     let (cfg, resume_from) = if opts.resume {
-        let ckpt = checkpoint::latest_good(&checkpoints_dir(&opts.run_dir))?.ok_or_else(|| DdpmError::Checkpoint {
-            path: checkpoints_dir(&opts.run_dir),
-            reason: "holds no checkpoint to resume from".into(),
+        let ckpt = checkpoint::latest_good(&checkpoints_dir(&opts.run_dir))?.ok_or_else(|| {
+            DdpmError::Checkpoint {
+                path: checkpoints_dir(&opts.run_dir),
+                reason: "holds no checkpoint to resume from".into(),
+            }
         })?;
         let mut cfg = ckpt.manifest.config.clone();
         cfg.train.steps = steps.unwrap_or(cfg.train.steps);
@@ -341,7 +371,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<Tr
 }
 
 /// Trains on `data`, from scratch or from `resume_from`.
-pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: Option<Checkpoint>) -> Result<TrainSummary> {
+pub fn train_on(
+    cfg: &Config,
+    data: Dataset,
+    opts: &TrainOptions,
+    resume_from: Option<Checkpoint>,
+) -> Result<TrainSummary> {
     let ckpt_root = checkpoints_dir(&opts.run_dir);
     if resume_from.is_none() && !checkpoint::list(&ckpt_root)?.is_empty() {
         return Err(DdpmError::Config(format!(
@@ -352,16 +387,32 @@ pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: O
     let mut trainer = Trainer::new(cfg, opts.device)?;
     if let Some(ckpt) = &resume_from {
         trainer.restore(ckpt)?;
-        tracing::info!("resuming from {} at step {}", ckpt.dir.display(), trainer.step());
+        tracing::info!(
+            "resuming from {} at step {}",
+            ckpt.dir.display(),
+            trainer.step()
+        );
     }
-    std::fs::create_dir_all(&opts.run_dir)
-        .map_err(|e| DdpmError::io(format!("cannot create the run directory {}", opts.run_dir.display()), e))?;
+    std::fs::create_dir_all(&opts.run_dir).map_err(|e| {
+        DdpmError::io(
+            format!("cannot create the run directory {}", opts.run_dir.display()),
+            e,
+        )
+    })?;
     write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(opts.run_dir.join("metrics.jsonl"))
-        .map_err(|e| DdpmError::io(format!("cannot open {}", opts.run_dir.join("metrics.jsonl").display()), e))?;
+        .map_err(|e| {
+            DdpmError::io(
+                format!(
+                    "cannot open {}",
+                    opts.run_dir.join("metrics.jsonl").display()
+                ),
+                e,
+            )
+        })?;
 
     let total = cfg.train.steps;
     let first = trainer.step() + 1;
@@ -369,7 +420,8 @@ pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: O
     let mut loader = Loader::spawn(data, trainer.plan(), first, PREFETCH)?;
     let bar = progress_bar(opts.progress, total, trainer.step());
     let started = Instant::now();
-    let (mut window_sum, mut window_n, mut window_start, mut last_loss) = (0.0, 0u64, Instant::now(), f64::NAN);
+    let (mut window_sum, mut window_n, mut window_start, mut last_loss) =
+        (0.0, 0u64, Instant::now(), f64::NAN);
     let mut consecutive_skips = 0;
     let mut last_saved = None;
     let mut last_grid = None;
@@ -384,7 +436,9 @@ pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: O
             }
             StepOutcome::Skipped(loss) => {
                 consecutive_skips += 1;
-                bar.suspend(|| tracing::warn!("step {k}: loss {loss} is not finite; batch skipped"));
+                bar.suspend(|| {
+                    tracing::warn!("step {k}: loss {loss} is not finite; batch skipped")
+                });
                 if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
                     return Err(DdpmError::NonFinite { step: k, loss });
                 }
@@ -393,7 +447,11 @@ pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: O
         bar.set_position(k);
         if k % cfg.train.log_every == 0 || k == total {
             let secs = window_start.elapsed().as_secs_f64();
-            last_loss = if window_n > 0 { window_sum / window_n as f64 } else { f64::NAN };
+            last_loss = if window_n > 0 {
+                window_sum / window_n as f64
+            } else {
+                f64::NAN
+            };
             let line = serde_json::json!({
                 "step": k,
                 "loss": finite_or_null(last_loss),
@@ -403,18 +461,27 @@ pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: O
                 "elapsed_s": started.elapsed().as_secs_f64(),
                 "skipped": trainer.skipped(),
             });
-            writeln!(metrics, "{line}").map_err(|e| DdpmError::io("cannot append to metrics.jsonl", e))?;
+            writeln!(metrics, "{line}")
+                .map_err(|e| DdpmError::io("cannot append to metrics.jsonl", e))?;
             bar.set_message(format!("loss {last_loss:.2}"));
             (window_sum, window_n, window_start) = (0.0, 0, Instant::now());
         }
         if k % cfg.train.checkpoint_every == 0 || k == total {
             trainer.check_finite()?;
-            let dir = checkpoint::save(&ckpt_root, trainer.manifest(n), &trainer.state(), cfg.train.keep_last)?;
+            let dir = checkpoint::save(
+                &ckpt_root,
+                trainer.manifest(n),
+                &trainer.state(),
+                cfg.train.keep_last,
+            )?;
             bar.suspend(|| tracing::info!("step {k}: checkpoint {}", dir.display()));
             last_saved = Some(dir);
         }
         if (cfg.train.sample_every > 0 && k % cfg.train.sample_every == 0) || k == total {
-            let path = opts.run_dir.join("samples").join(format!("{}.png", checkpoint::dir_name(k)));
+            let path = opts
+                .run_dir
+                .join("samples")
+                .join(format!("{}.png", checkpoint::dir_name(k)));
             bar.set_message(format!("loss {last_loss:.2}, sampling"));
             trainer.write_grid(&path)?;
             bar.suspend(|| tracing::info!("step {k}: samples {}", path.display()));
@@ -426,8 +493,18 @@ pub fn train_on(cfg: &Config, data: Dataset, opts: &TrainOptions, resume_from: O
         Some(dir) => dir,
         None => ckpt_root.join(checkpoint::dir_name(trainer.step())),
     };
-    let grid = last_grid.unwrap_or_else(|| opts.run_dir.join("samples").join(format!("{}.png", checkpoint::dir_name(trainer.step()))));
-    Ok(TrainSummary { steps: trainer.step(), last_loss, checkpoint, grid, skipped: trainer.skipped() })
+    let grid = last_grid.unwrap_or_else(|| {
+        opts.run_dir
+            .join("samples")
+            .join(format!("{}.png", checkpoint::dir_name(trainer.step())))
+    });
+    Ok(TrainSummary {
+        steps: trainer.step(),
+        last_loss,
+        checkpoint,
+        grid,
+        skipped: trainer.skipped(),
+    })
 }
 
 fn finite_or_null(x: f64) -> Option<f64> {
@@ -435,7 +512,8 @@ fn finite_or_null(x: f64) -> Option<f64> {
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
+    std::fs::write(path, text)
+        .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
 }
 
 fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
@@ -443,8 +521,10 @@ fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total).with_position(at);
-    let style = ProgressStyle::with_template("{elapsed_precise} {wide_bar} {pos}/{len} {msg} {per_sec} ETA {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "{elapsed_precise} {wide_bar} {pos}/{len} {msg} {per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
 }
@@ -476,23 +556,33 @@ mod tests {
         cfg.train.sample_every = 0;
         cfg.train.log_every = 1;
         cfg.sample.n = 2;
-        cfg.sample.steps = Some(4);
-        cfg.sample.eta = Some(1.0);
+        cfg.train.grid_steps = Some(4);
         cfg
     }
 
     fn pictures(n: i64) -> Dataset {
         let i = Tensor::arange(n * 64, (Kind::Int64, Device::Cpu));
-        let px = (i * 37 + 11).remainder(256).to_kind(Kind::Uint8).view([n, 1, 8, 8]);
+        let px = (i * 37 + 11)
+            .remainder(256)
+            .to_kind(Kind::Uint8)
+            .view([n, 1, 8, 8]);
         Dataset::from_pixels(px, "pictures").unwrap()
     }
 
     fn opts(dir: &Path, resume: bool) -> TrainOptions {
-        TrainOptions { run_dir: dir.to_path_buf(), device: Device::Cpu, resume, progress: false }
+        TrainOptions {
+            run_dir: dir.to_path_buf(),
+            device: Device::Cpu,
+            resume,
+            progress: false,
+        }
     }
 
     fn same_tensors(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
     }
 
     #[test]
@@ -513,19 +603,32 @@ mod tests {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), from.join(entry.file_name())).unwrap();
         }
-        let ckpt = checkpoint::latest_good(&checkpoints_dir(&resumed)).unwrap().unwrap();
+        let ckpt = checkpoint::latest_good(&checkpoints_dir(&resumed))
+            .unwrap()
+            .unwrap();
         assert_eq!(ckpt.manifest.step, 3);
         train_on(&cfg, pictures(10), &opts(&resumed, true), Some(ckpt)).unwrap();
 
         let a = checkpoint::load(&checkpoints_dir(&whole).join("step-0000007")).unwrap();
         let b = checkpoint::load(&checkpoints_dir(&resumed).join("step-0000007")).unwrap();
-        assert!(same_tensors(&a.state.model, &b.state.model), "weights differ");
+        assert!(
+            same_tensors(&a.state.model, &b.state.model),
+            "weights differ"
+        );
         assert!(same_tensors(&a.state.ema, &b.state.ema), "EMA differs");
-        assert!(same_tensors(&a.state.optim, &b.state.optim), "LAMB state differs");
+        assert!(
+            same_tensors(&a.state.optim, &b.state.optim),
+            "LAMB state differs"
+        );
         let start = checkpoint::load(&checkpoints_dir(&whole).join("step-0000003")).unwrap();
-        assert!(!same_tensors(&start.state.model, &a.state.model), "training did not move the weights");
+        assert!(
+            !same_tensors(&start.state.model, &a.state.model),
+            "training did not move the weights"
+        );
 
-        let err = train_on(&cfg, pictures(10), &opts(&whole, false), None).unwrap_err().to_string();
+        let err = train_on(&cfg, pictures(10), &opts(&whole, false), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--resume"), "{err}");
     }
 
@@ -533,15 +636,25 @@ mod tests {
     fn a_non_finite_loss_stops_or_skips_without_writing_a_bad_checkpoint() {
         let _guard = crate::sampler::rng_lock();
         // Eight pictures, one of them NaN: each epoch has one bad batch of the two.
-        let x = crate::data::pixels_to_model(&pictures(8).raw(&(0..8).collect::<Vec<_>>()).unwrap()).unwrap();
+        let x =
+            crate::data::pixels_to_model(&pictures(8).raw(&(0..8).collect::<Vec<_>>()).unwrap())
+                .unwrap();
         let _ = x.get(5).fill_(f64::NAN);
         let data = Dataset::from_values(x, "with a NaN").unwrap();
         let mut cfg = tiny(6);
         let dir = test_dir("train_nan");
         let err = train_on(&cfg, data.clone(), &opts(&dir, false), None).unwrap_err();
-        let DdpmError::NonFinite { step, .. } = err else { panic!("{err}") };
-        assert!(step <= 2, "the bad batch comes within the first epoch, got step {step}");
-        assert!(checkpoint::list(&checkpoints_dir(&dir)).unwrap().iter().all(|(s, _)| *s < step));
+        let DdpmError::NonFinite { step, .. } = err else {
+            panic!("{err}")
+        };
+        assert!(
+            step <= 2,
+            "the bad batch comes within the first epoch, got step {step}"
+        );
+        assert!(checkpoint::list(&checkpoints_dir(&dir))
+            .unwrap()
+            .iter()
+            .all(|(s, _)| *s < step));
 
         cfg.train.skip_nonfinite = true;
         let dir = test_dir("train_nan_skip");
@@ -549,6 +662,10 @@ mod tests {
         assert_eq!((summary.steps, summary.skipped), (6, 3));
         let last = checkpoint::load(&summary.checkpoint).unwrap();
         assert_eq!(last.manifest.skipped_steps, 3);
-        assert!(last.state.model.iter().all(|(_, w)| bool::try_from(w.isfinite().all()).unwrap()));
+        assert!(last
+            .state
+            .model
+            .iter()
+            .all(|(_, w)| bool::try_from(w.isfinite().all()).unwrap()));
     }
 }

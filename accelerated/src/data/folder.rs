@@ -10,7 +10,15 @@ use tch::Tensor;
 
 /// Colour channels the images are converted to.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Channels {
@@ -40,10 +48,13 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.display()
         )));
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?;
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?.path();
+        let path = entry
+            .map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?
+            .path();
         let is_image = path
             .extension()
             .and_then(|e| e.to_str())
@@ -69,14 +80,18 @@ pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
         return Err(DdpmError::Data("the image size must be positive".into()));
     }
     let files = image_files(dir)?;
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len());
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len());
     let chunk = files.len().div_ceil(workers);
     let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files
             .chunks(chunk)
             .map(|part| {
                 scope.spawn(move || -> Result<Vec<u8>> {
-                    let mut out = Vec::with_capacity(part.len() * (side * side) as usize * channels.count() as usize);
+                    let mut out = Vec::with_capacity(
+                        part.len() * (side * side) as usize * channels.count() as usize,
+                    );
                     for path in part {
                         out.extend(prepare(path, side, channels)?);
                     }
@@ -84,7 +99,14 @@ pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(DdpmError::Data("an image decoder thread panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(DdpmError::Data("an image decoder thread panicked".into()))
+                })
+            })
+            .collect()
     });
     let mut pixels = Vec::new();
     for part in parts {
@@ -92,7 +114,10 @@ pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
     }
     let (n, s, c) = (files.len() as i64, side as i64, channels.count());
     // Decoded images are height × width × channel; the model wants channel first.
-    let images = Tensor::from_slice(&pixels).view([n, s, s, c]).permute([0, 3, 1, 2]).contiguous();
+    let images = Tensor::from_slice(&pixels)
+        .view([n, s, s, c])
+        .permute([0, 3, 1, 2])
+        .contiguous();
     Dataset::from_pixels(images, format!("image folder {}", dir.display()))
 }
 
@@ -103,7 +128,10 @@ pub fn prepare(path: &Path, side: u32, channels: Channels) -> Result<Vec<u8>> {
         .with_guessed_format()
         .map_err(|e| DdpmError::io(format!("cannot read image {}", path.display()), e))?
         .decode()
-        .map_err(|source| DdpmError::Image { path: path.to_path_buf(), source })?;
+        .map_err(|cause| DdpmError::Image {
+            path: path.to_path_buf(),
+            cause,
+        })?;
     let (w, h) = (img.width(), img.height());
     if w.min(h) < side {
         return Err(DdpmError::Data(format!(
@@ -113,7 +141,11 @@ pub fn prepare(path: &Path, side: u32, channels: Channels) -> Result<Vec<u8>> {
     }
     let square = w.min(h);
     let cropped = img.crop_imm((w - square) / 2, (h - square) / 2, square, square);
-    let resized = if square == side { cropped } else { cropped.resize_exact(side, side, FilterType::Lanczos3) };
+    let resized = if square == side {
+        cropped
+    } else {
+        cropped.resize_exact(side, side, FilterType::Lanczos3)
+    };
     Ok(match channels {
         Channels::Grey => DynamicImage::ImageLuma8(resized.to_luma8()).into_bytes(),
         Channels::Rgb => DynamicImage::ImageRgb8(resized.to_rgb8()).into_bytes(),
@@ -128,7 +160,13 @@ mod tests {
 
     /// A w×h image whose left half is red and right half blue.
     fn picture(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, _| if x < w / 2 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) })
+        RgbImage::from_fn(w, h, |x, _| {
+            if x < w / 2 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        })
     }
 
     #[test]
@@ -153,7 +191,9 @@ mod tests {
 
     #[test]
     fn clear_errors_for_bad_folders_and_files() {
-        let missing = load(Path::new("/nonexistent/celeba"), 8, Channels::Rgb).unwrap_err().to_string();
+        let missing = load(Path::new("/nonexistent/celeba"), 8, Channels::Rgb)
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("does not exist"), "{missing}");
 
         let empty = test_dir("folder_empty");

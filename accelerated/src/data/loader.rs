@@ -50,7 +50,10 @@ impl BatchPlan {
             )));
         }
         if self.t_max < 1 {
-            return Err(DdpmError::InvalidArgument(format!("T must be at least 1, got {}", self.t_max)));
+            return Err(DdpmError::InvalidArgument(format!(
+                "T must be at least 1, got {}",
+                self.t_max
+            )));
         }
         Ok(())
     }
@@ -83,7 +86,10 @@ impl BatchPlan {
         let mut rng = seeded_rng(self.seed, Stream::Step, step);
         let b = self.batch_size as i64;
         let t: Vec<i64> = (0..b).map(|_| rng.random_range(1..=self.t_max)).collect();
-        let eps: Vec<f32> = (&mut rng).sample_iter(StandardNormal).take(x0.numel()).collect();
+        let eps: Vec<f32> = (&mut rng)
+            .sample_iter(StandardNormal)
+            .take(x0.numel())
+            .collect();
         if self.flip && x0.dim() == 4 {
             let flips: Vec<bool> = (0..b).map(|_| rng.random_bool(0.5)).collect();
             let mask = Tensor::from_slice(&flips).view([b, 1, 1, 1]);
@@ -139,13 +145,20 @@ impl Loader {
                 }
             })
             .map_err(|e| DdpmError::io("cannot start the data loader thread", e))?;
-        Ok(Loader { rx: Some(rx), handle: Some(handle) })
+        Ok(Loader {
+            rx: Some(rx),
+            handle: Some(handle),
+        })
     }
 
     /// The next batch, waiting for it if the thread is behind.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let rx = self.rx.as_ref().ok_or_else(|| DdpmError::Data("the data loader was stopped".into()))?;
-        rx.recv().map_err(|_| DdpmError::Data("the data loader thread stopped unexpectedly".into()))?
+        let rx = self
+            .rx
+            .as_ref()
+            .ok_or_else(|| DdpmError::Data("the data loader was stopped".into()))?;
+        rx.recv()
+            .map_err(|_| DdpmError::Data("the data loader thread stopped unexpectedly".into()))?
     }
 }
 
@@ -165,22 +178,38 @@ mod tests {
     use tch::{Device, Kind};
 
     fn images(n: i64) -> Dataset {
-        let px = Tensor::arange(n * 4, (Kind::Int64, Device::Cpu)).remainder(256).to_kind(Kind::Uint8).view([n, 1, 2, 2]);
+        let px = Tensor::arange(n * 4, (Kind::Int64, Device::Cpu))
+            .remainder(256)
+            .to_kind(Kind::Uint8)
+            .view([n, 1, 2, 2]);
         Dataset::from_pixels(px, "toy").unwrap()
     }
 
     fn same(a: &Batch, b: &Batch) -> bool {
-        a.step == b.step && a.torch_seed == b.torch_seed && a.x0.equal(&b.x0) && a.t.equal(&b.t) && a.eps.equal(&b.eps)
+        a.step == b.step
+            && a.torch_seed == b.torch_seed
+            && a.x0.equal(&b.x0)
+            && a.t.equal(&b.t)
+            && a.eps.equal(&b.eps)
     }
 
     #[test]
     fn the_thread_yields_the_same_batches_as_the_pure_function_from_any_start() {
         let data = images(10);
-        let plan = BatchPlan { batch_size: 3, seed: 5, t_max: 1000, flip: true };
+        let plan = BatchPlan {
+            batch_size: 3,
+            seed: 5,
+            t_max: 1000,
+            flip: true,
+        };
         let mut from_one = Loader::spawn(data.clone(), plan, 1, 2).unwrap();
         let all: Vec<Batch> = (0..8).map(|_| from_one.next_batch().unwrap()).collect();
         for (i, b) in all.iter().enumerate() {
-            assert!(same(b, &plan.batch(&data, i as u64 + 1).unwrap()), "step {}", i + 1);
+            assert!(
+                same(b, &plan.batch(&data, i as u64 + 1).unwrap()),
+                "step {}",
+                i + 1
+            );
         }
         let mut resumed = Loader::spawn(data.clone(), plan, 5, 2).unwrap();
         for b in &all[4..] {
@@ -191,19 +220,50 @@ mod tests {
     #[test]
     fn epochs_cover_each_sample_once_and_t_stays_in_range() {
         let data = images(9);
-        let plan = BatchPlan { batch_size: 3, seed: 1, t_max: 4, flip: false };
-        let mut seen: Vec<f32> = (1..=3).flat_map(|s| Vec::<f32>::try_from(plan.batch(&data, s).unwrap().x0.select(3, 0).select(2, 0).select(1, 0)).unwrap()).collect();
+        let plan = BatchPlan {
+            batch_size: 3,
+            seed: 1,
+            t_max: 4,
+            flip: false,
+        };
+        let mut seen: Vec<f32> = (1..=3)
+            .flat_map(|s| {
+                Vec::<f32>::try_from(
+                    plan.batch(&data, s)
+                        .unwrap()
+                        .x0
+                        .select(3, 0)
+                        .select(2, 0)
+                        .select(1, 0),
+                )
+                .unwrap()
+            })
+            .collect();
         seen.sort_by(f32::total_cmp);
         let all: Vec<i64> = (0..9).collect();
-        let mut expected = Vec::<f32>::try_from(data.batch(&all).unwrap().select(3, 0).select(2, 0).select(1, 0)).unwrap();
+        let mut expected = Vec::<f32>::try_from(
+            data.batch(&all)
+                .unwrap()
+                .select(3, 0)
+                .select(2, 0)
+                .select(1, 0),
+        )
+        .unwrap();
         expected.sort_by(f32::total_cmp);
         assert_eq!(seen, expected);
-        let mut t: Vec<i64> = (1..=30).flat_map(|s| Vec::<i64>::try_from(plan.batch(&data, s).unwrap().t).unwrap()).collect();
+        let mut t: Vec<i64> = (1..=30)
+            .flat_map(|s| Vec::<i64>::try_from(plan.batch(&data, s).unwrap().t).unwrap())
+            .collect();
         t.sort_unstable();
         t.dedup();
         // 90 draws from U{1..4} miss a value with probability 4·(3/4)^90 < 1e-10.
         assert_eq!(t, vec![1, 2, 3, 4]);
         assert_ne!(plan.order(9, 0), plan.order(9, 1));
-        assert!(BatchPlan { batch_size: 10, ..plan }.batch(&data, 1).is_err());
+        assert!(BatchPlan {
+            batch_size: 10,
+            ..plan
+        }
+        .batch(&data, 1)
+        .is_err());
     }
 }

@@ -25,19 +25,33 @@ impl GaussianMixture {
         let k = weights.len();
         let bad = |msg: String| Err(DdpmError::Data(format!("invalid Gaussian mixture: {msg}")));
         if k == 0 || means.len() != k || stds.len() != k {
-            return bad(format!("{k} weights, {} means and {} stds", means.len(), stds.len()));
+            return bad(format!(
+                "{k} weights, {} means and {} stds",
+                means.len(),
+                stds.len()
+            ));
         }
         let d = means[0].len();
         if d == 0 || means.iter().any(|m| m.len() != d) {
             return bad("every mean needs the same positive dimension".into());
         }
-        if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || weights.iter().sum::<f64>() <= 0.0 {
-            return bad(format!("weights must be non-negative with a positive sum, got {weights:?}"));
+        if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
+            || weights.iter().sum::<f64>() <= 0.0
+        {
+            return bad(format!(
+                "weights must be non-negative with a positive sum, got {weights:?}"
+            ));
         }
-        if stds.iter().any(|s| !(s.is_finite() && *s >= 0.0)) || means.iter().flatten().any(|m| !m.is_finite()) {
+        if stds.iter().any(|s| !(s.is_finite() && *s >= 0.0))
+            || means.iter().flatten().any(|m| !m.is_finite())
+        {
             return bad("means and standard deviations must be finite, stds non-negative".into());
         }
-        Ok(GaussianMixture { weights, means, stds })
+        Ok(GaussianMixture {
+            weights,
+            means,
+            stds,
+        })
     }
 
     /// The dimension d.
@@ -60,7 +74,13 @@ impl GaussianMixture {
             }));
         }
         let values = Tensor::from_slice(&values).view([n as i64, d as i64]);
-        Dataset::from_values(values, format!("Gaussian mixture ({} components, d = {d})", self.weights.len()))
+        Dataset::from_values(
+            values,
+            format!(
+                "Gaussian mixture ({} components, d = {d})",
+                self.weights.len()
+            ),
+        )
     }
 }
 
@@ -74,7 +94,12 @@ mod tests {
         // Two components in 3-D, weights 1:3, means ±2·1, std 0.5. Mean = 0.25·(−2)+0.75·2 = 1,
         // per-dimension variance = 0.25 + 4 − 1 = 3.25. With n = 40 000 the standard error of
         // the mean is sqrt(3.25/n) ≈ 0.009, so 0.05 is more than 5 standard errors (p < 1e-6).
-        let g = GaussianMixture::new(vec![1.0, 3.0], vec![vec![-2.0; 3], vec![2.0; 3]], vec![0.5, 0.5]).unwrap();
+        let g = GaussianMixture::new(
+            vec![1.0, 3.0],
+            vec![vec![-2.0; 3], vec![2.0; 3]],
+            vec![0.5, 0.5],
+        )
+        .unwrap();
         let n = 40_000;
         let d = g.sample(n, 11).unwrap();
         assert_eq!(d.item_shape(), vec![3]);
@@ -96,7 +121,12 @@ mod tests {
     fn rejects_inconsistent_parameters() {
         assert!(GaussianMixture::new(vec![], vec![], vec![]).is_err());
         assert!(GaussianMixture::new(vec![1.0], vec![vec![0.0, 1.0]], vec![-1.0]).is_err());
-        assert!(GaussianMixture::new(vec![1.0, 1.0], vec![vec![0.0], vec![0.0, 1.0]], vec![1.0, 1.0]).is_err());
+        assert!(GaussianMixture::new(
+            vec![1.0, 1.0],
+            vec![vec![0.0], vec![0.0, 1.0]],
+            vec![1.0, 1.0]
+        )
+        .is_err());
         assert!(GaussianMixture::new(vec![0.0], vec![vec![0.0]], vec![1.0]).is_err());
     }
 }

@@ -17,9 +17,14 @@ pub const PIXELS: usize = (SIDE * SIDE) as usize;
 /// The data set's location: `$DDPM_MNIST` if set, else `data/mnist_5k.csv.gz` under the
 /// repository this binary was built from (where `scripts/bootstrap.sh` puts it).
 pub fn default_path() -> PathBuf {
-    std::env::var_os("DDPM_MNIST").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("data").join("mnist_5k.csv.gz")
-    })
+    std::env::var_os("DDPM_MNIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("data")
+                .join("mnist_5k.csv.gz")
+        })
 }
 
 /// Loads the CSV (gzip-compressed when the name ends in `.gz`) as 8-bit images `[N, 1, S, S]`,
@@ -45,7 +50,11 @@ pub fn load(path: &Path, pad_to_32: bool) -> Result<Dataset> {
     let (pixels, _labels) = parse(BufReader::new(reader), &path.display().to_string())?;
     let n = (pixels.len() / PIXELS) as i64;
     let images = Tensor::from_slice(&pixels).view([n, 1, SIDE, SIDE]);
-    let images = if pad_to_32 { images.f_constant_pad_nd([2, 2, 2, 2])? } else { images };
+    let images = if pad_to_32 {
+        images.f_constant_pad_nd([2, 2, 2, 2])?
+    } else {
+        images
+    };
     Dataset::from_pixels(images, format!("MNIST-5k ({})", path.display()))
 }
 
@@ -56,12 +65,16 @@ pub fn parse(reader: impl BufRead, origin: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut labels = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(|e| {
-            DdpmError::Data(format!("{origin}: cannot read line {} (truncated or corrupt file?): {e}", i + 1))
+            DdpmError::Data(format!(
+                "{origin}: cannot read line {} (truncated or corrupt file?): {e}",
+                i + 1
+            ))
         })?;
         if line.trim().is_empty() {
             continue;
         }
-        let row = parse_row(&line).map_err(|msg| DdpmError::Data(format!("{origin}, line {}: {msg}", i + 1)))?;
+        let row = parse_row(&line)
+            .map_err(|msg| DdpmError::Data(format!("{origin}, line {}: {msg}", i + 1)))?;
         pixels.extend_from_slice(&row[..PIXELS]);
         labels.push(row[PIXELS]);
     }
@@ -89,7 +102,10 @@ fn parse_row(line: &str) -> std::result::Result<Vec<u8>, String> {
         ));
     }
     if row[PIXELS] > 9 {
-        return Err(format!("the label (last column) must be a digit 0..9, got {}", row[PIXELS]));
+        return Err(format!(
+            "the label (last column) must be a digit 0..9, got {}",
+            row[PIXELS]
+        ));
     }
     Ok(row)
 }
@@ -145,7 +161,9 @@ mod tests {
 
     #[test]
     fn missing_file_points_at_the_bootstrap() {
-        let err = load(Path::new("/nonexistent/mnist_5k.csv.gz"), false).unwrap_err().to_string();
+        let err = load(Path::new("/nonexistent/mnist_5k.csv.gz"), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("scripts/bootstrap.sh"), "{err}");
     }
 }
