@@ -148,6 +148,9 @@ struct Args {
     /// Internal: run as our side's worker, reading the spec and phases from stdin.
     #[arg(long, hide = true)]
     worker: bool,
+    /// Internal: the worker runs the product's trainer instead of the library's pieces.
+    #[arg(long, hide = true)]
+    product: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -334,10 +337,23 @@ fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
+/// Our side's worker: either the library's pieces (`train`, `strided`, `ancestral`) or the
+/// product's trainer (`trainer`), never both in one process, so that each process's peak
+/// memory holds one model, one optimiser and one EMA, as the twin's does.
 struct Ours {
     spec: Spec,
     device: Device,
     bf16: bool,
+    role: Role,
+}
+
+enum Role {
+    Library(Box<Library>),
+    Product(Box<Product>),
+}
+
+/// The model, LAMB, EMA, schedule, one fixed training batch x_0 on the device, and the samplers.
+struct Library {
     vs: nn::VarStore,
     net: UNet,
     lamb: Lamb,
@@ -347,7 +363,6 @@ struct Ours {
     strided: Sampler,
     ancestral: Sampler,
     warmup: Sampler,
-    product: Product,
 }
 
 /// The product's trainer and one CPU batch that it is fed at every step.
@@ -396,24 +411,8 @@ impl Product {
     }
 }
 
-impl Ours {
-    fn new(spec: Spec) -> Result<Ours> {
-        let device = if spec.device == "cuda" {
-            Device::Cuda(0)
-        } else {
-            Device::Cpu
-        };
-        if let Some(n) = spec.threads {
-            tch::set_num_threads(n);
-        }
-        if device.is_cuda() {
-            Cuda::cudnn_set_benchmark(spec.cudnn_benchmark);
-        }
-        tch::manual_seed(spec.seed);
-        let bf16 = spec.precision == Precision::Bf16;
-        if bf16 {
-            use_bf16_autocast()?;
-        }
+impl Library {
+    fn new(spec: &Spec, device: Device) -> Result<Library> {
         let vs = nn::VarStore::new(device);
         let net = UNet::new(&vs.root(), &spec.model)?;
         if spec.channels_last {
@@ -429,11 +428,8 @@ impl Ours {
         let ema = Ema::new(&vs, spec.ema_decay, true)?;
         let schedule = Schedule::new(ScheduleKind::Article, spec.model.t_max, device)?;
         let m = &spec.model;
-        let x0 = Tensor::rand(
-            [spec.train_batch, m.in_channels, m.image_size, m.image_size],
-            (Kind::Float, device),
-        ) * 2.0
-            - 1.0;
+        let shape = [spec.train_batch, m.in_channels, m.image_size, m.image_size];
+        let x0 = Tensor::rand(shape, (Kind::Float, device)) * 2.0 - 1.0;
         let x0 = if spec.channels_last {
             channels_last(&x0)
         } else {
@@ -451,11 +447,7 @@ impl Ours {
         if strided.steps() != spec.strided_pairs.as_slice() {
             bail!("our strided steps differ from the spec's");
         }
-        let product = Product::new(&spec, device)?;
-        Ok(Ours {
-            spec,
-            device,
-            bf16,
+        Ok(Library {
             vs,
             net,
             lamb,
@@ -465,16 +457,16 @@ impl Ours {
             strided,
             ancestral,
             warmup,
-            product,
         })
     }
 
-    fn train_step(&mut self) -> Result<()> {
-        let t = self.schedule.sample_t(self.spec.train_batch, self.device);
+    fn train_step(&mut self, bf16: bool) -> Result<()> {
+        let device = self.x0.device();
+        let t = self.schedule.sample_t(self.x0.size()[0], device);
         let eps = self.x0.randn_like();
         let x_t = marginal_sample(&self.schedule, &self.x0, &t, &eps)?;
         let net = &self.net;
-        let loss = tch::autocast(self.bf16, || -> Result<Tensor> {
+        let loss = tch::autocast(bf16, || -> Result<Tensor> {
             let eps_hat = net.forward_t(&x_t, &t, true)?;
             Ok(euclidean_loss(&eps, &eps_hat)?)
         })?;
@@ -485,12 +477,44 @@ impl Ours {
         Ok(())
     }
 
-    fn sample(&self, sampler: &Sampler, images: i64) -> Result<Tensor> {
-        let m = &self.spec.model;
+    fn sample(&self, sampler: &Sampler, images: i64, spec: &Spec, bf16: bool) -> Result<Tensor> {
+        let m = &spec.model;
         let shape = [images, m.in_channels, m.image_size, m.image_size];
-        Ok(tch::autocast(self.bf16, || {
-            sampler.sample(&self.net, &shape, self.device)
+        Ok(tch::autocast(bf16, || {
+            sampler.sample(&self.net, &shape, self.x0.device())
         })?)
+    }
+}
+
+impl Ours {
+    fn new(spec: Spec, product: bool) -> Result<Ours> {
+        let device = if spec.device == "cuda" {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        };
+        if let Some(n) = spec.threads {
+            tch::set_num_threads(n);
+        }
+        if device.is_cuda() {
+            Cuda::cudnn_set_benchmark(spec.cudnn_benchmark);
+        }
+        tch::manual_seed(spec.seed);
+        let bf16 = spec.precision == Precision::Bf16;
+        if bf16 {
+            use_bf16_autocast()?;
+        }
+        let role = if product {
+            Role::Product(Box::new(Product::new(&spec, device)?))
+        } else {
+            Role::Library(Box::new(Library::new(&spec, device)?))
+        };
+        Ok(Ours {
+            spec,
+            device,
+            bf16,
+            role,
+        })
     }
 
     fn sync(&self) {
@@ -500,14 +524,23 @@ impl Ours {
     }
 
     fn warm_up(&mut self) -> Result<()> {
-        for _ in 0..self.spec.warmup_steps {
-            self.train_step()?;
-            self.product.step()?;
-        }
-        let mut sizes = vec![self.spec.strided_images, self.spec.ancestral_images];
-        sizes.dedup();
-        for images in sizes.into_iter().filter(|&n| n > 0) {
-            let _ = self.sample(&self.warmup, images)?;
+        let (spec, bf16) = (&self.spec, self.bf16);
+        match &mut self.role {
+            Role::Product(p) => {
+                for _ in 0..spec.warmup_steps {
+                    p.step()?;
+                }
+            }
+            Role::Library(lib) => {
+                for _ in 0..spec.warmup_steps {
+                    lib.train_step(bf16)?;
+                }
+                let mut sizes = vec![spec.strided_images, spec.ancestral_images];
+                sizes.dedup();
+                for images in sizes.into_iter().filter(|&n| n > 0) {
+                    let _ = lib.sample(&lib.warmup, images, spec, bf16)?;
+                }
+            }
         }
         self.sync();
         Ok(())
@@ -518,27 +551,30 @@ impl Ours {
         self.sync();
         let cpu_start = cpu_seconds();
         let start = Instant::now();
-        let images = match phase {
-            Phase::Train => {
-                for _ in 0..self.spec.train_steps {
-                    self.train_step()?;
+        let (spec, bf16) = (&self.spec, self.bf16);
+        let train_images = spec.train_steps as i64 * spec.train_batch;
+        let images = match (&mut self.role, phase) {
+            (Role::Library(lib), Phase::Train) => {
+                for _ in 0..spec.train_steps {
+                    lib.train_step(bf16)?;
                 }
-                self.spec.train_steps as i64 * self.spec.train_batch
+                train_images
             }
-            Phase::Trainer => {
-                for _ in 0..self.spec.train_steps {
-                    self.product.step()?;
+            (Role::Product(p), Phase::Trainer) => {
+                for _ in 0..spec.train_steps {
+                    p.step()?;
                 }
-                self.spec.train_steps as i64 * self.spec.train_batch
+                train_images
             }
-            Phase::Strided => {
-                let _ = self.sample(&self.strided, self.spec.strided_images)?;
-                self.spec.strided_images
+            (Role::Library(lib), Phase::Strided) => {
+                let _ = lib.sample(&lib.strided, spec.strided_images, spec, bf16)?;
+                spec.strided_images
             }
-            Phase::Ancestral => {
-                let _ = self.sample(&self.ancestral, self.spec.ancestral_images)?;
-                self.spec.ancestral_images
+            (Role::Library(lib), Phase::Ancestral) => {
+                let _ = lib.sample(&lib.ancestral, spec.ancestral_images, spec, bf16)?;
+                spec.ancestral_images
             }
+            (_, phase) => bail!("this worker does not run the {} phase", phase.name()),
         };
         self.sync();
         let seconds = start.elapsed().as_secs_f64();
@@ -554,8 +590,12 @@ impl Ours {
     }
 
     fn ready(&self) -> Value {
-        let vars = self.vs.variables();
-        let adapted: i64 = vars
+        let vs = match &self.role {
+            Role::Library(lib) => &lib.vs,
+            Role::Product(p) => p.trainer.var_store(),
+        };
+        let adapted: i64 = vs
+            .variables()
             .iter()
             .filter(|(n, w)| is_adapted(n, w))
             .map(|(_, w)| w.numel() as i64)
@@ -563,7 +603,7 @@ impl Ours {
         json!({
             "ready": true,
             "side": "ours",
-            "parameters": parameter_count(&self.vs),
+            "parameters": parameter_count(vs),
             "adapted_parameters": adapted,
             "threads": tch::get_num_threads(),
             "libtorch": ddpm::device::torch_info().libtorch_version,
@@ -571,26 +611,29 @@ impl Ours {
     }
 }
 
-fn run_worker() -> Result<()> {
+fn run_worker(product: bool) -> Result<()> {
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let first = lines.next().ok_or_else(|| anyhow!("no spec on stdin"))??;
     let spec: Spec = serde_json::from_str(&first).context("reading the spec")?;
-    let mut ours = Ours::new(spec)?;
+    let mut ours = Ours::new(spec, product)?;
     ours.warm_up()?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", ours.ready())?;
     out.flush()?;
     for line in lines {
         let line = line?;
-        let reply = match line.trim() {
+        let phase = match line.trim() {
             "quit" => break,
-            "train" => ours.phase(Phase::Train)?,
-            "trainer" => ours.phase(Phase::Trainer)?,
-            "strided" => ours.phase(Phase::Strided)?,
-            "ancestral" => ours.phase(Phase::Ancestral)?,
-            other => json!({ "error": format!("unknown phase {other:?}") }),
+            "train" => Phase::Train,
+            "trainer" => Phase::Trainer,
+            "strided" => Phase::Strided,
+            "ancestral" => Phase::Ancestral,
+            other => bail!("unknown phase {other:?}"),
         };
+        let reply = ours
+            .phase(phase)
+            .unwrap_or_else(|e| json!({ "error": e.to_string() }));
         writeln!(out, "{reply}")?;
         out.flush()?;
     }
@@ -851,20 +894,42 @@ fn drive(args: Args) -> Result<()> {
     let spec_line = serde_json::to_string(&spec)?;
     let load_before = load_average();
     let started = utc_now();
-    eprintln!("starting both workers (model build and warm-up) …");
-    let mut ours_cmd = Command::new(std::env::current_exe()?);
-    ours_cmd.arg("--worker");
-    let mut ours = Worker::spawn("ours", ours_cmd, &spec_line)?;
+    eprintln!("starting the workers (model build and warm-up) …");
+    let spawn_ours = |product: bool| -> Result<Worker> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--worker");
+        if product {
+            cmd.arg("--product");
+        }
+        Worker::spawn(
+            if product { "ours (Trainer)" } else { "ours" },
+            cmd,
+            &spec_line,
+        )
+    };
+    // The library's pieces and the product's trainer run in separate processes, each holding
+    // one model, optimiser and EMA like the twin, so that peak memory compares like with like.
+    let mut ours = match phases.iter().any(|&p| p != Phase::Trainer) {
+        true => Some(spawn_ours(false)?),
+        false => None,
+    };
+    let mut product = match phases.contains(&Phase::Trainer) {
+        true => Some(spawn_ours(true)?),
+        false => None,
+    };
     let mut twin_cmd = Command::new(&python);
     twin_cmd.arg(&twin);
     let mut torch = Worker::spawn("pytorch", twin_cmd, &spec_line)?;
-    for key in ["parameters", "adapted_parameters"] {
-        if ours.ready[key] != torch.ready[key] {
-            bail!(
-                "{key}: ours {} ≠ PyTorch {}; the twin does not match the network",
-                ours.ready[key],
-                torch.ready[key]
-            );
+    for w in ours.iter().chain(product.iter()) {
+        for key in ["parameters", "adapted_parameters"] {
+            if w.ready[key] != torch.ready[key] {
+                bail!(
+                    "{key}: {} {} ≠ PyTorch {}; the twin does not match the network",
+                    w.side,
+                    w.ready[key],
+                    torch.ready[key]
+                );
+            }
         }
     }
 
@@ -876,10 +941,10 @@ fn drive(args: Args) -> Result<()> {
         for (i, &phase) in phases.iter().enumerate() {
             let ours_first = round % 2 == 0;
             for pick in [ours_first, !ours_first] {
-                let (side, w) = if pick {
-                    (0, &mut ours)
-                } else {
-                    (1, &mut torch)
+                let (side, w) = match (pick, phase) {
+                    (true, Phase::Trainer) => (0, product.as_mut().expect("spawned for trainer")),
+                    (true, _) => (0, ours.as_mut().expect("spawned for library phases")),
+                    (false, _) => (1, &mut torch),
                 };
                 let r = w.measure(phase, gpu)?;
                 eprintln!(
@@ -892,8 +957,16 @@ fn drive(args: Args) -> Result<()> {
             }
         }
     }
-    let (ours_ready, torch_ready) = (ours.ready.clone(), torch.ready.clone());
-    ours.quit()?;
+    let ours_ready = ours
+        .iter()
+        .chain(product.iter())
+        .next()
+        .map(|w| w.ready.clone())
+        .unwrap_or_default();
+    let torch_ready = torch.ready.clone();
+    for w in ours.into_iter().chain(product) {
+        w.quit()?;
+    }
     torch.quit()?;
     let load_after = load_average();
 
@@ -1021,7 +1094,7 @@ fn drive(args: Args) -> Result<()> {
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.worker {
-        run_worker()
+        run_worker(args.product)
     } else {
         drive(args)
     }
