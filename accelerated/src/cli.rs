@@ -300,7 +300,8 @@ pub struct SampleArgs {
     /// s for --sigma isotropic (the data's per-dimension standard deviation).
     #[arg(long)]
     pub data_std: Option<f64>,
-    /// Visit only N of the T steps, evenly strided (needs --eta) [default: all T].
+    /// Visit only N of the T steps, evenly strided (ancestral on the respaced chain, or DDIM
+    /// with --eta) [default: the run's sample.steps, else all T].
     #[arg(long, value_name = "N")]
     pub steps: Option<usize>,
     /// Use DDIM with this η (0 deterministic, 1 strided DDPM) [default: the ancestral sampler].

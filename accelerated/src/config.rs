@@ -129,9 +129,9 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Skip a batch whose loss is not finite instead of stopping.
     pub skip_nonfinite: bool,
-    /// Steps of the sampler drawing the grids during training: strided (DDIM with
-    /// `sample.eta`, or η = 1, strided DDPM, when unset) to keep their cost small; absent =
-    /// the full `sample` sampler. `ddpm sample` always uses the `sample` settings.
+    /// Steps of the sampler drawing the grids during training (the `sample` sampler on an
+    /// evenly strided sub-chain, to keep their cost small); absent = `sample.steps`.
+    /// `ddpm sample` always uses the `sample` settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_steps: Option<usize>,
 }
@@ -142,7 +142,8 @@ pub struct TrainConfig {
 pub struct SampleConfig {
     /// σ_t of the ancestral sampler.
     pub sigma: SigmaChoice,
-    /// Visited steps (strided; needs `eta`); absent = all T.
+    /// Visited steps, evenly strided (the ancestral sampler runs on the respaced chain,
+    /// DDIM jumps between them); absent = all T.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
     /// DDIM's η (0 deterministic, 1 strided DDPM); absent = the article's ancestral sampler.
@@ -413,11 +414,8 @@ impl Config {
         if t.loss_weight == LossWeight::Article && t.loss_sigma == SigmaChoice::Posterior {
             return bad("loss (8) with σ = posterior has σ_1 = 0, an infinite weight at t = 1; choose beta or isotropic".into());
         }
-        if s.eta.is_none() && s.steps.is_some_and(|n| n as i64 != m.t_max) {
-            return bad(format!(
-                "sample.steps = {:?} < T needs DDIM: set sample.eta (1 = strided DDPM)",
-                s.steps
-            ));
+        if s.steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
+            return bad(format!("sample.steps must be between 1 and T = {}", m.t_max));
         }
         if t.grid_steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
             return bad(format!("train.grid_steps must be between 1 and T = {}", m.t_max));

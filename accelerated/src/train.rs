@@ -308,7 +308,6 @@ impl Trainer {
         let mut how = self.cfg.sampler(Some(self.cfg.train.seed as i64));
         if let Some(n) = self.cfg.train.grid_steps {
             how.steps = Some(n);
-            how.eta = how.eta.or(Some(1.0));
         }
         let sampler = Sampler::new(&self.schedule, how)?;
         let [c, s, _] = self.cfg.image_shape();
