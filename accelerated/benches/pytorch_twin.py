@@ -289,12 +289,15 @@ def sample(model, s, pairs, eta, shape, device):
     """sampler.rs's loop: x_T ~ N(0, I), one step per (τ, τ′), no final noise, clip the result."""
     b = shape[0]
     x = torch.randn(shape, dtype=torch.float32, device=device)
-    for t, t_prev in pairs:
+    total = len(pairs)
+    for i, (t, t_prev) in enumerate(pairs):
         t_vec = torch.full([b], t, dtype=torch.int64, device=device)
+        # sampler.rs indexes the ancestral step by k = n − i on its (here unrespaced) chain.
+        k_vec = torch.full([b], total - i, dtype=torch.int64, device=device)
         eps_hat = model(x, t_vec, False)
         z = torch.randn(shape, dtype=torch.float32, device=device) if t_prev > 0 else torch.zeros(shape, dtype=torch.float32, device=device)
         if eta is None:
-            x = ancestral_step(s, x, t_vec, eps_hat, z)
+            x = ancestral_step(s, x, k_vec, eps_hat, z)
         else:
             prev = torch.full([b], t_prev, dtype=torch.int64, device=device)
             x = ddim_step(s, x, t_vec, prev, eps_hat, eta, z)
