@@ -164,7 +164,9 @@ pub const PRESETS: [&str; 3] = ["mnist", "cifar32", "celeba128"];
 impl Config {
     /// `mnist` (the default): the embedded digits at 28×28 with the choices that make a
     /// ~20-minute CPU run give recognisable digits (sinusoidal t, EMA 0.999, warm-up,
-    /// per-step x̂_0 clipping); see docs/ for the measurements.
+    /// per-step x̂_0 clipping); see docs/ for the measurements. LAMB moves each layer by
+    /// lr·‖w‖ a step, so the article's 1e-3 (for runs of 10⁵ steps and more) is slow here:
+    /// after 150 steps (warm-up 20) the loss was 172 at lr 1e-3, 48 at 5e-3 and 43 at 1e-2.
     pub fn mnist() -> Config {
         Config {
             data: DataConfig {
@@ -181,7 +183,7 @@ impl Config {
             train: TrainConfig {
                 steps: 2000,
                 batch_size: 64,
-                lr: 1e-3,
+                lr: 5e-3,
                 warmup_steps: 100,
                 lr_decay: vec![LrPoint {
                     step: 2000,
@@ -230,6 +232,7 @@ impl Config {
             train: TrainConfig {
                 steps: 200_000,
                 batch_size: 128,
+                lr: 1e-3,
                 warmup_steps: 1000,
                 lr_decay: vec![
                     LrPoint {

@@ -379,7 +379,7 @@ pub fn train_on(
     let ckpt_root = checkpoints_dir(&opts.run_dir);
     if resume_from.is_none() && !checkpoint::list(&ckpt_root)?.is_empty() {
         return Err(DdpmError::Config(format!(
-            "{} already holds checkpoints: pass --resume to continue that run, or choose another --run-dir",
+            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
             opts.run_dir.display()
         )));
     }
