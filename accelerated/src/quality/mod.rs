@@ -51,8 +51,8 @@ pub struct Args {
     /// evaluations with the rest (~3.2 ms each for the mnist U-Net on 2 CPU cores): under an hour.
     #[arg(long, value_delimiter = ',', default_values_t = vec![80, 160, 400, 500])]
     pub samples: Vec<usize>,
-    /// Step counts of the DDIM η = 0 row (each also a column).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![100, 50])]
+    /// Step counts of the DDIM η = 0 row (each also a column; none: no DDIM row).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![100, 50])]
     pub ddim_steps: Vec<usize>,
     /// Held-out images the bound is averaged over (0 skips it).
     #[arg(long, default_value_t = 40)]

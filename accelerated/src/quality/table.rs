@@ -152,6 +152,29 @@ pub struct Floor {
     pub fd_ci: Interval,
 }
 
+/// The pairs of rows whose FD difference is bootstrapped pairwise: the published question
+/// (β against posterior) and the estimated σ against both closed forms.
+const COMPARED: [(Row, Row); 3] = [
+    (Row::Beta, Row::Posterior),
+    (Row::Estimated, Row::Posterior),
+    (Row::Estimated, Row::Beta),
+];
+
+/// FD(row) − FD(against) on the same noise, with its paired bootstrap interval.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The column.
+    pub steps: usize,
+    /// The row whose FD comes first.
+    pub row: Row,
+    /// The row subtracted.
+    pub against: Row,
+    /// FD(row) − FD(against); negative: `row` is better.
+    pub diff: f64,
+    /// Its paired-bootstrap interval.
+    pub ci: Interval,
+}
+
 /// σ_t of each row at a few t of the full chain.
 #[derive(Debug, Clone, Serialize)]
 pub struct SigmaSample {
@@ -178,6 +201,8 @@ pub struct Table {
     pub cells: Vec<Cell>,
     /// Real-image floors per sample count.
     pub floors: Vec<Floor>,
+    /// Paired FD differences between rows, per column.
+    pub comparisons: Vec<Comparison>,
     /// σ_t of each row at a few t.
     pub sigmas: Vec<SigmaSample>,
     /// Seconds spent estimating m_t (filled in by the caller).
@@ -240,7 +265,7 @@ fn score<M: NoisePredictor + ?Sized>(
     real: &Embedding,
     images: &Tensor,
     plan: &Plan,
-) -> Result<(f64, Interval, f64, f64)> {
+) -> Result<(f64, Interval, f64, f64, Tensor)> {
     let e = ctx.classifier.embed(images)?;
     let fd = frechet_between(&e.features, &real.features)?;
     let cfg = Bootstrap {
@@ -254,7 +279,20 @@ fn score<M: NoisePredictor + ?Sized>(
         ci,
         mean_entropy(&e.logits)?,
         marginal_entropy(&e.logits)?,
+        e.features,
     ))
+}
+
+/// FD(a) − FD(b) against the real features, with a paired bootstrap interval: image i of both
+/// rows came from the same noise, so both rows are resampled with the same indices.
+fn paired_difference(a: &Tensor, b: &Tensor, real: &Tensor, plan: &Plan) -> Result<(f64, Interval)> {
+    let k = a.size()[1];
+    let both = Tensor::f_cat(&[a, b], 1)?;
+    let diff = |ab: &Tensor, r: &Tensor| -> Result<f64> {
+        Ok(frechet_between(&ab.narrow(1, 0, k), r)? - frechet_between(&ab.narrow(1, k, k), r)?)
+    };
+    let cfg = Bootstrap { reps: plan.bootstrap_reps, level: 0.95, seed: plan.seed };
+    Ok((diff(&both, real)?, bootstrap_ci(&both, real, cfg, diff)?))
 }
 
 /// Mean and standard error of the per-image bits/dim.
@@ -294,6 +332,7 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         .narrow(0, 0, (plan.bpd_images as i64).min(shape[0]))
         .to_device(ctx.device);
     let mut cells = Vec::new();
+    let mut comparisons = Vec::new();
     for col in &plan.columns {
         let chain = Respaced::new(ctx.schedule, col.steps)?;
         let model = chain.model(ctx.model);
@@ -320,23 +359,23 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         } else {
             Vec::new()
         };
+        let mut row_features = Vec::new();
         for (i, (&row, table)) in Row::SIGMAS.iter().zip(&tables).enumerate() {
             let t0 = Instant::now();
             let images = draw(col.samples, plan, &shape, |cfg, s| {
                 let cfg = SamplerConfig { steps: Some(col.steps), ..cfg };
                 Sampler::with_sigma_table(ctx.schedule, cfg, table)?.sample(ctx.model, s, ctx.device)
             })?;
-            cells.push(finish(
-                ctx,
-                &real,
-                plan,
-                out,
-                row,
-                *col,
-                &images,
-                bpd.get(i).copied(),
-                t0,
-            )?);
+            let (cell, features) =
+                finish(ctx, &real, plan, out, row, *col, &images, bpd.get(i).copied(), t0)?;
+            cells.push(cell);
+            row_features.push(features);
+        }
+        for (row, against) in COMPARED {
+            let at = |r: Row| Row::SIGMAS.iter().position(|&x| x == r).expect("an ancestral row");
+            let (a, b) = (&row_features[at(row)], &row_features[at(against)]);
+            let (diff, ci) = paired_difference(a, b, &real.features, plan)?;
+            comparisons.push(Comparison { steps: col.steps, row, against, diff, ci });
         }
     }
     for &n in &plan.ddim_steps {
@@ -354,17 +393,7 @@ pub fn measure<M: NoisePredictor + ?Sized>(
             };
             Sampler::new(ctx.schedule, cfg)?.sample(ctx.model, s, ctx.device)
         })?;
-        cells.push(finish(
-            ctx,
-            &real,
-            plan,
-            out,
-            Row::Ddim,
-            col,
-            &images,
-            None,
-            t0,
-        )?);
+        cells.push(finish(ctx, &real, plan, out, Row::Ddim, col, &images, None, t0)?.0);
     }
     let mut counts: Vec<usize> = plan.columns.iter().map(|c| c.samples).collect();
     counts.sort_unstable();
@@ -382,7 +411,7 @@ pub fn measure<M: NoisePredictor + ?Sized>(
             .map(|i| i as i64)
             .collect();
             let images = ctx.train.index_select(0, &Tensor::from_slice(&idx));
-            let (fd, fd_ci, _, _) = score(ctx, &real, &images, plan)?;
+            let (fd, fd_ci, _, _, _) = score(ctx, &real, &images, plan)?;
             Ok(Floor {
                 samples: n,
                 fd,
@@ -397,6 +426,7 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         heldout_images: ctx.heldout.size()[0] as usize,
         cells,
         floors,
+        comparisons,
         sigmas: sigma_samples(ctx)?,
         eps_mse_seconds: 0.0,
         seconds: started.elapsed().as_secs_f64(),
@@ -414,11 +444,11 @@ fn finish<M: NoisePredictor + ?Sized>(
     images: &Tensor,
     bpd: Option<(f64, f64)>,
     t0: Instant,
-) -> Result<Cell> {
+) -> Result<(Cell, Tensor)> {
     let grid = format!("grids/{}-{}.png", row.name(), col.steps);
     let shown = (plan.grid_images as i64).min(images.size()[0]);
     save_grid(&images.narrow(0, 0, shown), &out.join(&grid), Some(8))?;
-    let (fd, fd_ci, entropy, marginal) = score(ctx, real, images, plan)?;
+    let (fd, fd_ci, entropy, marginal, features) = score(ctx, real, images, plan)?;
     let cell = Cell {
         row,
         steps: col.steps,
@@ -442,7 +472,7 @@ fn finish<M: NoisePredictor + ?Sized>(
         col.samples,
         cell.seconds
     );
-    Ok(cell)
+    Ok((cell, features))
 }
 
 /// σ_t of the four rows on the full chain at t = 1, 2, 5, 10, 50, 100, 500, 1000 (those ≤ T).
@@ -527,6 +557,24 @@ pub fn markdown(table: &Table, prefix: &str) -> String {
     let counts: Vec<String> = cols.iter().map(|c| c.samples.to_string()).collect();
     md += &format!("| *images per cell* | {} |\n\n", counts.join(" | "));
 
+    md += "Paired differences ΔFD = FD(row) − FD(other row), negative when the first row is \
+           better; both rows use the same noise, and the 95 % interval resamples the same image \
+           indices in both.\n\n";
+    md += &head("ΔFD-MNIST");
+    for (row, against) in COMPARED {
+        let vals: Vec<String> = cols
+            .iter()
+            .map(|c| {
+                table
+                    .comparisons
+                    .iter()
+                    .find(|x| x.steps == c.steps && x.row == row && x.against == against)
+                    .map_or("—".into(), |x| format!("{:+.2} [{:+.2}, {:+.2}]", x.diff, x.ci.lo, x.ci.hi))
+            })
+            .collect();
+        md += &format!("| {} − {} | {} |\n", row.name(), against.name(), vals.join(" | "));
+    }
+    md += "\n";
     md += &format!(
         "Bound (negative ELBO of the chain with that σ_t), bits/dim ± standard error over {} held-out \
          images (the same images and noise in every row of a column).\n\n",
@@ -575,4 +623,36 @@ pub fn markdown(table: &Table, prefix: &str) -> String {
         table.seconds
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            columns: vec![Column { steps: 10, samples: 50 }],
+            ddim_steps: vec![],
+            bpd_images: 0,
+            bootstrap_reps: 50,
+            batch: 50,
+            grid_images: 4,
+            seed: 1,
+            clip_each_step: true,
+        }
+    }
+
+    /// Resampling both rows with the same indices makes a row against itself exactly 0 in
+    /// every resample; a shifted copy must come out worse in every resample too.
+    #[test]
+    fn paired_differences_resample_both_rows_together() {
+        let _rng = crate::sampler::rng_lock();
+        tch::manual_seed(2);
+        let opts = (Kind::Double, Device::Cpu);
+        let (a, real) = (Tensor::randn([50, 4], opts), Tensor::randn([60, 4], opts));
+        let (d, ci) = paired_difference(&a, &a, &real, &plan()).unwrap();
+        assert_eq!((d, ci.lo, ci.hi), (0.0, 0.0, 0.0));
+        let (d, ci) = paired_difference(&(&a + 3.0), &a, &real, &plan()).unwrap();
+        assert!(d > 0.0 && ci.lo > 0.0, "{d} [{}, {}]", ci.lo, ci.hi);
+    }
 }
