@@ -325,3 +325,73 @@ fn the_mixture_check_rejects_a_wrong_law() {
             .is_err()
     );
 }
+
+/// With the Dirac oracle of c every sampler returns c exactly, whatever the noise: the last
+/// step from τ_1 = 1 is x̂_0 = (x_1 − β̄_1 ε*)/ᾱ_1 = c for DDIM (any η: σ = 0 into τ′ = 0),
+/// and μ(x_1) = c for the ancestral sampler without final noise (any σ choice, all T steps or
+/// strided on the respaced chain). A sampler that stops before the step to 0 returns x_1 and
+/// misses c by about β̄_1. Float sampling: the last step is ~10 roundings (u = 6e-8) of values
+/// ≲ (|x_1| + |c|)/ᾱ_1 ≤ 6/ᾱ_1, so |x − c| ≤ 1e-5/ᾱ_1 leaves a factor 3.
+fn dirac_oracle_sampling_returns_the_point(device: Device) {
+    use ddpm_tests::{check, eta, schedule, sigma, stride_len};
+    use proptest::prelude::*;
+    let strategy = (schedule(), sigma(), eta(), any::<bool>(), any::<u64>()).prop_flat_map(
+        |((spec, big_t), sig, eta, ddim, sd)| {
+            (
+                Just(spec),
+                Just(big_t),
+                stride_len(big_t),
+                Just(sig),
+                Just(eta),
+                Just(ddim),
+                Just(sd),
+            )
+        },
+    );
+    check(48, strategy, |(spec, big_t, n, choice, eta, ddim, sd)| {
+        // τ_1 = 1 needs n ≥ 2 (n = 1 jumps T → 0 directly); T ≤ 300 keeps the run short.
+        prop_assume!(n >= 2 && big_t <= 300);
+        let s = spec.tch(big_t, device);
+        let r = spec.reference(big_t);
+        let c = ddpm_tests::normal(1, 3, sd).mapv(|v| v.tanh());
+        let law = DataLaw::dirac(&tensor(&c, Kind::Double, device).squeeze_dim(0)).unwrap();
+        let oracle = Oracle::new(law, &s);
+        let cfg = SamplerConfig {
+            sigma: choice.tch(),
+            eta: ddim.then_some(eta),
+            steps: Some(n),
+            clip_final: false,
+            final_noise: false,
+            seed: Some(sd as i64 & 0xffff),
+            ..SamplerConfig::default()
+        };
+        let x = array2(
+            &Sampler::new(&s, cfg)
+                .unwrap()
+                .sample(&oracle, &[4, 3], device)
+                .unwrap(),
+        );
+        let tol = 1e-5 / r.alpha_bar(1).unwrap();
+        for row in x.rows() {
+            let err = row
+                .iter()
+                .zip(c.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            prop_assert!(
+                err <= tol,
+                "sample {:?} misses c = {:?} by {:e} > {:e}",
+                row,
+                c,
+                err,
+                tol
+            );
+        }
+        Ok(())
+    });
+}
+test_device!(
+    dirac_oracle_sampling_returns_the_point,
+    dirac_oracle_sampling_returns_the_point_cpu,
+    dirac_oracle_sampling_returns_the_point_cuda
+);
