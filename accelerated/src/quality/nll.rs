@@ -1,8 +1,9 @@
 //! The variational bound in bits/dim for several σ tables at once: the network's ε̂ does not
 //! depend on σ_t, so one call per step serves every table (the same terms as
-//! `bound::negative_elbo`, drawn in the same order).
+//! `bound::negative_elbo`, with ε drawn in the same order), and several t share one network
+//! batch, which small image batches need to keep the CPU busy.
 
-use crate::bound::{bits_per_dim, decoder_nll, posterior_kl, prior_kl};
+use crate::bound::{bits_per_dim, bound_term, prior_kl};
 use crate::error::{DdpmError, Result};
 use crate::marginal::marginal_sample;
 use crate::sampler::NoisePredictor;
@@ -10,12 +11,14 @@ use crate::schedule::Schedule;
 use tch::{Kind, Tensor};
 
 /// The negative ELBO L_T + Σ_{t≥2} L_{t−1} + L_0 of each σ table (length T+1) for a batch x_0
-/// on the 8-bit grid, in bits/dim per sample: one [B] tensor per table.
+/// [B, …] on the 8-bit grid, in bits/dim per sample: one [B] tensor per table. The network
+/// sees `t_per_call` consecutive t at once (a batch of `t_per_call`·B).
 pub fn bits_per_dim_each<M: NoisePredictor + ?Sized>(
     model: &M,
     schedule: &Schedule,
     sigmas: &[Tensor],
     x0: &Tensor,
+    t_per_call: usize,
 ) -> Result<Vec<Tensor>> {
     model.check_input(&x0.size())?;
     if let Some(bad) = sigmas.iter().find(|s| s.size() != [schedule.t_max() + 1]) {
@@ -25,24 +28,28 @@ pub fn bits_per_dim_each<M: NoisePredictor + ?Sized>(
             bad.size()
         )));
     }
+    if t_per_call == 0 {
+        return Err(DdpmError::InvalidArgument("the bound needs at least one t per network call".into()));
+    }
     let b = x0.size()[0];
     let device = x0.device();
     let dims: i64 = x0.size()[1..].iter().product();
+    let steps: Vec<i64> = (1..=schedule.t_max()).collect();
     tch::no_grad(|| {
         let prior = prior_kl(schedule, x0)?;
         let mut totals: Vec<Tensor> = sigmas.iter().map(|_| prior.shallow_clone()).collect();
-        for step in 1..=schedule.t_max() {
-            let t = Tensor::full([b], step, (Kind::Int64, device));
-            let eps = x0.randn_like();
-            let x_t = marginal_sample(schedule, x0, &t, &eps)?;
+        for chunk in steps.chunks(t_per_call) {
+            let c = chunk.len() as i64;
+            let t = Tensor::from_slice(chunk).to_device(device).repeat_interleave_self_int(b, 0, None);
+            let eps = Tensor::f_cat(&chunk.iter().map(|_| x0.randn_like()).collect::<Vec<_>>(), 0)?;
+            let mut reps = vec![1i64; x0.dim()];
+            reps[0] = c;
+            let x0s = x0.repeat(reps.as_slice());
+            let x_t = marginal_sample(schedule, &x0s, &t, &eps)?;
             let eps_hat = model.predict(&x_t, &t);
             for (total, sigma) in totals.iter_mut().zip(sigmas) {
-                let term = if step == 1 {
-                    decoder_nll(schedule, sigma, x0, &x_t, &eps_hat)?
-                } else {
-                    posterior_kl(schedule, sigma, x0, &x_t, &t, &eps_hat)?
-                };
-                *total = &*total + term;
+                let terms = bound_term(schedule, sigma, &x0s, &t, &x_t, &eps_hat)?;
+                *total = &*total + terms.view([c, b]).sum_dim_intlist(0, false, terms.kind());
             }
         }
         Ok(totals.iter().map(|nats| bits_per_dim(nats, dims)).collect())
@@ -73,8 +80,9 @@ mod tests {
         .iter()
         .map(|c| c.table(&s).unwrap())
         .collect();
+        // 7 t per call leaves a shorter last chunk (50 = 7·7 + 1).
         tch::manual_seed(4);
-        let both = bits_per_dim_each(&model, &s, &tables, &x0).unwrap();
+        let both = bits_per_dim_each(&model, &s, &tables, &x0, 7).unwrap();
         for (table, got) in tables.iter().zip(&both) {
             tch::manual_seed(4);
             let one = negative_elbo(&model, &s, table, &x0, |_, _| {}).unwrap();
@@ -87,6 +95,7 @@ mod tests {
             );
         }
         let wrong = Tensor::zeros([50], (Kind::Double, Device::Cpu));
-        assert!(bits_per_dim_each(&model, &s, &[wrong], &x0).is_err());
+        assert!(bits_per_dim_each(&model, &s, &[wrong], &x0, 1).is_err());
+        assert!(bits_per_dim_each(&model, &s, &tables, &x0, 0).is_err());
     }
 }

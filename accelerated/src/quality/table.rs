@@ -345,7 +345,10 @@ pub fn measure<M: NoisePredictor + ?Sized>(
             let per: Vec<Tensor> = bpd_x0
                 .split(plan.batch as i64, 0)
                 .iter()
-                .map(|x| bits_per_dim_each(&model, chain.schedule(), &tables, x))
+                .map(|x| {
+                    let per_call = (plan.batch / x.size()[0] as usize).max(1);
+                    bits_per_dim_each(&model, chain.schedule(), &tables, x, per_call)
+                })
                 .collect::<Result<Vec<_>>>()?
                 .into_iter()
                 .reduce(|a, b| {
