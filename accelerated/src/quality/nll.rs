@@ -8,7 +8,7 @@ use crate::error::{DdpmError, Result};
 use crate::marginal::marginal_sample;
 use crate::sampler::NoisePredictor;
 use crate::schedule::Schedule;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The negative ELBO L_T + Σ_{t≥2} L_{t−1} + L_0 of each σ table (length T+1) for a batch x_0
 /// [B, …] on the 8-bit grid, in bits/dim per sample: one [B] tensor per table. The network
@@ -63,7 +63,7 @@ mod tests {
     use crate::sampler::rng_lock;
     use crate::schedule::ScheduleKind;
     use crate::sigma::SigmaChoice;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     #[test]
     fn each_table_matches_the_single_bound() {
