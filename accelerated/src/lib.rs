@@ -16,6 +16,7 @@ pub mod timesteps;
 pub mod unet;
 
 // The product: devices, data, checkpoints, training, evaluation, the CLI.
+pub mod autocast;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
