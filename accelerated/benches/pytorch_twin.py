@@ -3,7 +3,8 @@
 
 It mirrors accelerated/src/unet.rs, lamb.rs, ema.rs, marginal.rs, loss.rs and sampler.rs op for
 op (same layers, same parameter names, same per-parameter LAMB arithmetic, same gathers from the
-f64 schedule tables), so that the two sides do the same work and only the framework around the
+f64 schedule tables in training, same host-scalar coefficients per sampler step, bf16 autocast
+around the same calls), so that the two sides do the same work and only the framework around the
 kernels differs. It is a worker: the bench binary starts it, writes the spec as the first line
 on stdin (JSON, with the schedule tables and the step lists computed by the Rust side), reads one
 "ready" JSON line, then sends one phase name a line (`train`; `trainer`, the same loop timed
@@ -243,16 +244,15 @@ class Ema:
 
 
 class Schedule:
-    """The Rust side's f64 tables (α, β, ᾱ, β̄, σ), index 0 the identity."""
+    """The Rust side's f64 tables (α, β, ᾱ, β̄, σ), index 0 the identity: all on the host (Python
+    floats, i.e. f64) for the sampler's coefficients, ᾱ and β̄ on the device for training."""
 
     def __init__(self, spec, device):
         tables = spec["tables"]
+        self.host = tables
         f64 = dict(dtype=torch.float64, device=device)
-        self.alpha = torch.tensor(tables["alpha"], **f64)
-        self.beta = torch.tensor(tables["beta"], **f64)
         self.alpha_bar = torch.tensor(tables["alpha_bar"], **f64)
         self.beta_bar = torch.tensor(tables["beta_bar"], **f64)
-        self.sigma = torch.tensor(tables["sigma"], **f64)
         self.t_max = len(tables["alpha"]) - 1
 
 
@@ -263,44 +263,50 @@ def gather(table, t, like):
     return table.index_select(0, t.to(table.device)).to(like.dtype).to(like.device).view(shape)
 
 
-def ancestral_step(s, x, t, eps_hat, z):
-    b = gather(s.beta, t, x)
-    bb = gather(s.beta_bar, t, x)
-    a = gather(s.alpha, t, x)
-    sig = gather(s.sigma, t, x)
-    return (x - b.square() / bb * eps_hat) / a + sig * z
+def ancestral_update(h, k):
+    """sampler.rs's Update::ancestral, unclipped, at chain index k (host f64):
+    x′ = (1/α_k) x − ((β_k²/β̄_k)/α_k) ε̂ + σ_k z."""
+    a, b, bb = h["alpha"][k], h["beta"][k], h["beta_bar"][k]
+    return 1.0 / a, -(b * b / bb) / a, h["sigma"][k]
 
 
-def ddim_step(s, x, t, t_prev, eps_hat, eta, z):
-    bb = gather(s.beta_bar, t, x)
-    x0 = (x - bb * eps_hat) / gather(s.alpha_bar, t, x)
-    ab = gather(s.alpha_bar, t, x)
-    bb = gather(s.beta_bar, t, x)
-    ab_prev = gather(s.alpha_bar, t_prev, x)
-    bb_prev = gather(s.beta_bar, t_prev, x)
-    ratio = 1.0 - (ab / ab_prev).square()
-    sigma = bb_prev / bb * ratio.clamp_min(0.0).sqrt() * eta
-    keep = (bb_prev.square() - sigma.square()).clamp_min(0.0).sqrt()
-    return ab_prev * x0 + keep * eps_hat + sigma * z
+def ddim_update(h, t, t_prev, eta):
+    """sampler.rs's Update::ddim, unclipped (host f64): x′ = (ᾱ_τ′/ᾱ_τ) x +
+    (keep − ᾱ_τ′ β̄_τ/ᾱ_τ) ε̂ + σ z."""
+    ab, bb = h["alpha_bar"][t], h["beta_bar"][t]
+    ab_prev, bb_prev = h["alpha_bar"][t_prev], h["beta_bar"][t_prev]
+    r = ab / ab_prev
+    ratio = 1.0 - r * r
+    sigma = bb_prev / bb * math.sqrt(max(ratio, 0.0)) * eta
+    keep = math.sqrt(max(bb_prev * bb_prev - sigma * sigma, 0.0))
+    return ab_prev / ab, keep - ab_prev * bb / ab, sigma
+
+
+def host_updates(s, pairs, eta):
+    """sampler.rs's Sampler::host_updates: one (c_x, c_ε, σ) per step, computed once before the
+    loop; the ancestral step is indexed by k = n − i on its (here unrespaced) chain."""
+    total = len(pairs)
+    if eta is None:
+        return [ancestral_update(s.host, total - i) for i in range(total)]
+    return [ddim_update(s.host, t, t_prev, eta) for t, t_prev in pairs]
 
 
 @torch.no_grad()
-def sample(model, s, pairs, eta, shape, device):
-    """sampler.rs's loop: x_T ~ N(0, I), one step per (τ, τ′), no final noise, clip the result."""
+def sample(model, pairs, updates, shape, device, bf16):
+    """sampler.rs's loop: x_T ~ N(0, I), one host-scalar update per (τ, τ′), bf16 autocast around
+    the network only, no final noise, clip the result."""
     b = shape[0]
     x = torch.randn(shape, dtype=torch.float32, device=device)
-    total = len(pairs)
-    for i, (t, t_prev) in enumerate(pairs):
+    for (t, t_prev), (c_x, c_eps, sigma) in zip(pairs, updates):
         t_vec = torch.full([b], t, dtype=torch.int64, device=device)
-        # sampler.rs indexes the ancestral step by k = n − i on its (here unrespaced) chain.
-        k_vec = torch.full([b], total - i, dtype=torch.int64, device=device)
-        eps_hat = model(x, t_vec, False)
-        z = torch.randn(shape, dtype=torch.float32, device=device) if t_prev > 0 else torch.zeros(shape, dtype=torch.float32, device=device)
-        if eta is None:
-            x = ancestral_step(s, x, k_vec, eps_hat, z)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            eps_hat = model(x, t_vec, False)
+        eps_hat = eps_hat.to(x.dtype)
+        mean = x * c_x + eps_hat * c_eps
+        if t_prev > 0:
+            x = mean + torch.randn(shape, dtype=torch.float32, device=device) * sigma
         else:
-            prev = torch.full([b], t_prev, dtype=torch.int64, device=device)
-            x = ddim_step(s, x, t_vec, prev, eps_hat, eta, z)
+            x = mean
     return x.clamp(-1.0, 1.0)
 
 
@@ -352,6 +358,11 @@ class Worker:
         self.lamb = (ForeachLamb if self.foreach else Lamb)(self.model, spec["lamb"])
         self.ema = Ema(self.model, spec["ema_decay"])
         self.schedule = Schedule(spec, self.device)
+        self.updates = {
+            "strided": host_updates(self.schedule, spec["strided_pairs"], 1.0),
+            "ancestral": host_updates(self.schedule, spec["ancestral_pairs"], None),
+            "warmup": host_updates(self.schedule, spec["warmup_pairs"], 1.0),
+        }
         size = cfg["image_size"]
         self.image = [cfg["in_channels"], size, size]
         batch = spec["train_batch"]
@@ -371,9 +382,10 @@ class Worker:
         self.lamb.step()
         self.ema.update(self.foreach)
 
-    def run_sampler(self, pairs, eta, images):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return sample(self.model, self.schedule, pairs, eta, [images] + self.image, self.device)
+    def run_sampler(self, name, images):
+        pairs = self.spec[f"{name}_pairs"]
+        shape = [images] + self.image
+        return sample(self.model, pairs, self.updates[name], shape, self.device, self.bf16)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -384,7 +396,7 @@ class Worker:
             self.train_step()
         for images in {self.spec["strided_images"], self.spec["ancestral_images"]}:
             if images > 0:
-                self.run_sampler(self.spec["warmup_pairs"], 1.0, images)
+                self.run_sampler("warmup", images)
         self.sync()
 
     def phase(self, name):
@@ -400,12 +412,8 @@ class Worker:
                 self.train_step()
             images = s["train_steps"] * s["train_batch"]
         else:
-            if name == "strided":
-                self.run_sampler(s["strided_pairs"], 1.0, s["strided_images"])
-                images = s["strided_images"]
-            else:
-                self.run_sampler(s["ancestral_pairs"], None, s["ancestral_images"])
-                images = s["ancestral_images"]
+            images = s[f"{name}_images"]
+            self.run_sampler(name, images)
         self.sync()
         seconds = time.perf_counter() - start
         out = {

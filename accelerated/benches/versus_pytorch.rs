@@ -14,6 +14,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgAction, Parser, ValueEnum};
+use ddpm::autocast::autocast_bf16;
 use ddpm::config::Config;
 use ddpm::data::loader::Batch;
 use ddpm::ema::Ema;
@@ -48,7 +49,8 @@ enum DeviceArg {
 enum Precision {
     /// f32 everywhere (TF32 convolutions on CUDA, as both libtorch and PyTorch default to).
     Fp32,
-    /// bfloat16 autocast around the forward pass and the loss; weights and LAMB stay f32.
+    /// bfloat16 autocast around the network's forward pass (training, with the loss, and every
+    /// sampler step); weights, LAMB and the sampler's update of x stay f32.
     Bf16,
 }
 
@@ -195,7 +197,7 @@ const SIGMA: SigmaChoice = SigmaChoice::Beta;
 const EMA_DECAY: f64 = 0.9999;
 const WARMUP_SAMPLER_STEPS: usize = 5;
 
-fn sampler_config(steps: Option<usize>, eta: Option<f64>) -> SamplerConfig {
+fn sampler_config(steps: Option<usize>, eta: Option<f64>, bf16: bool) -> SamplerConfig {
     SamplerConfig {
         sigma: SIGMA,
         steps,
@@ -204,6 +206,7 @@ fn sampler_config(steps: Option<usize>, eta: Option<f64>) -> SamplerConfig {
         clip_final: true,
         final_noise: false,
         seed: None,
+        bf16,
     }
 }
 
@@ -258,15 +261,16 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
         },
         Err(e) => return Err(e),
     };
+    // Only the step lists are taken from these, which do not depend on the precision.
     let schedule = Schedule::new(ScheduleKind::Article, model.t_max, Device::Cpu)?;
     let strided = Sampler::new(
         &schedule,
-        sampler_config(Some(args.strided_steps), Some(1.0)),
+        sampler_config(Some(args.strided_steps), Some(1.0), false),
     )?;
-    let ancestral = Sampler::new(&schedule, sampler_config(None, None))?;
+    let ancestral = Sampler::new(&schedule, sampler_config(None, None, false))?;
     let warmup = Sampler::new(
         &schedule,
-        sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0)),
+        sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0), false),
     )?;
     let tables = Tables {
         alpha: host(schedule.alpha())?,
@@ -306,23 +310,12 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
 // ---------------------------------------------------------------------------------------------
 // Our side's worker.
 
-extern "C" {
-    /// libtorch's `at::autocast::set_autocast_dtype(c10::DeviceType, c10::ScalarType)`; both
-    /// enums are `int8_t`. tch only toggles CUDA autocast, whose default dtype is float16, and
-    /// has no binding for the dtype: without this call "bf16" would silently run in float16.
-    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-    fn at_set_autocast_dtype(device_type: i8, dtype: i8);
-}
-
-/// c10::DeviceType::CUDA and c10::ScalarType::BFloat16.
-const C10_CUDA: i8 = 1;
-const C10_BFLOAT16: i8 = 15;
-
-fn use_bf16_autocast() -> Result<()> {
-    // SAFETY: a plain setter of libtorch's thread-local autocast state taking two int8 enums.
-    unsafe { at_set_autocast_dtype(C10_CUDA, C10_BFLOAT16) };
-    let probe = tch::autocast(true, || {
-        let a = Tensor::ones([2, 2], (Kind::Float, Device::Cuda(0)));
+/// Checks that the library's autocast computes in bfloat16 (tch's CUDA autocast defaults to
+/// float16, so "bf16" could otherwise silently run in float16).
+fn check_bf16_autocast() -> Result<()> {
+    let device = Device::Cuda(0);
+    let probe = autocast_bf16(true, device, || {
+        let a = Tensor::ones([2, 2], (Kind::Float, device));
         a.matmul(&a)
     });
     if probe.kind() != Kind::BFloat16 {
@@ -435,14 +428,15 @@ impl Library {
         } else {
             x0
         };
+        let bf16 = spec.precision == Precision::Bf16;
         let strided = Sampler::new(
             &schedule,
-            sampler_config(Some(spec.strided_pairs.len()), Some(1.0)),
+            sampler_config(Some(spec.strided_pairs.len()), Some(1.0), bf16),
         )?;
-        let ancestral = Sampler::new(&schedule, sampler_config(None, None))?;
+        let ancestral = Sampler::new(&schedule, sampler_config(None, None, bf16))?;
         let warmup = Sampler::new(
             &schedule,
-            sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0)),
+            sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0), bf16),
         )?;
         if strided.steps() != spec.strided_pairs.as_slice() {
             bail!("our strided steps differ from the spec's");
@@ -466,7 +460,7 @@ impl Library {
         let eps = self.x0.randn_like();
         let x_t = marginal_sample(&self.schedule, &self.x0, &t, &eps)?;
         let net = &self.net;
-        let loss = tch::autocast(bf16, || -> Result<Tensor> {
+        let loss = autocast_bf16(bf16, device, || -> Result<Tensor> {
             let eps_hat = net.forward_t(&x_t, &t, true)?;
             Ok(euclidean_loss(&eps, &eps_hat)?)
         })?;
@@ -477,12 +471,11 @@ impl Library {
         Ok(())
     }
 
-    fn sample(&self, sampler: &Sampler, images: i64, spec: &Spec, bf16: bool) -> Result<Tensor> {
+    /// Samples with `sampler`, whose config carries the precision (autocast per network call).
+    fn sample(&self, sampler: &Sampler, images: i64, spec: &Spec) -> Result<Tensor> {
         let m = &spec.model;
         let shape = [images, m.in_channels, m.image_size, m.image_size];
-        Ok(tch::autocast(bf16, || {
-            sampler.sample(&self.net, &shape, self.x0.device())
-        })?)
+        Ok(sampler.sample(&self.net, &shape, self.x0.device())?)
     }
 }
 
@@ -502,7 +495,7 @@ impl Ours {
         tch::manual_seed(spec.seed);
         let bf16 = spec.precision == Precision::Bf16;
         if bf16 {
-            use_bf16_autocast()?;
+            check_bf16_autocast()?;
         }
         let role = if product {
             Role::Product(Box::new(Product::new(&spec, device)?))
@@ -538,7 +531,7 @@ impl Ours {
                 let mut sizes = vec![spec.strided_images, spec.ancestral_images];
                 sizes.dedup();
                 for images in sizes.into_iter().filter(|&n| n > 0) {
-                    let _ = lib.sample(&lib.warmup, images, spec, bf16)?;
+                    let _ = lib.sample(&lib.warmup, images, spec)?;
                 }
             }
         }
@@ -567,11 +560,11 @@ impl Ours {
                 train_images
             }
             (Role::Library(lib), Phase::Strided) => {
-                let _ = lib.sample(&lib.strided, spec.strided_images, spec, bf16)?;
+                let _ = lib.sample(&lib.strided, spec.strided_images, spec)?;
                 spec.strided_images
             }
             (Role::Library(lib), Phase::Ancestral) => {
-                let _ = lib.sample(&lib.ancestral, spec.ancestral_images, spec, bf16)?;
+                let _ = lib.sample(&lib.ancestral, spec.ancestral_images, spec)?;
                 spec.ancestral_images
             }
             (_, phase) => bail!("this worker does not run the {} phase", phase.name()),
