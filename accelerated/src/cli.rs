@@ -317,6 +317,10 @@ pub struct SampleArgs {
     /// Use the raw weights instead of their EMA.
     #[arg(long)]
     pub raw: bool,
+    /// Run the network in bfloat16 autocast on CUDA (ignored on the CPU); the sampler's
+    /// update stays f32.
+    #[arg(long)]
+    pub bf16: bool,
     /// Images per grid row [default: ceil(sqrt(n))].
     #[arg(long)]
     pub columns: Option<i64>,
@@ -461,7 +465,9 @@ fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow
     let (vs, net) = build_model(&cfg, device, cfg.train.seed)?;
     ckpt.load_weights(&vs, !args.raw)?;
     let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
-    let sampler = Sampler::new(&schedule, cfg.sampler(Some(args.seed)))?;
+    let mut sampler_cfg = cfg.sampler(Some(args.seed));
+    sampler_cfg.bf16 = args.bf16;
+    let sampler = Sampler::new(&schedule, sampler_cfg)?;
     let bar = if progress {
         indicatif::ProgressBar::new(sampler.steps().len() as u64)
     } else {
