@@ -1,8 +1,9 @@
 //! Checkpoints: a directory `step-NNNNNNN/` holding `model.safetensors` (weights),
 //! `ema.safetensors` (averaged weights), `optim.safetensors` (LAMB's moments and step),
-//! `config.toml` (the run's configuration) and `manifest.json` (step, seed, data position,
+//! `config.toml` (the run's configuration), `manifest.json` (step, seed, data position,
 //! configuration, the model's tensor names and shapes, the sha256 of every other file, the
-//! format version).
+//! format version) and `manifest.sha256` (the manifest's own sha256, so that a damaged
+//! manifest is caught too).
 //!
 //! Written atomically: everything goes into `step-NNNNNNN.tmp/`, each file and the directory
 //! are fsynced, the directory is renamed into place and the parent fsynced, and only then
@@ -33,6 +34,8 @@ pub const OPTIM_FILE: &str = "optim.safetensors";
 pub const CONFIG_FILE: &str = "config.toml";
 /// The manifest.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The manifest's sha256 (hex).
+pub const MANIFEST_SUM_FILE: &str = "manifest.sha256";
 const DATA_FILES: [&str; 4] = [MODEL_FILE, EMA_FILE, OPTIM_FILE, CONFIG_FILE];
 
 /// Where in the data the next step reads.
@@ -185,6 +188,7 @@ fn write_tmp(
     let json = serde_json::to_vec_pretty(manifest)
         .map_err(|e| DdpmError::Config(format!("cannot write the manifest: {e}")))?;
     write_synced(&tmp.join(MANIFEST_FILE), &json)?;
+    write_synced(&tmp.join(MANIFEST_SUM_FILE), sha256_hex(&json).as_bytes())?;
     sync_dir(tmp)
 }
 
@@ -328,12 +332,37 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             "cannot read {MANIFEST_FILE} ({e}); an interrupted write?"
         ))
     })?;
+    // Checkpoints written before the sidecar existed have none; their manifest is still
+    // held to the data files' checksums and to the directory's step below.
+    match fs::read_to_string(dir.join(MANIFEST_SUM_FILE)) {
+        Ok(expected) => {
+            let actual = sha256_hex(&text);
+            if actual != expected.trim() {
+                return Err(fail(format!(
+                    "{MANIFEST_FILE} is corrupt: its sha256 is {actual}, {MANIFEST_SUM_FILE} says {}",
+                    expected.trim()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot read {MANIFEST_SUM_FILE}: {e}"))),
+    }
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| fail(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
     if manifest.format_version != FORMAT_VERSION {
         return Err(fail(format!(
             "format version {} (this program reads version {FORMAT_VERSION})",
             manifest.format_version
+        )));
+    }
+    let named_step = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_dir_name);
+    if named_step.is_some_and(|s| s != manifest.step) {
+        return Err(fail(format!(
+            "{MANIFEST_FILE} says step {}, the directory's name another",
+            manifest.step
         )));
     }
     let mut parts = BTreeMap::new();
