@@ -73,9 +73,9 @@ fn sigma_choice(arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaCho
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Base settings: `mnist` (embedded digits, a ~20-minute CPU run), `cifar32` or
-    /// `celeba128` (the article's CelebA-HQ setting; both need --data DIR).
-    #[arg(long, default_value = "mnist", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
-    pub preset: String,
+    /// `celeba128` (the article's CelebA-HQ setting; both need --data DIR) [default: mnist].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    pub preset: Option<String>,
     /// A TOML or JSON file of settings (sections data, model, diffusion, train, sample; an
     /// optional top-level `preset` key picks its base). Replaces --preset.
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
@@ -91,7 +91,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Image side; MNIST allows 28 (default) or 32 (padded) [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub image_size: Option<i64>,
     /// Image colours for --data [default: the preset's].
     #[arg(long, value_enum)]
@@ -103,7 +103,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub holdout: Option<usize>,
     /// Channels of the first U-Net level [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub base_channels: Option<i64>,
     /// How t enters the network [default: the preset's].
     #[arg(long, value_enum)]
@@ -112,7 +112,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleKind>,
     /// Number of diffusion steps T [default: 1000].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub t_max: Option<i64>,
     /// Optimiser updates [default: the preset's].
     #[arg(long)]
@@ -122,16 +122,16 @@ pub struct TrainArgs {
     pub batch_size: Option<usize>,
     /// LAMB's base learning rate [default: the preset's: 5e-3 for mnist, the article's 1e-3
     /// for the others].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Updates of linear learning-rate warm-up [default: the preset's].
     #[arg(long)]
     pub warmup: Option<u64>,
     /// Clip the global gradient norm to this [default: no clipping].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub grad_clip: Option<f64>,
     /// EMA decay of the weights [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub ema_decay: Option<f64>,
     /// `none`: mean_B ‖ε − ε̂‖² (the article's training loss); `article`: loss (8) with its
     /// exact weight for --loss-sigma [default: none].
@@ -141,7 +141,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub loss_sigma: Option<SigmaArg>,
     /// s for --loss-sigma isotropic.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub data_std: Option<f64>,
     /// bfloat16 autocast on CUDA (ignored on the CPU).
     #[arg(long)]
@@ -169,12 +169,17 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// --preset, or `mnist`.
+    pub fn preset_name(&self) -> &str {
+        self.preset.as_deref().unwrap_or("mnist")
+    }
+
     /// The settings: the config file or preset, then each flag given. Returns the names of
     /// the flags that changed something.
     pub fn config(&self) -> anyhow::Result<(Config, Vec<&'static str>)> {
         let mut cfg = match &self.config {
             Some(path) => Config::from_file(path)?,
-            None => Config::preset(&self.preset)?,
+            None => Config::preset(self.preset_name())?,
         };
         let mut set = Vec::new();
         let mut note = |name: &'static str, given: bool| {
@@ -272,7 +277,10 @@ impl TrainArgs {
             let end = t.lr_decay.pop().expect("checked non-empty above");
             let after_previous = t.lr_decay.last().map_or(t.warmup_steps, |p| p.step);
             if t.steps > after_previous {
-                t.lr_decay.push(crate::config::LrPoint { step: t.steps, ..end });
+                t.lr_decay.push(crate::config::LrPoint {
+                    step: t.steps,
+                    ..end
+                });
             }
         }
         cfg.validate()?;
@@ -299,14 +307,14 @@ pub struct SampleArgs {
     #[arg(long, value_enum)]
     pub sigma: Option<SigmaArg>,
     /// s for --sigma isotropic (the data's per-dimension standard deviation).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub data_std: Option<f64>,
     /// Visit only N of the T steps, evenly strided (ancestral on the respaced chain, or DDIM
     /// with --eta) [default: the run's sample.steps, else all T].
     #[arg(long, value_name = "N")]
     pub steps: Option<usize>,
     /// Use DDIM with this η (0 deterministic, 1 strided DDPM) [default: the ancestral sampler].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub eta: Option<f64>,
     /// Clip x̂_0 to [−1, 1] at every step (true/false) [default: the run's sample.clip_each_step].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -346,7 +354,7 @@ pub struct EvalArgs {
     #[arg(long, value_enum)]
     pub sigma: Option<SigmaArg>,
     /// s for --sigma isotropic.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub data_std: Option<f64>,
     /// Use the raw weights instead of their EMA.
     #[arg(long)]
@@ -414,11 +422,12 @@ fn run_train(args: &TrainArgs, device: DeviceChoice, progress: bool) -> anyhow::
     let run_dir = args
         .out
         .clone()
-        .unwrap_or_else(|| Path::new("runs").join(&args.preset));
+        .unwrap_or_else(|| Path::new("runs").join(args.preset_name()));
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
         device: device.resolve()?,
         resume: args.resume,
+        resume_must_match: args.preset.is_some() || args.config.is_some(),
         progress,
     };
     tracing::info!(
@@ -446,6 +455,10 @@ fn run_train(args: &TrainArgs, device: DeviceChoice, progress: bool) -> anyhow::
 fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow::Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
+    }
+    grid::ensure_writable(&args.out)?;
+    if let Some(dir) = &args.each {
+        grid::ensure_dir(dir)?;
     }
     let device = device.resolve()?;
     let ckpt = checkpoint::open(&args.checkpoint)?;
@@ -514,14 +527,20 @@ mod tests {
         );
         assert_eq!(
             cfg.train.lr_decay,
-            vec![crate::config::LrPoint { step: 300, factor: 0.1 }],
+            vec![crate::config::LrPoint {
+                step: 300,
+                factor: 0.1
+            }],
             "the decay end follows --steps"
         );
         let short = Cli::try_parse_from(["ddpm", "train", "--steps", "30"]).unwrap();
         let Command::Train(short) = short.command else {
             panic!("not train")
         };
-        assert!(short.config().unwrap().0.train.lr_decay.is_empty(), "a run inside the warm-up has no decay");
+        assert!(
+            short.config().unwrap().0.train.lr_decay.is_empty(),
+            "a run inside the warm-up has no decay"
+        );
         assert_eq!(set, vec!["--steps", "--lr", "--bf16"]);
         let cli = Cli::try_parse_from([
             "ddpm",

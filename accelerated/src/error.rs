@@ -62,6 +62,14 @@ pub enum DdpmError {
         /// The loss value.
         loss: f64,
     },
+    /// `skip_nonfinite` met only non-finite losses for too long: the weights have diverged.
+    #[error("the last {skipped} batches, up to step {step}, all had a non-finite loss: the weights have diverged; start a new run with a lower learning rate or --grad-clip")]
+    Diverged {
+        /// The last step skipped.
+        step: u64,
+        /// How many consecutive batches were skipped.
+        skipped: u64,
+    },
 }
 
 impl DdpmError {

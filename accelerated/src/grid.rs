@@ -77,8 +77,7 @@ pub fn write_png(pixels: &Tensor, path: &Path) -> Result<()> {
     let hwc = pixels.f_permute([1, 2, 0])?.f_contiguous()?;
     let bytes = Vec::<u8>::try_from(hwc.f_reshape([-1])?)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DdpmError::io(format!("cannot create {}", dir.display()), e))?;
+        ensure_dir(dir)?;
     }
     image::save_buffer_with_format(path, &bytes, w as u32, h as u32, color, ImageFormat::Png)
         .map_err(|e| match e {
@@ -90,6 +89,46 @@ pub fn write_png(pixels: &Tensor, path: &Path) -> Result<()> {
                 cause: other,
             },
         })
+}
+
+/// Errors now, before minutes of sampling, unless a file can be written at `path`; creates
+/// its directory. Leaves no file behind that was not there.
+pub fn ensure_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(DdpmError::io(
+            format!("cannot write {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "it is a directory"),
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        ensure_dir(dir)?;
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// Creates the directory `dir` (and its parents), saying so when a file is in the way.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        let hint = if dir.exists() || e.kind() == std::io::ErrorKind::NotADirectory {
+            " (a file stands where a directory is needed)"
+        } else {
+            ""
+        };
+        DdpmError::io(
+            format!("cannot create the directory {}{hint}", dir.display()),
+            e,
+        )
+    })
 }
 
 /// Writes `[N, C, H, W]` images in [−1, 1] as one PNG grid.

@@ -24,6 +24,7 @@ use crate::sampler::Sampler;
 use crate::schedule::Schedule;
 use crate::unet::UNet;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -83,8 +84,8 @@ pub fn build_model(cfg: &Config, device: Device, seed: u64) -> Result<(VarStore,
 /// What one update did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum StepOutcome {
-    /// The weights were updated; the loss before the update.
-    Updated(f64),
+    /// The weights were updated; the loss stays on the device until [`Trainer::take_mean_loss`].
+    Updated,
     /// The loss was not finite and the batch was skipped (`skip_nonfinite`).
     Skipped(f64),
 }
@@ -103,6 +104,12 @@ pub struct Trainer {
     step: u64,
     skipped: u64,
     last_grad_norm: Option<Tensor>,
+    /// Σ of the losses since the last [`Trainer::take_mean_loss`], and how many, kept on the
+    /// device: reading a loss back every step would stall a GPU.
+    loss_sum: Tensor,
+    loss_count: u64,
+    /// [first step whose loss was not finite (0 = none), that loss], on the device.
+    first_nonfinite: Tensor,
 }
 
 impl Trainer {
@@ -128,6 +135,9 @@ impl Trainer {
             step: 0,
             skipped: 0,
             last_grad_norm: None,
+            loss_sum: Tensor::f_zeros([], (Kind::Double, device))?,
+            loss_count: 0,
+            first_nonfinite: Tensor::f_zeros([2], (Kind::Double, device))?,
         })
     }
 
@@ -185,25 +195,70 @@ impl Trainer {
             None => euclidean_loss(&eps, &eps_hat)?,
             Some(sigma) => weighted_loss(&self.schedule, sigma, &t, &eps, &eps_hat)?,
         };
-        let value = f64::try_from(&loss)?;
         self.lamb.zero_grad();
-        if !value.is_finite() {
-            if !self.cfg.train.skip_nonfinite {
-                return Err(DdpmError::NonFinite {
-                    step: k,
-                    loss: value,
-                });
+        if self.cfg.train.skip_nonfinite {
+            // Skipping decides on the host, so only this mode reads every loss back.
+            let value = f64::try_from(&loss)?;
+            if !value.is_finite() {
+                self.step = k;
+                self.skipped += 1;
+                return Ok(StepOutcome::Skipped(value));
             }
-            self.step = k;
-            self.skipped += 1;
-            return Ok(StepOutcome::Skipped(value));
+        } else {
+            self.watch_nonfinite(&loss, k)?;
         }
         loss.f_backward()?;
         self.lamb.set_lr(self.lr.lr(k));
         self.last_grad_norm = Some(self.lamb.step()?);
         self.ema.update(&self.vs)?;
         self.step = k;
-        Ok(StepOutcome::Updated(value))
+        let _ = self
+            .loss_sum
+            .f_add_(&loss.f_detach()?.f_to_kind(Kind::Double)?)?;
+        self.loss_count += 1;
+        Ok(StepOutcome::Updated)
+    }
+
+    /// Records step `k` and `loss` on the device if this is the first non-finite loss.
+    fn watch_nonfinite(&mut self, loss: &Tensor, k: u64) -> Result<()> {
+        let first = self.first_nonfinite.f_get(0)?;
+        let new = loss
+            .f_isfinite()?
+            .f_logical_not()?
+            .f_logical_and(&first.f_eq(0.0)?)?;
+        let record = Tensor::f_stack(
+            &[
+                Tensor::f_full([], k as f64, (Kind::Double, self.device))?,
+                loss.f_detach()?.f_to_kind(Kind::Double)?,
+            ],
+            0,
+        )?;
+        self.first_nonfinite = record.f_where_self(&new, &self.first_nonfinite)?;
+        Ok(())
+    }
+
+    /// Errors with the step of the first non-finite loss since the run (or resume) began;
+    /// called before anything is written, so no checkpoint or grid ever follows one.
+    pub fn check_loss(&self) -> Result<()> {
+        match Vec::<f64>::try_from(&self.first_nonfinite)?[..] {
+            [step, loss] if step > 0.0 => Err(DdpmError::NonFinite {
+                step: step as u64,
+                loss,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The mean loss of the updates since the last call (NaN if none), then starts afresh.
+    pub fn take_mean_loss(&mut self) -> Result<f64> {
+        let mean = if self.loss_count == 0 {
+            f64::NAN
+        } else {
+            f64::try_from(&self.loss_sum)? / self.loss_count as f64
+        };
+        let _ = self.loss_sum.f_zero_()?;
+        self.loss_count = 0;
+        Ok(mean)
     }
 
     /// The global gradient norm of the last update (waits for the device).
@@ -306,6 +361,9 @@ pub struct TrainOptions {
     pub device: Device,
     /// Continue from the newest good checkpoint in `run_dir` instead of starting afresh.
     pub resume: bool,
+    /// On resume, refuse a checkpoint whose settings differ from the `cfg` given to [`train`]
+    /// in anything but the length of the run (the user named a preset or config file).
+    pub resume_must_match: bool,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -333,6 +391,10 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 /// Trains on the data `cfg` names (see [`train_on`]). With `resume`, the configuration
 /// saved in the checkpoint is used, except `train.steps` which `steps` may raise.
 pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<TrainSummary> {
+    if !opts.resume {
+        // Before the data are read, so an unwritable --out fails at once.
+        create_run_dir(&opts.run_dir)?;
+    }
     let (cfg, resume_from) = if opts.resume {
         let ckpt = checkpoint::latest_good(&checkpoints_dir(&opts.run_dir))?.ok_or_else(|| {
             DdpmError::Checkpoint {
@@ -340,6 +402,16 @@ pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<Tr
                 reason: "holds no checkpoint to resume from".into(),
             }
         })?;
+        if opts.resume_must_match {
+            let differences = config_differences(cfg, &ckpt.manifest.config)?;
+            if !differences.is_empty() {
+                return Err(DdpmError::Config(format!(
+                    "{} was trained with other settings than the preset or config file given here ({}); leave out --preset/--config to continue it with its own settings, or choose another --out",
+                    ckpt.dir.display(),
+                    differences.join(", ")
+                )));
+            }
+        }
         let mut cfg = ckpt.manifest.config.clone();
         cfg.train.steps = steps.unwrap_or(cfg.train.steps);
         (cfg, Some(ckpt))
@@ -351,6 +423,49 @@ pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<Tr
     train_on(&cfg, train_set, opts, resume_from)
 }
 
+/// The settings in which `wanted` and `saved` differ, as `key (wanted vs saved)`, leaving out
+/// those a resumed run may change: its length and the decay point that follows it.
+fn config_differences(wanted: &Config, saved: &Config) -> Result<Vec<String>> {
+    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(t) => flatten(&name, t, out),
+                v => {
+                    out.insert(name, v.to_string());
+                }
+            }
+        }
+    }
+    let table = |cfg: &Config| -> Result<BTreeMap<String, String>> {
+        let t = toml::Table::try_from(cfg)
+            .map_err(|e| DdpmError::Config(format!("cannot compare the settings: {e}")))?;
+        let mut flat = BTreeMap::new();
+        flatten("", &t, &mut flat);
+        flat.remove("train.steps");
+        flat.remove("train.lr_decay");
+        Ok(flat)
+    };
+    let (a, b) = (table(wanted)?, table(saved)?);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let absent = "absent".to_string();
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} vs {}",
+                a.get(k).unwrap_or(&absent),
+                b.get(k).unwrap_or(&absent)
+            )
+        })
+        .collect())
+}
+
 /// Trains on `data`, from scratch or from `resume_from`.
 pub fn train_on(
     cfg: &Config,
@@ -358,12 +473,17 @@ pub fn train_on(
     opts: &TrainOptions,
     resume_from: Option<Checkpoint>,
 ) -> Result<TrainSummary> {
+    create_run_dir(&opts.run_dir)?;
     let ckpt_root = checkpoints_dir(&opts.run_dir);
     if resume_from.is_none() && !checkpoint::list(&ckpt_root)?.is_empty() {
         return Err(DdpmError::Config(format!(
             "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
             opts.run_dir.display()
         )));
+    }
+    if opts.device.is_cuda() {
+        // Fixed shapes every step: let cuDNN time its algorithms once and keep the fastest.
+        tch::Cuda::cudnn_set_benchmark(true);
     }
     let mut trainer = Trainer::new(cfg, opts.device)?;
     if let Some(ckpt) = &resume_from {
@@ -374,26 +494,8 @@ pub fn train_on(
             trainer.step()
         );
     }
-    std::fs::create_dir_all(&opts.run_dir).map_err(|e| {
-        DdpmError::io(
-            format!("cannot create the run directory {}", opts.run_dir.display()),
-            e,
-        )
-    })?;
     write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(opts.run_dir.join("metrics.jsonl"))
-        .map_err(|e| {
-            DdpmError::io(
-                format!(
-                    "cannot open {}",
-                    opts.run_dir.join("metrics.jsonl").display()
-                ),
-                e,
-            )
-        })?;
+    let mut metrics = open_metrics(&opts.run_dir.join("metrics.jsonl"), trainer.step())?;
 
     let total = cfg.train.steps;
     let first = trainer.step() + 1;
@@ -401,8 +503,7 @@ pub fn train_on(
     let mut loader = Loader::spawn(data, trainer.plan(), first, PREFETCH)?;
     let bar = progress_bar(opts.progress, total, trainer.step());
     let started = Instant::now();
-    let (mut window_sum, mut window_n, mut window_start, mut last_loss) =
-        (0.0, 0u64, Instant::now(), f64::NAN);
+    let (mut window_start, mut last_loss) = (Instant::now(), f64::NAN);
     let mut consecutive_skips = 0;
     let mut last_saved = None;
     let mut last_grid = None;
@@ -410,29 +511,30 @@ pub fn train_on(
         let batch = loader.next_batch()?;
         let k = batch.step;
         match trainer.train_step(&batch)? {
-            StepOutcome::Updated(loss) => {
-                consecutive_skips = 0;
-                window_sum += loss;
-                window_n += 1;
-            }
+            StepOutcome::Updated => consecutive_skips = 0,
             StepOutcome::Skipped(loss) => {
                 consecutive_skips += 1;
                 bar.suspend(|| {
                     tracing::warn!("step {k}: loss {loss} is not finite; batch skipped")
                 });
                 if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
-                    return Err(DdpmError::NonFinite { step: k, loss });
+                    return Err(DdpmError::Diverged {
+                        step: k,
+                        skipped: consecutive_skips,
+                    });
                 }
             }
         }
         bar.set_position(k);
-        if k % cfg.train.log_every == 0 || k == total {
+        let log = k % cfg.train.log_every == 0 || k == total;
+        let save = k % cfg.train.checkpoint_every == 0 || k == total;
+        let draw = (cfg.train.sample_every > 0 && k % cfg.train.sample_every == 0) || k == total;
+        if log || save || draw {
+            trainer.check_loss()?;
+        }
+        if log {
             let secs = window_start.elapsed().as_secs_f64();
-            last_loss = if window_n > 0 {
-                window_sum / window_n as f64
-            } else {
-                f64::NAN
-            };
+            last_loss = trainer.take_mean_loss()?;
             let line = serde_json::json!({
                 "step": k,
                 "loss": finite_or_null(last_loss),
@@ -445,9 +547,9 @@ pub fn train_on(
             writeln!(metrics, "{line}")
                 .map_err(|e| DdpmError::io("cannot append to metrics.jsonl", e))?;
             bar.set_message(format!("loss {last_loss:.2}"));
-            (window_sum, window_n, window_start) = (0.0, 0, Instant::now());
+            window_start = Instant::now();
         }
-        if k % cfg.train.checkpoint_every == 0 || k == total {
+        if save {
             trainer.check_finite()?;
             let dir = checkpoint::save(
                 &ckpt_root,
@@ -458,7 +560,7 @@ pub fn train_on(
             bar.suspend(|| tracing::info!("step {k}: checkpoint {}", dir.display()));
             last_saved = Some(dir);
         }
-        if (cfg.train.sample_every > 0 && k % cfg.train.sample_every == 0) || k == total {
+        if draw {
             let path = opts
                 .run_dir
                 .join("samples")
@@ -486,6 +588,47 @@ pub fn train_on(
         grid,
         skipped: trainer.skipped(),
     })
+}
+
+fn create_run_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        DdpmError::io(
+            format!("cannot create the run directory {}", dir.display()),
+            e,
+        )
+    })
+}
+
+/// Opens `metrics.jsonl` for appending after dropping the lines of steps after `step` (a run
+/// stopped after its last checkpoint logged steps that the resumed run repeats) and a partial
+/// last line (a run killed while writing it).
+fn open_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
+    let old = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(DdpmError::io(format!("cannot read {}", path.display()), e)),
+    };
+    let kept: String = old
+        .split_inclusive('\n')
+        .filter(|line| {
+            line.ends_with('\n')
+                && serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                    .is_some_and(|s| s <= step)
+        })
+        .collect();
+    if kept.len() != old.len() {
+        let tmp = path.with_extension("jsonl.tmp");
+        write_text(&tmp, &kept)?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| DdpmError::io(format!("cannot replace {}", path.display()), e))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| DdpmError::io(format!("cannot open {}", path.display()), e))
 }
 
 fn finite_or_null(x: f64) -> Option<f64> {
@@ -555,6 +698,7 @@ mod tests {
             run_dir: dir.to_path_buf(),
             device: Device::Cpu,
             resume,
+            resume_must_match: false,
             progress: false,
         }
     }
