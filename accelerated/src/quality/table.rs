@@ -308,38 +308,42 @@ fn mean_se(x: &Tensor) -> Result<(f64, f64)> {
     Ok((mean, sd / n.sqrt()))
 }
 
-/// Measures every cell, writing each grid under `out/grids/` as it goes.
+/// Measures every cell, column after column, writing each grid under `out/grids/` as it goes
+/// and handing the table so far to `progress` after each column (so an interrupted run keeps
+/// what it measured). `seconds_before` (the m_t estimate) is counted into the table's time.
 pub fn measure<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
     plan: &Plan,
     out: &Path,
     classifier: ClassifierRecord,
+    seconds_before: f64,
+    mut progress: impl FnMut(&Table) -> Result<()>,
 ) -> Result<Table> {
     let started = Instant::now();
-    if let Some(n) = plan
-        .ddim_steps
-        .iter()
-        .find(|n| !plan.columns.iter().any(|c| c.steps == **n))
-    {
+    if let Some(n) = plan.ddim_steps.iter().find(|n| !plan.columns.iter().any(|c| c.steps == **n)) {
         return Err(DdpmError::InvalidArgument(format!(
             "DDIM at {n} steps needs a column with {n} steps to take its sample count from"
         )));
     }
     let real = ctx.classifier.embed(ctx.heldout)?;
     let shape = ctx.heldout.size();
-    let bpd_x0 = ctx
-        .heldout
-        .narrow(0, 0, (plan.bpd_images as i64).min(shape[0]))
-        .to_device(ctx.device);
-    let mut cells = Vec::new();
-    let mut comparisons = Vec::new();
+    let bpd_x0 = ctx.heldout.narrow(0, 0, (plan.bpd_images as i64).min(shape[0])).to_device(ctx.device);
+    let mut table = Table {
+        plan: plan.clone(),
+        classifier,
+        data_std: ctx.data_std,
+        heldout_images: shape[0] as usize,
+        cells: Vec::new(),
+        floors: floors(ctx, &real, plan)?,
+        comparisons: Vec::new(),
+        sigmas: sigma_samples(ctx)?,
+        eps_mse_seconds: seconds_before,
+        seconds: seconds_before,
+    };
     for col in &plan.columns {
         let chain = Respaced::new(ctx.schedule, col.steps)?;
         let model = chain.model(ctx.model);
-        let tables = Row::SIGMAS
-            .iter()
-            .map(|&r| sigma_table(ctx, &chain, r))
-            .collect::<Result<Vec<_>>>()?;
+        let tables = Row::SIGMAS.iter().map(|&r| sigma_table(ctx, &chain, r)).collect::<Result<Vec<_>>>()?;
         tch::manual_seed(plan.seed as i64);
         let bpd = if plan.bpd_images > 0 {
             let per: Vec<Tensor> = bpd_x0
@@ -351,89 +355,58 @@ pub fn measure<M: NoisePredictor + ?Sized>(
                 })
                 .collect::<Result<Vec<_>>>()?
                 .into_iter()
-                .reduce(|a, b| {
-                    a.iter()
-                        .zip(&b)
-                        .map(|(x, y)| Tensor::cat(&[x, y], 0))
-                        .collect()
-                })
+                .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| Tensor::cat(&[x, y], 0)).collect())
                 .unwrap_or_default();
             per.iter().map(mean_se).collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
         };
         let mut row_features = Vec::new();
-        for (i, (&row, table)) in Row::SIGMAS.iter().zip(&tables).enumerate() {
+        for (i, (&row, sigma)) in Row::SIGMAS.iter().zip(&tables).enumerate() {
             let t0 = Instant::now();
             let images = draw(col.samples, plan, &shape, |cfg, s| {
                 let cfg = SamplerConfig { steps: Some(col.steps), ..cfg };
-                Sampler::with_sigma_table(ctx.schedule, cfg, table)?.sample(ctx.model, s, ctx.device)
+                Sampler::with_sigma_table(ctx.schedule, cfg, sigma)?.sample(ctx.model, s, ctx.device)
             })?;
-            let (cell, features) =
-                finish(ctx, &real, plan, out, row, *col, &images, bpd.get(i).copied(), t0)?;
-            cells.push(cell);
+            let (cell, features) = finish(ctx, &real, plan, out, row, *col, &images, bpd.get(i).copied(), t0)?;
+            table.cells.push(cell);
             row_features.push(features);
         }
         for (row, against) in COMPARED {
             let at = |r: Row| Row::SIGMAS.iter().position(|&x| x == r).expect("an ancestral row");
-            let (a, b) = (&row_features[at(row)], &row_features[at(against)]);
-            let (diff, ci) = paired_difference(a, b, &real.features, plan)?;
-            comparisons.push(Comparison { steps: col.steps, row, against, diff, ci });
+            let (diff, ci) = paired_difference(&row_features[at(row)], &row_features[at(against)], &real.features, plan)?;
+            table.comparisons.push(Comparison { steps: col.steps, row, against, diff, ci });
         }
+        if plan.ddim_steps.contains(&col.steps) {
+            let t0 = Instant::now();
+            let images = draw(col.samples, plan, &shape, |cfg, s| {
+                let cfg = SamplerConfig { steps: Some(col.steps), eta: Some(0.0), ..cfg };
+                Sampler::new(ctx.schedule, cfg)?.sample(ctx.model, s, ctx.device)
+            })?;
+            table.cells.push(finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0)?.0);
+        }
+        table.seconds = seconds_before + started.elapsed().as_secs_f64();
+        progress(&table)?;
     }
-    for &n in &plan.ddim_steps {
-        let col = *plan
-            .columns
-            .iter()
-            .find(|c| c.steps == n)
-            .expect("checked above");
-        let t0 = Instant::now();
-        let images = draw(col.samples, plan, &shape, |cfg, s| {
-            let cfg = SamplerConfig {
-                steps: Some(n),
-                eta: Some(0.0),
-                ..cfg
-            };
-            Sampler::new(ctx.schedule, cfg)?.sample(ctx.model, s, ctx.device)
-        })?;
-        cells.push(finish(ctx, &real, plan, out, Row::Ddim, col, &images, None, t0)?.0);
-    }
+    Ok(table)
+}
+
+/// The FD of as many real training images as each column samples, against the held-out ones.
+fn floors<M: NoisePredictor + ?Sized>(ctx: &Context<M>, real: &Embedding, plan: &Plan) -> Result<Vec<Floor>> {
     let mut counts: Vec<usize> = plan.columns.iter().map(|c| c.samples).collect();
     counts.sort_unstable();
     counts.dedup();
+    let n_train = ctx.train.size()[0] as usize;
     let mut rng = StdRng::seed_from_u64(plan.seed);
-    let floors = counts
+    counts
         .into_iter()
         .map(|n| {
-            let idx: Vec<i64> = sample(
-                &mut rng,
-                ctx.train.size()[0] as usize,
-                n.min(ctx.train.size()[0] as usize),
-            )
-            .into_iter()
-            .map(|i| i as i64)
-            .collect();
+            let idx: Vec<i64> = sample(&mut rng, n_train, n.min(n_train)).into_iter().map(|i| i as i64).collect();
             let images = ctx.train.index_select(0, &Tensor::from_slice(&idx));
-            let (fd, fd_ci, _, _, _) = score(ctx, &real, &images, plan)?;
-            Ok(Floor {
-                samples: n,
-                fd,
-                fd_ci,
-            })
+            let (fd, fd_ci, _, _, _) = score(ctx, real, &images, plan)?;
+            Ok(Floor { samples: n, fd, fd_ci })
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Table {
-        plan: plan.clone(),
-        classifier,
-        data_std: ctx.data_std,
-        heldout_images: ctx.heldout.size()[0] as usize,
-        cells,
-        floors,
-        comparisons,
-        sigmas: sigma_samples(ctx)?,
-        eps_mse_seconds: 0.0,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
