@@ -171,7 +171,7 @@ impl Default for SamplerConfig {
 
 /// One step of the loop with its schedule coefficients as host scalars (every sample of the
 /// batch has the same t), so that a step is a few elementwise kernels and reads nothing back.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 enum Update {
     /// x′ = c_x x + c_ε ε̂ + σ z.
     Linear { c_x: f64, c_eps: f64, sigma: f64 },
@@ -394,7 +394,8 @@ impl Sampler {
         self.run(model, shape, (Kind::Float, device), on_step)
     }
 
-    /// The loop in `kind` (f32 for sampling; f64 lets the tests hold it to the public steps).
+    /// The loop with x of `opts`' kind on its device (f32 for sampling; f64 lets the tests hold
+    /// it to the public step functions).
     fn run<M: NoisePredictor + ?Sized>(
         &self,
         model: &M,
