@@ -58,13 +58,14 @@ pub enum SigmaArg {
     Isotropic,
 }
 
-fn sigma_choice(arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaChoice> {
+/// The σ choice `flag` (`--sigma` or `--loss-sigma`) names.
+fn sigma_choice(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaChoice> {
     Ok(match (arg, data_std) {
         (SigmaArg::Posterior, _) => SigmaChoice::Posterior,
         (SigmaArg::Beta, _) => SigmaChoice::Beta,
         (SigmaArg::Isotropic, Some(s)) => SigmaChoice::Isotropic { data_std: s },
         (SigmaArg::Isotropic, None) => bail!(
-            "--sigma isotropic needs --data-std S (the data's per-dimension standard deviation)"
+            "{flag} isotropic needs --data-std S (the data's per-dimension standard deviation)"
         ),
     })
 }
@@ -244,7 +245,7 @@ impl TrainArgs {
             cfg.train.loss_weight = w;
         }
         if let Some(s) = self.loss_sigma.filter(|_| note("--loss-sigma", true)) {
-            cfg.train.loss_sigma = sigma_choice(s, self.data_std)?;
+            cfg.train.loss_sigma = sigma_choice("--loss-sigma", s, self.data_std)?;
         }
         if note("--bf16", self.bf16) {
             cfg.train.bf16 = true;
@@ -382,7 +383,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 quick: args.quick,
                 sigma: args
                     .sigma
-                    .map(|s| sigma_choice(s, args.data_std))
+                    .map(|s| sigma_choice("--sigma", s, args.data_std))
                     .transpose()?,
                 seed: args.seed,
                 progress,
@@ -464,7 +465,7 @@ fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow
     let ckpt = checkpoint::open(&args.checkpoint)?;
     let mut cfg = ckpt.manifest.config.clone();
     if let Some(s) = args.sigma {
-        cfg.sample.sigma = sigma_choice(s, args.data_std)?;
+        cfg.sample.sigma = sigma_choice("--sigma", s, args.data_std)?;
     }
     if args.steps.is_some() {
         cfg.sample.steps = args.steps;

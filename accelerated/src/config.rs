@@ -342,7 +342,7 @@ impl Config {
         let text =
             toml::to_string(&merged).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
         let cfg: Config = toml::from_str(&text)
-            .map_err(|e| DdpmError::Config(format!("{origin} (over preset {preset}): {e}")))?;
+            .map_err(|e| DdpmError::Config(format!("{origin}: {}", locate(&e, &text))))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -418,10 +418,16 @@ impl Config {
             return bad("loss (8) with σ = posterior has σ_1 = 0, an infinite weight at t = 1; choose beta or isotropic".into());
         }
         if s.steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
-            return bad(format!("sample.steps must be between 1 and T = {}", m.t_max));
+            return bad(format!(
+                "sample.steps must be between 1 and T = {}",
+                m.t_max
+            ));
         }
         if t.grid_steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
-            return bad(format!("train.grid_steps must be between 1 and T = {}", m.t_max));
+            return bad(format!(
+                "train.grid_steps must be between 1 and T = {}",
+                m.t_max
+            ));
         }
         self.lr_schedule()?;
         Ok(())
@@ -462,6 +468,24 @@ impl Config {
             ..Default::default()
         }
     }
+}
+
+/// Where in a file layered over its preset `e` happened: the offending `key = value` line and
+/// its section, not a line number (the merged document's numbers are not the file's).
+fn locate(e: &toml::de::Error, merged: &str) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let before = &merged[..span.start.min(merged.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = merged[line_start..].lines().next().unwrap_or("").trim();
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .unwrap_or("the top level");
+    format!("`{line}` in {section}: {}", e.message().trim())
 }
 
 /// Replaces `base`'s values by `over`'s, recursing into tables present in both.

@@ -408,7 +408,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<Tr
                 return Err(DdpmError::Config(format!(
                     "{} was trained with other settings than the preset or config file given here ({}); leave out --preset/--config to continue it with its own settings, or choose another --out",
                     ckpt.dir.display(),
-                    differences.join(", ")
+                    differences.join("; ")
                 )));
             }
         }
@@ -423,7 +423,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<Tr
     train_on(&cfg, train_set, opts, resume_from)
 }
 
-/// The settings in which `wanted` and `saved` differ, as `key (wanted vs saved)`, leaving out
+/// The settings in which `wanted` and `saved` differ, as `key = wanted here, saved in the
+/// run`, leaving out
 /// those a resumed run may change: its length and the decay point that follows it.
 fn config_differences(wanted: &Config, saved: &Config) -> Result<Vec<String>> {
     fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
@@ -458,7 +459,7 @@ fn config_differences(wanted: &Config, saved: &Config) -> Result<Vec<String>> {
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| {
             format!(
-                "{k}: {} vs {}",
+                "{k} = {} here, {} in the run",
                 a.get(k).unwrap_or(&absent),
                 b.get(k).unwrap_or(&absent)
             )
