@@ -201,6 +201,9 @@ fn resume_after_a_kill_is_bitwise_exact() {
     assert_eq!(&file_sums(&run, STEPS), want);
 }
 
+/// Damages the file at its path.
+type Damage = fn(&Path);
+
 fn flip_byte(path: &Path, at: usize) {
     let mut bytes = std::fs::read(path).unwrap();
     bytes[at] ^= 0x10;
@@ -213,7 +216,7 @@ fn flip_byte(path: &Path, at: usize) {
 #[test]
 fn a_corrupt_checkpoint_is_detected_and_resume_falls_back() {
     let want = reference();
-    let damages: [(&str, fn(&Path)); 4] = [
+    let damages: [(&str, Damage); 4] = [
         ("model.safetensors", |p| {
             let len = std::fs::metadata(p).unwrap().len();
             std::fs::OpenOptions::new()
