@@ -122,7 +122,9 @@ pub fn bound_term(
     x_t: &Tensor,
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
-    let t_safe = t.clamp_min(2);
+    // L_{t−1} is only defined for t ≥ 2; those samples read the decoder below, so any valid
+    // index will do for them — min(2, T) keeps a T = 1 schedule in range.
+    let t_safe = t.clamp_min(2.min(schedule.t_max()));
     let kl = posterior_kl(schedule, sigma, x0, x_t, &t_safe, eps_hat)?;
     let dec = decoder_nll(schedule, sigma, x0, x_t, eps_hat)?;
     Ok(dec.where_self(&t.eq(1), &kl))
