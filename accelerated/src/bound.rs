@@ -3,7 +3,7 @@
 
 use crate::error::{DdpmError, Result};
 use crate::marginal::{marginal_sample, posterior_mean, posterior_std, same_shape};
-use crate::sampler::NoisePredictor;
+use crate::sampler::{generator_mean, NoisePredictor};
 use crate::schedule::{gather, Schedule};
 use tch::{Kind, Tensor};
 
@@ -32,19 +32,6 @@ pub fn prior_kl(schedule: &Schedule, x0: &Tensor) -> Result<Tensor> {
     let mean = schedule.alpha_bar_at(&t, x0)? * x0;
     let std = schedule.beta_bar_at(&t, x0)?;
     kl_isotropic(&mean, &std, &mean.zeros_like(), &std.ones_like())
-}
-
-/// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t.
-pub fn generator_mean(
-    schedule: &Schedule,
-    x_t: &Tensor,
-    t: &Tensor,
-    eps_hat: &Tensor,
-) -> Result<Tensor> {
-    same_shape("x_t", x_t, "eps_hat", eps_hat)?;
-    let b = schedule.beta_at(t, x_t)?;
-    let bb = schedule.beta_bar_at(t, x_t)?;
-    Ok((x_t - b.square() / bb * eps_hat) / schedule.alpha_at(t, x_t)?)
 }
 
 /// L_{t−1} = KL(N(μ̃(x_t, x_0), σ̃_t²) ‖ N(μ(x_t), σ_t²)) per sample [B], for t ≥ 2;

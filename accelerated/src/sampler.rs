@@ -37,13 +37,21 @@ pub fn ancestral_step(
     sigma: &Tensor,
     z: &Tensor,
 ) -> Result<Tensor> {
-    same_shape("x_t", x_t, "eps_hat", eps_hat)?;
     same_shape("x_t", x_t, "z", z)?;
+    Ok(generator_mean(schedule, x_t, t, eps_hat)? + gather(sigma, t, x_t)? * z)
+}
+
+/// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t.
+pub fn generator_mean(
+    schedule: &Schedule,
+    x_t: &Tensor,
+    t: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
+    same_shape("x_t", x_t, "eps_hat", eps_hat)?;
     let b = schedule.beta_at(t, x_t)?;
     let bb = schedule.beta_bar_at(t, x_t)?;
-    let a = schedule.alpha_at(t, x_t)?;
-    let s = gather(sigma, t, x_t)?;
-    Ok((x_t - b.square() / bb * eps_hat) / a + s * z)
+    Ok((x_t - b.square() / bb * eps_hat) / schedule.alpha_at(t, x_t)?)
 }
 
 /// Ho et al.'s step: x̂_0 = clip((x_t − β̄_t ε̂)/ᾱ_t, −1, 1), then the posterior mean
