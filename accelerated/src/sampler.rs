@@ -293,10 +293,6 @@ fn host(t: &Tensor) -> Result<Vec<f64>> {
 #[derive(Debug)]
 pub struct Sampler {
     cfg: SamplerConfig,
-    schedule: Schedule,
-    /// The chain the ancestral step walks: `schedule` itself for all T steps, else respaced.
-    chain: Schedule,
-    sigma: Tensor,
     pairs: Vec<(i64, i64)>,
     /// One update per pair, read from the f64 tables once, here rather than in the loop.
     updates: Vec<Update>,
@@ -305,6 +301,24 @@ pub struct Sampler {
 impl Sampler {
     /// Prepares the σ table and the visited steps.
     pub fn new(schedule: &Schedule, cfg: SamplerConfig) -> Result<Sampler> {
+        Self::build(schedule, cfg, None)
+    }
+
+    /// [`Sampler::new`] with an explicit σ table in place of `cfg.sigma`'s, e.g. σ_t estimated
+    /// from a trained network: one entry per step of the walked chain plus σ_0 = 0, so T+1
+    /// entries for all T steps and n+1 for `steps = Some(n)` (indexed by the respaced k).
+    pub fn with_sigma_table(
+        schedule: &Schedule,
+        cfg: SamplerConfig,
+        sigma: &Tensor,
+    ) -> Result<Sampler> {
+        Self::build(schedule, cfg, Some(sigma))
+    }
+
+    /// The walked chain (`schedule` itself for all T steps, else respaced), its σ table, and
+    /// the update of each step: the ancestral step at chain index k = n − i (equal to t for all
+    /// T steps), or DDIM τ → τ′ on the full schedule.
+    fn build(schedule: &Schedule, cfg: SamplerConfig, sigma: Option<&Tensor>) -> Result<Sampler> {
         let t_max = schedule.t_max();
         let n = cfg.steps.unwrap_or(t_max as usize);
         if let Some(eta) = cfg.eta {
@@ -316,63 +330,43 @@ impl Sampler {
         } else {
             schedule.respaced(&visited)?
         };
-        let mut sampler = Sampler {
-            sigma: cfg.sigma.table(&chain)?,
-            cfg,
-            schedule: schedule.clone(),
-            chain,
-            pairs: step_pairs(&visited),
-            updates: Vec::new(),
+        let sigma = match sigma {
+            None => cfg.sigma.table(&chain)?,
+            Some(sigma) if sigma.size() == [chain.t_max() + 1] => sigma.to_kind(Kind::Double),
+            Some(sigma) => {
+                return Err(DdpmError::Shape(format!(
+                "the σ table must have one entry per visited step plus σ_0, {} in all, got {:?}",
+                chain.t_max() + 1,
+                sigma.size()
+            )))
+            }
         };
-        sampler.updates = sampler.host_updates()?;
-        Ok(sampler)
-    }
-
-    /// The update of each step: the ancestral step at chain index k = n − i (equal to t for
-    /// all T steps), or DDIM τ → τ′ on the full schedule.
-    fn host_updates(&self) -> Result<Vec<Update>> {
-        let clip = self.cfg.clip_each_step;
-        let total = self.pairs.len();
-        match self.cfg.eta {
+        let pairs = step_pairs(&visited);
+        let clip = cfg.clip_each_step;
+        let total = pairs.len();
+        let updates = match cfg.eta {
             None => {
-                let chain = Tables::of(&self.chain)?;
-                let sigma = host(&self.sigma)?;
-                Ok((0..total)
+                let chain = Tables::of(&chain)?;
+                let sigma = host(&sigma)?;
+                (0..total)
                     .map(|i| Update::ancestral(&chain, &sigma, total - i, clip))
-                    .collect())
+                    .collect()
             }
             Some(eta) => {
-                let schedule = Tables::of(&self.schedule)?;
-                Ok(self
-                    .pairs
+                let schedule = Tables::of(schedule)?;
+                pairs
                     .iter()
                     .map(|&(t, t_prev)| {
                         Update::ddim(&schedule, t as usize, t_prev as usize, eta, clip)
                     })
-                    .collect())
+                    .collect()
             }
-        }
-    }
-
-    /// [`Sampler::new`] with an explicit σ table in place of `cfg.sigma`'s, e.g. σ_t estimated
-    /// from a trained network: one entry per step of the walked chain plus σ_0 = 0, so T+1
-    /// entries for all T steps and n+1 for `steps = Some(n)` (indexed by the respaced k).
-    pub fn with_sigma_table(
-        schedule: &Schedule,
-        cfg: SamplerConfig,
-        sigma: &Tensor,
-    ) -> Result<Sampler> {
-        let mut sampler = Sampler::new(schedule, cfg)?;
-        let len = sampler.chain.t_max() + 1;
-        if sigma.size() != [len] {
-            return Err(DdpmError::Shape(format!(
-                "the σ table must have one entry per visited step plus σ_0, {len} in all, got {:?}",
-                sigma.size()
-            )));
-        }
-        sampler.sigma = sigma.to_kind(Kind::Double).to_device(schedule.device());
-        sampler.updates = sampler.host_updates()?;
-        Ok(sampler)
+        };
+        Ok(Sampler {
+            cfg,
+            pairs,
+            updates,
+        })
     }
 
     /// The (τ, τ′) steps walked, from (T, ·) down to (·, 0).
@@ -607,6 +601,7 @@ mod tests {
     /// The loop as a chain of the public step functions, per-sample t tensors and all, in f64
     /// with the noise drawn in the same order as [`Sampler::run`].
     fn reference_loop(
+        schedule: &Schedule,
         sampler: &Sampler,
         model: &dyn Fn(&Tensor, &Tensor) -> Tensor,
         shape: &[i64],
@@ -616,8 +611,17 @@ mod tests {
         let opts = (Kind::Double, Device::Cpu);
         let b = shape[0];
         let full = |v: i64| Tensor::full([b], v, (Kind::Int64, Device::Cpu));
-        let mut x = Tensor::randn(shape, opts);
         let total = sampler.pairs.len();
+        // The chain and σ table the sampler derived, derived again here from the public API.
+        let chain = if total as i64 == schedule.t_max() {
+            schedule.clone()
+        } else {
+            let visited: Vec<i64> = sampler.pairs.iter().map(|&(t, _)| t).collect();
+            schedule.respaced(&visited).unwrap()
+        };
+        let sigma = cfg.sigma.table(&chain).unwrap();
+        let (chain, sigma) = (&chain, &sigma);
+        let mut x = Tensor::randn(shape, opts);
         for (i, &(t, t_prev)) in sampler.pairs.iter().enumerate() {
             let (t_vec, k_vec, prev) = (full(t), full((total - i) as i64), full(t_prev));
             let eps_hat = model(&x, &t_vec);
@@ -626,15 +630,12 @@ mod tests {
             } else {
                 Tensor::zeros(shape, opts)
             };
-            let (chain, sigma) = (&sampler.chain, &sampler.sigma);
             x = match (cfg.eta, cfg.clip_each_step) {
                 (None, false) => ancestral_step(chain, &x, &k_vec, &eps_hat, sigma, &z),
                 (None, true) => ancestral_step_clipped(chain, &x, &k_vec, &eps_hat, sigma, &z),
-                (Some(eta), false) => {
-                    ddim_step(&sampler.schedule, &x, &t_vec, &prev, &eps_hat, eta, &z)
-                }
+                (Some(eta), false) => ddim_step(schedule, &x, &t_vec, &prev, &eps_hat, eta, &z),
                 (Some(eta), true) => {
-                    ddim_step_clipped(&sampler.schedule, &x, &t_vec, &prev, &eps_hat, eta, &z)
+                    ddim_step_clipped(schedule, &x, &t_vec, &prev, &eps_hat, eta, &z)
                 }
             }
             .unwrap();
@@ -695,7 +696,7 @@ mod tests {
                 let fast = sampler
                     .run(&model, &shape, (Kind::Double, Device::Cpu), |_, _| {})
                     .unwrap();
-                let reference = reference_loop(&sampler, &model, &shape);
+                let reference = reference_loop(&s, &sampler, &model, &shape);
                 let diff = max_diff(&fast, &reference);
                 assert!(diff <= 1e-12, "{name}, final noise {final_noise}: {diff:e}");
                 assert!(
