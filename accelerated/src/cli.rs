@@ -1,4 +1,4 @@
-//! The `ddpm` command line: `train`, `sample`, `eval`, `info`.
+//! The `ddpm` command line: `train`, `sample`, `eval`, `quality`, `info`.
 
 use crate::checkpoint;
 use crate::config::{Config, LossWeight, PRESETS};
@@ -43,6 +43,9 @@ pub enum Command {
     Sample(SampleArgs),
     /// The negative ELBO (bits/dim) of a checkpoint on its run's held-out images.
     Eval(EvalArgs),
+    /// The σ_t × steps quality table of an mnist checkpoint: FD-MNIST (a small digit
+    /// classifier's Fréchet distance, not Inception FID), entropies, bits/dim and grids.
+    Quality(crate::quality::Args),
     /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
     Info,
 }
@@ -372,6 +375,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info => info(cli.device),
         Command::Train(args) => run_train(&args, cli.device, progress),
         Command::Sample(args) => run_sample(&args, cli.device, progress),
+        Command::Quality(args) => {
+            let table = crate::quality::run(&args, cli.device.resolve()?, progress)
+                .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
+            println!(
+                "{} cells in {:.0} s; table in {}",
+                table.cells.len(),
+                table.seconds,
+                args.out.join("table.md").display()
+            );
+            Ok(())
+        }
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {
@@ -482,11 +496,7 @@ fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow
     let mut sampler_cfg = cfg.sampler(Some(args.seed));
     sampler_cfg.bf16 = args.bf16;
     let sampler = Sampler::new(&schedule, sampler_cfg)?;
-    let bar = if progress {
-        indicatif::ProgressBar::new(sampler.steps().len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::bar(progress, sampler.steps().len() as u64, 0, "steps");
     let [c, s, _] = cfg.image_shape();
     tracing::info!(
         "sampling {} images from {} (step {}) on {device:?}",

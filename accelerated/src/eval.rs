@@ -11,7 +11,6 @@ use crate::sampler::NoisePredictor;
 use crate::schedule::Schedule;
 use crate::sigma::SigmaChoice;
 use crate::train::{build_model, load_dataset, split};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -129,10 +128,8 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
     let n = opts.limit.unwrap_or(data.len()).min(data.len());
     let t_max = schedule.t_max();
     let per_batch = opts.quick.map_or(t_max as u64, |k| k as u64);
-    let bar = bar(
-        opts.progress,
-        n.div_ceil(opts.batch_size) as u64 * per_batch,
-    );
+    let calls = n.div_ceil(opts.batch_size) as u64 * per_batch;
+    let bar = crate::progress::bar(opts.progress, calls, 0, "model calls");
     let dims = data.item_dim();
     let nats_to_bits = 1.0 / (dims as f64 * std::f64::consts::LN_2);
     tch::manual_seed(opts.seed as i64);
@@ -197,19 +194,6 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
         diffusion: mean(&diffusion),
         decoder: mean(&decoder),
     })
-}
-
-fn bar(show: bool, len: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{elapsed_precise} {wide_bar} {pos}/{len} model calls, ETA {eta}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod grid;
+pub mod progress;
 pub mod train;
 
 // Sample quality: FD-MNIST, entropies and bits/dim per σ_t choice and step count.

@@ -23,7 +23,6 @@ use crate::marginal::marginal_sample;
 use crate::sampler::Sampler;
 use crate::schedule::Schedule;
 use crate::unet::UNet;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -502,7 +501,7 @@ pub fn train_on(
     let first = trainer.step() + 1;
     let n = data.len();
     let mut loader = Loader::spawn(data, trainer.plan(), first, PREFETCH)?;
-    let bar = progress_bar(opts.progress, total, trainer.step());
+    let bar = crate::progress::bar(opts.progress, total, trainer.step(), "steps");
     let started = Instant::now();
     let (mut window_start, mut last_loss) = (Instant::now(), f64::NAN);
     let mut consecutive_skips = 0;
@@ -639,19 +638,6 @@ fn finite_or_null(x: f64) -> Option<f64> {
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text)
         .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
-}
-
-fn progress_bar(show: bool, total: u64, at: u64) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total).with_position(at);
-    let style = ProgressStyle::with_template(
-        "{elapsed_precise} {wide_bar} {pos}/{len} {msg} {per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
 }
 
 #[cfg(test)]

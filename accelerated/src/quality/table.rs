@@ -308,16 +308,34 @@ fn mean_se(x: &Tensor) -> Result<(f64, f64)> {
     Ok((mean, sd / n.sqrt()))
 }
 
+impl Plan {
+    /// Images passed through the network in all (one per image and step): the unit of the
+    /// progress bar, since sampling and the bound cost the same per image-step.
+    pub fn network_images(&self, heldout: usize) -> u64 {
+        let bpd = self.bpd_images.min(heldout);
+        self.columns
+            .iter()
+            .map(|c| {
+                let rows = Row::SIGMAS.len() + usize::from(self.ddim_steps.contains(&c.steps));
+                ((rows * c.samples + bpd) * c.steps) as u64
+            })
+            .sum()
+    }
+}
+
 /// Measures every cell, column after column, writing each grid under `out/grids/` as it goes
-/// and handing the table so far to `progress` after each column (so an interrupted run keeps
-/// what it measured). `seconds_before` (the m_t estimate) is counted into the table's time.
+/// and handing the table so far to `after_column` (so an interrupted run keeps what it
+/// measured). `seconds_before` (the m_t estimate) is counted into the table's time; `show`
+/// draws a progress bar over [`Plan::network_images`].
+#[allow(clippy::too_many_arguments)]
 pub fn measure<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
     plan: &Plan,
     out: &Path,
     classifier: ClassifierRecord,
     seconds_before: f64,
-    mut progress: impl FnMut(&Table) -> Result<()>,
+    show: bool,
+    mut after_column: impl FnMut(&Table) -> Result<()>,
 ) -> Result<Table> {
     let started = Instant::now();
     if let Some(n) = plan.ddim_steps.iter().find(|n| !plan.columns.iter().any(|c| c.steps == **n)) {
@@ -327,6 +345,7 @@ pub fn measure<M: NoisePredictor + ?Sized>(
     }
     let real = ctx.classifier.embed(ctx.heldout)?;
     let shape = ctx.heldout.size();
+    let bar = crate::progress::bar(show, plan.network_images(shape[0] as usize), 0, "image-steps");
     let bpd_x0 = ctx.heldout.narrow(0, 0, (plan.bpd_images as i64).min(shape[0])).to_device(ctx.device);
     let mut table = Table {
         plan: plan.clone(),
@@ -351,7 +370,9 @@ pub fn measure<M: NoisePredictor + ?Sized>(
                 .iter()
                 .map(|x| {
                     let per_call = (plan.batch / x.size()[0] as usize).max(1);
-                    bits_per_dim_each(&model, chain.schedule(), &tables, x, per_call)
+                    let each = bits_per_dim_each(&model, chain.schedule(), &tables, x, per_call);
+                    bar.inc((x.size()[0] as usize * col.steps) as u64);
+                    each
                 })
                 .collect::<Result<Vec<_>>>()?
                 .into_iter()
@@ -366,9 +387,11 @@ pub fn measure<M: NoisePredictor + ?Sized>(
             let t0 = Instant::now();
             let images = draw(col.samples, plan, &shape, |cfg, s| {
                 let cfg = SamplerConfig { steps: Some(col.steps), ..cfg };
-                Sampler::with_sigma_table(ctx.schedule, cfg, sigma)?.sample(ctx.model, s, ctx.device)
+                Sampler::with_sigma_table(ctx.schedule, cfg, sigma)?
+                    .sample_with(ctx.model, s, ctx.device, |_, _| bar.inc(s[0] as u64))
             })?;
-            let (cell, features) = finish(ctx, &real, plan, out, row, *col, &images, bpd.get(i).copied(), t0)?;
+            let bpd = bpd.get(i).copied();
+            let (cell, features) = bar.suspend(|| finish(ctx, &real, plan, out, row, *col, &images, bpd, t0))?;
             table.cells.push(cell);
             row_features.push(features);
         }
@@ -381,13 +404,15 @@ pub fn measure<M: NoisePredictor + ?Sized>(
             let t0 = Instant::now();
             let images = draw(col.samples, plan, &shape, |cfg, s| {
                 let cfg = SamplerConfig { steps: Some(col.steps), eta: Some(0.0), ..cfg };
-                Sampler::new(ctx.schedule, cfg)?.sample(ctx.model, s, ctx.device)
+                Sampler::new(ctx.schedule, cfg)?.sample_with(ctx.model, s, ctx.device, |_, _| bar.inc(s[0] as u64))
             })?;
-            table.cells.push(finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0)?.0);
+            let (cell, _) = bar.suspend(|| finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0))?;
+            table.cells.push(cell);
         }
         table.seconds = seconds_before + started.elapsed().as_secs_f64();
-        progress(&table)?;
+        after_column(&table)?;
     }
+    bar.finish_and_clear();
     Ok(table)
 }
 
