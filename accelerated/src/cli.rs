@@ -118,7 +118,9 @@ pub struct TrainArgs {
     /// Number of diffusion steps T [default: 1000].
     #[arg(long, allow_negative_numbers = true)]
     pub t_max: Option<i64>,
-    /// Optimiser updates [default: the preset's].
+    /// Optimiser updates [default: the preset's]. The learning-rate decay is fixed at steps,
+    /// not fractions of the run, so a run extended with `--resume --steps N` past its last
+    /// decay point goes on at its final rate.
     #[arg(long)]
     pub steps: Option<u64>,
     /// Images per update [default: the preset's].

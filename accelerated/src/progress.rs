@@ -12,7 +12,8 @@ pub fn bar(show: bool, len: u64, at: u64, unit: &str) -> ProgressBar {
     let template =
         format!("{{elapsed_precise}} {{wide_bar}} {{human_pos}}/{{human_len}} {unit} {{msg}} {{per_sec}} ETA {{eta}}");
     // The template is fixed text; only a brace in `unit` could break it, and then the plain bar does.
-    let style = ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
 }

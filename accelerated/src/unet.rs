@@ -294,6 +294,18 @@ impl ResBlock {
     }
 }
 
+/// The blocks of one level under `p`: the first takes `*c` channels to `c_level`, the rest keep
+/// `c_level`, and `*c` is left at `c_level` for whatever comes next.
+fn level_blocks(p: &nn::Path, cfg: &UNetConfig, c: &mut i64, c_level: i64) -> Vec<ResBlock> {
+    (0..cfg.blocks_per_level)
+        .map(|j| {
+            let block = ResBlock::new(&(p / j), cfg, *c, c_level);
+            *c = c_level;
+            block
+        })
+        .collect()
+}
+
 /// The U-Net ε̂(x_t, t).
 #[derive(Debug)]
 pub struct UNet {
@@ -312,36 +324,20 @@ impl UNet {
     pub fn new(p: &nn::Path, cfg: &UNetConfig) -> Result<UNet> {
         cfg.validate()?;
         let chans = cfg.level_channels();
-        let n = cfg.blocks_per_level;
         let c0 = chans[0];
-        let mut down = Vec::new();
         let mut c = c0;
-        for (level, &c_level) in chans.iter().enumerate() {
-            let lp = p / "down" / level;
-            down.push(
-                (0..n)
-                    .map(|j| {
-                        let block = ResBlock::new(&(&lp / j), cfg, c, c_level);
-                        c = c_level;
-                        block
-                    })
-                    .collect(),
-            );
-        }
+        let down = chans
+            .iter()
+            .enumerate()
+            .map(|(l, &c_level)| level_blocks(&(p / "down" / l), cfg, &mut c, c_level))
+            .collect();
         let mid = ResBlock::new(&(p / "mid"), cfg, c, c);
-        let mut up = Vec::new();
-        for (level, &c_level) in chans.iter().enumerate().rev() {
-            let lp = p / "up" / level;
-            up.push(
-                (0..n)
-                    .map(|j| {
-                        let block = ResBlock::new(&(&lp / j), cfg, c, c_level);
-                        c = c_level;
-                        block
-                    })
-                    .collect(),
-            );
-        }
+        let up = chans
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(l, &c_level)| level_blocks(&(p / "up" / l), cfg, &mut c, c_level))
+            .collect();
         Ok(UNet {
             time: TimeNet::new(&(p / "time"), cfg),
             conv_in: conv3(p / "conv_in", cfg.in_channels, c0),

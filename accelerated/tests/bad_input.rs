@@ -217,7 +217,10 @@ fn a_checkpoint_of_another_preset_or_schedule() {
     fails(
         &mut resume(&run, &["--preset", "cifar32"]),
         1,
-        &["other settings", "model.base_channels = 128 here, 8 in the run"],
+        &[
+            "other settings",
+            "model.base_channels = 128 here, 8 in the run",
+        ],
     );
     let other = setup.path("cosine.toml");
     let text = std::fs::read_to_string(&setup.config).unwrap().replace(
@@ -269,6 +272,39 @@ fn a_sampler_asked_for_more_steps_than_t() {
     let mut cmd = ddpm();
     cmd.args(["sample", "--n", "0", "--checkpoint"]).arg(&run);
     fails(&mut cmd, 1, &["--n must be at least 1"]);
+}
+
+#[test]
+fn a_quality_table_that_cannot_be_measured() {
+    let setup = Setup::new(2, 2);
+    let quality = |args: &[&str], checkpoint: &Path| {
+        let mut cmd = ddpm();
+        cmd.args(["quality", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--out")
+            .arg(setup.path("q"))
+            .args(args);
+        cmd
+    };
+    fails(
+        &mut quality(
+            &["--steps", "50,100", "--samples", "10"],
+            &setup.path("run"),
+        ),
+        1,
+        &["--samples needs one count per column of --steps (2 columns, 1 counts)"],
+    );
+    fails(
+        &mut quality(&[], &setup.path("images")),
+        1,
+        &["holds no checkpoint"],
+    );
+    let run = trained(&setup);
+    fails(
+        &mut quality(&[], &run),
+        1,
+        &["was trained on a folder of images", "needs an mnist run"],
+    );
 }
 
 #[test]

@@ -11,13 +11,25 @@ use crate::schedule::Schedule;
 use crate::sigma::{sigma, SigmaChoice};
 
 /// x̂_0 = (x_t − β̄_t ε̂)/ᾱ_t, 0 ≤ t ≤ T.
-pub fn predicted_x0(schedule: &Schedule, xt: &Array2<f64>, t: usize, eps_hat: &Array2<f64>) -> Result<Array2<f64>> {
+pub fn predicted_x0(
+    schedule: &Schedule,
+    xt: &Array2<f64>,
+    t: usize,
+    eps_hat: &Array2<f64>,
+) -> Result<Array2<f64>> {
     check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
     Ok((xt - &(eps_hat * schedule.beta_bar(t)?)) / schedule.alpha_bar(t)?)
 }
 
-/// Checks σ ≥ 0 and that z has the shape of x_t.
-fn check_noise(xt: &Array2<f64>, sigma_t: f64, z: &Array2<f64>) -> Result<f64> {
+/// Checks a generator step's arguments: 1 ≤ t ≤ T, σ ≥ 0 and z shaped like x_t; returns σ.
+fn check_step(
+    schedule: &Schedule,
+    xt: &Array2<f64>,
+    t: usize,
+    sigma_t: f64,
+    z: &Array2<f64>,
+) -> Result<f64> {
+    schedule.check_t(t, 1)?;
     check_shape("noise z against x_t", xt.shape(), z.shape())?;
     check_std("sigma_t", sigma_t, false)
 }
@@ -31,9 +43,8 @@ pub fn ancestral_step(
     sigma_t: f64,
     z: &Array2<f64>,
 ) -> Result<Array2<f64>> {
-    schedule.check_t(t, 1)?;
+    let sigma_t = check_step(schedule, xt, t, sigma_t, z)?;
     check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
-    let sigma_t = check_noise(xt, sigma_t, z)?;
     let (a, b, bb) = (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?);
     Ok((xt - &(eps_hat * (b * b / bb))) / a + z * sigma_t)
 }
@@ -48,8 +59,7 @@ pub fn ancestral_step_clipped(
     sigma_t: f64,
     z: &Array2<f64>,
 ) -> Result<Array2<f64>> {
-    schedule.check_t(t, 1)?;
-    let sigma_t = check_noise(xt, sigma_t, z)?;
+    let sigma_t = check_step(schedule, xt, t, sigma_t, z)?;
     let x0 = predicted_x0(schedule, xt, t, eps_hat)?.mapv(|v| v.clamp(-1.0, 1.0));
     Ok(posterior::mean(schedule, &x0, xt, t)? + z * sigma_t)
 }
@@ -69,12 +79,19 @@ pub fn strided_timesteps(t_max: usize, n: usize) -> Result<Vec<usize>> {
     // Exact integer rounding: floor((2k(T−1) + (n−1))/(2(n−1))) = round_half_up(k(T−1)/(n−1));
     // consecutive values differ by at least (T−1)/(n−1) ≥ 1, so they are distinct.
     let den = 2 * (n - 1);
-    Ok((0..n).rev().map(|k| 1 + (2 * k * (t_max - 1) + (n - 1)) / den).collect())
+    Ok((0..n)
+        .rev()
+        .map(|k| 1 + (2 * k * (t_max - 1) + (n - 1)) / den)
+        .collect())
 }
 
 /// The (τ, τ') pairs a strided sampler walks: (τ_n, τ_{n−1}), …, (τ_1, 0).
 pub fn step_pairs(steps: &[usize]) -> Vec<(usize, usize)> {
-    steps.iter().copied().zip(steps.iter().copied().skip(1).chain(std::iter::once(0))).collect()
+    steps
+        .iter()
+        .copied()
+        .zip(steps.iter().copied().skip(1).chain(std::iter::once(0)))
+        .collect()
 }
 
 /// DDIM step τ → τ' (0 ≤ τ' < τ ≤ T, 0 ≤ η ≤ 1): x̂_0 = (x_τ − β̄_τ ε̂)/ᾱ_τ,
@@ -91,16 +108,24 @@ pub fn ddim_step(
     schedule.check_t(tau, 1)?;
     schedule.check_t(tau_next, 0)?;
     if tau_next >= tau {
-        return Err(RefError::NotBackwards { from: tau, to: tau_next });
+        return Err(RefError::NotBackwards {
+            from: tau,
+            to: tau_next,
+        });
     }
     if !(0.0..=1.0).contains(&eta) {
-        return Err(RefError::InvalidParameter { name: "eta", value: eta, reason: "must lie in [0, 1]" });
+        return Err(RefError::InvalidParameter {
+            name: "eta",
+            value: eta,
+            reason: "must lie in [0, 1]",
+        });
     }
     check_shape("noise z against x_tau", x_tau.shape(), z.shape())?;
     let x0 = predicted_x0(schedule, x_tau, tau, eps_hat)?;
     let (bb, bb_next) = (schedule.beta_bar(tau)?, schedule.beta_bar(tau_next)?);
     // 1 − ᾱ_τ²/ᾱ_{τ'}² = −expm1(2(ln ᾱ_τ − ln ᾱ_{τ'})), exact even for adjacent steps.
-    let step_var = -(2.0 * (schedule.log_alpha_bar(tau)? - schedule.log_alpha_bar(tau_next)?)).exp_m1();
+    let step_var =
+        -(2.0 * (schedule.log_alpha_bar(tau)? - schedule.log_alpha_bar(tau_next)?)).exp_m1();
     let sigma = eta * bb_next / bb * step_var.sqrt();
     // β̄_{τ'}² − σ² ≥ 0 for η ≤ 1; the clamp only absorbs rounding at η = 1.
     let dir = (bb_next * bb_next - sigma * sigma).max(0.0).sqrt();
@@ -149,11 +174,13 @@ where
 {
     let (n, d) = x_t_max.dim();
     let steps = strided_timesteps(schedule.t_max(), n_steps)?;
-    step_pairs(&steps).into_iter().try_fold(x_t_max, |x, (tau, tau_next)| {
-        let eps_hat = predictor(&x, tau);
-        let z = standard_normal(n, d, rng);
-        ddim_step(schedule, &x, tau, tau_next, &eps_hat, eta, &z)
-    })
+    step_pairs(&steps)
+        .into_iter()
+        .try_fold(x_t_max, |x, (tau, tau_next)| {
+            let eps_hat = predictor(&x, tau);
+            let z = standard_normal(n, d, rng);
+            ddim_step(schedule, &x, tau, tau_next, &eps_hat, eta, &z)
+        })
 }
 
 #[cfg(test)]
@@ -180,7 +207,11 @@ mod tests {
         let (xt, eps_hat, z) = (array![[1.0]], array![[0.5]], array![[2.0]]);
         // t = 2: β² = 0.64, β̄ = sqrt(1 − 0.2304).
         let expected = (1.0 - 0.64 / (1.0f64 - 0.2304).sqrt() * 0.5) / 0.6 + 0.1 * 2.0;
-        assert_relative_eq!(ancestral_step(&s, &xt, 2, &eps_hat, 0.1, &z).unwrap()[[0, 0]], expected, max_relative = 1e-14);
+        assert_relative_eq!(
+            ancestral_step(&s, &xt, 2, &eps_hat, 0.1, &z).unwrap()[[0, 0]],
+            expected,
+            max_relative = 1e-14
+        );
     }
 
     #[test]
@@ -222,8 +253,14 @@ mod tests {
                 assert!(s.windows(2).all(|w| w[0] > w[1]));
             }
         }
-        assert_eq!(strided_timesteps(10, 0), Err(RefError::InvalidStepCount { n: 0, t_max: 10 }));
-        assert_eq!(strided_timesteps(10, 11), Err(RefError::InvalidStepCount { n: 11, t_max: 10 }));
+        assert_eq!(
+            strided_timesteps(10, 0),
+            Err(RefError::InvalidStepCount { n: 0, t_max: 10 })
+        );
+        assert_eq!(
+            strided_timesteps(10, 11),
+            Err(RefError::InvalidStepCount { n: 11, t_max: 10 })
+        );
         assert_eq!(strided_timesteps(0, 1), Err(RefError::ZeroSteps));
         assert_eq!(step_pairs(&[10, 4, 1]), vec![(10, 4), (4, 1), (1, 0)]);
     }
@@ -277,10 +314,22 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(41);
         let start = standard_normal(4, 2, &mut rng);
         let target = c.broadcast((4, 2)).unwrap().to_owned();
-        let out = ancestral_sample(&s, SigmaChoice::Posterior, start.clone(), oracle, false, &mut rng).unwrap();
+        let out = ancestral_sample(
+            &s,
+            SigmaChoice::Posterior,
+            start.clone(),
+            oracle,
+            false,
+            &mut rng,
+        )
+        .unwrap();
         assert_close(&out, &target, 1e-10);
         for eta in [0.0, 0.5, 1.0] {
-            assert_close(&ddim_sample(&s, 7, eta, start.clone(), oracle, &mut rng).unwrap(), &target, 1e-10);
+            assert_close(
+                &ddim_sample(&s, 7, eta, start.clone(), oracle, &mut rng).unwrap(),
+                &target,
+                1e-10,
+            );
         }
     }
 
@@ -302,20 +351,43 @@ mod tests {
         let d = xs
             .iter()
             .enumerate()
-            .map(|(i, &x)| (phi.cdf(x) - i as f64 / n as f64).max((i + 1) as f64 / n as f64 - phi.cdf(x)))
+            .map(|(i, &x)| {
+                (phi.cdf(x) - i as f64 / n as f64).max((i + 1) as f64 / n as f64 - phi.cdf(x))
+            })
             .fold(0.0, f64::max);
-        assert!(d < (-(0.001f64 / 2.0).ln() / 2.0).sqrt() / (n as f64).sqrt(), "KS statistic {d}");
+        assert!(
+            d < (-(0.001f64 / 2.0).ln() / 2.0).sqrt() / (n as f64).sqrt(),
+            "KS statistic {d}"
+        );
     }
 
     #[test]
     fn invalid_input_is_an_error() {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
         let x = Array2::zeros((1, 2));
-        assert!(matches!(ancestral_step(&s, &x, 0, &x, 0.1, &x), Err(RefError::TimeOutOfRange { .. })));
-        assert!(matches!(ancestral_step(&s, &x, 1, &x, -0.1, &x), Err(RefError::InvalidStd { .. })));
-        assert!(matches!(ancestral_step(&s, &x, 1, &x, 0.1, &Array2::zeros((2, 2))), Err(RefError::ShapeMismatch { .. })));
-        assert_eq!(ddim_step(&s, &x, 3, 3, &x, 0.0, &x), Err(RefError::NotBackwards { from: 3, to: 3 }));
-        assert!(matches!(ddim_step(&s, &x, 3, 1, &x, 1.5, &x), Err(RefError::InvalidParameter { name: "eta", .. })));
-        assert!(matches!(ddim_step(&s, &x, 11, 1, &x, 0.0, &x), Err(RefError::TimeOutOfRange { .. })));
+        assert!(matches!(
+            ancestral_step(&s, &x, 0, &x, 0.1, &x),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
+        assert!(matches!(
+            ancestral_step(&s, &x, 1, &x, -0.1, &x),
+            Err(RefError::InvalidStd { .. })
+        ));
+        assert!(matches!(
+            ancestral_step(&s, &x, 1, &x, 0.1, &Array2::zeros((2, 2))),
+            Err(RefError::ShapeMismatch { .. })
+        ));
+        assert_eq!(
+            ddim_step(&s, &x, 3, 3, &x, 0.0, &x),
+            Err(RefError::NotBackwards { from: 3, to: 3 })
+        );
+        assert!(matches!(
+            ddim_step(&s, &x, 3, 1, &x, 1.5, &x),
+            Err(RefError::InvalidParameter { name: "eta", .. })
+        ));
+        assert!(matches!(
+            ddim_step(&s, &x, 11, 1, &x, 0.0, &x),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
     }
 }

@@ -183,39 +183,6 @@ pub fn round_f32(a: &Array2<f64>) -> Array2<f64> {
     a.mapv(|v| v as f32 as f64)
 }
 
-/// Kolmogorov–Smirnov statistic D = sup |F_n − F| of `sample` against the continuous CDF `cdf`.
-pub fn ks_statistic(sample: &[f64], cdf: impl Fn(f64) -> f64) -> f64 {
-    let mut xs = sample.to_vec();
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len() as f64;
-    xs.iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            let f = cdf(x);
-            (f - i as f64 / n).max((i + 1) as f64 / n - f)
-        })
-        .fold(0.0, f64::max)
-}
-
-/// p-value of the KS statistic `d` on `n` points: the Kolmogorov tail
-/// Q(λ) = 2 Σ_k (−1)^{k−1} e^{−2k²λ²} at λ = (sqrt(n) + 0.12 + 0.11/sqrt(n))·d, Stephens'
-/// finite-n correction (accurate to a few percent of p for n ≥ 5, Numerical Recipes §14.3).
-pub fn ks_pvalue(d: f64, n: usize) -> f64 {
-    let rn = (n as f64).sqrt();
-    let lambda = (rn + 0.12 + 0.11 / rn) * d;
-    if lambda < 0.2 {
-        return 1.0;
-    }
-    let q: f64 = (1..=100)
-        .map(|k| {
-            let k = k as f64;
-            let sign = if k as i64 % 2 == 1 { 1.0 } else { -1.0 };
-            sign * (-2.0 * k * k * lambda * lambda).exp()
-        })
-        .sum();
-    (2.0 * q).clamp(0.0, 1.0)
-}
-
 /// The float kinds the tch side is checked in, with the relative tolerance each deserves.
 ///
 /// f64: both sides compute the same formulas in the same precision, differing only in the order

@@ -192,9 +192,9 @@ impl Classifier {
         )?)
     }
 
-    /// The cached classifier in `dir` (`classifier.safetensors`, `classifier.json`) when its
-    /// record matches `cfg` and `train` and its checksum holds; otherwise trains one, measures
-    /// it on `heldout` and caches it.
+    /// The cached classifier in `dir` (`classifier.safetensors` and `classifier.json` for seed
+    /// 0, `classifier-seed<k>.*` for seed k) when its record matches `cfg` and `train` and its
+    /// checksum holds; otherwise trains one, measures it on `heldout` and caches it.
     pub fn load_or_train(
         dir: &Path,
         train: &Labelled,
@@ -202,8 +202,12 @@ impl Classifier {
         cfg: ClassifierConfig,
         device: Device,
     ) -> Result<(Classifier, ClassifierRecord)> {
-        let weights = dir.join("classifier.safetensors");
-        let record_path = dir.join("classifier.json");
+        let stem = match cfg.seed {
+            0 => "classifier".to_string(),
+            k => format!("classifier-seed{k}"),
+        };
+        let weights = dir.join(format!("{stem}.safetensors"));
+        let record_path = dir.join(format!("{stem}.json"));
         let data_sha256 = data_checksum(train)?;
         if let Some(record) = read_record(&record_path) {
             let intact = std::fs::read(&weights)
@@ -379,8 +383,10 @@ mod tests {
             f64::try_from((&e.features - &e2.features).abs().max()).unwrap(),
             0.0
         );
-        // A corrupted weights file fails its checksum and is retrained (same seed, same result).
-        std::fs::write(dir.join("classifier.safetensors"), b"junk").unwrap();
+        // A corrupted weights file fails its checksum and is retrained (same seed, same result);
+        // seeds other than 0 are cached under their own name.
+        assert!(!dir.join("classifier.safetensors").exists());
+        std::fs::write(dir.join("classifier-seed3.safetensors"), b"junk").unwrap();
         let (_, record3) =
             Classifier::load_or_train(&dir, &train, &held, cfg, Device::Cpu).unwrap();
         assert_eq!(record3.weights_sha256, record.weights_sha256);

@@ -12,6 +12,7 @@ pub mod sigma_hat;
 pub mod table;
 
 use crate::checkpoint;
+use crate::config::DataSource;
 use crate::error::{DdpmError, Result};
 use crate::schedule::Schedule;
 use crate::train::{build_model, load_dataset, split};
@@ -40,14 +41,18 @@ pub struct Args {
     /// `<!-- quality-table:end -->` is replaced by the table.
     #[arg(long)]
     pub doc: Option<PathBuf>,
-    /// Where the classifier is cached (default: quality/ in the run directory).
+    /// Where the classifiers are cached (default: quality/ in the run directory).
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Feature classifiers, seeds 0..N: seed 0 scores the main table, every one gets its own FD
+    /// and paired differences, to show how far a verdict depends on the feature extractor.
+    #[arg(long, default_value_t = 5)]
+    pub classifiers: usize,
     /// The columns: numbers of sampling steps (strided below T).
     #[arg(long, value_delimiter = ',', default_values_t = vec![50, 100, 250, 1000])]
     pub steps: Vec<usize>,
-    /// Images sampled per cell, one count per column. The defaults cost about 0.9 M network
-    /// evaluations with the rest (~3.2 ms each for the mnist U-Net on 2 CPU cores): under an hour.
+    /// Images sampled per cell, one count per column. The defaults put 0.88 M images through
+    /// the network in all: 20 minutes on 2 idle CPU cores (docs/quality.md).
     #[arg(long, value_delimiter = ',', default_values_t = vec![500, 400, 160, 80])]
     pub samples: Vec<usize>,
     /// Step counts of the DDIM η = 0 row (each also a column; none: no DDIM row).
@@ -77,6 +82,11 @@ pub struct Args {
 /// `device` and writes `out/table.{md,json}`, the grids and (with `doc`) the table into the
 /// document, after each column; `progress` shows a bar with an ETA.
 pub fn run(args: &Args, device: Device, progress: bool) -> Result<table::Table> {
+    if args.classifiers == 0 {
+        return Err(DdpmError::InvalidArgument(
+            "--classifiers must be at least 1".into(),
+        ));
+    }
     if args.steps.len() != args.samples.len() {
         return Err(DdpmError::InvalidArgument(format!(
             "--samples needs one count per column of --steps ({} columns, {} counts)",
@@ -86,38 +96,13 @@ pub fn run(args: &Args, device: Device, progress: bool) -> Result<table::Table> 
     }
     let ckpt = checkpoint::open(&args.checkpoint)?;
     let cfg = ckpt.manifest.config.clone();
-    let (vs, net) = build_model(&cfg, device, cfg.train.seed)?;
-    ckpt.load_weights(&vs, cfg.sample.ema)?;
-    let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
-    let data = load_dataset(&cfg)?;
-    let (train_set, _) = split(&cfg, &data)?;
-    let (train, heldout) = mnist_split(&cfg, &data)?;
-    let cache = args
-        .cache
-        .clone()
-        .unwrap_or_else(|| run_dir(&ckpt.dir).join("quality"));
-    let (clf, record) = Classifier::load_or_train(
-        &cache,
-        &train,
-        &heldout,
-        ClassifierConfig::default(),
-        device,
-    )?;
-    tracing::info!(
-        "classifier: {:.1} % held-out accuracy",
-        100.0 * record.heldout_accuracy
-    );
-    let t0 = Instant::now();
-    let eps_cfg = EpsMseConfig {
-        per_t: args.eps_mse_per_t,
-        batch: args.batch,
-        seed: args.seed,
-    };
-    let eps_mse = eps_mse_table(&net, &schedule, &train_set, eps_cfg, device)?;
-    let eps_mse_seconds = t0.elapsed().as_secs_f64();
-    tracing::info!("m_t estimated in {eps_mse_seconds:.0} s");
-    // s² = tr Cov(x_0)/d: the pooled per-pixel variance of the training images.
-    let data_std = f64::try_from(train.images.var_dim(0, false, false).mean(Kind::Double))?.sqrt();
+    if cfg.data.source != DataSource::Mnist {
+        return Err(DdpmError::Config(format!(
+            "{} was trained on a folder of images; the quality table needs an mnist run \
+             (its classifier is trained on the digits' labels)",
+            ckpt.dir.display()
+        )));
+    }
     let plan = Plan {
         columns: args
             .steps
@@ -133,10 +118,47 @@ pub fn run(args: &Args, device: Device, progress: bool) -> Result<table::Table> 
         seed: args.seed,
         clip_each_step: cfg.sample.clip_each_step,
     };
+    plan.check(cfg.diffusion.t_max)?;
+    let (vs, net) = build_model(&cfg, device, cfg.train.seed)?;
+    ckpt.load_weights(&vs, cfg.sample.ema)?;
+    let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
+    let data = load_dataset(&cfg)?;
+    let (train_set, _) = split(&cfg, &data)?;
+    let (train, heldout) = mnist_split(&cfg, &data)?;
+    let cache = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| run_dir(&ckpt.dir).join("quality"));
+    let mut classifiers = Vec::new();
+    let mut records = Vec::new();
+    for seed in 0..args.classifiers as u64 {
+        let cfg = ClassifierConfig {
+            seed,
+            ..ClassifierConfig::default()
+        };
+        let (clf, record) = Classifier::load_or_train(&cache, &train, &heldout, cfg, device)?;
+        tracing::info!(
+            "classifier {seed}: {:.1} % held-out accuracy",
+            100.0 * record.heldout_accuracy
+        );
+        classifiers.push(clf);
+        records.push(record);
+    }
+    let t0 = Instant::now();
+    let eps_cfg = EpsMseConfig {
+        per_t: args.eps_mse_per_t,
+        batch: args.batch,
+        seed: args.seed,
+    };
+    let eps_mse = eps_mse_table(&net, &schedule, &train_set, eps_cfg, device)?;
+    let eps_mse_seconds = t0.elapsed().as_secs_f64();
+    tracing::info!("m_t estimated in {eps_mse_seconds:.0} s");
+    // s² = tr Cov(x_0)/d: the pooled per-pixel variance of the training images.
+    let data_std = f64::try_from(train.images.var_dim(0, false, false).mean(Kind::Double))?.sqrt();
     let ctx = Context {
         model: &net,
         schedule: &schedule,
-        classifier: &clf,
+        classifiers: &classifiers,
         heldout: &heldout.images,
         train: &train.images,
         eps_mse: &eps_mse,
@@ -144,7 +166,8 @@ pub fn run(args: &Args, device: Device, progress: bool) -> Result<table::Table> 
         device,
     };
     let write_all = |table: &table::Table| -> Result<()> {
-        let json = serde_json::to_string_pretty(table).map_err(|e| DdpmError::Data(e.to_string()))?;
+        let json =
+            serde_json::to_string_pretty(table).map_err(|e| DdpmError::Data(e.to_string()))?;
         write(&args.out.join("table.json"), &json)?;
         write(&args.out.join("table.md"), &markdown(table, ""))?;
         match &args.doc {
@@ -152,7 +175,15 @@ pub fn run(args: &Args, device: Device, progress: bool) -> Result<table::Table> 
             None => Ok(()),
         }
     };
-    let table = measure(&ctx, &plan, &args.out, record, eps_mse_seconds, progress, write_all)?;
+    let table = measure(
+        &ctx,
+        &plan,
+        &args.out,
+        records,
+        eps_mse_seconds,
+        progress,
+        write_all,
+    )?;
     Ok(table)
 }
 

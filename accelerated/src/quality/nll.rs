@@ -29,7 +29,9 @@ pub fn bits_per_dim_each<M: NoisePredictor + ?Sized>(
         )));
     }
     if t_per_call == 0 {
-        return Err(DdpmError::InvalidArgument("the bound needs at least one t per network call".into()));
+        return Err(DdpmError::InvalidArgument(
+            "the bound needs at least one t per network call".into(),
+        ));
     }
     let b = x0.size()[0];
     let device = x0.device();
@@ -40,8 +42,13 @@ pub fn bits_per_dim_each<M: NoisePredictor + ?Sized>(
         let mut totals: Vec<Tensor> = sigmas.iter().map(|_| prior.shallow_clone()).collect();
         for chunk in steps.chunks(t_per_call) {
             let c = chunk.len() as i64;
-            let t = Tensor::from_slice(chunk).to_device(device).repeat_interleave_self_int(b, 0, None);
-            let eps = Tensor::f_cat(&chunk.iter().map(|_| x0.randn_like()).collect::<Vec<_>>(), 0)?;
+            let t = Tensor::from_slice(chunk)
+                .to_device(device)
+                .repeat_interleave_self_int(b, 0, None);
+            let eps = Tensor::f_cat(
+                &chunk.iter().map(|_| x0.randn_like()).collect::<Vec<_>>(),
+                0,
+            )?;
             let mut reps = vec![1i64; x0.dim()];
             reps[0] = c;
             let x0s = x0.repeat(reps.as_slice());

@@ -126,10 +126,23 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 30, Device::Cpu).unwrap();
         let model = |x: &Tensor, _t: &Tensor| x * 0.2;
         let choice = SigmaChoice::Isotropic { data_std: 0.4 };
-        let cfg = SamplerConfig { seed: Some(8), steps: Some(10), ..SamplerConfig::default() };
-        let table = choice.table(Respaced::new(&s, 10).unwrap().schedule()).unwrap();
+        let cfg = SamplerConfig {
+            seed: Some(8),
+            steps: Some(10),
+            ..SamplerConfig::default()
+        };
+        let table = choice
+            .table(Respaced::new(&s, 10).unwrap().schedule())
+            .unwrap();
         let explicit = Sampler::with_sigma_table(&s, cfg.clone(), &table).unwrap();
-        let chosen = Sampler::new(&s, SamplerConfig { sigma: choice, ..cfg.clone() }).unwrap();
+        let chosen = Sampler::new(
+            &s,
+            SamplerConfig {
+                sigma: choice,
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
         let a = explicit.sample(&model, &[2, 1, 2, 2], Device::Cpu).unwrap();
         let b = chosen.sample(&model, &[2, 1, 2, 2], Device::Cpu).unwrap();
         assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
@@ -142,7 +155,9 @@ mod tests {
         let r = Respaced::new(&s, 50).unwrap();
         let echo_t = |x: &Tensor, t: &Tensor| x.zeros_like() + t.to_kind(Kind::Float).view([-1, 1]);
         let k = Tensor::from_slice(&[1i64, 2, 49, 50]);
-        let got = r.model(&echo_t).predict(&Tensor::zeros([4, 1], (Kind::Float, Device::Cpu)), &k);
+        let got = r
+            .model(&echo_t)
+            .predict(&Tensor::zeros([4, 1], (Kind::Float, Device::Cpu)), &k);
         let visited = strided(1000, 50).unwrap();
         let want = [1.0f32, visited[48] as f32, visited[1] as f32, 1000.0];
         assert_eq!(Vec::<f32>::try_from(got.view([-1])).unwrap(), want);

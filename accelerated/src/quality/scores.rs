@@ -88,9 +88,8 @@ pub fn bootstrap_ci(
     values.sort_by(f64::total_cmp);
     let bias = values.iter().sum::<f64>() / cfg.reps as f64 - full;
     let tail = (1.0 - cfg.level) / 2.0;
-    let at = |q: f64| {
-        values[((q * (cfg.reps - 1) as f64).round() as usize).min(cfg.reps - 1)] - bias
-    };
+    let at =
+        |q: f64| values[((q * (cfg.reps - 1) as f64).round() as usize).min(cfg.reps - 1)] - bias;
     Ok(Interval {
         lo: at(tail),
         hi: at(1.0 - tail),
@@ -164,9 +163,18 @@ mod tests {
         let a = Tensor::randn([200, 16], (Kind::Double, Device::Cpu));
         let b = Tensor::randn([200, 16], (Kind::Double, Device::Cpu));
         let fd = frechet_between(&a, &b).unwrap();
-        let cfg = Bootstrap { reps: 100, level: 0.95, seed: 1 };
+        let cfg = Bootstrap {
+            reps: 100,
+            level: 0.95,
+            seed: 1,
+        };
         let ci = bootstrap_ci(&a, &b, cfg, frechet_between).unwrap();
-        assert!(ci.lo < fd && fd < ci.hi, "{fd} outside [{}, {}]", ci.lo, ci.hi);
+        assert!(
+            ci.lo < fd && fd < ci.hi,
+            "{fd} outside [{}, {}]",
+            ci.lo,
+            ci.hi
+        );
     }
 
     #[test]

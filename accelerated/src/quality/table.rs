@@ -99,8 +99,9 @@ pub struct Context<'a, M: NoisePredictor + ?Sized> {
     pub model: &'a M,
     /// Its schedule.
     pub schedule: &'a Schedule,
-    /// The feature extractor.
-    pub classifier: &'a Classifier,
+    /// The feature extractors, seeds 0, 1, …: the first scores the main table, the others
+    /// show how much the verdict depends on the extractor.
+    pub classifiers: &'a [Classifier],
     /// Held-out real images (model space).
     pub heldout: &'a Tensor,
     /// Training images (model space), for the floor.
@@ -122,8 +123,10 @@ pub struct Cell {
     pub steps: usize,
     /// Images sampled.
     pub samples: usize,
-    /// FD-MNIST against the held-out images.
+    /// FD-MNIST against the held-out images (the first classifier).
     pub fd: f64,
+    /// FD-MNIST under each classifier (the first is `fd`).
+    pub fd_by_classifier: Vec<f64>,
     /// Its percentile-bootstrap interval.
     pub fd_ci: Interval,
     /// Mean entropy of the class predictions (nats).
@@ -160,11 +163,14 @@ const COMPARED: [(Row, Row); 3] = [
     (Row::Estimated, Row::Beta),
 ];
 
-/// FD(row) − FD(against) on the same noise, with its paired bootstrap interval.
+/// FD(row) − FD(against) on the same noise under one classifier, with its paired bootstrap
+/// interval.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     /// The column.
     pub steps: usize,
+    /// Index (= seed) of the classifier whose features were used.
+    pub classifier: usize,
     /// The row whose FD comes first.
     pub row: Row,
     /// The row subtracted.
@@ -191,8 +197,8 @@ pub struct SigmaSample {
 pub struct Table {
     /// What was run.
     pub plan: Plan,
-    /// The classifier's cache record (accuracy and checksums).
-    pub classifier: ClassifierRecord,
+    /// The classifiers' cache records (accuracy and checksums), in seed order.
+    pub classifiers: Vec<ClassifierRecord>,
     /// s.
     pub data_std: f64,
     /// Held-out images FD is measured against.
@@ -259,39 +265,68 @@ fn draw(
     Ok(Tensor::f_cat(&parts, 0)?)
 }
 
-/// FD, its interval and the entropies of generated images.
+/// How generated images score: FD-MNIST under the first classifier with its interval, the
+/// entropies of its predictions, and the FD and features under every classifier.
+struct Score {
+    fd: f64,
+    fd_ci: Interval,
+    entropy: f64,
+    marginal_entropy: f64,
+    fd_by_classifier: Vec<f64>,
+    features: Vec<Tensor>,
+}
+
+/// Scores `images` against the held-out embeddings `real` (one per classifier).
 fn score<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
-    real: &Embedding,
+    real: &[Embedding],
     images: &Tensor,
     plan: &Plan,
-) -> Result<(f64, Interval, f64, f64, Tensor)> {
-    let e = ctx.classifier.embed(images)?;
-    let fd = frechet_between(&e.features, &real.features)?;
+) -> Result<Score> {
+    let embedded = ctx
+        .classifiers
+        .iter()
+        .map(|c| c.embed(images))
+        .collect::<Result<Vec<_>>>()?;
+    let fd_by_classifier = embedded
+        .iter()
+        .zip(real)
+        .map(|(e, r)| frechet_between(&e.features, &r.features))
+        .collect::<Result<Vec<_>>>()?;
     let cfg = Bootstrap {
         reps: plan.bootstrap_reps,
         level: 0.95,
         seed: plan.seed,
     };
-    let ci = bootstrap_ci(&e.features, &real.features, cfg, frechet_between)?;
-    Ok((
-        fd,
-        ci,
-        mean_entropy(&e.logits)?,
-        marginal_entropy(&e.logits)?,
-        e.features,
-    ))
+    let first = &embedded[0];
+    Ok(Score {
+        fd: fd_by_classifier[0],
+        fd_ci: bootstrap_ci(&first.features, &real[0].features, cfg, frechet_between)?,
+        entropy: mean_entropy(&first.logits)?,
+        marginal_entropy: marginal_entropy(&first.logits)?,
+        fd_by_classifier,
+        features: embedded.into_iter().map(|e| e.features).collect(),
+    })
 }
 
 /// FD(a) − FD(b) against the real features, with a paired bootstrap interval: image i of both
 /// rows came from the same noise, so both rows are resampled with the same indices.
-fn paired_difference(a: &Tensor, b: &Tensor, real: &Tensor, plan: &Plan) -> Result<(f64, Interval)> {
+fn paired_difference(
+    a: &Tensor,
+    b: &Tensor,
+    real: &Tensor,
+    plan: &Plan,
+) -> Result<(f64, Interval)> {
     let k = a.size()[1];
     let both = Tensor::f_cat(&[a, b], 1)?;
     let diff = |ab: &Tensor, r: &Tensor| -> Result<f64> {
         Ok(frechet_between(&ab.narrow(1, 0, k), r)? - frechet_between(&ab.narrow(1, k, k), r)?)
     };
-    let cfg = Bootstrap { reps: plan.bootstrap_reps, level: 0.95, seed: plan.seed };
+    let cfg = Bootstrap {
+        reps: plan.bootstrap_reps,
+        level: 0.95,
+        seed: plan.seed,
+    };
     Ok((diff(&both, real)?, bootstrap_ci(&both, real, cfg, diff)?))
 }
 
@@ -309,6 +344,41 @@ fn mean_se(x: &Tensor) -> Result<(f64, f64)> {
 }
 
 impl Plan {
+    /// Fails early, before any model work, on a plan that cannot be measured for T = `t_max`.
+    pub fn check(&self, t_max: i64) -> Result<()> {
+        if let Some(c) = self
+            .columns
+            .iter()
+            .find(|c| c.steps == 0 || c.steps as i64 > t_max)
+        {
+            return Err(DdpmError::InvalidArgument(format!(
+                "a column of {} steps: sampling steps must be between 1 and T = {t_max}",
+                c.steps
+            )));
+        }
+        if let Some(c) = self.columns.iter().find(|c| c.samples < 2) {
+            return Err(DdpmError::InvalidArgument(format!(
+                "the column of {} steps samples {} images; a Fréchet distance needs at least 2",
+                c.steps, c.samples
+            )));
+        }
+        if let Some(n) = self
+            .ddim_steps
+            .iter()
+            .find(|n| !self.columns.iter().any(|c| c.steps == **n))
+        {
+            return Err(DdpmError::InvalidArgument(format!(
+                "DDIM at {n} steps needs a column with {n} steps to take its sample count from"
+            )));
+        }
+        if self.batch == 0 {
+            return Err(DdpmError::InvalidArgument(
+                "--batch must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Images passed through the network in all (one per image and step): the unit of the
     /// progress bar, since sampling and the bound cost the same per image-step.
     pub fn network_images(&self, heldout: usize) -> u64 {
@@ -332,24 +402,39 @@ pub fn measure<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
     plan: &Plan,
     out: &Path,
-    classifier: ClassifierRecord,
+    classifiers: Vec<ClassifierRecord>,
     seconds_before: f64,
     show: bool,
     mut after_column: impl FnMut(&Table) -> Result<()>,
 ) -> Result<Table> {
     let started = Instant::now();
-    if let Some(n) = plan.ddim_steps.iter().find(|n| !plan.columns.iter().any(|c| c.steps == **n)) {
+    plan.check(ctx.schedule.t_max())?;
+    if ctx.classifiers.is_empty() || ctx.classifiers.len() != classifiers.len() {
         return Err(DdpmError::InvalidArgument(format!(
-            "DDIM at {n} steps needs a column with {n} steps to take its sample count from"
+            "the table needs at least one classifier and a record for each ({} classifiers, {} records)",
+            ctx.classifiers.len(),
+            classifiers.len()
         )));
     }
-    let real = ctx.classifier.embed(ctx.heldout)?;
+    let real = ctx
+        .classifiers
+        .iter()
+        .map(|c| c.embed(ctx.heldout))
+        .collect::<Result<Vec<_>>>()?;
     let shape = ctx.heldout.size();
-    let bar = crate::progress::bar(show, plan.network_images(shape[0] as usize), 0, "image-steps");
-    let bpd_x0 = ctx.heldout.narrow(0, 0, (plan.bpd_images as i64).min(shape[0])).to_device(ctx.device);
+    let bar = crate::progress::bar(
+        show,
+        plan.network_images(shape[0] as usize),
+        0,
+        "image-steps",
+    );
+    let bpd_x0 = ctx
+        .heldout
+        .narrow(0, 0, (plan.bpd_images as i64).min(shape[0]))
+        .to_device(ctx.device);
     let mut table = Table {
         plan: plan.clone(),
-        classifier,
+        classifiers,
         data_std: ctx.data_std,
         heldout_images: shape[0] as usize,
         cells: Vec::new(),
@@ -362,7 +447,10 @@ pub fn measure<M: NoisePredictor + ?Sized>(
     for col in &plan.columns {
         let chain = Respaced::new(ctx.schedule, col.steps)?;
         let model = chain.model(ctx.model);
-        let tables = Row::SIGMAS.iter().map(|&r| sigma_table(ctx, &chain, r)).collect::<Result<Vec<_>>>()?;
+        let tables = Row::SIGMAS
+            .iter()
+            .map(|&r| sigma_table(ctx, &chain, r))
+            .collect::<Result<Vec<_>>>()?;
         tch::manual_seed(plan.seed as i64);
         let bpd = if plan.bpd_images > 0 {
             let per: Vec<Tensor> = bpd_x0
@@ -376,7 +464,12 @@ pub fn measure<M: NoisePredictor + ?Sized>(
                 })
                 .collect::<Result<Vec<_>>>()?
                 .into_iter()
-                .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| Tensor::cat(&[x, y], 0)).collect())
+                .reduce(|a, b| {
+                    a.iter()
+                        .zip(&b)
+                        .map(|(x, y)| Tensor::cat(&[x, y], 0))
+                        .collect()
+                })
                 .unwrap_or_default();
             per.iter().map(mean_se).collect::<Result<Vec<_>>>()?
         } else {
@@ -386,27 +479,57 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         for (i, (&row, sigma)) in Row::SIGMAS.iter().zip(&tables).enumerate() {
             let t0 = Instant::now();
             let images = draw(col.samples, plan, &shape, |cfg, s| {
-                let cfg = SamplerConfig { steps: Some(col.steps), ..cfg };
-                Sampler::with_sigma_table(ctx.schedule, cfg, sigma)?
-                    .sample_with(ctx.model, s, ctx.device, |_, _| bar.inc(s[0] as u64))
+                let cfg = SamplerConfig {
+                    steps: Some(col.steps),
+                    ..cfg
+                };
+                Sampler::with_sigma_table(ctx.schedule, cfg, sigma)?.sample_with(
+                    ctx.model,
+                    s,
+                    ctx.device,
+                    |_, _| bar.inc(s[0] as u64),
+                )
             })?;
             let bpd = bpd.get(i).copied();
-            let (cell, features) = bar.suspend(|| finish(ctx, &real, plan, out, row, *col, &images, bpd, t0))?;
+            let (cell, features) =
+                bar.suspend(|| finish(ctx, &real, plan, out, row, *col, &images, bpd, t0))?;
             table.cells.push(cell);
             row_features.push(features);
         }
+        let at = |r: Row| {
+            Row::SIGMAS
+                .iter()
+                .position(|&x| x == r)
+                .expect("an ancestral row")
+        };
         for (row, against) in COMPARED {
-            let at = |r: Row| Row::SIGMAS.iter().position(|&x| x == r).expect("an ancestral row");
-            let (diff, ci) = paired_difference(&row_features[at(row)], &row_features[at(against)], &real.features, plan)?;
-            table.comparisons.push(Comparison { steps: col.steps, row, against, diff, ci });
+            for (k, r) in real.iter().enumerate() {
+                let (a, b): (&Vec<Tensor>, &Vec<Tensor>) =
+                    (&row_features[at(row)], &row_features[at(against)]);
+                let (diff, ci) = paired_difference(&a[k], &b[k], &r.features, plan)?;
+                table.comparisons.push(Comparison {
+                    steps: col.steps,
+                    classifier: k,
+                    row,
+                    against,
+                    diff,
+                    ci,
+                });
+            }
         }
         if plan.ddim_steps.contains(&col.steps) {
             let t0 = Instant::now();
             let images = draw(col.samples, plan, &shape, |cfg, s| {
-                let cfg = SamplerConfig { steps: Some(col.steps), eta: Some(0.0), ..cfg };
-                Sampler::new(ctx.schedule, cfg)?.sample_with(ctx.model, s, ctx.device, |_, _| bar.inc(s[0] as u64))
+                let cfg = SamplerConfig {
+                    steps: Some(col.steps),
+                    eta: Some(0.0),
+                    ..cfg
+                };
+                Sampler::new(ctx.schedule, cfg)?
+                    .sample_with(ctx.model, s, ctx.device, |_, _| bar.inc(s[0] as u64))
             })?;
-            let (cell, _) = bar.suspend(|| finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0))?;
+            let (cell, _) =
+                bar.suspend(|| finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0))?;
             table.cells.push(cell);
         }
         table.seconds = seconds_before + started.elapsed().as_secs_f64();
@@ -417,7 +540,11 @@ pub fn measure<M: NoisePredictor + ?Sized>(
 }
 
 /// The FD of as many real training images as each column samples, against the held-out ones.
-fn floors<M: NoisePredictor + ?Sized>(ctx: &Context<M>, real: &Embedding, plan: &Plan) -> Result<Vec<Floor>> {
+fn floors<M: NoisePredictor + ?Sized>(
+    ctx: &Context<M>,
+    real: &[Embedding],
+    plan: &Plan,
+) -> Result<Vec<Floor>> {
     let mut counts: Vec<usize> = plan.columns.iter().map(|c| c.samples).collect();
     counts.sort_unstable();
     counts.dedup();
@@ -426,10 +553,17 @@ fn floors<M: NoisePredictor + ?Sized>(ctx: &Context<M>, real: &Embedding, plan: 
     counts
         .into_iter()
         .map(|n| {
-            let idx: Vec<i64> = sample(&mut rng, n_train, n.min(n_train)).into_iter().map(|i| i as i64).collect();
+            let idx: Vec<i64> = sample(&mut rng, n_train, n.min(n_train))
+                .into_iter()
+                .map(|i| i as i64)
+                .collect();
             let images = ctx.train.index_select(0, &Tensor::from_slice(&idx));
-            let (fd, fd_ci, _, _, _) = score(ctx, real, &images, plan)?;
-            Ok(Floor { samples: n, fd, fd_ci })
+            let sc = score(ctx, real, &images, plan)?;
+            Ok(Floor {
+                samples: n,
+                fd: sc.fd,
+                fd_ci: sc.fd_ci,
+            })
         })
         .collect()
 }
@@ -437,7 +571,7 @@ fn floors<M: NoisePredictor + ?Sized>(ctx: &Context<M>, real: &Embedding, plan: 
 #[allow(clippy::too_many_arguments)]
 fn finish<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
-    real: &Embedding,
+    real: &[Embedding],
     plan: &Plan,
     out: &Path,
     row: Row,
@@ -445,19 +579,21 @@ fn finish<M: NoisePredictor + ?Sized>(
     images: &Tensor,
     bpd: Option<(f64, f64)>,
     t0: Instant,
-) -> Result<(Cell, Tensor)> {
+) -> Result<(Cell, Vec<Tensor>)> {
     let grid = format!("grids/{}-{}.png", row.name(), col.steps);
     let shown = (plan.grid_images as i64).min(images.size()[0]);
     save_grid(&images.narrow(0, 0, shown), &out.join(&grid), Some(8))?;
-    let (fd, fd_ci, entropy, marginal, features) = score(ctx, real, images, plan)?;
+    let sc = score(ctx, real, images, plan)?;
+    let (fd, fd_ci) = (sc.fd, sc.fd_ci);
     let cell = Cell {
         row,
         steps: col.steps,
         samples: col.samples,
         fd,
         fd_ci,
-        entropy,
-        marginal_entropy: marginal,
+        fd_by_classifier: sc.fd_by_classifier,
+        entropy: sc.entropy,
+        marginal_entropy: sc.marginal_entropy,
         bits_per_dim: bpd.map(|b| b.0),
         bits_per_dim_se: bpd.map(|b| b.1),
         grid,
@@ -473,7 +609,7 @@ fn finish<M: NoisePredictor + ?Sized>(
         col.samples,
         cell.seconds
     );
-    Ok((cell, features))
+    Ok((cell, sc.features))
 }
 
 /// σ_t of the four rows on the full chain at t = 1, 2, 5, 10, 50, 100, 500, 1000 (those ≤ T).
@@ -558,34 +694,71 @@ pub fn markdown(table: &Table, prefix: &str) -> String {
     let counts: Vec<String> = cols.iter().map(|c| c.samples.to_string()).collect();
     md += &format!("| *images per cell* | {} |\n\n", counts.join(" | "));
 
-    md += "Paired differences ΔFD = FD(row) − FD(other row), negative when the first row is \
-           better; both rows use the same noise, and the 95 % interval resamples the same image \
-           indices in both.\n\n";
+    let k = table.classifiers.len();
+    if k > 1 {
+        let seeds: Vec<String> = (0..k).map(|i| i.to_string()).collect();
+        md += &format!(
+            "The same samples under each of the {k} classifiers (seeds {}; same architecture, data \
+             and training, only the seed differs), FD-MNIST without intervals:\n\n",
+            seeds.join(", ")
+        );
+        md += &head("σ_t");
+        md += &grid(&|c| {
+            let v: Vec<String> = c
+                .fd_by_classifier
+                .iter()
+                .map(|f| format!("{f:.1}"))
+                .collect();
+            v.join(" / ")
+        });
+        md += "\n";
+    }
+    md += "Paired differences ΔFD = FD(row) − FD(other row) under classifier k, negative when the \
+           first row is better; both rows use the same noise, and the 95 % interval resamples the \
+           same image indices in both.\n\n";
     md += &head("ΔFD-MNIST");
     for (row, against) in COMPARED {
-        let vals: Vec<String> = cols
-            .iter()
-            .map(|c| {
-                table
-                    .comparisons
-                    .iter()
-                    .find(|x| x.steps == c.steps && x.row == row && x.against == against)
-                    .map_or("—".into(), |x| format!("{:+.2} [{:+.2}, {:+.2}]", x.diff, x.ci.lo, x.ci.hi))
-            })
-            .collect();
-        md += &format!("| {} − {} | {} |\n", row.name(), against.name(), vals.join(" | "));
+        for i in 0..k {
+            let vals: Vec<String> = cols
+                .iter()
+                .map(|c| {
+                    table
+                        .comparisons
+                        .iter()
+                        .find(|x| {
+                            x.steps == c.steps
+                                && x.row == row
+                                && x.against == against
+                                && x.classifier == i
+                        })
+                        .map_or("—".into(), |x| {
+                            format!("{:+.2} [{:+.2}, {:+.2}]", x.diff, x.ci.lo, x.ci.hi)
+                        })
+                })
+                .collect();
+            md += &format!(
+                "| {} − {}, k = {i} | {} |\n",
+                row.name(),
+                against.name(),
+                vals.join(" | ")
+            );
+        }
     }
     md += "\n";
-    md += &format!(
-        "Bound (negative ELBO of the chain with that σ_t), bits/dim ± standard error over {} held-out \
-         images (the same images and noise in every row of a column).\n\n",
-        table.plan.bpd_images.min(table.heldout_images)
-    );
-    md += &head("σ_t");
-    md += &grid(&|c| match (c.bits_per_dim, c.bits_per_dim_se) {
-        (Some(b), Some(se)) => format!("{b:.3} ± {se:.3}"),
-        _ => "—".into(),
-    });
+    if table.plan.bpd_images == 0 {
+        md += "Bound: not measured (`--bpd-images 0`).\n";
+    } else {
+        md += &format!(
+            "Bound (negative ELBO of the chain with that σ_t), bits/dim ± standard error over {} \
+             held-out images (the same images and noise in every row of a column).\n\n",
+            table.plan.bpd_images.min(table.heldout_images)
+        );
+        md += &head("σ_t");
+        md += &grid(&|c| match (c.bits_per_dim, c.bits_per_dim_se) {
+            (Some(b), Some(se)) => format!("{b:.3} ± {se:.3}"),
+            _ => "—".into(),
+        });
+    }
     md += "\nClassifier entropies, nats: mean H(y|x) (sharpness; lower is more digit-like) / H(ȳ) \
            (diversity; ln 10 = 2.303 for balanced digits).\n\n";
     md += &head("σ_t");
@@ -613,12 +786,18 @@ pub fn markdown(table: &Table, prefix: &str) -> String {
         head("σ_t"),
         secs
     );
+    let accuracies: Vec<String> = table
+        .classifiers
+        .iter()
+        .map(|c| format!("{:.1} %", 100.0 * c.heldout_accuracy))
+        .collect();
+    let first = &table.classifiers[0];
     md += &format!(
-        "\nClassifier: {:.1} % held-out accuracy ({} training, {} held-out images); data std s = {:.4}; \
-         m_t estimated in {:.0} s; whole table {:.0} s.\n",
-        100.0 * table.classifier.heldout_accuracy,
-        table.classifier.train_images,
-        table.classifier.heldout_images,
+        "\nClassifiers (seed 0 scores the main table): {} held-out accuracy ({} training, {} held-out \
+         images); data std s = {:.4}; m_t estimated in {:.0} s; whole table {:.0} s.\n",
+        accuracies.join(" / "),
+        first.train_images,
+        first.heldout_images,
         table.data_std,
         table.eps_mse_seconds,
         table.seconds
@@ -632,7 +811,10 @@ mod tests {
 
     fn plan() -> Plan {
         Plan {
-            columns: vec![Column { steps: 10, samples: 50 }],
+            columns: vec![Column {
+                steps: 10,
+                samples: 50,
+            }],
             ddim_steps: vec![],
             bpd_images: 0,
             bootstrap_reps: 50,
@@ -641,6 +823,36 @@ mod tests {
             seed: 1,
             clip_each_step: true,
         }
+    }
+
+    #[test]
+    fn a_plan_is_checked_and_its_work_counted() {
+        let mut p = plan();
+        p.columns.push(Column {
+            steps: 20,
+            samples: 30,
+        });
+        p.ddim_steps = vec![20];
+        p.bpd_images = 8;
+        p.check(20).unwrap();
+        // Column 10: 4 rows × 50 images + 8 bound images, 10 steps; column 20 adds DDIM.
+        assert_eq!(p.network_images(500), (4 * 50 + 8) * 10 + (5 * 30 + 8) * 20);
+        assert_eq!(p.network_images(5), (4 * 50 + 5) * 10 + (5 * 30 + 5) * 20);
+        let err = |p: &Plan| p.check(20).unwrap_err().to_string();
+        assert!(err(&Plan {
+            ddim_steps: vec![50],
+            ..p.clone()
+        })
+        .contains("DDIM at 50 steps"));
+        assert!(p
+            .check(19)
+            .unwrap_err()
+            .to_string()
+            .contains("between 1 and T = 19"));
+        let mut one = p.clone();
+        one.columns[0].samples = 1;
+        assert!(err(&one).contains("at least 2"));
+        assert!(err(&Plan { batch: 0, ..p }).contains("--batch"));
     }
 
     /// Resampling both rows with the same indices makes a row against itself exactly 0 in
