@@ -127,7 +127,8 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    fn untrained(device: Device) -> Classifier {
+    /// A classifier with fresh random weights (the cache loads into it; tests use it as is).
+    pub(crate) fn untrained(device: Device) -> Classifier {
         let vs = nn::VarStore::new(device);
         let net = Net::new(&vs.root());
         Classifier { vs, net }

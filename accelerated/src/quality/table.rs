@@ -825,6 +825,71 @@ mod tests {
         }
     }
 
+    /// The whole runner on a toy: a closure for the network, T = 10, and two untrained
+    /// classifiers (different random features, so their numbers must differ).
+    #[test]
+    fn every_cell_is_scored_under_every_classifier() {
+        let _rng = crate::sampler::rng_lock();
+        tch::manual_seed(5);
+        let schedule = Schedule::new(crate::schedule::ScheduleKind::Article, 10, Device::Cpu).unwrap();
+        let opts = (Kind::Float, Device::Cpu);
+        let heldout = Tensor::rand([12, 1, 28, 28], opts) * 2.0 - 1.0;
+        let train = Tensor::rand([12, 1, 28, 28], opts) * 2.0 - 1.0;
+        let classifiers = [Classifier::untrained(Device::Cpu), Classifier::untrained(Device::Cpu)];
+        let record = |seed| ClassifierRecord {
+            format: 1,
+            config: super::super::classifier::ClassifierConfig { seed, ..Default::default() },
+            data_sha256: String::new(),
+            weights_sha256: String::new(),
+            train_images: 12,
+            heldout_images: 12,
+            heldout_accuracy: 0.1,
+        };
+        let records = vec![record(0), record(1)];
+        let eps_mse = Tensor::full([11], 0.1, (Kind::Double, Device::Cpu));
+        let model = |x: &Tensor, _t: &Tensor| x * 0.5;
+        let ctx = Context {
+            model: &model,
+            schedule: &schedule,
+            classifiers: &classifiers,
+            heldout: &heldout,
+            train: &train,
+            eps_mse: &eps_mse,
+            data_std: 0.5,
+            device: Device::Cpu,
+        };
+        let p = Plan {
+            columns: vec![Column { steps: 5, samples: 6 }, Column { steps: 10, samples: 6 }],
+            ddim_steps: vec![5],
+            bpd_images: 2,
+            bootstrap_reps: 10,
+            batch: 4,
+            ..plan()
+        };
+        let dir = crate::data::test_dir("quality_measure");
+        let mut columns_reported = 0;
+        let table = measure(&ctx, &p, &dir, records.clone(), 0.0, false, |_| {
+            columns_reported += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(columns_reported, 2);
+        assert_eq!(table.cells.len(), 4 + 1 + 4);
+        for c in &table.cells {
+            assert_eq!(c.fd_by_classifier.len(), 2);
+            assert_eq!(c.fd_by_classifier[0], c.fd);
+            assert!(dir.join(&c.grid).exists(), "{}", c.grid);
+            assert_eq!(c.bits_per_dim.is_some(), c.row != Row::Ddim);
+        }
+        assert!(table.cells.iter().all(|c| c.fd_by_classifier[0] != c.fd_by_classifier[1]));
+        assert_eq!(table.comparisons.len(), 2 * COMPARED.len() * 2);
+        let md = markdown(&table, "");
+        assert!(md.contains("| beta − posterior, k = 1 |"), "{md}");
+        assert!(md.contains("under each of the 2 classifiers"), "{md}");
+        // One record short: refused before any work.
+        assert!(measure(&ctx, &p, &dir, vec![record(0)], 0.0, false, |_| Ok(())).is_err());
+    }
+
     #[test]
     fn a_plan_is_checked_and_its_work_counted() {
         let mut p = plan();
