@@ -299,6 +299,11 @@ fn a_quality_table_that_cannot_be_measured() {
         1,
         &["holds no checkpoint"],
     );
+    let doc = setup.path("notes.md");
+    std::fs::write(&doc, "no markers here\n").unwrap();
+    let mut cmd = quality(&["--doc"], &setup.path("images"));
+    cmd.arg(&doc);
+    fails(&mut cmd, 1, &["has no <!-- quality-table:begin -->"]);
     let run = trained(&setup);
     fails(
         &mut quality(&[], &run),

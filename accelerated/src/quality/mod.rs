@@ -94,6 +94,9 @@ pub fn run(args: &Args, device: Device, progress: bool) -> Result<table::Table> 
             args.samples.len()
         )));
     }
+    if let Some(doc) = &args.doc {
+        marked_region(doc)?;
+    }
     let ckpt = checkpoint::open(&args.checkpoint)?;
     let cfg = ckpt.manifest.config.clone();
     if cfg.data.source != DataSource::Mnist {
@@ -219,6 +222,16 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 /// Replaces the text between the markers of `doc` by `table`.
 fn insert_into(doc: &Path, table: &str) -> Result<()> {
+    let (text, b, e) = marked_region(doc)?;
+    write(
+        doc,
+        &format!("{}{BEGIN}\n\n{table}\n{}", &text[..b], &text[e..]),
+    )
+}
+
+/// The text of `doc` and the byte offsets of its two markers (checked before any work, so a
+/// document without them fails at once rather than after the first column).
+fn marked_region(doc: &Path) -> Result<(String, usize, usize)> {
     let text = std::fs::read_to_string(doc)
         .map_err(|e| DdpmError::io(format!("cannot read {}", doc.display()), e))?;
     let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
@@ -233,10 +246,7 @@ fn insert_into(doc: &Path, table: &str) -> Result<()> {
             doc.display()
         )));
     }
-    write(
-        doc,
-        &format!("{}{BEGIN}\n\n{table}\n{}", &text[..b], &text[e..]),
-    )
+    Ok((text, b, e))
 }
 
 #[cfg(test)]

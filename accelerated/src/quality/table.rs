@@ -831,14 +831,21 @@ mod tests {
     fn every_cell_is_scored_under_every_classifier() {
         let _rng = crate::sampler::rng_lock();
         tch::manual_seed(5);
-        let schedule = Schedule::new(crate::schedule::ScheduleKind::Article, 10, Device::Cpu).unwrap();
+        let schedule =
+            Schedule::new(crate::schedule::ScheduleKind::Article, 10, Device::Cpu).unwrap();
         let opts = (Kind::Float, Device::Cpu);
         let heldout = Tensor::rand([12, 1, 28, 28], opts) * 2.0 - 1.0;
         let train = Tensor::rand([12, 1, 28, 28], opts) * 2.0 - 1.0;
-        let classifiers = [Classifier::untrained(Device::Cpu), Classifier::untrained(Device::Cpu)];
+        let classifiers = [
+            Classifier::untrained(Device::Cpu),
+            Classifier::untrained(Device::Cpu),
+        ];
         let record = |seed| ClassifierRecord {
             format: 1,
-            config: super::super::classifier::ClassifierConfig { seed, ..Default::default() },
+            config: super::super::classifier::ClassifierConfig {
+                seed,
+                ..Default::default()
+            },
             data_sha256: String::new(),
             weights_sha256: String::new(),
             train_images: 12,
@@ -859,7 +866,16 @@ mod tests {
             device: Device::Cpu,
         };
         let p = Plan {
-            columns: vec![Column { steps: 5, samples: 6 }, Column { steps: 10, samples: 6 }],
+            columns: vec![
+                Column {
+                    steps: 5,
+                    samples: 6,
+                },
+                Column {
+                    steps: 10,
+                    samples: 6,
+                },
+            ],
             ddim_steps: vec![5],
             bpd_images: 2,
             bootstrap_reps: 10,
@@ -881,7 +897,10 @@ mod tests {
             assert!(dir.join(&c.grid).exists(), "{}", c.grid);
             assert_eq!(c.bits_per_dim.is_some(), c.row != Row::Ddim);
         }
-        assert!(table.cells.iter().all(|c| c.fd_by_classifier[0] != c.fd_by_classifier[1]));
+        assert!(table
+            .cells
+            .iter()
+            .all(|c| c.fd_by_classifier[0] != c.fd_by_classifier[1]));
         assert_eq!(table.comparisons.len(), 2 * COMPARED.len() * 2);
         let md = markdown(&table, "");
         assert!(md.contains("| beta − posterior, k = 1 |"), "{md}");
