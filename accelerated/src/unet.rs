@@ -58,8 +58,8 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
-    /// MNIST 28×28 grey: 32·[1, 2, 2], 1 block a level (28 → 14 → 7), sinusoidal t, T = 1000;
-    /// 473,345 parameters.
+    /// MNIST 28×28 grey: 32·[1, 2, 2], 1 block a level (28 → 14 → 7), 8 GroupNorm groups,
+    /// sinusoidal t, T = 1000; 473,345 parameters.
     pub fn mnist() -> UNetConfig {
         UNetConfig {
             image_size: 28,
@@ -67,7 +67,11 @@ impl UNetConfig {
             base_channels: 32,
             channel_mults: vec![1, 2, 2],
             blocks_per_level: 1,
-            groups: 32,
+            // Not 32: one channel per group normalises away each channel's mean after every
+            // block, and the network can no longer see its input's mean brightness (see
+            // `presets_see_the_mean_of_their_input`); 4 channels a group, as the article's
+            // 128 channels in 32 groups.
+            groups: 8,
             time_embedding: TimeEmbedding::Sinusoidal,
             dropout: 0.0,
             t_max: 1000,
@@ -592,6 +596,45 @@ mod tests {
                 f64::try_from(g.abs().sum(Kind::Float)).unwrap() > 0.0,
                 "{name}"
             );
+        }
+    }
+
+    /// The mean of ε over pixels is part of what the network must predict: at large t,
+    /// E[mean ε | x_t] ≈ mean x_t, and a sampler whose ε̂ ignores it lets the image's mean
+    /// brightness drift by up to 1/ᾱ_T over the chain (grey and white frames). GroupNorm with one
+    /// channel per group removes every channel's spatial mean after every block, so such a
+    /// network is nearly blind to a constant shift of its input; each preset must not be.
+    #[test]
+    fn presets_see_the_mean_of_their_input() {
+        let _rng = crate::sampler::rng_lock();
+        let response = |cfg: &UNetConfig| {
+            tch::manual_seed(11);
+            let (_vs, net) = build(cfg);
+            let s = cfg.image_size;
+            let x = Tensor::randn([4, cfg.in_channels, s, s], (Kind::Float, Device::Cpu));
+            let t = Tensor::full([4], 500, (Kind::Int64, Device::Cpu));
+            let shift = 0.1;
+            let d = net.predict(&(&x + shift), &t) - net.predict(&x, &t);
+            f64::try_from(d.mean(Kind::Double)).unwrap().abs() / shift
+        };
+        let small_cifar = UNetConfig {
+            image_size: 16,
+            ..UNetConfig::cifar32()
+        };
+        for cfg in [UNetConfig::mnist(), small_cifar] {
+            let r = response(&cfg);
+            assert!(
+                r > 0.3,
+                "{} groups over {} channels: response {r:.3}",
+                cfg.groups,
+                cfg.base_channels
+            );
+            // The same network with one channel per group: the test can fail.
+            let blind = response(&UNetConfig {
+                groups: cfg.base_channels * 4,
+                ..cfg.clone()
+            });
+            assert!(blind < 0.1, "one channel a group: response {blind:.3}");
         }
     }
 }
