@@ -76,7 +76,7 @@ fn sigma_choice(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Res
 /// `ddpm train`. Settings come from --preset (or --config FILE); each flag given overrides one.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Base settings: `mnist` (embedded digits, a ~20-minute CPU run), `cifar32` or
+    /// Base settings: `mnist` (embedded digits, a ~10-minute run on 2 CPU cores), `cifar32` or
     /// `celeba128` (the article's CelebA-HQ setting; both need --data DIR) [default: mnist].
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
     pub preset: Option<String>,
