@@ -253,25 +253,21 @@ fn a_checkpoint_of_another_preset_or_schedule() {
 fn a_sampler_asked_for_more_steps_than_t() {
     let setup = Setup::new(2, 2);
     let run = trained(&setup);
-    let mut cmd = ddpm();
-    cmd.args(["sample", "--steps", "50", "--checkpoint"])
-        .arg(&run)
-        .arg("--out")
-        .arg(setup.path("s.png"));
     fails(
-        &mut cmd,
+        &mut sample(&run, &setup.path("s.png"), &["--steps", "50"]),
         1,
         &["sampling steps must be between 1 and T = 20, got 50"],
     );
-    let mut cmd = ddpm();
-    cmd.args(["sample", "--eta", "2", "--checkpoint"])
-        .arg(&run)
-        .arg("--out")
-        .arg(setup.path("s.png"));
-    fails(&mut cmd, 1, &["η"]);
-    let mut cmd = ddpm();
-    cmd.args(["sample", "--n", "0", "--checkpoint"]).arg(&run);
-    fails(&mut cmd, 1, &["--n must be at least 1"]);
+    fails(
+        &mut sample(&run, &setup.path("s.png"), &["--eta", "2"]),
+        1,
+        &["η"],
+    );
+    fails(
+        &mut sample(&run, &setup.path("s.png"), &["--n", "0"]),
+        1,
+        &["--n must be at least 1"],
+    );
 }
 
 #[test]
@@ -323,25 +319,19 @@ fn an_output_path_that_is_not_writable() {
         &["cannot create the run directory", "a_file"],
     );
     let run = trained(&setup);
-    let mut cmd = ddpm();
-    cmd.args(["sample", "--steps", "2", "--checkpoint"])
-        .arg(&run)
-        .arg("--out")
-        .arg(file.join("s.png"));
     fails(
-        &mut cmd,
+        &mut sample(&run, &file.join("s.png"), &["--steps", "2"]),
         1,
         &[
             "cannot create the directory",
             "a file stands where a directory is needed",
         ],
     );
-    let mut cmd = ddpm();
-    cmd.args(["sample", "--steps", "2", "--checkpoint"])
-        .arg(&run)
-        .arg("--out")
-        .arg(setup.dir.path());
-    fails(&mut cmd, 1, &["is a directory"]);
+    fails(
+        &mut sample(&run, setup.dir.path(), &["--steps", "2"]),
+        1,
+        &["is a directory"],
+    );
 }
 
 #[test]
@@ -377,12 +367,11 @@ fn resuming_a_run_without_checkpoints_or_restarting_one_that_has_them() {
 #[test]
 fn a_checkpoint_path_that_holds_no_checkpoint() {
     let setup = Setup::new(2, 2);
-    let mut cmd = ddpm();
-    cmd.args(["sample", "--checkpoint"])
-        .arg(setup.path("images"))
-        .arg("--out")
-        .arg(setup.path("s.png"));
-    fails(&mut cmd, 1, &["holds no checkpoint"]);
+    fails(
+        &mut sample(&setup.path("images"), &setup.path("s.png"), &[]),
+        1,
+        &["holds no checkpoint"],
+    );
 }
 
 #[test]

@@ -21,6 +21,8 @@ const EVERY: u64 = 4;
 /// 4.8 MB checkpoints take long enough to write (serialise, hash, write) that a kill timed
 /// by the appearance of the `.tmp` directory lands inside the write.
 const WIDE: [&str; 2] = ["--base-channels", "32"];
+/// `ddpm sample` flags that only prove a checkpoint loads: one image, two steps.
+const ONE_QUICK_IMAGE: [&str; 4] = ["--n", "1", "--steps", "2"];
 
 /// The sha256 of the weights, EMA and optimiser files of checkpoint `step`, read from the
 /// files themselves.
@@ -240,13 +242,8 @@ fn a_corrupt_checkpoint_is_detected_and_resume_falls_back() {
         succeeds(&mut setup.train(&run, &WIDE));
         let newest = checkpoint_dir(&run, STEPS);
         damage(&newest.join(file));
-        let mut sample = ddpm();
-        sample
-            .args(["sample", "--n", "1", "--steps", "2", "--checkpoint"])
-            .arg(&newest)
-            .arg("--out")
-            .arg(setup.path("s.png"));
-        fails(&mut sample, 1, &[file, "corrupt"]);
+        let mut cmd = sample(&newest, &setup.path("s.png"), &ONE_QUICK_IMAGE);
+        fails(&mut cmd, 1, &[file, "corrupt"]);
         let log = succeeds(&mut resume(&run, &[]));
         assert!(
             log.contains("WARN")
@@ -332,13 +329,11 @@ fn a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint() {
     );
     assert_eq!(checkpoint_steps(&run), vec![EVERY]);
     assert!(tmp_dirs(&run).is_empty(), "{:?}", tmp_dirs(&run));
-    let mut sample = ddpm();
-    sample
-        .args(["sample", "--n", "1", "--steps", "2", "--checkpoint"])
-        .arg(checkpoint_dir(&run, EVERY))
-        .arg("--out")
-        .arg(setup.path("s.png"));
-    succeeds(&mut sample);
+    succeeds(&mut sample(
+        &checkpoint_dir(&run, EVERY),
+        &setup.path("s.png"),
+        &ONE_QUICK_IMAGE,
+    ));
     assert_eq!(file_sums(&run, EVERY), file_sums(&probe, EVERY));
 }
 
@@ -366,13 +361,7 @@ fn a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint() {
         !kept.is_empty() && kept.iter().all(|&s| s < step),
         "{kept:?} vs step {step}"
     );
-    let mut sample = ddpm();
-    sample
-        .args(["sample", "--n", "1", "--steps", "2", "--checkpoint"])
-        .arg(&run)
-        .arg("--out")
-        .arg(setup.path("s.png"));
-    succeeds(&mut sample);
+    succeeds(&mut sample(&run, &setup.path("s.png"), &ONE_QUICK_IMAGE));
 
     // Checked only when logging (every 7) or checkpointing (every 5): the same step is named
     // and the checkpoint due after it is not written.

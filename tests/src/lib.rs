@@ -183,6 +183,23 @@ pub fn round_f32(a: &Array2<f64>) -> Array2<f64> {
     a.mapv(|v| v as f32 as f64)
 }
 
+/// A U-Net small enough for CPU tests that still has every part: 8×8 grey images, two levels
+/// (a pool and an up-sample), a 1×1 skip projection where channels change (8 → 16), GroupNorm
+/// with several channels a group, sinusoidal t.
+pub fn small_unet(t_max: i64) -> ddpm::unet::UNetConfig {
+    ddpm::unet::UNetConfig {
+        image_size: 8,
+        in_channels: 1,
+        base_channels: 8,
+        channel_mults: vec![1, 2],
+        blocks_per_level: 1,
+        groups: 4,
+        time_embedding: ddpm::unet::TimeEmbedding::Sinusoidal,
+        dropout: 0.0,
+        t_max,
+    }
+}
+
 /// The float kinds the tch side is checked in, with the relative tolerance each deserves.
 ///
 /// f64: both sides compute the same formulas in the same precision, differing only in the order

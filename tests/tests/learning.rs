@@ -18,8 +18,8 @@ use ddpm::marginal::marginal_sample;
 use ddpm::oracle::{DataLaw, Oracle};
 use ddpm::sampler::NoisePredictor;
 use ddpm::schedule::{Schedule, ScheduleKind};
-use ddpm::unet::{TimeEmbedding, UNet, UNetConfig};
-use ddpm_tests::single_thread;
+use ddpm::unet::UNet;
+use ddpm_tests::{single_thread, small_unet};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -211,17 +211,7 @@ fn unet_overfits_one_image_to_the_dirac_oracle() {
     single_thread();
     tch::manual_seed(2);
     let schedule = Schedule::new(ScheduleKind::Article, T, device).unwrap();
-    let cfg = UNetConfig {
-        image_size: 8,
-        in_channels: 1,
-        base_channels: 8,
-        channel_mults: vec![1, 2],
-        blocks_per_level: 1,
-        groups: 4,
-        time_embedding: TimeEmbedding::Sinusoidal,
-        dropout: 0.0,
-        t_max: T,
-    };
+    let cfg = small_unet(T);
     let vs = VarStore::new(device);
     let net = UNet::new(&vs.root(), &cfg).unwrap();
     // One "image": a bright square on a dark background, on the 8-bit grid.

@@ -3,24 +3,14 @@
 
 use ddpm::loss::euclidean_loss;
 use ddpm::unet::{TimeEmbedding, UNet, UNetConfig};
-use ddpm_tests::test_device;
+use ddpm_tests::{small_unet, test_device};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// Small configurations that still have every part: two levels (a pool and an up-sample),
-/// a 1×1 skip projection where channels change, GroupNorm with several groups.
+/// The small test network and two variants: learned t with three channels, and three levels
+/// with two blocks each.
 fn configs() -> Vec<UNetConfig> {
-    let small = UNetConfig {
-        image_size: 8,
-        in_channels: 1,
-        base_channels: 8,
-        channel_mults: vec![1, 2],
-        blocks_per_level: 1,
-        groups: 4,
-        time_embedding: TimeEmbedding::Sinusoidal,
-        dropout: 0.0,
-        t_max: 50,
-    };
+    let small = small_unet(50);
     vec![
         small.clone(),
         UNetConfig {

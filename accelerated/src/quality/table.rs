@@ -276,15 +276,14 @@ struct Score {
     features: Vec<Tensor>,
 }
 
-/// Scores `images` against the held-out embeddings `real` (one per classifier).
-fn score<M: NoisePredictor + ?Sized>(
-    ctx: &Context<M>,
+/// Scores `images` under `classifiers` against their held-out embeddings `real` (one each).
+fn score(
+    classifiers: &[Classifier],
     real: &[Embedding],
     images: &Tensor,
     plan: &Plan,
 ) -> Result<Score> {
-    let embedded = ctx
-        .classifiers
+    let embedded = classifiers
         .iter()
         .map(|c| c.embed(images))
         .collect::<Result<Vec<_>>>()?;
@@ -346,15 +345,8 @@ fn mean_se(x: &Tensor) -> Result<(f64, f64)> {
 impl Plan {
     /// Fails early, before any model work, on a plan that cannot be measured for T = `t_max`.
     pub fn check(&self, t_max: i64) -> Result<()> {
-        if let Some(c) = self
-            .columns
-            .iter()
-            .find(|c| c.steps == 0 || c.steps as i64 > t_max)
-        {
-            return Err(DdpmError::InvalidArgument(format!(
-                "a column of {} steps: sampling steps must be between 1 and T = {t_max}",
-                c.steps
-            )));
+        for c in &self.columns {
+            crate::timesteps::strided(t_max, c.steps)?;
         }
         if let Some(c) = self.columns.iter().find(|c| c.samples < 2) {
             return Err(DdpmError::InvalidArgument(format!(
@@ -503,9 +495,8 @@ pub fn measure<M: NoisePredictor + ?Sized>(
                 .expect("an ancestral row")
         };
         for (row, against) in COMPARED {
+            let (a, b) = (&row_features[at(row)], &row_features[at(against)]);
             for (k, r) in real.iter().enumerate() {
-                let (a, b): (&Vec<Tensor>, &Vec<Tensor>) =
-                    (&row_features[at(row)], &row_features[at(against)]);
                 let (diff, ci) = paired_difference(&a[k], &b[k], &r.features, plan)?;
                 table.comparisons.push(Comparison {
                     steps: col.steps,
@@ -558,7 +549,8 @@ fn floors<M: NoisePredictor + ?Sized>(
                 .map(|i| i as i64)
                 .collect();
             let images = ctx.train.index_select(0, &Tensor::from_slice(&idx));
-            let sc = score(ctx, real, &images, plan)?;
+            // A floor is reported for the main table's classifier only.
+            let sc = score(&ctx.classifiers[..1], &real[..1], &images, plan)?;
             Ok(Floor {
                 samples: n,
                 fd: sc.fd,
@@ -583,7 +575,7 @@ fn finish<M: NoisePredictor + ?Sized>(
     let grid = format!("grids/{}-{}.png", row.name(), col.steps);
     let shown = (plan.grid_images as i64).min(images.size()[0]);
     save_grid(&images.narrow(0, 0, shown), &out.join(&grid), Some(8))?;
-    let sc = score(ctx, real, images, plan)?;
+    let sc = score(ctx.classifiers, real, images, plan)?;
     let (fd, fd_ci) = (sc.fd, sc.fd_ci);
     let cell = Cell {
         row,

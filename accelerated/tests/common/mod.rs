@@ -135,6 +135,18 @@ impl Setup {
     }
 }
 
+/// `ddpm sample --checkpoint <checkpoint> --out <out>` plus `extra`.
+pub fn sample(checkpoint: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = ddpm();
+    cmd.arg("sample")
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
 /// `ddpm train --resume --out <run>` plus `extra`.
 pub fn resume(run: &Path, extra: &[&str]) -> Command {
     let mut cmd = ddpm();
