@@ -9,6 +9,8 @@ pub enum DdpmError {
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
     #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); use --device cpu or auto")]
     CudaUnavailable,
+    // The string variants below are being replaced by the typed ones above (issue 12);
+    // code that is touched converts its uses.
     /// A noise schedule that violates 0 < α_t < 1 or has no steps.
     #[error("invalid noise schedule: {0}")]
     InvalidSchedule(String),
@@ -27,6 +29,89 @@ pub enum DdpmError {
     /// A data set that is missing, empty, malformed or does not fit the requested shape.
     #[error("data: {0}")]
     Data(String),
+    /// A setting or argument outside its domain. `key` names it as a config key
+    /// (`train.lr`) or, for a library argument, by its name (`eta`).
+    #[error("{key} = {value} is out of range: it must be {expected}")]
+    OutOfRange {
+        /// The config key or argument name.
+        key: &'static str,
+        /// The value received, as written.
+        value: String,
+        /// What it must satisfy ("positive", "between 1 and T = 1000").
+        expected: String,
+    },
+    /// Two settings that cannot be used together.
+    #[error("{key} cannot be used with {other}: {reason}")]
+    Incompatible {
+        /// The first setting (config key or argument name).
+        key: &'static str,
+        /// The setting it conflicts with.
+        other: String,
+        /// Why, and what to change.
+        reason: String,
+    },
+    /// Tensors or arrays whose shapes do not fit together.
+    #[error("shape mismatch for {what}: expected {expected}, got {got:?}")]
+    ShapeMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// The shape required, in words or as a list (`[B, 1, 28, 28]`).
+        expected: String,
+        /// The shape received.
+        got: Vec<i64>,
+    },
+    /// A schedule value outside the open interval (0, 1), or no steps at all.
+    #[error("invalid noise schedule: {name}_{t} = {value} must lie strictly between 0 and 1")]
+    ScheduleValue {
+        /// The sequence (alpha, beta_ho, alpha_bar).
+        name: &'static str,
+        /// Its time index.
+        t: usize,
+        /// The value received.
+        value: f64,
+    },
+    /// Saved optimiser or EMA state that does not match the model it is restored into.
+    #[error("cannot restore the {part} state: {reason}")]
+    StateMismatch {
+        /// Which state (`LAMB`, `EMA`, `weights`).
+        part: &'static str,
+        /// What does not match.
+        reason: String,
+    },
+    /// A data set that is missing, empty or malformed.
+    #[error("data {set}: {reason}")]
+    BadData {
+        /// The data set (a path, `MNIST`, `mixture`).
+        set: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configuration document that cannot be parsed or does not fit the settings' types.
+    #[error("{origin}: {reason}")]
+    ConfigParse {
+        /// The file (or `flags`, or `preset NAME`).
+        origin: String,
+        /// The parser's message, naming the key and section.
+        reason: String,
+    },
+    /// A resumed run asked for settings that differ from the run's saved ones.
+    #[error("{key} is {here} here but {saved} in the run; --resume continues with the run's saved settings")]
+    ResumeMismatch {
+        /// The config key.
+        key: String,
+        /// The value asked for now.
+        here: String,
+        /// The value saved with the run.
+        saved: String,
+    },
+    /// A value that could not be encoded for writing (TOML, JSON, safetensors).
+    #[error("cannot encode {what}: {cause}")]
+    Encode {
+        /// What was being written.
+        what: &'static str,
+        /// The encoder's message.
+        cause: String,
+    },
     /// An image file that cannot be opened or decoded (truncated, wrong format).
     #[error("cannot read image {path}: {cause}")]
     Image {

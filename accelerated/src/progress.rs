@@ -1,4 +1,5 @@
-//! One look for every long-running command's progress bar: elapsed, bar, count, rate, ETA.
+//! Progress of long computations. The library reports through [`Progress`]; the binary
+//! draws it (an indicatif bar there). The `bar` below moves to the binary (issue 12).
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -17,3 +18,32 @@ pub fn bar(show: bool, len: u64, at: u64, unit: &str) -> ProgressBar {
     bar.set_style(style);
     bar
 }
+
+/// What a long computation reports to its caller: how many units there are, how many are
+/// done, and a short status. Every method has a no-op default.
+pub trait Progress {
+    /// `total` units named `unit` ("steps", "model calls") are to be done, `done` already are.
+    fn start(&mut self, total: u64, done: u64, unit: &'static str) {
+        let _ = (total, done, unit);
+    }
+    /// `done` units are done so far.
+    fn update(&mut self, done: u64) {
+        let _ = done;
+    }
+    /// A short status beside the count (e.g. `loss 21.3`).
+    fn status(&mut self, status: &str) {
+        let _ = status;
+    }
+    /// A line for the person running it (e.g. `wrote samples/step-0000500.png`).
+    fn note(&mut self, line: &str) {
+        let _ = line;
+    }
+    /// The work is over (done or failed).
+    fn finish(&mut self) {}
+}
+
+/// Reports nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
+
+impl Progress for Silent {}
