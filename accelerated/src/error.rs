@@ -104,6 +104,15 @@ pub enum DdpmError {
         /// The value saved with the run.
         saved: String,
     },
+    /// A resumed run asked for settings that differ from the run's saved ones in one or more
+    /// keys (all of them listed, not only the first).
+    #[error("{run} was trained with other settings than the ones given here ({}); --resume continues with the run's saved settings", describe_differences(.differences))]
+    ResumeSettings {
+        /// The checkpoint resumed from.
+        run: std::path::PathBuf,
+        /// Each differing key as (config key, value here, value saved with the run).
+        differences: Vec<(String, String, String)>,
+    },
     /// A value that could not be encoded for writing (TOML, JSON, safetensors).
     #[error("cannot encode {what}: {cause}")]
     Encode {
@@ -136,6 +145,12 @@ pub enum DdpmError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A fresh run asked for in a run directory that already holds a run's checkpoints.
+    #[error("{dir} already holds checkpoints: resume that run, or choose another run directory")]
+    RunExists {
+        /// The run directory.
+        dir: std::path::PathBuf,
+    },
     /// A configuration file or value that cannot be used (unknown key, wrong type, bad value).
     #[error("configuration: {0}")]
     Config(String),
@@ -165,6 +180,15 @@ impl DdpmError {
             cause,
         }
     }
+}
+
+/// `key = here here, saved in the run; ...` for [`DdpmError::ResumeSettings`].
+fn describe_differences(differences: &[(String, String, String)]) -> String {
+    differences
+        .iter()
+        .map(|(key, here, saved)| format!("{key} = {here} here, {saved} in the run"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `Result` with [`DdpmError`].

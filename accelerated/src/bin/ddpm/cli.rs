@@ -1,28 +1,31 @@
-//! The `ddpm` command line: `train`, `sample`, `eval`, `quality`, `info`.
+//! The `ddpm` command line: `train`, `sample`, `eval`, `quality`, `info`. Each flag that
+//! changes a setting is an entry of a partial configuration table at its config key,
+//! layered over the preset or config file by the library's own merge.
 
-use crate::checkpoint;
-use crate::config::{Config, LossWeight, PRESETS};
-use crate::data::folder::Channels;
-use crate::data::mnist;
-use crate::device::{torch_info, DeviceChoice};
-use crate::eval::{evaluate, EvalOptions};
-use crate::grid;
-use crate::sampler::Sampler;
-use crate::schedule::{Schedule, ScheduleKind};
-use crate::sigma::SigmaChoice;
-use crate::train::{build_model, train, TrainOptions};
-use crate::unet::TimeEmbedding;
+use crate::progress::Bar;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ddpm::checkpoint::{self, Weights};
+use ddpm::config::{self, Config, PRESETS};
+use ddpm::data::mnist;
+use ddpm::device::{torch_info, DeviceChoice};
+use ddpm::error::DdpmError;
+use ddpm::eval::{evaluate, EvalOptions};
+use ddpm::grid;
+use ddpm::progress::Progress;
+use ddpm::sampler::Sampler;
+use ddpm::sigma::SigmaChoice;
+use ddpm::train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
+use toml::Value;
 
 /// DDPM as "an autoregressive VAE" (Su Jianlin), on libtorch: train, sample, evaluate.
 #[derive(Debug, Parser)]
 #[command(name = "ddpm", version, propagate_version = true)]
 pub struct Cli {
     /// Where to compute: `auto` takes CUDA device 0 when libtorch sees one, else the CPU.
-    #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
+    #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
     /// Hide progress bars.
     #[arg(long, global = true)]
     pub no_progress: bool,
@@ -45,9 +48,85 @@ pub enum Command {
     Eval(EvalArgs),
     /// The σ_t × steps quality table of an mnist checkpoint: FD-MNIST (a small digit
     /// classifier's Fréchet distance, not Inception FID), entropies, bits/dim and grids.
-    Quality(crate::quality::Args),
+    Quality(ddpm::quality::Args),
     /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
     Info,
+}
+
+/// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA device 0 when available, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device 0; an error when libtorch sees no CUDA device.
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The library's choice.
+    pub fn choice(self) -> DeviceChoice {
+        match self {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+
+    fn resolve(self) -> ddpm::error::Result<tch::Device> {
+        self.choice().resolve()
+    }
+}
+
+/// Colour channels the images are converted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Channels {
+    /// One channel (luma).
+    Grey,
+    /// Three channels.
+    Rgb,
+}
+
+impl Channels {
+    /// Number of channels C.
+    pub fn count(self) -> i64 {
+        match self {
+            Channels::Grey => 1,
+            Channels::Rgb => 3,
+        }
+    }
+}
+
+/// How the time step t enters the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeEmbedding {
+    /// The article's trainable Embedding(T, base) (row t−1 for step t).
+    Learned,
+    /// Fixed sinusoidal features of t (dimension base) through Linear → swish → Linear
+    /// (width 4·base); each row is shared by all t, which helps short runs.
+    Sinusoidal,
+}
+
+/// Which schedule of α_1..α_T to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleKind {
+    /// The article's: α_t = sqrt(1 − 0.02·t/T).
+    Article,
+    /// Ho et al.'s: β^Ho_t = linspace(1e-4, 0.02, T), α_t = sqrt(1 − β^Ho_t).
+    Linear,
+    /// Nichol & Dhariwal's cosine, s = 0.008: β^Ho_t = min(1 − f(t)/f(t−1), 0.999),
+    /// f(t) = cos²((t/T + s)/(1 + s)·π/2).
+    Cosine,
+}
+
+/// Which training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossWeight {
+    /// mean_B ‖ε − ε̂‖², the article's training loss (its weight dropped).
+    None,
+    /// Loss (8) with its exact weight β_t⁴/(β̄_t² α_t² σ_t²) for the chosen σ.
+    Article,
 }
 
 /// σ_t of the generator.
@@ -61,16 +140,65 @@ pub enum SigmaArg {
     Isotropic,
 }
 
-/// The σ choice `flag` (`--sigma` or `--loss-sigma`) names.
-fn sigma_choice(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaChoice> {
-    Ok(match (arg, data_std) {
-        (SigmaArg::Posterior, _) => SigmaChoice::Posterior,
-        (SigmaArg::Beta, _) => SigmaChoice::Beta,
-        (SigmaArg::Isotropic, Some(s)) => SigmaChoice::Isotropic { data_std: s },
+/// The config value of a flag's choice: its name, as the config files spell it.
+fn name<E: ValueEnum>(choice: E) -> Value {
+    let value = choice
+        .to_possible_value()
+        .expect("no variant is skipped");
+    Value::from(value.get_name())
+}
+
+/// The σ choice `flag` (`--sigma` or `--loss-sigma`) names, as a config value.
+fn sigma_value(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<Value> {
+    let mut table = toml::Table::new();
+    table.insert("kind".into(), name(arg));
+    match (arg, data_std) {
+        (SigmaArg::Isotropic, Some(s)) => {
+            table.insert("data_std".into(), Value::from(s));
+        }
         (SigmaArg::Isotropic, None) => bail!(
             "{flag} isotropic needs --data-std S (the data's per-dimension standard deviation)"
         ),
-    })
+        _ => {}
+    }
+    Ok(Value::Table(table))
+}
+
+/// The σ choice `flag` names, as the library's.
+fn sigma_choice(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaChoice> {
+    Ok(sigma_value(flag, arg, data_std)?.try_into()?)
+}
+
+/// A count as a config value.
+fn int<N: TryInto<i64>>(n: N) -> Value {
+    Value::Integer(n.try_into().unwrap_or(i64::MAX))
+}
+
+/// A flag given on the command line: its name, the config key it sets, the value.
+type Given = (&'static str, &'static str, Value);
+
+/// The flags given, at their config keys, as a partial configuration table.
+pub fn overrides(given: &[Given]) -> toml::Table {
+    let mut table = toml::Table::new();
+    for (_, key, value) in given {
+        config::set_key(&mut table, key, value.clone());
+    }
+    table
+}
+
+/// `error` with the flag named beside the config key it names (`train.lr (--lr)`), when
+/// that key was set by a flag.
+fn name_the_flag(error: DdpmError, given: &[Given]) -> anyhow::Error {
+    let key = match &error {
+        DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => *key,
+        _ => return error.into(),
+    };
+    match given.iter().find(|(_, k, _)| *k == key) {
+        Some((flag, ..)) => {
+            anyhow::anyhow!("{}", error.to_string().replacen(key, &format!("{key} ({flag})"), 1))
+        }
+        None => error.into(),
+    }
 }
 
 /// `ddpm train`. Settings come from --preset (or --config FILE); each flag given overrides one.
@@ -180,117 +308,60 @@ impl TrainArgs {
         self.preset.as_deref().unwrap_or("mnist")
     }
 
-    /// The settings: the config file or preset, then each flag given. Returns the names of
-    /// the flags that changed something.
-    pub fn config(&self) -> anyhow::Result<(Config, Vec<&'static str>)> {
-        let mut cfg = match &self.config {
+    /// Each flag given that changes a setting: (flag, config key, value). The one place a
+    /// flag is tied to its key.
+    pub fn given(&self) -> anyhow::Result<Vec<Given>> {
+        let yes = |b: bool| b.then_some(Value::Boolean(true));
+        let loss_sigma = self
+            .loss_sigma
+            .map(|s| sigma_value("--loss-sigma", s, self.data_std))
+            .transpose()?;
+        let path = |p: &PathBuf| Value::from(p.to_string_lossy().into_owned());
+        let flags: Vec<(&'static str, &'static str, Option<Value>)> = vec![
+            ("--data", "data.source", self.data.as_ref().map(|_| Value::from("folder"))),
+            ("--data", "data.path", self.data.as_ref().map(path)),
+            ("--image-size", "model.image_size", self.image_size.map(int)),
+            ("--channels", "model.in_channels", self.channels.map(|c| int(c.count()))),
+            ("--flip", "data.flip", yes(self.flip)),
+            ("--holdout", "data.holdout", self.holdout.map(int)),
+            ("--base-channels", "model.base_channels", self.base_channels.map(int)),
+            ("--time-embedding", "model.time_embedding", self.time_embedding.map(name)),
+            ("--schedule", "diffusion.schedule", self.schedule.map(name)),
+            ("--t-max", "diffusion.t_max", self.t_max.map(int)),
+            ("--steps", "train.steps", self.steps.map(int)),
+            ("--batch-size", "train.batch_size", self.batch_size.map(int)),
+            ("--lr", "train.lr", self.lr.map(Value::from)),
+            ("--warmup", "train.warmup_steps", self.warmup.map(int)),
+            ("--grad-clip", "train.grad_clip", self.grad_clip.map(Value::from)),
+            ("--ema-decay", "train.ema_decay", self.ema_decay.map(Value::from)),
+            ("--loss-weight", "train.loss_weight", self.loss_weight.map(name)),
+            ("--loss-sigma", "train.loss_sigma", loss_sigma),
+            ("--bf16", "train.bf16", yes(self.bf16)),
+            ("--seed", "train.seed", self.seed.map(int)),
+            ("--checkpoint-every", "train.checkpoint_every", self.checkpoint_every.map(int)),
+            ("--keep-last", "train.keep_last", self.keep_last.map(int)),
+            ("--sample-every", "train.sample_every", self.sample_every.map(int)),
+            ("--grid-steps", "train.grid_steps", self.grid_steps.map(int)),
+            ("--skip-nonfinite", "train.skip_nonfinite", yes(self.skip_nonfinite)),
+        ];
+        Ok(flags
+            .into_iter()
+            .filter_map(|(flag, key, value)| Some((flag, key, value?)))
+            .collect())
+    }
+
+    /// The settings: the config file or preset, then each flag given, layered by the
+    /// library. Returns the flags given too.
+    pub fn config(&self) -> anyhow::Result<(Config, Vec<Given>)> {
+        let base = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::preset(self.preset_name())?,
         };
-        let mut set = Vec::new();
-        let mut note = |name: &'static str, given: bool| {
-            if given {
-                set.push(name);
-            }
-            given
-        };
-        if note("--data", self.data.is_some()) {
-            cfg.data.source = crate::config::DataSource::Folder;
-            cfg.data.path = self.data.clone();
-        }
-        if let Some(s) = self.image_size.filter(|_| note("--image-size", true)) {
-            cfg.model.image_size = s;
-        }
-        if let Some(c) = self.channels.filter(|_| note("--channels", true)) {
-            cfg.model.in_channels = c.count();
-        }
-        if note("--flip", self.flip) {
-            cfg.data.flip = true;
-        }
-        if let Some(h) = self.holdout.filter(|_| note("--holdout", true)) {
-            cfg.data.holdout = h;
-        }
-        if let Some(c) = self.base_channels.filter(|_| note("--base-channels", true)) {
-            cfg.model.base_channels = c;
-        }
-        if let Some(e) = self
-            .time_embedding
-            .filter(|_| note("--time-embedding", true))
-        {
-            cfg.model.time_embedding = e;
-        }
-        if let Some(s) = self.schedule.filter(|_| note("--schedule", true)) {
-            cfg.diffusion.schedule = s;
-        }
-        if let Some(t) = self.t_max.filter(|_| note("--t-max", true)) {
-            cfg.diffusion.t_max = t;
-            cfg.model.t_max = t;
-            cfg.train.grid_steps = cfg.train.grid_steps.map(|n| n.min(t.max(1) as usize));
-        }
-        let preset_steps = cfg.train.steps;
-        if let Some(s) = self.steps.filter(|_| note("--steps", true)) {
-            cfg.train.steps = s;
-        }
-        if let Some(b) = self.batch_size.filter(|_| note("--batch-size", true)) {
-            cfg.train.batch_size = b;
-        }
-        if let Some(lr) = self.lr.filter(|_| note("--lr", true)) {
-            cfg.train.lr = lr;
-        }
-        if let Some(w) = self.warmup.filter(|_| note("--warmup", true)) {
-            cfg.train.warmup_steps = w;
-        }
-        if note("--grad-clip", self.grad_clip.is_some()) {
-            cfg.train.grad_clip = self.grad_clip;
-        }
-        if let Some(d) = self.ema_decay.filter(|_| note("--ema-decay", true)) {
-            cfg.train.ema_decay = d;
-        }
-        if let Some(w) = self.loss_weight.filter(|_| note("--loss-weight", true)) {
-            cfg.train.loss_weight = w;
-        }
-        if let Some(s) = self.loss_sigma.filter(|_| note("--loss-sigma", true)) {
-            cfg.train.loss_sigma = sigma_choice("--loss-sigma", s, self.data_std)?;
-        }
-        if note("--bf16", self.bf16) {
-            cfg.train.bf16 = true;
-        }
-        if let Some(s) = self.seed.filter(|_| note("--seed", true)) {
-            cfg.train.seed = s;
-        }
-        if let Some(n) = self
-            .checkpoint_every
-            .filter(|_| note("--checkpoint-every", true))
-        {
-            cfg.train.checkpoint_every = n;
-        }
-        if let Some(k) = self.keep_last.filter(|_| note("--keep-last", true)) {
-            cfg.train.keep_last = k;
-        }
-        if let Some(n) = self.sample_every.filter(|_| note("--sample-every", true)) {
-            cfg.train.sample_every = n;
-        }
-        if note("--grid-steps", self.grid_steps.is_some()) {
-            cfg.train.grid_steps = self.grid_steps;
-        }
-        if note("--skip-nonfinite", self.skip_nonfinite) {
-            cfg.train.skip_nonfinite = true;
-        }
-        // A preset's last decay point marks the end of its run: move it to the end of this
-        // one, or drop it when this run ends within the warm-up.
-        let t = &mut cfg.train;
-        if t.steps != preset_steps && t.lr_decay.last().is_some_and(|p| p.step == preset_steps) {
-            let end = t.lr_decay.pop().expect("checked non-empty above");
-            let after_previous = t.lr_decay.last().map_or(t.warmup_steps, |p| p.step);
-            if t.steps > after_previous {
-                t.lr_decay.push(crate::config::LrPoint {
-                    step: t.steps,
-                    ..end
-                });
-            }
-        }
-        cfg.validate()?;
-        Ok((cfg, set))
+        let given = self.given()?;
+        let cfg = base
+            .with_overrides(overrides(&given), "the command line")
+            .map_err(|e| name_the_flag(e, &given))?;
+        Ok((cfg, given))
     }
 }
 
@@ -378,7 +449,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => run_train(&args, cli.device, progress),
         Command::Sample(args) => run_sample(&args, cli.device, progress),
         Command::Quality(args) => {
-            let table = crate::quality::run(&args, cli.device.resolve()?, progress)
+            let table = ddpm::quality::run(&args, cli.device.resolve()?, progress)
                 .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
             println!(
                 "{} cells in {:.0} s; table in {}",
@@ -393,7 +464,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = EvalOptions {
                 checkpoint: args.checkpoint.clone(),
                 device,
-                ema: !args.raw,
+                weights: if args.raw { Weights::Raw } else { Weights::Ema },
                 limit: args.limit,
                 batch_size: args.batch_size,
                 quick: args.quick,
@@ -402,9 +473,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|s| sigma_choice("--sigma", s, args.data_std))
                     .transpose()?,
                 seed: args.seed,
-                progress,
             };
-            let report = evaluate(&opts)
+            let mut bar = Bar::new(progress);
+            let report = evaluate(&opts, &mut bar)
                 .with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
             println!("{report}");
             Ok(())
@@ -412,7 +483,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn info(choice: DeviceChoice) -> anyhow::Result<()> {
+fn info(choice: DeviceArg) -> anyhow::Result<()> {
     println!("ddpm {}", env!("CARGO_PKG_VERSION"));
     println!("{}", torch_info());
     match choice.resolve() {
@@ -429,10 +500,10 @@ fn info(choice: DeviceChoice) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_train(args: &TrainArgs, device: DeviceChoice, progress: bool) -> anyhow::Result<()> {
-    let (cfg, set) = args.config()?;
+fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
+    let (cfg, given) = args.config()?;
     if args.resume {
-        if let Some(flag) = set.iter().find(|f| **f != "--steps") {
+        if let Some((flag, ..)) = given.iter().find(|(_, key, _)| *key != "train.steps") {
             bail!("--resume continues with the run's saved settings; {flag} cannot change them (only --steps can)");
         }
     }
@@ -445,14 +516,22 @@ fn run_train(args: &TrainArgs, device: DeviceChoice, progress: bool) -> anyhow::
         device: device.resolve()?,
         resume: args.resume,
         resume_must_match: args.preset.is_some() || args.config.is_some(),
-        progress,
     };
     tracing::info!(
         "training on {:?}, run directory {}",
         opts.device,
         run_dir.display()
     );
-    let summary = train(&cfg, &opts, args.steps)
+    let mut bar = Bar::new(progress);
+    let summary = train(&cfg, &opts, args.steps, &mut bar)
+        .map_err(|e| match e {
+            DdpmError::ResumeSettings { .. } => anyhow::anyhow!(
+                "{e}; leave out --preset/--config to continue it with its own settings, or choose another --out"
+            ),
+            DdpmError::RunExists { .. } => anyhow::Error::from(e)
+                .context("pass --resume to continue that run, or choose another --out"),
+            e => name_the_flag(e, &given),
+        })
         .with_context(|| format!("training in {}", run_dir.display()))?;
     println!(
         "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}",
@@ -469,7 +548,27 @@ fn run_train(args: &TrainArgs, device: DeviceChoice, progress: bool) -> anyhow::
     Ok(())
 }
 
-fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow::Result<()> {
+impl SampleArgs {
+    /// The `sample` settings the flags change: (flag, config key, value).
+    fn given(&self) -> anyhow::Result<Vec<Given>> {
+        let sigma = self
+            .sigma
+            .map(|s| sigma_value("--sigma", s, self.data_std))
+            .transpose()?;
+        let flags: Vec<(&'static str, &'static str, Option<Value>)> = vec![
+            ("--sigma", "sample.sigma", sigma),
+            ("--steps", "sample.steps", self.steps.map(int)),
+            ("--eta", "sample.eta", self.eta.map(Value::from)),
+            ("--clip-each-step", "sample.clip_each_step", self.clip_each_step.map(Value::from)),
+        ];
+        Ok(flags
+            .into_iter()
+            .filter_map(|(flag, key, value)| Some((flag, key, value?)))
+            .collect())
+    }
+}
+
+fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
@@ -478,38 +577,29 @@ fn run_sample(args: &SampleArgs, device: DeviceChoice, progress: bool) -> anyhow
         grid::ensure_dir(dir)?;
     }
     let device = device.resolve()?;
-    let ckpt = checkpoint::open(&args.checkpoint)?;
-    let mut cfg = ckpt.manifest.config.clone();
-    if let Some(s) = args.sigma {
-        cfg.sample.sigma = sigma_choice("--sigma", s, args.data_std)?;
-    }
-    if args.steps.is_some() {
-        cfg.sample.steps = args.steps;
-    }
-    if args.eta.is_some() {
-        cfg.sample.eta = args.eta;
-    }
-    if let Some(c) = args.clip_each_step {
-        cfg.sample.clip_each_step = c;
-    }
-    let (vs, net) = build_model(&cfg, device, cfg.train.seed)?;
-    ckpt.load_weights(&vs, !args.raw)?;
-    let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
+    let weights = if args.raw { Weights::Raw } else { Weights::Ema };
+    let model = checkpoint::load_model(&args.checkpoint, device, weights)?;
+    let given = args.given()?;
+    let cfg = model
+        .config
+        .with_overrides(overrides(&given), "the command line")
+        .map_err(|e| name_the_flag(e, &given))?;
     let mut sampler_cfg = cfg.sampler(Some(args.seed));
     sampler_cfg.bf16 = args.bf16;
-    let sampler = Sampler::new(&schedule, sampler_cfg)?;
-    let bar = crate::progress::bar(progress, sampler.steps().len() as u64, 0, "steps");
+    let sampler = Sampler::new(&model.schedule, sampler_cfg)?;
+    let mut bar = Bar::new(progress);
+    bar.start(sampler.steps().len() as u64, 0, "steps");
     let [c, s, _] = cfg.image_shape();
     tracing::info!(
         "sampling {} images from {} (step {}) on {device:?}",
         args.n,
-        ckpt.dir.display(),
-        ckpt.manifest.step
+        model.checkpoint.dir.display(),
+        model.checkpoint.manifest.step
     );
-    let images = sampler.sample_with(&net, &[args.n as i64, c, s, s], device, |done, _| {
-        bar.set_position(done as u64)
+    let images = sampler.sample_with(&model.net, &[args.n as i64, c, s, s], device, |done, _| {
+        bar.update(done as u64)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     grid::save_grid(&images, &args.out, args.columns)?;
     println!("wrote {}", args.out.display());
     if let Some(dir) = &args.each {
@@ -524,50 +614,43 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    #[test]
-    fn the_command_line_is_consistent_and_flags_override_the_preset() {
-        Cli::command().debug_assert();
-        let cli =
-            Cli::try_parse_from(["ddpm", "train", "--steps", "300", "--lr", "0.002", "--bf16"])
-                .unwrap();
+    fn train_args(argv: &[&str]) -> Box<TrainArgs> {
+        let cli = Cli::try_parse_from(["ddpm", "train"].iter().chain(argv)).unwrap();
         let Command::Train(args) = cli.command else {
             panic!("not train")
         };
-        let (cfg, set) = args.config().unwrap();
+        args
+    }
+
+    #[test]
+    fn the_command_line_is_consistent_and_flags_override_the_preset() {
+        Cli::command().debug_assert();
+        let (cfg, given) = train_args(&["--steps", "300", "--lr", "0.002", "--bf16"])
+            .config()
+            .unwrap();
         assert_eq!(
             (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
             (300, 0.002, true)
         );
         assert_eq!(
             cfg.train.lr_decay,
-            vec![crate::config::LrPoint {
+            vec![ddpm::config::LrPoint {
                 step: 300,
                 factor: 0.1
             }],
             "the decay end follows --steps"
         );
-        let short = Cli::try_parse_from(["ddpm", "train", "--steps", "30"]).unwrap();
-        let Command::Train(short) = short.command else {
-            panic!("not train")
-        };
         assert!(
-            short.config().unwrap().0.train.lr_decay.is_empty(),
+            train_args(&["--steps", "30"]).config().unwrap().0.train.lr_decay.is_empty(),
             "a run inside the warm-up has no decay"
         );
-        assert_eq!(set, vec!["--steps", "--lr", "--bf16"]);
-        let cli = Cli::try_parse_from([
-            "ddpm",
-            "train",
-            "--loss-weight",
-            "article",
-            "--loss-sigma",
-            "posterior",
-        ])
-        .unwrap();
-        let Command::Train(args) = cli.command else {
-            panic!("not train")
-        };
-        assert!(args.config().unwrap_err().to_string().contains("posterior"));
+        let flags: Vec<&str> = given.iter().map(|(f, ..)| *f).collect();
+        assert_eq!(flags, vec!["--steps", "--lr", "--bf16"]);
+        let err = train_args(&["--loss-weight", "article", "--loss-sigma", "posterior"])
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("posterior") && err.contains("(--loss-sigma)"), "{err}");
         assert!(Cli::try_parse_from(["ddpm", "train", "--preset", "imagenet"]).is_err());
         assert!(Cli::try_parse_from([
             "ddpm",
@@ -577,5 +660,40 @@ mod tests {
             "--clip-each-step"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn every_setting_flag_reaches_its_config_key() {
+        let (cfg, given) = train_args(&[
+            "--data", "/faces", "--channels", "rgb", "--image-size", "32", "--flip",
+            "--holdout", "7", "--base-channels", "16", "--time-embedding", "learned",
+            "--schedule", "cosine", "--t-max", "50", "--batch-size", "3", "--warmup", "4",
+            "--grad-clip", "1.5", "--ema-decay", "0.5", "--loss-weight", "article",
+            "--loss-sigma", "isotropic", "--data-std", "0.25", "--seed", "9",
+            "--checkpoint-every", "11", "--keep-last", "2", "--sample-every", "13",
+            "--grid-steps", "5", "--skip-nonfinite", "--steps", "100", "--lr", "0.01", "--bf16",
+        ])
+        .config()
+        .unwrap();
+        // All 24 setting flags (--data-std goes with --loss-sigma); --data sets two keys.
+        assert_eq!(given.len(), 25);
+        assert_eq!((cfg.train.steps, cfg.train.lr, cfg.train.bf16), (100, 0.01, true));
+        assert_eq!(cfg.data.source, ddpm::config::DataSource::Folder);
+        assert_eq!(cfg.data.path.as_deref(), Some(Path::new("/faces")));
+        assert_eq!((cfg.model.in_channels, cfg.model.image_size), (3, 32));
+        assert!(cfg.data.flip && cfg.train.skip_nonfinite);
+        assert_eq!((cfg.data.holdout, cfg.model.base_channels), (7, 16));
+        assert_eq!(cfg.model.time_embedding, ddpm::unet::TimeEmbedding::Learned);
+        assert_eq!(cfg.diffusion.schedule, ddpm::schedule::ScheduleKind::Cosine);
+        assert_eq!((cfg.diffusion.t_max, cfg.model.t_max), (50, 50));
+        assert_eq!((cfg.train.batch_size, cfg.train.warmup_steps), (3, 4));
+        assert_eq!((cfg.train.grad_clip, cfg.train.ema_decay), (Some(1.5), 0.5));
+        assert_eq!(cfg.train.loss_weight, ddpm::config::LossWeight::Article);
+        assert_eq!(cfg.train.loss_sigma, SigmaChoice::Isotropic { data_std: 0.25 });
+        assert_eq!((cfg.train.seed, cfg.train.checkpoint_every), (9, 11));
+        assert_eq!((cfg.train.keep_last, cfg.train.sample_every), (2, 13));
+        assert_eq!(cfg.train.grid_steps, Some(5));
+        let err = train_args(&["--lr", "0"]).config().unwrap_err().to_string();
+        assert!(err.contains("train.lr (--lr)"), "{err}");
     }
 }
