@@ -7,7 +7,7 @@ pub enum DdpmError {
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
-    #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); use --device cpu or auto")]
+    #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); choose the CPU or `auto`")]
     CudaUnavailable,
     // The string variants below are being replaced by the typed ones above (issue 12);
     // code that is touched converts its uses.
@@ -106,7 +106,7 @@ pub enum DdpmError {
     },
     /// A resumed run asked for settings that differ from the run's saved ones in one or more
     /// keys (all of them listed, not only the first).
-    #[error("{run} was trained with other settings than the ones given here ({}); --resume continues with the run's saved settings", describe_differences(.differences))]
+    #[error("{run} was trained with other settings than the ones given here ({}); a resumed run continues with its saved settings", describe_differences(.differences))]
     ResumeSettings {
         /// The checkpoint resumed from.
         run: std::path::PathBuf,
@@ -155,7 +155,7 @@ pub enum DdpmError {
     #[error("configuration: {0}")]
     Config(String),
     /// Training produced a NaN or infinite loss.
-    #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower the learning rate, enable --grad-clip, or pass --skip-nonfinite)")]
+    #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower train.lr, set train.grad_clip, or set train.skip_nonfinite)")]
     NonFinite {
         /// The training step (1-based) whose loss was not finite.
         step: u64,
@@ -163,7 +163,7 @@ pub enum DdpmError {
         loss: f64,
     },
     /// `skip_nonfinite` met only non-finite losses for too long: the weights have diverged.
-    #[error("the last {skipped} batches, up to step {step}, all had a non-finite loss: the weights have diverged; start a new run with a lower learning rate or --grad-clip")]
+    #[error("the last {skipped} batches, up to step {step}, all had a non-finite loss: the weights have diverged; start a new run with a lower train.lr or a train.grad_clip")]
     Diverged {
         /// The last step skipped.
         step: u64,

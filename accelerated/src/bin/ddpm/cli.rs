@@ -74,8 +74,8 @@ impl DeviceArg {
         }
     }
 
-    fn resolve(self) -> ddpm::error::Result<tch::Device> {
-        self.choice().resolve()
+    fn resolve(self) -> anyhow::Result<tch::Device> {
+        self.choice().resolve().map_err(|e| name_the_flag(e, &[]))
     }
 }
 
@@ -186,11 +186,28 @@ pub fn overrides(given: &[Given]) -> toml::Table {
     table
 }
 
+/// The flags a library error's advice points to, by the config key it names.
+const ADVICE_FLAGS: [(&str, &str); 3] = [
+    ("train.lr", "--lr"),
+    ("train.grad_clip", "--grad-clip"),
+    ("train.skip_nonfinite", "--skip-nonfinite"),
+];
+
 /// `error` with the flag named beside the config key it names (`train.lr (--lr)`), when
-/// that key was set by a flag.
+/// that key was set by a flag, or beside the keys its advice names; `--device` for CUDA.
 fn name_the_flag(error: DdpmError, given: &[Given]) -> anyhow::Error {
     let key = match &error {
         DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => *key,
+        DdpmError::NonFinite { .. } | DdpmError::Diverged { .. } => {
+            let mut text = error.to_string();
+            for (key, flag) in ADVICE_FLAGS {
+                text = text.replacen(key, &format!("{key} ({flag})"), 1);
+            }
+            return anyhow::anyhow!("{text}");
+        }
+        DdpmError::CudaUnavailable => {
+            return anyhow::anyhow!("{error} (--device cpu or --device auto)")
+        }
         _ => return error.into(),
     };
     match given.iter().find(|(_, k, _)| *k == key) {
