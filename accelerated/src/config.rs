@@ -771,7 +771,7 @@ mod tests {
         let old = Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 500\n", "old").unwrap();
         assert_eq!(old, cfg);
         // A manifest of an older run carries model.t_max in its JSON.
-        let mut json = serde_json::to_value(&Config::mnist()).unwrap();
+        let mut json = serde_json::to_value(Config::mnist()).unwrap();
         assert_eq!(json["model"]["t_max"], 1000);
         let back: Config = saved::deserialize(json.clone()).unwrap();
         assert_eq!(back, Config::mnist());

@@ -510,9 +510,9 @@ impl<'a> Run<'a> {
     fn write_due(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
         let t = &self.cfg.train;
         let last = k == t.steps;
-        let log = last || k % t.log_every == 0;
-        let save = last || k % t.checkpoint_every == 0;
-        let draw = last || (t.sample_every > 0 && k % t.sample_every == 0);
+        let log = last || k.is_multiple_of(t.log_every);
+        let save = last || k.is_multiple_of(t.checkpoint_every);
+        let draw = last || (t.sample_every > 0 && k.is_multiple_of(t.sample_every));
         if log || save || draw {
             self.trainer.check_loss()?;
         }
