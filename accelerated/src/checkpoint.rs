@@ -12,6 +12,8 @@
 
 use crate::config::Config;
 use crate::error::{DdpmError, Result};
+use crate::schedule::Schedule;
+use crate::unet::UNet;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -67,7 +69,9 @@ pub struct Manifest {
     pub ema_updates: u64,
     /// Batches skipped for a non-finite loss so far.
     pub skipped_steps: u64,
-    /// The run's configuration.
+    /// The run's configuration (T only at `diffusion.t_max`; older manifests with
+    /// `model.t_max` too still read).
+    #[serde(with = "crate::config::saved")]
     pub config: Config,
     /// Name → shape of every model tensor.
     pub tensors: BTreeMap<String, Vec<i64>>,
@@ -185,8 +189,10 @@ fn write_tmp(
         write_synced(&tmp.join(file), &bytes)?;
         manifest.files.insert(file.to_string(), sha256_hex(&bytes));
     }
-    let json = serde_json::to_vec_pretty(manifest)
-        .map_err(|e| DdpmError::Config(format!("cannot write the manifest: {e}")))?;
+    let json = serde_json::to_vec_pretty(manifest).map_err(|e| DdpmError::Encode {
+        what: "the manifest",
+        cause: e.to_string(),
+    })?;
     write_synced(&tmp.join(MANIFEST_FILE), &json)?;
     write_synced(&tmp.join(MANIFEST_SUM_FILE), sha256_hex(&json).as_bytes())?;
     sync_dir(tmp)
@@ -261,9 +267,10 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::Uint8 => Dtype::U8,
         Kind::Bool => Dtype::BOOL,
         other => {
-            return Err(DdpmError::State(format!(
-                "cannot save a tensor of kind {other:?}"
-            )))
+            return Err(DdpmError::Encode {
+                what: "a tensor as safetensors",
+                cause: format!("kind {other:?} has no safetensors dtype"),
+            })
         }
     })
 }
@@ -279,9 +286,10 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
         Dtype::U8 => Kind::Uint8,
         Dtype::BOOL => Kind::Bool,
         other => {
-            return Err(DdpmError::State(format!(
-                "cannot load a tensor of dtype {other:?}"
-            )))
+            return Err(DdpmError::StateMismatch {
+                part: "safetensors",
+                reason: format!("cannot load a tensor of dtype {other:?}"),
+            })
         }
     })
 }
@@ -303,9 +311,14 @@ fn serialize(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
             Ok((*name, TensorView::new(*dtype, shape.clone(), bytes)?))
         })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| DdpmError::State(format!("cannot describe a tensor for safetensors: {e}")))?;
-    safetensors::serialize(views, None)
-        .map_err(|e| DdpmError::State(format!("safetensors serialisation failed: {e}")))
+        .map_err(|e| DdpmError::Encode {
+            what: "a tensor description for safetensors",
+            cause: e.to_string(),
+        })?;
+    safetensors::serialize(views, None).map_err(|e| DdpmError::Encode {
+        what: "tensors as safetensors",
+        cause: e.to_string(),
+    })
 }
 
 fn deserialize(bytes: &[u8]) -> std::result::Result<Vec<(String, Tensor)>, String> {
@@ -457,6 +470,68 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         reason: "holds no checkpoint (expected step-NNNNNNN/ directories or a run directory)"
             .into(),
     })
+}
+
+/// Which weights of a checkpoint a loaded network carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// The exponential moving average of the weights (what samples are drawn with).
+    #[default]
+    Ema,
+    /// The weights as trained.
+    Raw,
+}
+
+/// A network ready to use: its checkpoint, the run's configuration, the weights in `vs`, the
+/// network reading them and the run's noise schedule, all on one device.
+pub struct LoadedModel {
+    /// The checkpoint it came from (its tensors stay on the CPU).
+    pub checkpoint: Checkpoint,
+    /// The run's configuration.
+    pub config: Config,
+    /// The variables holding the chosen weights.
+    pub vs: VarStore,
+    /// The network.
+    pub net: UNet,
+    /// The run's noise schedule.
+    pub schedule: Schedule,
+}
+
+/// A network of `cfg.model` and its variables on `device`, initialised from libtorch's
+/// generator seeded with `seed`; T is `cfg.diffusion.t_max`.
+pub fn build_model(cfg: &Config, device: Device, seed: u64) -> Result<(VarStore, UNet)> {
+    let vs = VarStore::new(device);
+    tch::manual_seed(seed as i64);
+    let model = crate::unet::UNetConfig {
+        t_max: cfg.diffusion.t_max,
+        ..cfg.model.clone()
+    };
+    let net = UNet::new(&vs.root(), &model)?;
+    Ok((vs, net))
+}
+
+/// The network of the checkpoint at `path` (a checkpoint, a run directory or a directory of
+/// checkpoints, as [`open`] takes) with its `weights`, its configuration and its schedule:
+/// the one way sample, eval and quality load a run.
+pub fn load_model(path: &Path, device: Device, weights: Weights) -> Result<LoadedModel> {
+    open(path)?.into_model(device, weights)
+}
+
+impl Checkpoint {
+    /// This checkpoint's network with its `weights` on `device` (see [`load_model`]).
+    pub fn into_model(self, device: Device, weights: Weights) -> Result<LoadedModel> {
+        let config = self.manifest.config.clone();
+        let (vs, net) = build_model(&config, device, config.train.seed)?;
+        self.load_weights(&vs, weights == Weights::Ema)?;
+        let schedule = Schedule::new(config.diffusion.schedule, config.diffusion.t_max, device)?;
+        Ok(LoadedModel {
+            checkpoint: self,
+            config,
+            vs,
+            net,
+            schedule,
+        })
+    }
 }
 
 impl Checkpoint {

@@ -6,6 +6,7 @@ use crate::schedule::ScheduleKind;
 use crate::sigma::SigmaChoice;
 use crate::unet::UNetConfig;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Everything a training run needs; saved beside every checkpoint.
@@ -25,7 +26,7 @@ pub struct Config {
 }
 
 /// Which data set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataSource {
     /// The embedded MNIST-5k (28×28 grey, padded when the model is 32×32).
@@ -56,12 +57,12 @@ pub struct DataConfig {
 pub struct DiffusionConfig {
     /// The α_t schedule.
     pub schedule: ScheduleKind,
-    /// T, the number of steps (must equal `model.t_max`).
+    /// T, the number of steps (the one place it is set: the network takes it from here).
     pub t_max: i64,
 }
 
 /// Which training loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LossWeight {
     /// mean_B ‖ε − ε̂‖², the article's training loss (its weight dropped).
@@ -288,10 +289,11 @@ impl Config {
             "mnist" => Ok(Config::mnist()),
             "cifar32" => Ok(Config::cifar32()),
             "celeba128" => Ok(Config::celeba128()),
-            _ => Err(DdpmError::Config(format!(
-                "unknown preset {name:?}; choose one of {}",
-                PRESETS.join(", ")
-            ))),
+            _ => Err(DdpmError::OutOfRange {
+                key: "preset",
+                value: format!("{name:?}"),
+                expected: format!("one of {}", PRESETS.join(", ")),
+            }),
         }
     }
 
@@ -302,26 +304,30 @@ impl Config {
             DdpmError::io(format!("cannot read the config file {}", path.display()), e)
         })?;
         let origin = path.display().to_string();
+        let parse_error = |reason: String| DdpmError::ConfigParse {
+            origin: origin.clone(),
+            reason,
+        };
         match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => Config::from_toml_str(&text, &origin),
             Some("json") => {
                 let table: toml::Table = serde_json::from_str(&text).map_err(|e| {
-                    DdpmError::Config(format!(
-                        "{origin}: {e} (JSON null is not allowed: leave the key out)"
-                    ))
+                    parse_error(format!("{e} (JSON null is not allowed: leave the key out)"))
                 })?;
                 Config::from_table(table, &origin)
             }
-            _ => Err(DdpmError::Config(format!(
-                "{origin}: a config file must end in .toml or .json"
-            ))),
+            _ => Err(parse_error(
+                "a config file must end in .toml or .json".into(),
+            )),
         }
     }
 
     /// Parses TOML text (see [`Config::from_file`]); `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Config> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| DdpmError::ConfigParse {
+            origin: origin.to_string(),
+            reason: e.to_string(),
+        })?;
         Config::from_table(table, origin)
     }
 
@@ -330,27 +336,100 @@ impl Config {
             None => "mnist".to_string(),
             Some(toml::Value::String(s)) => s,
             Some(other) => {
-                return Err(DdpmError::Config(format!(
-                    "{origin}: `preset` must be a string, got {other}"
-                )))
+                return Err(DdpmError::ConfigParse {
+                    origin: origin.to_string(),
+                    reason: format!("`preset` must be a string, got {other}"),
+                })
             }
         };
-        let mut merged = toml::Table::try_from(Config::preset(&preset)?)
-            .map_err(|e| DdpmError::Config(format!("cannot represent preset {preset}: {e}")))?;
+        let mut merged = Config::preset(&preset)?.to_table()?;
         merge(&mut merged, table);
-        // Parsing the merged document as text makes serde's errors quote the offending line.
-        let text =
-            toml::to_string(&merged).map_err(|e| DdpmError::Config(format!("{origin}: {e}")))?;
-        let cfg: Config = toml::from_str(&text)
-            .map_err(|e| DdpmError::Config(format!("{origin}: {}", locate(&e, &text))))?;
+        let cfg = parse_merged(merged, origin)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// These settings with `over` on top: a partial configuration table (`ddpm train`'s flags,
+    /// each at its key, or `ddpm sample`'s at `sample.*`) layered by the merge that layers a
+    /// file over its preset, then parsed and validated by the same code. Two rules follow a
+    /// change of the run's length or of T:
+    /// - the base's last learning-rate decay point, when it sits at the base's last step,
+    ///   marks the end of its run: it moves to the end of this one, or goes when this run ends
+    ///   within the warm-up;
+    /// - a new `diffusion.t_max` caps `train.grid_steps` (unless `over` sets that too).
+    pub fn with_overrides(&self, over: toml::Table, origin: &str) -> Result<Config> {
+        let sets_t_max = sets(&over, "diffusion.t_max");
+        let sets_grid_steps = sets(&over, "train.grid_steps");
+        let mut merged = self.to_table()?;
+        merge(&mut merged, over);
+        let mut cfg = parse_merged(merged, origin)?;
+        cfg.follow_run_length(self.train.steps);
+        if sets_t_max && !sets_grid_steps {
+            let t = cfg.diffusion.t_max.max(1) as usize;
+            cfg.train.grid_steps = cfg.train.grid_steps.map(|n| n.min(t));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The learning-rate rule of [`Config::with_overrides`]: a decay point at `base_steps`,
+    /// the base run's end, follows `train.steps`.
+    fn follow_run_length(&mut self, base_steps: u64) {
+        let t = &mut self.train;
+        if t.steps != base_steps && t.lr_decay.last().is_some_and(|p| p.step == base_steps) {
+            let end = t.lr_decay.pop().expect("checked non-empty above");
+            let after_previous = t.lr_decay.last().map_or(t.warmup_steps, |p| p.step);
+            if t.steps > after_previous {
+                t.lr_decay.push(LrPoint {
+                    step: t.steps,
+                    ..end
+                });
+            }
+        }
+    }
+
+    /// The configuration as a TOML table, as saved (T only at `diffusion.t_max`).
+    pub fn to_table(&self) -> Result<toml::Table> {
+        let mut table = toml::Table::try_from(self).map_err(|e| DdpmError::Encode {
+            what: "the configuration",
+            cause: e.to_string(),
+        })?;
+        if let Some(toml::Value::Table(model)) = table.get_mut("model") {
+            model.remove("t_max");
+        }
+        Ok(table)
+    }
+
     /// The configuration as TOML, as written beside each checkpoint.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self)
-            .map_err(|e| DdpmError::Config(format!("cannot write the configuration as TOML: {e}")))
+        toml::to_string(&self.to_table()?).map_err(|e| DdpmError::Encode {
+            what: "the configuration as TOML",
+            cause: e.to_string(),
+        })
+    }
+
+    /// The settings in which `self` (wanted) and `saved` differ, as (key, value here, value
+    /// in the run) in key order, leaving out those a resumed run may change: its length and
+    /// the decay point that follows it.
+    pub fn differences(&self, saved: &Config) -> Result<Vec<(String, String, String)>> {
+        let flat = |cfg: &Config| -> Result<BTreeMap<String, String>> {
+            let mut flat = BTreeMap::new();
+            flatten("", &cfg.to_table()?, &mut flat);
+            flat.remove("train.steps");
+            flat.remove("train.lr_decay");
+            Ok(flat)
+        };
+        let (a, b) = (flat(self)?, flat(saved)?);
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let absent = || "absent".to_string();
+        Ok(keys
+            .into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                let here = a.get(k).cloned().unwrap_or_else(absent);
+                (k.clone(), here, b.get(k).cloned().unwrap_or_else(absent))
+            })
+            .collect())
     }
 
     /// The shape of one image, [C, S, S].
@@ -364,70 +443,70 @@ impl Config {
 
     /// Checks the values together, with messages saying what to change.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(DdpmError::Config(msg));
+        let out_of_range = |key: &'static str, value: String, expected: String| {
+            Err(DdpmError::OutOfRange {
+                key,
+                value,
+                expected,
+            })
+        };
         self.model.validate()?;
         let (d, m, t, s) = (&self.data, &self.model, &self.train, &self.sample);
-        if self.diffusion.t_max != m.t_max {
-            return bad(format!(
-                "diffusion.t_max = {} but model.t_max = {}: they must be the same T",
-                self.diffusion.t_max, m.t_max
-            ));
+        let t_max = self.diffusion.t_max;
+        if t_max != m.t_max {
+            return Err(t_max_conflict(m.t_max, t_max));
         }
         if d.source == DataSource::Mnist
             && (m.in_channels != 1 || !(m.image_size == 28 || m.image_size == 32))
         {
-            return bad(format!(
-                "MNIST is grey 28×28 (or padded to 32×32), but the model takes {}×{}×{}",
-                m.in_channels, m.image_size, m.image_size
-            ));
+            return Err(DdpmError::Incompatible {
+                key: "data.source",
+                other: "model.in_channels and model.image_size".into(),
+                reason: format!(
+                    "MNIST is grey 28×28 (or padded to 32×32), but the model takes {}×{}×{}",
+                    m.in_channels, m.image_size, m.image_size
+                ),
+            });
         }
         if d.source == DataSource::Folder && !(m.in_channels == 1 || m.in_channels == 3) {
-            return bad(format!(
-                "images have 1 (grey) or 3 (RGB) channels, not {}",
-                m.in_channels
-            ));
+            return out_of_range(
+                "model.in_channels",
+                m.in_channels.to_string(),
+                "1 (grey) or 3 (RGB) for images".into(),
+            );
         }
-        for (name, v) in [
+        for (key, v) in [
             ("train.steps", t.steps),
             ("train.checkpoint_every", t.checkpoint_every),
             ("train.log_every", t.log_every),
+            ("train.batch_size", t.batch_size as u64),
+            ("train.keep_last", t.keep_last as u64),
+            ("sample.n", s.n as u64),
         ] {
             if v == 0 {
-                return bad(format!("{name} must be at least 1"));
+                return out_of_range(key, "0".into(), "at least 1".into());
             }
         }
-        if t.batch_size == 0 || t.keep_last == 0 || s.n == 0 {
-            return bad("train.batch_size, train.keep_last and sample.n must be at least 1".into());
-        }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return bad(format!("train.lr must be positive, got {}", t.lr));
+            return out_of_range("train.lr", t.lr.to_string(), "positive".into());
         }
         if !(0.0..1.0).contains(&t.ema_decay) {
-            return bad(format!(
-                "train.ema_decay must be in [0, 1), got {}",
-                t.ema_decay
-            ));
+            return out_of_range("train.ema_decay", t.ema_decay.to_string(), "in [0, 1)".into());
         }
-        if t.grad_clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return bad(format!(
-                "train.grad_clip must be positive, got {:?}",
-                t.grad_clip
-            ));
+        if let Some(c) = t.grad_clip.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return out_of_range("train.grad_clip", c.to_string(), "positive".into());
         }
         if t.loss_weight == LossWeight::Article && t.loss_sigma == SigmaChoice::Posterior {
-            return bad("loss (8) with σ = posterior has σ_1 = 0, an infinite weight at t = 1; choose beta or isotropic".into());
+            return Err(DdpmError::Incompatible {
+                key: "train.loss_sigma",
+                other: "train.loss_weight = \"article\"".into(),
+                reason: "loss (8) with σ = posterior has σ_1 = 0, an infinite weight at t = 1; choose beta or isotropic".into(),
+            });
         }
-        if s.steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
-            return bad(format!(
-                "sample.steps must be between 1 and T = {}",
-                m.t_max
-            ));
-        }
-        if t.grid_steps.is_some_and(|n| n == 0 || n as i64 > m.t_max) {
-            return bad(format!(
-                "train.grid_steps must be between 1 and T = {}",
-                m.t_max
-            ));
+        for (key, steps) in [("sample.steps", s.steps), ("train.grid_steps", t.grid_steps)] {
+            if let Some(n) = steps.filter(|&n| n == 0 || n as i64 > t_max) {
+                return out_of_range(key, n.to_string(), format!("between 1 and T = {t_max}"));
+            }
         }
         self.lr_schedule()?;
         Ok(())
@@ -489,7 +568,7 @@ fn locate(e: &toml::de::Error, merged: &str) -> String {
 }
 
 /// Replaces `base`'s values by `over`'s, recursing into tables present in both.
-fn merge(base: &mut toml::Table, over: toml::Table) {
+pub fn merge(base: &mut toml::Table, over: toml::Table) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
@@ -497,6 +576,120 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
                 base.insert(key, v);
             }
         }
+    }
+}
+
+/// Sets `value` at the dotted `key` (`train.steps`) of `table`, creating its sections.
+pub fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) {
+    match key.split_once('.') {
+        None => {
+            table.insert(key.to_string(), value);
+        }
+        Some((section, rest)) => {
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = entry {
+                set_key(t, rest, value);
+            }
+        }
+    }
+}
+
+/// Whether `table` has a value at the dotted `key`.
+pub fn sets(table: &toml::Table, key: &str) -> bool {
+    match key.split_once('.') {
+        None => table.contains_key(key),
+        Some((section, rest)) => matches!(table.get(section), Some(toml::Value::Table(t)) if sets(t, rest)),
+    }
+}
+
+/// The dotted keys of every value in `table` (tables are descended into, `sample.sigma`'s
+/// `{kind, data_std}` too).
+pub fn keys(table: &toml::Table) -> Vec<String> {
+    let mut flat = BTreeMap::new();
+    flatten("", table, &mut flat);
+    flat.into_keys().collect()
+}
+
+fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+    for (key, value) in table {
+        let name = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(t) => flatten(&name, t, out),
+            v => {
+                out.insert(name, v.to_string());
+            }
+        }
+    }
+}
+
+/// T lives at `diffusion.t_max`; the network's copy (`model.t_max`, which older runs saved
+/// too) follows it. Accepts a `model.t_max` equal to it.
+fn settle_t_max(table: &mut toml::Table) -> Result<()> {
+    let t_max = table
+        .get("diffusion")
+        .and_then(|d| d.get("t_max"))
+        .and_then(toml::Value::as_integer);
+    if let (Some(t_max), Some(toml::Value::Table(model))) = (t_max, table.get_mut("model")) {
+        if let Some(old) = model.get("t_max") {
+            if old.as_integer() != Some(t_max) {
+                return Err(t_max_conflict(old.as_integer().unwrap_or(-1), t_max));
+            }
+        }
+        model.insert("t_max".into(), toml::Value::Integer(t_max));
+    }
+    Ok(())
+}
+
+fn t_max_conflict(model: i64, diffusion: i64) -> DdpmError {
+    DdpmError::Incompatible {
+        key: "model.t_max",
+        other: "diffusion.t_max".into(),
+        reason: format!("T is diffusion.t_max = {diffusion}; model.t_max = {model} (kept by older runs) must equal it or be left out"),
+    }
+}
+
+/// Parses a whole configuration table (see [`settle_t_max`]) without validating it. Parsing
+/// the document as text makes serde's errors quote the offending line.
+fn parse_merged(mut merged: toml::Table, origin: &str) -> Result<Config> {
+    settle_t_max(&mut merged)?;
+    let parse_error = |reason: String| DdpmError::ConfigParse {
+        origin: origin.to_string(),
+        reason,
+    };
+    let text = toml::to_string(&merged).map_err(|e| parse_error(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| parse_error(locate(&e, &text)))
+}
+
+/// A [`Config`] as saved in a checkpoint's manifest (`#[serde(with = "saved")]`): T only at
+/// `diffusion.t_max`; a manifest of an older run with `model.t_max` too still reads.
+pub mod saved {
+    use super::{settle_t_max, Config};
+
+    /// Writes `cfg` without `model.t_max`.
+    pub fn serialize<S: serde::Serializer>(cfg: &Config, s: S) -> Result<S::Ok, S::Error> {
+        use serde::Serialize;
+        cfg.to_table()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(s)
+    }
+
+    /// Reads a configuration with or without `model.t_max`.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Config, D::Error> {
+        use serde::Deserialize;
+        let mut table = toml::Table::deserialize(d)?;
+        settle_t_max(&mut table).map_err(serde::de::Error::custom)?;
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -560,10 +753,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("steps") && err.contains("many"), "{err}");
-        let err = Config::from_toml_str("[diffusion]\nt_max = 500\n", "f.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("t_max"), "{err}");
+        let err = Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 400\n", "f.toml")
+            .unwrap_err();
+        assert!(
+            matches!(err, DdpmError::Incompatible { key: "model.t_max", ref other, .. } if other == "diffusion.t_max"),
+            "{err}"
+        );
         assert!(Config::from_toml_str("preset = \"nope\"\n", "f.toml").is_err());
+    }
+
+    #[test]
+    fn t_lives_in_diffusion_and_older_files_with_model_t_max_still_read() {
+        let cfg = Config::from_toml_str("[diffusion]\nt_max = 500\n", "f.toml").unwrap();
+        assert_eq!((cfg.diffusion.t_max, cfg.model.t_max), (500, 500));
+        assert!(!cfg.to_toml().unwrap().contains("[model]\nt_max"));
+        assert!(!cfg.to_table().unwrap()["model"].as_table().unwrap().contains_key("t_max"));
+        let old = Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 500\n", "old").unwrap();
+        assert_eq!(old, cfg);
+        // A manifest of an older run carries model.t_max in its JSON.
+        let mut json = serde_json::to_value(Config::mnist()).unwrap();
+        assert_eq!(json["model"]["t_max"], 1000);
+        let back: Config = saved::deserialize(json.clone()).unwrap();
+        assert_eq!(back, Config::mnist());
+        json["model"]["t_max"] = 7.into();
+        assert!(saved::deserialize(json).is_err());
+    }
+
+    #[test]
+    fn overrides_layer_like_a_file_and_the_decay_end_follows_the_run_length() {
+        let base = Config::mnist();
+        let mut over = toml::Table::new();
+        set_key(&mut over, "train.steps", 300.into());
+        set_key(&mut over, "train.lr", 0.002.into());
+        set_key(&mut over, "train.bf16", true.into());
+        assert!(sets(&over, "train.lr") && !sets(&over, "train.seed"));
+        assert_eq!(keys(&over), ["train.bf16", "train.lr", "train.steps"]);
+        let cfg = base.with_overrides(over, "flags").unwrap();
+        assert_eq!((cfg.train.steps, cfg.train.lr, cfg.train.bf16), (300, 0.002, true));
+        assert_eq!(cfg.train.lr_decay, vec![LrPoint { step: 300, factor: 0.1 }]);
+        let mut short = toml::Table::new();
+        set_key(&mut short, "train.steps", 30.into());
+        assert!(
+            base.with_overrides(short, "flags").unwrap().train.lr_decay.is_empty(),
+            "a run inside the warm-up has no decay"
+        );
+        let mut t = toml::Table::new();
+        set_key(&mut t, "diffusion.t_max", 20.into());
+        let cfg = base.with_overrides(t, "flags").unwrap();
+        assert_eq!((cfg.model.t_max, cfg.train.grid_steps), (20, Some(20)));
+        let mut bad = toml::Table::new();
+        set_key(&mut bad, "train.loss_weight", "article".into());
+        set_key(&mut bad, "train.loss_sigma.kind", "posterior".into());
+        let err = base.with_overrides(bad, "flags").unwrap_err();
+        assert!(matches!(err, DdpmError::Incompatible { key: "train.loss_sigma", .. }), "{err}");
+        let mut bad = toml::Table::new();
+        set_key(&mut bad, "train.lr", 0.0.into());
+        let err = base.with_overrides(bad, "flags").unwrap_err();
+        assert!(matches!(err, DdpmError::OutOfRange { key: "train.lr", .. }), "{err}");
     }
 }

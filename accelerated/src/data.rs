@@ -4,7 +4,9 @@ pub mod loader;
 pub mod mixture;
 pub mod mnist;
 
+use crate::config::{Config, DataSource};
 use crate::error::{DdpmError, Result};
+use folder::Channels;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -58,11 +60,11 @@ impl Dataset {
     /// 8-bit images `[N, C, H, W]` (Uint8).
     pub fn from_pixels(pixels: Tensor, name: impl Into<String>) -> Result<Dataset> {
         if pixels.kind() != Kind::Uint8 || pixels.dim() != 4 {
-            return Err(DdpmError::Data(format!(
-                "images must be a Uint8 tensor [N, C, H, W], got {:?} {:?}",
-                pixels.kind(),
-                pixels.size()
-            )));
+            return Err(DdpmError::ShapeMismatch {
+                what: "pixels",
+                expected: format!("a Uint8 tensor [N, C, H, W] (got kind {:?})", pixels.kind()),
+                got: pixels.size(),
+            });
         }
         Dataset::checked(pixels, name.into())
     }
@@ -70,10 +72,11 @@ impl Dataset {
     /// Real-valued samples `[N, ...]` (stored as f32), used as they are.
     pub fn from_values(values: Tensor, name: impl Into<String>) -> Result<Dataset> {
         if values.dim() < 2 {
-            return Err(DdpmError::Data(format!(
-                "samples must be a tensor [N, ...], got shape {:?}",
-                values.size()
-            )));
+            return Err(DdpmError::ShapeMismatch {
+                what: "samples",
+                expected: "[N, ...]".into(),
+                got: values.size(),
+            });
         }
         Dataset::checked(
             values.to_kind(Kind::Float).to_device(Device::Cpu),
@@ -83,7 +86,10 @@ impl Dataset {
 
     fn checked(values: Tensor, name: String) -> Result<Dataset> {
         if values.size()[0] == 0 {
-            return Err(DdpmError::Data(format!("the data set {name} is empty")));
+            return Err(DdpmError::BadData {
+                set: name,
+                reason: "is empty".into(),
+            });
         }
         Ok(Dataset {
             values: values.contiguous(),
@@ -144,11 +150,15 @@ impl Dataset {
             return Ok((self.clone(), None));
         }
         if holdout >= self.len() {
-            return Err(DdpmError::Data(format!(
-                "cannot hold out {holdout} of the {} samples of {} and still train",
-                self.len(),
-                self.name
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "data.holdout",
+                value: holdout.to_string(),
+                expected: format!(
+                    "less than the {} samples of {}, to leave some to train on",
+                    self.len(),
+                    self.name
+                ),
+            });
         }
         let mut order: Vec<i64> = (0..self.len() as i64).collect();
         order.shuffle(&mut seeded_rng(seed, Stream::Split, 0));
@@ -164,6 +174,48 @@ impl Dataset {
             Some(part(test, "held-out split")?),
         ))
     }
+}
+
+/// The data set the configuration names, checked against the model's image shape.
+pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
+    let [c, s, _] = cfg.image_shape();
+    let data = match cfg.data.source {
+        DataSource::Mnist => {
+            let path = cfg.data.path.clone().unwrap_or_else(mnist::default_path);
+            mnist::load(&path, s == 32)?
+        }
+        DataSource::Folder => {
+            let dir = cfg.data.path.as_ref().ok_or_else(|| DdpmError::Incompatible {
+                key: "data.source",
+                other: "an absent data.path".into(),
+                reason: "data.source = folder needs the image directory in data.path".into(),
+            })?;
+            let channels = if c == 3 {
+                Channels::Rgb
+            } else {
+                Channels::Grey
+            };
+            folder::load(dir, s as u32, channels)?
+        }
+    };
+    if data.item_shape() != cfg.image_shape() {
+        return Err(DdpmError::ShapeMismatch {
+            what: "the data set's images",
+            expected: format!("{:?}, the model's input", cfg.image_shape()),
+            got: data.item_shape(),
+        });
+    }
+    Ok(data)
+}
+
+/// The run's data split into (training, held-out), seeded with the run's seed.
+pub fn load_split(cfg: &Config) -> Result<(Dataset, Option<Dataset>)> {
+    split(cfg, &load_dataset(cfg)?)
+}
+
+/// The (training, held-out) split of the run's data, seeded with the run's seed.
+pub fn split(cfg: &Config, data: &Dataset) -> Result<(Dataset, Option<Dataset>)> {
+    data.split(cfg.data.holdout, cfg.train.seed)
 }
 
 /// 8-bit pixels k ↦ x = 2k/255 − 1 ∈ [−1, 1], f32.

@@ -17,7 +17,6 @@ pub const EXPECTED_LIBTORCH_VERSION: &str = "2.11.0";
     PartialEq,
     Eq,
     Default,
-    clap::ValueEnum,
     serde::Serialize,
     serde::Deserialize,
 )]

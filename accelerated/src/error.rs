@@ -7,7 +7,7 @@ pub enum DdpmError {
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
-    #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); use --device cpu or auto")]
+    #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); choose the CPU or `auto`")]
     CudaUnavailable,
     // The string variants below are being replaced by the typed ones above (issue 12);
     // code that is touched converts its uses.
@@ -104,6 +104,15 @@ pub enum DdpmError {
         /// The value saved with the run.
         saved: String,
     },
+    /// A resumed run asked for settings that differ from the run's saved ones in one or more
+    /// keys (all of them listed, not only the first).
+    #[error("{run} was trained with other settings than the ones given here ({}); a resumed run continues with its saved settings", describe_differences(.differences))]
+    ResumeSettings {
+        /// The checkpoint resumed from.
+        run: std::path::PathBuf,
+        /// Each differing key as (config key, value here, value saved with the run).
+        differences: Vec<(String, String, String)>,
+    },
     /// A value that could not be encoded for writing (TOML, JSON, safetensors).
     #[error("cannot encode {what}: {cause}")]
     Encode {
@@ -136,11 +145,17 @@ pub enum DdpmError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A fresh run asked for in a run directory that already holds a run's checkpoints.
+    #[error("{dir} already holds checkpoints: resume that run, or choose another run directory")]
+    RunExists {
+        /// The run directory.
+        dir: std::path::PathBuf,
+    },
     /// A configuration file or value that cannot be used (unknown key, wrong type, bad value).
     #[error("configuration: {0}")]
     Config(String),
     /// Training produced a NaN or infinite loss.
-    #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower the learning rate, enable --grad-clip, or pass --skip-nonfinite)")]
+    #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower train.lr, set train.grad_clip, or set train.skip_nonfinite)")]
     NonFinite {
         /// The training step (1-based) whose loss was not finite.
         step: u64,
@@ -148,7 +163,7 @@ pub enum DdpmError {
         loss: f64,
     },
     /// `skip_nonfinite` met only non-finite losses for too long: the weights have diverged.
-    #[error("the last {skipped} batches, up to step {step}, all had a non-finite loss: the weights have diverged; start a new run with a lower learning rate or --grad-clip")]
+    #[error("the last {skipped} batches, up to step {step}, all had a non-finite loss: the weights have diverged; start a new run with a lower train.lr or a train.grad_clip")]
     Diverged {
         /// The last step skipped.
         step: u64,
@@ -165,6 +180,15 @@ impl DdpmError {
             cause,
         }
     }
+}
+
+/// `key = here here, saved in the run; ...` for [`DdpmError::ResumeSettings`].
+fn describe_differences(differences: &[(String, String, String)]) -> String {
+    differences
+        .iter()
+        .map(|(key, here, saved)| format!("{key} = {here} here, {saved} in the run"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `Result` with [`DdpmError`].

@@ -3,14 +3,14 @@
 //! image, scaled by T).
 
 use crate::bound::{bound_term, negative_elbo, prior_kl};
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, LoadedModel, Weights};
 use crate::data::Dataset;
 use crate::error::{DdpmError, Result};
 use crate::marginal::marginal_sample;
+use crate::progress::Progress;
 use crate::sampler::NoisePredictor;
 use crate::schedule::Schedule;
 use crate::sigma::SigmaChoice;
-use crate::train::{build_model, load_dataset, split};
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -21,8 +21,8 @@ pub struct EvalOptions {
     pub checkpoint: PathBuf,
     /// Where to compute.
     pub device: Device,
-    /// Use the EMA weights (else the raw ones).
-    pub ema: bool,
+    /// The EMA weights or the raw ones.
+    pub weights: Weights,
     /// Evaluate only the first this many held-out images.
     pub limit: Option<usize>,
     /// Images per batch.
@@ -33,8 +33,6 @@ pub struct EvalOptions {
     pub sigma: Option<SigmaChoice>,
     /// Seed of the noise (and of the sampled t of the quick estimate).
     pub seed: u64,
-    /// Show a progress bar.
-    pub progress: bool,
 }
 
 /// The result, in bits/dim, averaged over images.
@@ -76,34 +74,30 @@ impl std::fmt::Display for EvalReport {
     }
 }
 
-/// Loads the checkpoint and its run's held-out split, then evaluates.
-pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
-    let ckpt = checkpoint::open(&opts.checkpoint)?;
-    let cfg = &ckpt.manifest.config;
-    let data = load_dataset(cfg)?;
-    let (_, held_out) = split(cfg, &data)?;
-    let held_out = held_out.ok_or_else(|| {
-        DdpmError::Data(
-            "this run held out no images (data.holdout = 0), so there is nothing to evaluate on"
-                .into(),
-        )
+/// Loads the checkpoint and its run's held-out split, then evaluates; `progress` counts
+/// model calls.
+pub fn evaluate(opts: &EvalOptions, progress: &mut dyn Progress) -> Result<EvalReport> {
+    let model = checkpoint::load_model(&opts.checkpoint, opts.device, opts.weights)?;
+    let (_, held_out) = crate::data::load_split(&model.config)?;
+    let held_out = held_out.ok_or_else(|| DdpmError::BadData {
+        set: "the held-out split".into(),
+        reason: "this run held out no images (data.holdout = 0), so there is nothing to evaluate on"
+            .into(),
     })?;
-    evaluate_checkpoint(&ckpt, &held_out, opts)
+    evaluate_loaded(&model, &held_out, opts, progress)
 }
 
-/// Evaluates `ckpt` on `data` (8-bit images).
-pub fn evaluate_checkpoint(
-    ckpt: &Checkpoint,
+/// Evaluates a loaded checkpoint on `data` (8-bit images).
+pub fn evaluate_loaded(
+    model: &LoadedModel,
     data: &Dataset,
     opts: &EvalOptions,
+    progress: &mut dyn Progress,
 ) -> Result<EvalReport> {
-    let cfg = &ckpt.manifest.config;
-    let (vs, net) = build_model(cfg, opts.device, cfg.train.seed)?;
-    ckpt.load_weights(&vs, opts.ema)?;
-    let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, opts.device)?;
-    let sigma = opts.sigma.unwrap_or(cfg.sample.sigma).table(&schedule)?;
-    let mut report = evaluate_model(&net, &schedule, &sigma, data, opts)?;
-    report.step = ckpt.manifest.step;
+    let cfg = &model.config;
+    let sigma = opts.sigma.unwrap_or(cfg.sample.sigma).table(&model.schedule)?;
+    let mut report = evaluate_model(&model.net, &model.schedule, &sigma, data, opts, progress)?;
+    report.step = model.checkpoint.manifest.step;
     Ok(report)
 }
 
@@ -114,22 +108,30 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
     sigma: &Tensor,
     data: &Dataset,
     opts: &EvalOptions,
+    progress: &mut dyn Progress,
 ) -> Result<EvalReport> {
     if !data.is_8bit() {
-        return Err(DdpmError::Data(
-            "the bound's decoder L_0 needs 8-bit images; this data set holds real values".into(),
-        ));
+        return Err(DdpmError::BadData {
+            set: data.name().to_string(),
+            reason: "the bound's decoder L_0 needs 8-bit images; this data set holds real values"
+                .into(),
+        });
     }
-    if opts.batch_size == 0 || opts.quick == Some(0) {
-        return Err(DdpmError::InvalidArgument(
-            "the batch size and the number of t draws must be at least 1".into(),
-        ));
+    for (key, value) in [("batch_size", Some(opts.batch_size)), ("quick", opts.quick)] {
+        if value == Some(0) {
+            return Err(DdpmError::OutOfRange {
+                key,
+                value: "0".into(),
+                expected: "at least 1".into(),
+            });
+        }
     }
     let n = opts.limit.unwrap_or(data.len()).min(data.len());
     let t_max = schedule.t_max();
     let per_batch = opts.quick.map_or(t_max as u64, |k| k as u64);
     let calls = n.div_ceil(opts.batch_size) as u64 * per_batch;
-    let bar = crate::progress::bar(opts.progress, calls, 0, "model calls");
+    progress.start(calls, 0, "model calls");
+    let mut done = 0;
     let dims = data.item_dim();
     let nats_to_bits = 1.0 / (dims as f64 * std::f64::consts::LN_2);
     tch::manual_seed(opts.seed as i64);
@@ -139,7 +141,10 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
         let x0 = data.batch(&idx)?.f_to_device(opts.device)?;
         let terms = match opts.quick {
             None => {
-                let b = negative_elbo(model, schedule, sigma, &x0, |_, _| bar.inc(1))?;
+                let b = negative_elbo(model, schedule, sigma, &x0, |_, _| {
+                    done += 1;
+                    progress.update(done)
+                })?;
                 [b.prior, b.diffusion, b.decoder]
             }
             Some(k) => {
@@ -156,7 +161,8 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
                         let x_t = marginal_sample(schedule, &x0, &t, &x0.randn_like())?;
                         let eps_hat = model.predict(&x_t, &t);
                         sum += bound_term(schedule, sigma, &x0, &t, &x_t, &eps_hat)?;
-                        bar.inc(1);
+                        done += 1;
+                        progress.update(done);
                     }
                     Ok(sum)
                 })?;
@@ -166,7 +172,7 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
         };
         parts.push(terms.map(|t| t.to_device(Device::Cpu).to_kind(Kind::Double) * nats_to_bits));
     }
-    bar.finish_and_clear();
+    progress.finish();
     let column = |i: usize| {
         Tensor::cat(
             &parts
@@ -199,19 +205,19 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::Silent;
     use crate::schedule::ScheduleKind;
 
     fn opts(quick: Option<usize>) -> EvalOptions {
         EvalOptions {
             checkpoint: PathBuf::new(),
             device: Device::Cpu,
-            ema: true,
+            weights: Weights::Ema,
             limit: None,
             batch_size: 8,
             quick,
             sigma: None,
             seed: 3,
-            progress: false,
         }
     }
 
@@ -231,8 +237,8 @@ mod tests {
         let data = Dataset::from_pixels(px, "tiny").unwrap();
         let bb = s.beta_bar().shallow_clone();
         let model = move |x: &Tensor, t: &Tensor| crate::schedule::gather(&bb, t, x).unwrap() * x;
-        let full = evaluate_model(&model, &s, &sigma, &data, &opts(None)).unwrap();
-        let quick = evaluate_model(&model, &s, &sigma, &data, &opts(Some(40))).unwrap();
+        let full = evaluate_model(&model, &s, &sigma, &data, &opts(None), &mut Silent).unwrap();
+        let quick = evaluate_model(&model, &s, &sigma, &data, &opts(Some(40)), &mut Silent).unwrap();
         assert!(
             full.bits_per_dim.is_finite() && full.bits_per_dim > 0.0,
             "{full}"
@@ -245,6 +251,6 @@ mod tests {
             "real",
         )
         .unwrap();
-        assert!(evaluate_model(&model, &s, &sigma, &real, &opts(None)).is_err());
+        assert!(evaluate_model(&model, &s, &sigma, &real, &opts(None), &mut Silent).is_err());
     }
 }

@@ -26,14 +26,18 @@ pub fn to_pixels(images: &Tensor) -> Result<Tensor> {
 pub fn tile(images: &Tensor, columns: Option<i64>) -> Result<Tensor> {
     let size = images.size();
     let [n, c, h, w] = size[..] else {
-        return Err(DdpmError::Shape(format!(
-            "a grid needs images [N, C, H, W], got {size:?}"
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "the images of a grid",
+            expected: "[N, C, H, W]".into(),
+            got: size,
+        });
     };
     if n == 0 || !(c == 1 || c == 3) {
-        return Err(DdpmError::Shape(format!(
-            "a grid needs N ≥ 1 images with 1 or 3 channels, got {size:?}"
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "the images of a grid",
+            expected: "N ≥ 1 images with 1 or 3 channels".into(),
+            got: size,
+        });
     }
     let cols = columns
         .unwrap_or_else(|| (n as f64).sqrt().ceil() as i64)
@@ -61,17 +65,21 @@ pub fn tile(images: &Tensor, columns: Option<i64>) -> Result<Tensor> {
 pub fn write_png(pixels: &Tensor, path: &Path) -> Result<()> {
     let size = pixels.size();
     let [c, h, w] = size[..] else {
-        return Err(DdpmError::Shape(format!(
-            "a PNG needs pixels [C, H, W], got {size:?}"
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "the pixels of a PNG",
+            expected: "[C, H, W]".into(),
+            got: size,
+        });
     };
     let color = match c {
         1 => ExtendedColorType::L8,
         3 => ExtendedColorType::Rgb8,
         _ => {
-            return Err(DdpmError::Shape(format!(
-                "a PNG needs 1 or 3 channels, got {c}"
-            )))
+            return Err(DdpmError::ShapeMismatch {
+                what: "the pixels of a PNG",
+                expected: "1 or 3 channels".into(),
+                got: size,
+            })
         }
     };
     let hwc = pixels.f_permute([1, 2, 0])?.f_contiguous()?;

@@ -15,17 +15,20 @@ pub mod sigma;
 pub mod timesteps;
 pub mod unet;
 
-// The product: devices, data, checkpoints, training, evaluation, the CLI.
+// The product: devices, data, checkpoints, training, evaluation (the CLI is the `ddpm`
+// binary's, in src/bin/ddpm/).
 pub mod autocast;
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
 pub mod grid;
+pub mod metrics;
 pub mod progress;
 pub mod train;
 
 // Sample quality: FD-MNIST, entropies and bits/dim per σ_t choice and step count.
+// It still uses clap for its arguments, hence the feature, until they move to the binary.
+#[cfg(feature = "cli")]
 pub mod quality;

@@ -1,10 +1,15 @@
 //! Progress of long computations. The library reports through [`Progress`]; the binary
-//! draws it (an indicatif bar there). The `bar` below moves to the binary (issue 12).
+//! draws it (an indicatif bar there, in `src/bin/ddpm/progress.rs`).
 
+#[cfg(feature = "cli")]
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Only quality/table.rs still draws its own bar; it goes when quality reports through
+/// [`Progress`] (issue 12).
+///
 /// A bar over `len` units named `unit` (e.g. "steps"), starting at `at`; hidden when `show` is
 /// false (--no-progress, or tests).
+#[cfg(feature = "cli")]
 pub fn bar(show: bool, len: u64, at: u64, unit: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -37,6 +42,10 @@ pub trait Progress {
     /// A line for the person running it (e.g. `wrote samples/step-0000500.png`).
     fn note(&mut self, line: &str) {
         let _ = line;
+    }
+    /// A warning for the person running it (e.g. a skipped batch); by default a note.
+    fn warn(&mut self, line: &str) {
+        self.note(line);
     }
     /// The work is over (done or failed).
     fn finish(&mut self) {}

@@ -12,7 +12,6 @@ use tch::{Device, Kind, Tensor};
     PartialEq,
     Eq,
     Default,
-    clap::ValueEnum,
     serde::Serialize,
     serde::Deserialize,
 )]

@@ -10,21 +10,20 @@
 
 use crate::autocast::autocast_bf16;
 use crate::checkpoint::{self, Checkpoint, DataPosition, Manifest, TrainingState};
-use crate::config::{Config, DataSource, LossWeight};
-use crate::data::folder::{self, Channels};
+use crate::config::{Config, LossWeight};
 use crate::data::loader::{Batch, BatchPlan, Loader};
-use crate::data::{mnist, Dataset};
+use crate::data::Dataset;
 use crate::ema::Ema;
 use crate::error::{DdpmError, Result};
 use crate::lamb::Lamb;
 use crate::loss::{euclidean_loss, weighted_loss};
 use crate::lr::LrSchedule;
 use crate::marginal::marginal_sample;
+use crate::metrics::{MetricsLog, Record};
+use crate::progress::Progress;
 use crate::sampler::Sampler;
 use crate::schedule::Schedule;
 use crate::unet::UNet;
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::nn::VarStore;
@@ -35,50 +34,10 @@ const PREFETCH: usize = 4;
 /// Consecutive non-finite batches tolerated by `skip_nonfinite` before giving up.
 const MAX_CONSECUTIVE_SKIPS: u64 = 50;
 
-/// The data set the configuration names, checked against the model's image shape.
-pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
-    let [c, s, _] = cfg.image_shape();
-    let data = match cfg.data.source {
-        DataSource::Mnist => {
-            let path = cfg.data.path.clone().unwrap_or_else(mnist::default_path);
-            mnist::load(&path, s == 32)?
-        }
-        DataSource::Folder => {
-            let dir = cfg.data.path.as_ref().ok_or_else(|| {
-                DdpmError::Config("data.source = folder needs a directory: pass --data DIR".into())
-            })?;
-            let channels = if c == 3 {
-                Channels::Rgb
-            } else {
-                Channels::Grey
-            };
-            folder::load(dir, s as u32, channels)?
-        }
-    };
-    if data.item_shape() != cfg.image_shape() {
-        return Err(DdpmError::Data(format!(
-            "{} has images {:?} but the model takes {:?}",
-            data.name(),
-            data.item_shape(),
-            cfg.image_shape()
-        )));
-    }
-    Ok(data)
-}
-
-/// The (training, held-out) split of the run's data, seeded with the run's seed.
-pub fn split(cfg: &Config, data: &Dataset) -> Result<(Dataset, Option<Dataset>)> {
-    data.split(cfg.data.holdout, cfg.train.seed)
-}
-
-/// A network and its variables on `device`, initialised from libtorch's generator seeded
-/// with `seed`.
-pub fn build_model(cfg: &Config, device: Device, seed: u64) -> Result<(VarStore, UNet)> {
-    let vs = VarStore::new(device);
-    tch::manual_seed(seed as i64);
-    let net = UNet::new(&vs.root(), &cfg.model)?;
-    Ok((vs, net))
-}
+// Where these went (issue 12); quality/ still imports them from here until it loads runs
+// through `checkpoint::load_model`.
+pub use crate::checkpoint::build_model;
+pub use crate::data::{load_dataset, split};
 
 /// What one update did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,10 +134,11 @@ impl Trainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepOutcome> {
         let k = self.step + 1;
         if batch.step != k {
-            return Err(DdpmError::InvalidArgument(format!(
-                "batch of step {} given for step {k}",
-                batch.step
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "batch.step",
+                value: batch.step.to_string(),
+                expected: format!("{k}, the step being trained"),
+            });
         }
         tch::manual_seed(batch.torch_seed);
         let dev = self.device;
@@ -277,10 +237,13 @@ impl Trainer {
     pub fn check_finite(&self) -> Result<()> {
         for (name, w) in self.vs.variables() {
             if !bool::try_from(w.f_isfinite()?.f_all()?)? {
-                return Err(DdpmError::State(format!(
-                    "weight {name} is not finite at step {}; the checkpoint was not written",
-                    self.step
-                )));
+                return Err(DdpmError::StateMismatch {
+                    part: "weights",
+                    reason: format!(
+                        "weight {name} is not finite at step {}; the checkpoint was not written",
+                        self.step
+                    ),
+                });
             }
         }
         Ok(())
@@ -363,8 +326,6 @@ pub struct TrainOptions {
     /// On resume, refuse a checkpoint whose settings differ from the `cfg` given to [`train`]
     /// in anything but the length of the run (the user named a preset or config file).
     pub resume_must_match: bool,
-    /// Show a progress bar.
-    pub progress: bool,
 }
 
 /// What a finished run produced.
@@ -387,207 +348,237 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// The sample grid of step `step` in a run.
+fn grid_path(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir
+        .join("samples")
+        .join(format!("{}.png", checkpoint::dir_name(step)))
+}
+
 /// Trains on the data `cfg` names (see [`train_on`]). With `resume`, the configuration
 /// saved in the checkpoint is used, except `train.steps` which `steps` may raise.
-pub fn train(cfg: &Config, opts: &TrainOptions, steps: Option<u64>) -> Result<TrainSummary> {
+pub fn train(
+    cfg: &Config,
+    opts: &TrainOptions,
+    steps: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary> {
     if !opts.resume {
-        // Before the data are read, so an unwritable --out fails at once.
+        // Before the data are read, so an unwritable run directory fails at once.
         create_run_dir(&opts.run_dir)?;
     }
     let (cfg, resume_from) = if opts.resume {
-        let ckpt = checkpoint::latest_good(&checkpoints_dir(&opts.run_dir))?.ok_or_else(|| {
-            DdpmError::Checkpoint {
-                path: checkpoints_dir(&opts.run_dir),
-                reason: "holds no checkpoint to resume from".into(),
-            }
-        })?;
-        if opts.resume_must_match {
-            let differences = config_differences(cfg, &ckpt.manifest.config)?;
-            if !differences.is_empty() {
-                return Err(DdpmError::Config(format!(
-                    "{} was trained with other settings than the preset or config file given here ({}); leave out --preset/--config to continue it with its own settings, or choose another --out",
-                    ckpt.dir.display(),
-                    differences.join("; ")
-                )));
-            }
-        }
+        let ckpt = resume_point(cfg, opts)?;
         let mut cfg = ckpt.manifest.config.clone();
         cfg.train.steps = steps.unwrap_or(cfg.train.steps);
         (cfg, Some(ckpt))
     } else {
         (cfg.clone(), None)
     };
-    let data = load_dataset(&cfg)?;
-    let (train_set, _) = split(&cfg, &data)?;
-    train_on(&cfg, train_set, opts, resume_from)
+    let (train_set, _) = crate::data::load_split(&cfg)?;
+    train_on(&cfg, train_set, opts, resume_from, progress)
 }
 
-/// The settings in which `wanted` and `saved` differ, as `key = wanted here, saved in the
-/// run`, leaving out
-/// those a resumed run may change: its length and the decay point that follows it.
-fn config_differences(wanted: &Config, saved: &Config) -> Result<Vec<String>> {
-    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
-        for (key, value) in table {
-            let name = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
-            match value {
-                toml::Value::Table(t) => flatten(&name, t, out),
-                v => {
-                    out.insert(name, v.to_string());
-                }
-            }
+/// The newest good checkpoint of the run to resume, held to `cfg` when
+/// `opts.resume_must_match`.
+fn resume_point(cfg: &Config, opts: &TrainOptions) -> Result<Checkpoint> {
+    let root = checkpoints_dir(&opts.run_dir);
+    let ckpt = checkpoint::latest_good(&root)?.ok_or_else(|| DdpmError::Checkpoint {
+        path: root.clone(),
+        reason: "holds no checkpoint to resume from".into(),
+    })?;
+    if opts.resume_must_match {
+        let differences = cfg.differences(&ckpt.manifest.config)?;
+        if !differences.is_empty() {
+            return Err(DdpmError::ResumeSettings {
+                run: ckpt.dir.clone(),
+                differences,
+            });
         }
     }
-    let table = |cfg: &Config| -> Result<BTreeMap<String, String>> {
-        let t = toml::Table::try_from(cfg)
-            .map_err(|e| DdpmError::Config(format!("cannot compare the settings: {e}")))?;
-        let mut flat = BTreeMap::new();
-        flatten("", &t, &mut flat);
-        flat.remove("train.steps");
-        flat.remove("train.lr_decay");
-        Ok(flat)
-    };
-    let (a, b) = (table(wanted)?, table(saved)?);
-    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let absent = "absent".to_string();
-    Ok(keys
-        .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| {
-            format!(
-                "{k} = {} here, {} in the run",
-                a.get(k).unwrap_or(&absent),
-                b.get(k).unwrap_or(&absent)
-            )
-        })
-        .collect())
+    Ok(ckpt)
 }
 
-/// Trains on `data`, from scratch or from `resume_from`.
+/// Trains on `data`, from scratch or from `resume_from`: each step updates the weights on
+/// the step's batch; every `log_every` steps a metrics line is appended, every
+/// `checkpoint_every` a checkpoint written, every `sample_every` a sample grid drawn, and
+/// all three at the end. `progress` counts steps, shows the last loss and notes each file
+/// written.
 pub fn train_on(
     cfg: &Config,
     data: Dataset,
     opts: &TrainOptions,
     resume_from: Option<Checkpoint>,
+    progress: &mut dyn Progress,
 ) -> Result<TrainSummary> {
-    create_run_dir(&opts.run_dir)?;
-    let ckpt_root = checkpoints_dir(&opts.run_dir);
-    if resume_from.is_none() && !checkpoint::list(&ckpt_root)?.is_empty() {
-        return Err(DdpmError::Config(format!(
-            "{} already holds checkpoints: pass --resume to continue that run, or choose another --out",
-            opts.run_dir.display()
-        )));
-    }
-    if opts.device.is_cuda() {
-        // Fixed shapes every step: let cuDNN time its algorithms once and keep the fastest.
-        tch::Cuda::cudnn_set_benchmark(true);
-    }
-    let mut trainer = Trainer::new(cfg, opts.device)?;
-    if let Some(ckpt) = &resume_from {
-        trainer.restore(ckpt)?;
-        tracing::info!(
-            "resuming from {} at step {}",
-            ckpt.dir.display(),
-            trainer.step()
-        );
-    }
-    write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
-    let mut metrics = open_metrics(&opts.run_dir.join("metrics.jsonl"), trainer.step())?;
-
-    let total = cfg.train.steps;
-    let first = trainer.step() + 1;
-    let n = data.len();
-    let mut loader = Loader::spawn(data, trainer.plan(), first, PREFETCH)?;
-    let bar = crate::progress::bar(opts.progress, total, trainer.step(), "steps");
-    let started = Instant::now();
-    let (mut window_start, mut last_loss) = (Instant::now(), f64::NAN);
-    let mut consecutive_skips = 0;
-    let mut last_saved = None;
-    let mut last_grid = None;
-    while trainer.step() < total {
+    let mut run = Run::start(cfg, &data, opts, resume_from.as_ref())?;
+    let mut loader = Loader::spawn(data, run.trainer.plan(), run.trainer.step() + 1, PREFETCH)?;
+    progress.start(cfg.train.steps, run.trainer.step(), "steps");
+    while run.trainer.step() < cfg.train.steps {
         let batch = loader.next_batch()?;
-        let k = batch.step;
-        match trainer.train_step(&batch)? {
-            StepOutcome::Updated => consecutive_skips = 0,
+        run.update(&batch, progress)?;
+        progress.update(batch.step);
+        run.write_due(batch.step, progress)?;
+    }
+    progress.finish();
+    Ok(run.summary())
+}
+
+/// A training run under way: the trainer, its files and what it last wrote.
+struct Run<'a> {
+    cfg: &'a Config,
+    run_dir: &'a Path,
+    trainer: Trainer,
+    metrics: MetricsLog,
+    /// Training samples, for the manifest's data position.
+    n: usize,
+    started: Instant,
+    window_start: Instant,
+    last_loss: f64,
+    consecutive_skips: u64,
+    last_checkpoint: Option<PathBuf>,
+    last_grid: Option<PathBuf>,
+}
+
+impl<'a> Run<'a> {
+    /// Prepares the run directory (refusing a fresh run where checkpoints exist), builds or
+    /// restores the trainer, writes `config.toml` and opens `metrics.jsonl`.
+    fn start(
+        cfg: &'a Config,
+        data: &Dataset,
+        opts: &'a TrainOptions,
+        resume_from: Option<&Checkpoint>,
+    ) -> Result<Run<'a>> {
+        create_run_dir(&opts.run_dir)?;
+        if resume_from.is_none() && !checkpoint::list(&checkpoints_dir(&opts.run_dir))?.is_empty()
+        {
+            return Err(DdpmError::RunExists {
+                dir: opts.run_dir.clone(),
+            });
+        }
+        if opts.device.is_cuda() {
+            // Fixed shapes every step: let cuDNN time its algorithms once and keep the fastest.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let mut trainer = Trainer::new(cfg, opts.device)?;
+        if let Some(ckpt) = resume_from {
+            trainer.restore(ckpt)?;
+            tracing::info!(
+                "resuming from {} at step {}",
+                ckpt.dir.display(),
+                trainer.step()
+            );
+        }
+        write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
+        let metrics = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"), trainer.step())?;
+        Ok(Run {
+            cfg,
+            run_dir: &opts.run_dir,
+            trainer,
+            metrics,
+            n: data.len(),
+            started: Instant::now(),
+            window_start: Instant::now(),
+            last_loss: f64::NAN,
+            consecutive_skips: 0,
+            last_checkpoint: None,
+            last_grid: None,
+        })
+    }
+
+    /// One update; a skipped batch is reported, and too many in a row end the run.
+    fn update(&mut self, batch: &Batch, progress: &mut dyn Progress) -> Result<()> {
+        match self.trainer.train_step(batch)? {
+            StepOutcome::Updated => self.consecutive_skips = 0,
             StepOutcome::Skipped(loss) => {
-                consecutive_skips += 1;
-                bar.suspend(|| {
-                    tracing::warn!("step {k}: loss {loss} is not finite; batch skipped")
-                });
-                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
+                self.consecutive_skips += 1;
+                let k = batch.step;
+                progress.warn(&format!("step {k}: loss {loss} is not finite; batch skipped"));
+                if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
                     return Err(DdpmError::Diverged {
                         step: k,
-                        skipped: consecutive_skips,
+                        skipped: self.consecutive_skips,
                     });
                 }
             }
         }
-        bar.set_position(k);
-        let log = k % cfg.train.log_every == 0 || k == total;
-        let save = k % cfg.train.checkpoint_every == 0 || k == total;
-        let draw = (cfg.train.sample_every > 0 && k % cfg.train.sample_every == 0) || k == total;
+        Ok(())
+    }
+
+    /// After step `k`: the metrics line, checkpoint and grid that are due, each only after
+    /// the losses so far are known to be finite.
+    fn write_due(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
+        let t = &self.cfg.train;
+        let last = k == t.steps;
+        let log = last || k.is_multiple_of(t.log_every);
+        let save = last || k.is_multiple_of(t.checkpoint_every);
+        let draw = last || (t.sample_every > 0 && k.is_multiple_of(t.sample_every));
         if log || save || draw {
-            trainer.check_loss()?;
+            self.trainer.check_loss()?;
         }
         if log {
-            let secs = window_start.elapsed().as_secs_f64();
-            last_loss = trainer.take_mean_loss()?;
-            let line = serde_json::json!({
-                "step": k,
-                "loss": finite_or_null(last_loss),
-                "lr": trainer.current_lr(),
-                "grad_norm": trainer.last_grad_norm().and_then(finite_or_null),
-                "steps_per_s": cfg.train.log_every as f64 / secs.max(1e-9),
-                "elapsed_s": started.elapsed().as_secs_f64(),
-                "skipped": trainer.skipped(),
-            });
-            writeln!(metrics, "{line}")
-                .map_err(|e| DdpmError::io("cannot append to metrics.jsonl", e))?;
-            bar.set_message(format!("loss {last_loss:.2}"));
-            window_start = Instant::now();
+            self.log_metrics(k, progress)?;
         }
         if save {
-            trainer.check_finite()?;
-            let dir = checkpoint::save(
-                &ckpt_root,
-                trainer.manifest(n),
-                &trainer.state(),
-                cfg.train.keep_last,
-            )?;
-            bar.suspend(|| tracing::info!("step {k}: checkpoint {}", dir.display()));
-            last_saved = Some(dir);
+            self.save_checkpoint(k, progress)?;
         }
         if draw {
-            let path = opts
-                .run_dir
-                .join("samples")
-                .join(format!("{}.png", checkpoint::dir_name(k)));
-            bar.set_message(format!("loss {last_loss:.2}, sampling"));
-            trainer.write_grid(&path)?;
-            bar.suspend(|| tracing::info!("step {k}: samples {}", path.display()));
-            last_grid = Some(path);
+            self.draw_grid(k, progress)?;
+        }
+        Ok(())
+    }
+
+    fn log_metrics(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
+        let secs = self.window_start.elapsed().as_secs_f64();
+        self.last_loss = self.trainer.take_mean_loss()?;
+        self.metrics.append(&Record {
+            step: k,
+            loss: self.last_loss,
+            lr: self.trainer.current_lr(),
+            grad_norm: self.trainer.last_grad_norm(),
+            steps_per_s: self.cfg.train.log_every as f64 / secs.max(1e-9),
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            skipped: self.trainer.skipped(),
+        })?;
+        progress.status(&format!("loss {:.2}", self.last_loss));
+        self.window_start = Instant::now();
+        Ok(())
+    }
+
+    fn save_checkpoint(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
+        self.trainer.check_finite()?;
+        let dir = checkpoint::save(
+            &checkpoints_dir(self.run_dir),
+            self.trainer.manifest(self.n),
+            &self.trainer.state(),
+            self.cfg.train.keep_last,
+        )?;
+        progress.note(&format!("step {k}: checkpoint {}", dir.display()));
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    fn draw_grid(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
+        let path = grid_path(self.run_dir, k);
+        progress.status(&format!("loss {:.2}, sampling", self.last_loss));
+        self.trainer.write_grid(&path)?;
+        progress.note(&format!("step {k}: samples {}", path.display()));
+        self.last_grid = Some(path);
+        Ok(())
+    }
+
+    fn summary(self) -> TrainSummary {
+        let step = self.trainer.step();
+        TrainSummary {
+            steps: step,
+            last_loss: self.last_loss,
+            checkpoint: self
+                .last_checkpoint
+                .unwrap_or_else(|| checkpoints_dir(self.run_dir).join(checkpoint::dir_name(step))),
+            grid: self.last_grid.unwrap_or_else(|| grid_path(self.run_dir, step)),
+            skipped: self.trainer.skipped(),
         }
     }
-    bar.finish();
-    let checkpoint = match last_saved {
-        Some(dir) => dir,
-        None => ckpt_root.join(checkpoint::dir_name(trainer.step())),
-    };
-    let grid = last_grid.unwrap_or_else(|| {
-        opts.run_dir
-            .join("samples")
-            .join(format!("{}.png", checkpoint::dir_name(trainer.step())))
-    });
-    Ok(TrainSummary {
-        steps: trainer.step(),
-        last_loss,
-        checkpoint,
-        grid,
-        skipped: trainer.skipped(),
-    })
 }
 
 fn create_run_dir(dir: &Path) -> Result<()> {
@@ -599,42 +590,6 @@ fn create_run_dir(dir: &Path) -> Result<()> {
     })
 }
 
-/// Opens `metrics.jsonl` for appending after dropping the lines of steps after `step` (a run
-/// stopped after its last checkpoint logged steps that the resumed run repeats) and a partial
-/// last line (a run killed while writing it).
-fn open_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
-    let old = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(DdpmError::io(format!("cannot read {}", path.display()), e)),
-    };
-    let kept: String = old
-        .split_inclusive('\n')
-        .filter(|line| {
-            line.ends_with('\n')
-                && serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-                    .is_some_and(|s| s <= step)
-        })
-        .collect();
-    if kept.len() != old.len() {
-        let tmp = path.with_extension("jsonl.tmp");
-        write_text(&tmp, &kept)?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| DdpmError::io(format!("cannot replace {}", path.display()), e))?;
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| DdpmError::io(format!("cannot open {}", path.display()), e))
-}
-
-fn finite_or_null(x: f64) -> Option<f64> {
-    x.is_finite().then_some(x)
-}
-
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text)
         .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
@@ -643,7 +598,9 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DataSource;
     use crate::data::test_dir;
+    use crate::progress::Silent;
     use crate::unet::UNetConfig;
 
     fn tiny(steps: u64) -> Config {
@@ -686,7 +643,6 @@ mod tests {
             device: Device::Cpu,
             resume,
             resume_must_match: false,
-            progress: false,
         }
     }
 
@@ -702,7 +658,7 @@ mod tests {
         let _guard = crate::sampler::rng_lock();
         let cfg = tiny(7);
         let whole = test_dir("train_whole");
-        let summary = train_on(&cfg, pictures(10), &opts(&whole, false), None).unwrap();
+        let summary = train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap();
         assert_eq!(summary.steps, 7);
         assert!(summary.grid.exists());
         let lines = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
@@ -719,7 +675,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(ckpt.manifest.step, 3);
-        train_on(&cfg, pictures(10), &opts(&resumed, true), Some(ckpt)).unwrap();
+        train_on(&cfg, pictures(10), &opts(&resumed, true), Some(ckpt), &mut Silent).unwrap();
 
         let a = checkpoint::load(&checkpoints_dir(&whole).join("step-0000007")).unwrap();
         let b = checkpoint::load(&checkpoints_dir(&resumed).join("step-0000007")).unwrap();
@@ -738,10 +694,8 @@ mod tests {
             "training did not move the weights"
         );
 
-        let err = train_on(&cfg, pictures(10), &opts(&whole, false), None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--resume"), "{err}");
+        let err = train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap_err();
+        assert!(matches!(err, DdpmError::RunExists { .. }), "{err}");
     }
 
     #[test]
@@ -755,7 +709,7 @@ mod tests {
         let data = Dataset::from_values(x, "with a NaN").unwrap();
         let mut cfg = tiny(6);
         let dir = test_dir("train_nan");
-        let err = train_on(&cfg, data.clone(), &opts(&dir, false), None).unwrap_err();
+        let err = train_on(&cfg, data.clone(), &opts(&dir, false), None, &mut Silent).unwrap_err();
         let DdpmError::NonFinite { step, .. } = err else {
             panic!("{err}")
         };
@@ -770,7 +724,7 @@ mod tests {
 
         cfg.train.skip_nonfinite = true;
         let dir = test_dir("train_nan_skip");
-        let summary = train_on(&cfg, data, &opts(&dir, false), None).unwrap();
+        let summary = train_on(&cfg, data, &opts(&dir, false), None, &mut Silent).unwrap();
         assert_eq!((summary.steps, summary.skipped), (6, 3));
         let last = checkpoint::load(&summary.checkpoint).unwrap();
         assert_eq!(last.manifest.skipped_steps, 3);

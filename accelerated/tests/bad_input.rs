@@ -144,7 +144,7 @@ fn a_zero_or_negative_learning_rate() {
         fails(
             &mut setup.train(&setup.path("run"), &["--lr", lr]),
             1,
-            &["train.lr must be positive", lr],
+            &["train.lr (--lr) =", lr, "it must be positive"],
         );
     }
     fails(
@@ -160,7 +160,7 @@ fn a_batch_larger_than_the_data_set() {
     fails(
         &mut setup.train(&setup.path("run"), &["--batch-size", "64"]),
         1,
-        &["batch size must be between 1 and the number of training samples (16), got 64"],
+        &["train.batch_size (--batch-size) = 64 is out of range: it must be between 1 and the number of training samples (16)"],
     );
 }
 
@@ -256,7 +256,7 @@ fn a_sampler_asked_for_more_steps_than_t() {
     fails(
         &mut sample(&run, &setup.path("s.png"), &["--steps", "50"]),
         1,
-        &["sampling steps must be between 1 and T = 20, got 50"],
+        &["sample.steps (--steps) = 50 is out of range: it must be between 1 and T = 20"],
     );
     fails(
         &mut sample(&run, &setup.path("s.png"), &["--eta", "2"]),
@@ -380,14 +380,14 @@ fn out_of_range_settings() {
     let cases: [(&[&str], &str); 6] = [
         (
             &["--ema-decay", "1.5"],
-            "train.ema_decay must be in [0, 1), got 1.5",
+            "train.ema_decay (--ema-decay) = 1.5 is out of range: it must be in [0, 1)",
         ),
         (
             &["--checkpoint-every", "0"],
-            "train.checkpoint_every must be at least 1",
+            "train.checkpoint_every (--checkpoint-every) = 0 is out of range: it must be at least 1",
         ),
         (&["--keep-last", "0"], "train.keep_last"),
-        (&["--grad-clip", "-1"], "train.grad_clip must be positive"),
+        (&["--grad-clip", "-1"], "train.grad_clip (--grad-clip) = -1 is out of range: it must be positive"),
         (
             &["--base-channels", "6"],
             "cannot be split into 4 GroupNorm groups",

@@ -16,7 +16,6 @@ use tch::Tensor;
     PartialEq,
     Eq,
     Default,
-    clap::ValueEnum,
     serde::Serialize,
     serde::Deserialize,
 )]
@@ -43,10 +42,10 @@ impl Channels {
 /// so that the data order, and hence a seeded run, does not depend on the file system.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
-        return Err(DdpmError::Data(format!(
-            "the image folder {} does not exist or is not a directory",
-            dir.display()
-        )));
+        return Err(DdpmError::BadData {
+            set: format!("the image folder {}", dir.display()),
+            reason: "does not exist or is not a directory".into(),
+        });
     }
     let entries = std::fs::read_dir(dir)
         .map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?;
@@ -64,10 +63,10 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        return Err(DdpmError::Data(format!(
-            "the image folder {} holds no .png/.jpg/.jpeg files",
-            dir.display()
-        )));
+        return Err(DdpmError::BadData {
+            set: format!("the image folder {}", dir.display()),
+            reason: "holds no .png/.jpg/.jpeg files".into(),
+        });
     }
     files.sort();
     Ok(files)
@@ -77,7 +76,11 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Errors name the file that cannot be decoded or is smaller than `side`.
 pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
     if side == 0 {
-        return Err(DdpmError::Data("the image size must be positive".into()));
+        return Err(DdpmError::OutOfRange {
+            key: "side",
+            value: "0".into(),
+            expected: "positive".into(),
+        });
     }
     let files = image_files(dir)?;
     let workers = std::thread::available_parallelism()
@@ -103,7 +106,10 @@ pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(DdpmError::Data("an image decoder thread panicked".into()))
+                    Err(DdpmError::BadData {
+                        set: format!("the image folder {}", dir.display()),
+                        reason: "an image decoder thread panicked".into(),
+                    })
                 })
             })
             .collect()
@@ -134,10 +140,10 @@ pub fn prepare(path: &Path, side: u32, channels: Channels) -> Result<Vec<u8>> {
         })?;
     let (w, h) = (img.width(), img.height());
     if w.min(h) < side {
-        return Err(DdpmError::Data(format!(
-            "image {} is {w}×{h}, smaller than the target size {side}×{side} (choose a smaller --image-size or remove it)",
-            path.display()
-        )));
+        return Err(DdpmError::BadData {
+            set: format!("image {}", path.display()),
+            reason: format!("is {w}×{h}, smaller than the target size {side}×{side} (choose a smaller model.image_size or remove it)"),
+        });
     }
     let square = w.min(h);
     let cropped = img.crop_imm((w - square) / 2, (h - square) / 2, square, square);
@@ -191,19 +197,20 @@ mod tests {
 
     #[test]
     fn clear_errors_for_bad_folders_and_files() {
-        let missing = load(Path::new("/nonexistent/celeba"), 8, Channels::Rgb)
-            .unwrap_err()
-            .to_string();
-        assert!(missing.contains("does not exist"), "{missing}");
+        let bad_data = |err: &DdpmError, needle: &str| {
+            matches!(err, DdpmError::BadData { set, reason } if format!("{set} {reason}").contains(needle))
+        };
+        let missing = load(Path::new("/nonexistent/celeba"), 8, Channels::Rgb).unwrap_err();
+        assert!(bad_data(&missing, "does not exist"), "{missing}");
 
         let empty = test_dir("folder_empty");
-        let err = load(&empty, 8, Channels::Rgb).unwrap_err().to_string();
-        assert!(err.contains("no .png"), "{err}");
+        let err = load(&empty, 8, Channels::Rgb).unwrap_err();
+        assert!(bad_data(&err, "no .png"), "{err}");
 
         let small = test_dir("folder_small");
         picture(6, 9).save(small.join("tiny.png")).unwrap();
-        let err = load(&small, 8, Channels::Rgb).unwrap_err().to_string();
-        assert!(err.contains("tiny.png") && err.contains("6×9"), "{err}");
+        let err = load(&small, 8, Channels::Rgb).unwrap_err();
+        assert!(bad_data(&err, "tiny.png is 6×9"), "{err}");
 
         let broken = test_dir("folder_truncated");
         picture(16, 16).save(broken.join("whole.png")).unwrap();

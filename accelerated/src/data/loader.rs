@@ -44,16 +44,18 @@ pub struct Batch {
 impl BatchPlan {
     fn validate(&self, n: usize) -> Result<()> {
         if self.batch_size == 0 || self.batch_size > n {
-            return Err(DdpmError::Data(format!(
-                "the batch size must be between 1 and the number of training samples ({n}), got {}",
-                self.batch_size
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "train.batch_size",
+                value: self.batch_size.to_string(),
+                expected: format!("between 1 and the number of training samples ({n})"),
+            });
         }
         if self.t_max < 1 {
-            return Err(DdpmError::InvalidArgument(format!(
-                "T must be at least 1, got {}",
-                self.t_max
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "diffusion.t_max",
+                value: self.t_max.to_string(),
+                expected: "at least 1".into(),
+            });
         }
         Ok(())
     }
@@ -156,9 +158,14 @@ impl Loader {
         let rx = self
             .rx
             .as_ref()
-            .ok_or_else(|| DdpmError::Data("the data loader was stopped".into()))?;
-        rx.recv()
-            .map_err(|_| DdpmError::Data("the data loader thread stopped unexpectedly".into()))?
+            .ok_or_else(|| DdpmError::BadData {
+                set: "the data loader".into(),
+                reason: "was stopped".into(),
+            })?;
+        rx.recv().map_err(|_| DdpmError::BadData {
+            set: "the data loader".into(),
+            reason: "its thread stopped unexpectedly".into(),
+        })?
     }
 }
 

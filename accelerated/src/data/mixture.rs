@@ -23,7 +23,12 @@ impl GaussianMixture {
     /// Checks the parameters: at least one component, equal lengths, positive total weight.
     pub fn new(weights: Vec<f64>, means: Vec<Vec<f64>>, stds: Vec<f64>) -> Result<GaussianMixture> {
         let k = weights.len();
-        let bad = |msg: String| Err(DdpmError::Data(format!("invalid Gaussian mixture: {msg}")));
+        let bad = |reason: String| {
+            Err(DdpmError::BadData {
+                set: "Gaussian mixture".into(),
+                reason,
+            })
+        };
         if k == 0 || means.len() != k || stds.len() != k {
             return bad(format!(
                 "{k} weights, {} means and {} stds",
@@ -63,7 +68,10 @@ impl GaussianMixture {
     pub fn sample(&self, n: usize, seed: u64) -> Result<Dataset> {
         let mut rng = seeded_rng(seed, Stream::Synthetic, 0);
         let pick = WeightedIndex::new(&self.weights)
-            .map_err(|e| DdpmError::Data(format!("invalid mixture weights: {e}")))?;
+            .map_err(|e| DdpmError::BadData {
+                set: "Gaussian mixture".into(),
+                reason: format!("invalid weights: {e}"),
+            })?;
         let d = self.dim();
         let mut values = Vec::with_capacity(n * d);
         for _ in 0..n {

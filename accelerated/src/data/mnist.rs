@@ -33,11 +33,13 @@ pub fn default_path() -> PathBuf {
 pub fn load(path: &Path, pad_to_32: bool) -> Result<Dataset> {
     let file = File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            DdpmError::Data(format!(
-                "the embedded MNIST-5k data set is missing at {}: run scripts/bootstrap.sh \
-                 (or point DDPM_MNIST at a copy, or use --data DIR for an image folder)",
-                path.display()
-            ))
+            DdpmError::BadData {
+                set: path.display().to_string(),
+                reason: "the embedded MNIST-5k data set is missing here: run scripts/bootstrap.sh \
+                         (or point DDPM_MNIST at a copy, or train on an image folder: \
+                         data.source = \"folder\" with data.path)"
+                    .into(),
+            }
         } else {
             DdpmError::io(format!("cannot open {}", path.display()), e)
         }
@@ -65,21 +67,27 @@ pub fn parse(reader: impl BufRead, origin: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut labels = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(|e| {
-            DdpmError::Data(format!(
-                "{origin}: cannot read line {} (truncated or corrupt file?): {e}",
-                i + 1
-            ))
+            DdpmError::BadData {
+                set: origin.to_string(),
+                reason: format!("cannot read line {} (truncated or corrupt file?): {e}", i + 1),
+            }
         })?;
         if line.trim().is_empty() {
             continue;
         }
         let row = parse_row(&line)
-            .map_err(|msg| DdpmError::Data(format!("{origin}, line {}: {msg}", i + 1)))?;
+            .map_err(|msg| DdpmError::BadData {
+                set: origin.to_string(),
+                reason: format!("line {}: {msg}", i + 1),
+            })?;
         pixels.extend_from_slice(&row[..PIXELS]);
         labels.push(row[PIXELS]);
     }
     if labels.is_empty() {
-        return Err(DdpmError::Data(format!("{origin} holds no images")));
+        return Err(DdpmError::BadData {
+            set: origin.to_string(),
+            reason: "holds no images".into(),
+        });
     }
     Ok((pixels, labels))
 }
@@ -151,11 +159,14 @@ mod tests {
     #[test]
     fn malformed_rows_name_the_line() {
         let short = format!("{}\n1,2,3\n", row(0, 1));
-        let err = parse(short.as_bytes(), "x.csv").unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("785"), "{err}");
+        let line = |err: &DdpmError, needle: &str| {
+            matches!(err, DdpmError::BadData { set, reason } if set == "x.csv" && reason.contains(needle))
+        };
+        let err = parse(short.as_bytes(), "x.csv").unwrap_err();
+        assert!(line(&err, "line 2") && line(&err, "785"), "{err}");
         let bad = row(0, 1).replacen("255", "256", 1);
-        let err = parse(bad.as_bytes(), "x.csv").unwrap_err().to_string();
-        assert!(err.contains("line 1") && err.contains("column 1"), "{err}");
+        let err = parse(bad.as_bytes(), "x.csv").unwrap_err();
+        assert!(line(&err, "line 1") && line(&err, "column 1"), "{err}");
         assert!(parse("".as_bytes(), "x.csv").is_err());
     }
 

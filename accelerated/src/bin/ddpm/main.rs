@@ -1,8 +1,11 @@
 //! The `ddpm` binary. Bad input ends with `error: <message>` and a non-zero exit status,
 //! never a panic trace.
 
+mod cli;
+mod progress;
+
 use clap::Parser;
-use ddpm::cli::{run, Cli};
+use cli::{run, Cli};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 

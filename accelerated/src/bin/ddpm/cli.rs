@@ -1,0 +1,716 @@
+//! The `ddpm` command line: `train`, `sample`, `eval`, `quality`, `info`. Each flag that
+//! changes a setting is an entry of a partial configuration table at its config key,
+//! layered over the preset or config file by the library's own merge.
+
+use crate::progress::Bar;
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ddpm::checkpoint::{self, Weights};
+use ddpm::config::{self, Config, PRESETS};
+use ddpm::data::mnist;
+use ddpm::device::{torch_info, DeviceChoice};
+use ddpm::error::DdpmError;
+use ddpm::eval::{evaluate, EvalOptions};
+use ddpm::grid;
+use ddpm::progress::Progress;
+use ddpm::sampler::Sampler;
+use ddpm::sigma::SigmaChoice;
+use ddpm::train::{train, TrainOptions};
+use std::path::{Path, PathBuf};
+use toml::Value;
+
+/// DDPM as "an autoregressive VAE" (Su Jianlin), on libtorch: train, sample, evaluate.
+#[derive(Debug, Parser)]
+#[command(name = "ddpm", version, propagate_version = true)]
+pub struct Cli {
+    /// Where to compute: `auto` takes CUDA device 0 when libtorch sees one, else the CPU.
+    #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model; writes config.toml, metrics.jsonl, samples/ and checkpoints/ in --out.
+    Train(Box<TrainArgs>),
+    /// Draw samples from a checkpoint and write them as a PNG grid (and optionally one file each).
+    Sample(SampleArgs),
+    /// The negative ELBO (bits/dim) of a checkpoint on its run's held-out images.
+    Eval(EvalArgs),
+    /// The σ_t × steps quality table of an mnist checkpoint: FD-MNIST (a small digit
+    /// classifier's Fréchet distance, not Inception FID), entropies, bits/dim and grids.
+    Quality(ddpm::quality::Args),
+    /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
+    Info,
+}
+
+/// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA device 0 when available, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device 0; an error when libtorch sees no CUDA device.
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The library's choice.
+    pub fn choice(self) -> DeviceChoice {
+        match self {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+
+    fn resolve(self) -> anyhow::Result<tch::Device> {
+        self.choice().resolve().map_err(|e| name_the_flag(e, &[]))
+    }
+}
+
+/// Colour channels the images are converted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Channels {
+    /// One channel (luma).
+    Grey,
+    /// Three channels.
+    Rgb,
+}
+
+impl Channels {
+    /// Number of channels C.
+    pub fn count(self) -> i64 {
+        match self {
+            Channels::Grey => 1,
+            Channels::Rgb => 3,
+        }
+    }
+}
+
+/// How the time step t enters the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeEmbedding {
+    /// The article's trainable Embedding(T, base) (row t−1 for step t).
+    Learned,
+    /// Fixed sinusoidal features of t (dimension base) through Linear → swish → Linear
+    /// (width 4·base); each row is shared by all t, which helps short runs.
+    Sinusoidal,
+}
+
+/// Which schedule of α_1..α_T to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleKind {
+    /// The article's: α_t = sqrt(1 − 0.02·t/T).
+    Article,
+    /// Ho et al.'s: β^Ho_t = linspace(1e-4, 0.02, T), α_t = sqrt(1 − β^Ho_t).
+    Linear,
+    /// Nichol & Dhariwal's cosine, s = 0.008: β^Ho_t = min(1 − f(t)/f(t−1), 0.999),
+    /// f(t) = cos²((t/T + s)/(1 + s)·π/2).
+    Cosine,
+}
+
+/// Which training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossWeight {
+    /// mean_B ‖ε − ε̂‖², the article's training loss (its weight dropped).
+    None,
+    /// Loss (8) with its exact weight β_t⁴/(β̄_t² α_t² σ_t²) for the chosen σ.
+    Article,
+}
+
+/// σ_t of the generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SigmaArg {
+    /// σ_t = β̄_{t−1} β_t / β̄_t (optimal for a single training image).
+    Posterior,
+    /// σ_t = β_t (optimal for standard-normal data; the article's sampler).
+    Beta,
+    /// Optimal for isotropic Gaussian data N(m, s² I); needs --data-std s.
+    Isotropic,
+}
+
+/// The config value of a flag's choice: its name, as the config files spell it.
+fn name<E: ValueEnum>(choice: E) -> Value {
+    let value = choice
+        .to_possible_value()
+        .expect("no variant is skipped");
+    Value::from(value.get_name())
+}
+
+/// The σ choice `flag` (`--sigma` or `--loss-sigma`) names, as a config value.
+fn sigma_value(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<Value> {
+    let mut table = toml::Table::new();
+    table.insert("kind".into(), name(arg));
+    match (arg, data_std) {
+        (SigmaArg::Isotropic, Some(s)) => {
+            table.insert("data_std".into(), Value::from(s));
+        }
+        (SigmaArg::Isotropic, None) => bail!(
+            "{flag} isotropic needs --data-std S (the data's per-dimension standard deviation)"
+        ),
+        _ => {}
+    }
+    Ok(Value::Table(table))
+}
+
+/// The σ choice `flag` names, as the library's.
+fn sigma_choice(flag: &str, arg: SigmaArg, data_std: Option<f64>) -> anyhow::Result<SigmaChoice> {
+    Ok(sigma_value(flag, arg, data_std)?.try_into()?)
+}
+
+/// A count as a config value.
+fn int<N: TryInto<i64>>(n: N) -> Value {
+    Value::Integer(n.try_into().unwrap_or(i64::MAX))
+}
+
+/// A flag given on the command line: its name, the config key it sets, the value.
+type Given = (&'static str, &'static str, Value);
+
+/// The flags given, at their config keys, as a partial configuration table.
+pub fn overrides(given: &[Given]) -> toml::Table {
+    let mut table = toml::Table::new();
+    for (_, key, value) in given {
+        config::set_key(&mut table, key, value.clone());
+    }
+    table
+}
+
+/// The flags a library error's advice points to, by the config key it names.
+const ADVICE_FLAGS: [(&str, &str); 3] = [
+    ("train.lr", "--lr"),
+    ("train.grad_clip", "--grad-clip"),
+    ("train.skip_nonfinite", "--skip-nonfinite"),
+];
+
+/// `error` with the flag named beside the config key it names (`train.lr (--lr)`), when
+/// that key was set by a flag, or beside the keys its advice names; `--device` for CUDA.
+fn name_the_flag(error: DdpmError, given: &[Given]) -> anyhow::Error {
+    let key = match &error {
+        DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => *key,
+        DdpmError::NonFinite { .. } | DdpmError::Diverged { .. } => {
+            let mut text = error.to_string();
+            for (key, flag) in ADVICE_FLAGS {
+                text = text.replacen(key, &format!("{key} ({flag})"), 1);
+            }
+            return anyhow::anyhow!("{text}");
+        }
+        DdpmError::CudaUnavailable => {
+            return anyhow::anyhow!("{error} (--device cpu or --device auto)")
+        }
+        _ => return error.into(),
+    };
+    match given.iter().find(|(_, k, _)| *k == key) {
+        Some((flag, ..)) => {
+            anyhow::anyhow!("{}", error.to_string().replacen(key, &format!("{key} ({flag})"), 1))
+        }
+        None => error.into(),
+    }
+}
+
+/// `ddpm train`. Settings come from --preset (or --config FILE); each flag given overrides one.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base settings: `mnist` (embedded digits, a ~10-minute run on 2 CPU cores), `cifar32` or
+    /// `celeba128` (the article's CelebA-HQ setting; both need --data DIR) [default: mnist].
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    pub preset: Option<String>,
+    /// A TOML or JSON file of settings (sections data, model, diffusion, train, sample; an
+    /// optional top-level `preset` key picks its base). Replaces --preset.
+    #[arg(long, value_name = "FILE", conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// The run directory [default: runs/<preset>].
+    #[arg(long, visible_alias = "run-dir", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its newest intact checkpoint, exactly as if never
+    /// stopped; its saved settings are used, only --steps may change.
+    #[arg(long)]
+    pub resume: bool,
+    /// Train on this folder of PNG/JPEG images (centre-cropped and resized) instead of MNIST.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Image side; MNIST allows 28 (default) or 32 (padded) [default: the preset's].
+    #[arg(long, allow_negative_numbers = true)]
+    pub image_size: Option<i64>,
+    /// Image colours for --data [default: the preset's].
+    #[arg(long, value_enum)]
+    pub channels: Option<Channels>,
+    /// Flip training images horizontally at random.
+    #[arg(long)]
+    pub flip: bool,
+    /// Images held out of training for `ddpm eval` [default: the preset's].
+    #[arg(long)]
+    pub holdout: Option<usize>,
+    /// Channels of the first U-Net level [default: the preset's].
+    #[arg(long, allow_negative_numbers = true)]
+    pub base_channels: Option<i64>,
+    /// How t enters the network [default: the preset's].
+    #[arg(long, value_enum)]
+    pub time_embedding: Option<TimeEmbedding>,
+    /// Noise schedule [default: the preset's, `article`].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleKind>,
+    /// Number of diffusion steps T [default: 1000].
+    #[arg(long, allow_negative_numbers = true)]
+    pub t_max: Option<i64>,
+    /// Optimiser updates [default: the preset's]. The learning-rate decay is fixed at steps,
+    /// not fractions of the run, so a run extended with `--resume --steps N` past its last
+    /// decay point goes on at its final rate.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per update [default: the preset's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// LAMB's base learning rate [default: the preset's: 5e-3 for mnist, the article's 1e-3
+    /// for the others].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// Updates of linear learning-rate warm-up [default: the preset's].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Clip the global gradient norm to this [default: no clipping].
+    #[arg(long, allow_negative_numbers = true)]
+    pub grad_clip: Option<f64>,
+    /// EMA decay of the weights [default: the preset's].
+    #[arg(long, allow_negative_numbers = true)]
+    pub ema_decay: Option<f64>,
+    /// `none`: mean_B ‖ε − ε̂‖² (the article's training loss); `article`: loss (8) with its
+    /// exact weight for --loss-sigma [default: none].
+    #[arg(long, value_enum)]
+    pub loss_weight: Option<LossWeight>,
+    /// σ_t in loss (8)'s weight [default: beta].
+    #[arg(long, value_enum)]
+    pub loss_sigma: Option<SigmaArg>,
+    /// s for --loss-sigma isotropic.
+    #[arg(long, allow_negative_numbers = true)]
+    pub data_std: Option<f64>,
+    /// bfloat16 autocast on CUDA (ignored on the CPU).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Seed of everything random [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N updates (and at the end) [default: the preset's].
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// Keep the last K checkpoints [default: 3].
+    #[arg(long, value_name = "K")]
+    pub keep_last: Option<usize>,
+    /// Write a sample grid every N updates (and at the end; 0 = only at the end) [default:
+    /// the preset's].
+    #[arg(long, value_name = "N")]
+    pub sample_every: Option<u64>,
+    /// Sampler steps of the grids drawn during training (strided; `ddpm sample` is not
+    /// affected) [default: the preset's, 100].
+    #[arg(long, value_name = "N")]
+    pub grid_steps: Option<usize>,
+    /// Skip batches whose loss is NaN or infinite instead of stopping.
+    #[arg(long)]
+    pub skip_nonfinite: bool,
+}
+
+impl TrainArgs {
+    /// --preset, or `mnist`.
+    pub fn preset_name(&self) -> &str {
+        self.preset.as_deref().unwrap_or("mnist")
+    }
+
+    /// Each flag given that changes a setting: (flag, config key, value). The one place a
+    /// flag is tied to its key.
+    pub fn given(&self) -> anyhow::Result<Vec<Given>> {
+        let yes = |b: bool| b.then_some(Value::Boolean(true));
+        let loss_sigma = self
+            .loss_sigma
+            .map(|s| sigma_value("--loss-sigma", s, self.data_std))
+            .transpose()?;
+        let path = |p: &PathBuf| Value::from(p.to_string_lossy().into_owned());
+        let flags: Vec<(&'static str, &'static str, Option<Value>)> = vec![
+            ("--data", "data.source", self.data.as_ref().map(|_| Value::from("folder"))),
+            ("--data", "data.path", self.data.as_ref().map(path)),
+            ("--image-size", "model.image_size", self.image_size.map(int)),
+            ("--channels", "model.in_channels", self.channels.map(|c| int(c.count()))),
+            ("--flip", "data.flip", yes(self.flip)),
+            ("--holdout", "data.holdout", self.holdout.map(int)),
+            ("--base-channels", "model.base_channels", self.base_channels.map(int)),
+            ("--time-embedding", "model.time_embedding", self.time_embedding.map(name)),
+            ("--schedule", "diffusion.schedule", self.schedule.map(name)),
+            ("--t-max", "diffusion.t_max", self.t_max.map(int)),
+            ("--steps", "train.steps", self.steps.map(int)),
+            ("--batch-size", "train.batch_size", self.batch_size.map(int)),
+            ("--lr", "train.lr", self.lr.map(Value::from)),
+            ("--warmup", "train.warmup_steps", self.warmup.map(int)),
+            ("--grad-clip", "train.grad_clip", self.grad_clip.map(Value::from)),
+            ("--ema-decay", "train.ema_decay", self.ema_decay.map(Value::from)),
+            ("--loss-weight", "train.loss_weight", self.loss_weight.map(name)),
+            ("--loss-sigma", "train.loss_sigma", loss_sigma),
+            ("--bf16", "train.bf16", yes(self.bf16)),
+            ("--seed", "train.seed", self.seed.map(int)),
+            ("--checkpoint-every", "train.checkpoint_every", self.checkpoint_every.map(int)),
+            ("--keep-last", "train.keep_last", self.keep_last.map(int)),
+            ("--sample-every", "train.sample_every", self.sample_every.map(int)),
+            ("--grid-steps", "train.grid_steps", self.grid_steps.map(int)),
+            ("--skip-nonfinite", "train.skip_nonfinite", yes(self.skip_nonfinite)),
+        ];
+        Ok(flags
+            .into_iter()
+            .filter_map(|(flag, key, value)| Some((flag, key, value?)))
+            .collect())
+    }
+
+    /// The settings: the config file or preset, then each flag given, layered by the
+    /// library. Returns the flags given too.
+    pub fn config(&self) -> anyhow::Result<(Config, Vec<Given>)> {
+        let base = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::preset(self.preset_name())?,
+        };
+        let given = self.given()?;
+        let cfg = base
+            .with_overrides(overrides(&given), "the command line")
+            .map_err(|e| name_the_flag(e, &given))?;
+        Ok((cfg, given))
+    }
+}
+
+/// `ddpm sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 36)]
+    pub n: usize,
+    /// The PNG grid to write.
+    #[arg(long, default_value = "samples.png", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also write each image as DIR/NNNNN.png.
+    #[arg(long, value_name = "DIR")]
+    pub each: Option<PathBuf>,
+    /// σ_t of the ancestral sampler [default: the run's sample.sigma].
+    #[arg(long, value_enum)]
+    pub sigma: Option<SigmaArg>,
+    /// s for --sigma isotropic (the data's per-dimension standard deviation).
+    #[arg(long, allow_negative_numbers = true)]
+    pub data_std: Option<f64>,
+    /// Visit only N of the T steps, evenly strided (ancestral on the respaced chain, or DDIM
+    /// with --eta) [default: the run's sample.steps, else all T].
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+    /// Use DDIM with this η (0 deterministic, 1 strided DDPM) [default: the ancestral sampler].
+    #[arg(long, allow_negative_numbers = true)]
+    pub eta: Option<f64>,
+    /// Clip x̂_0 to [−1, 1] at every step (true/false) [default: the run's sample.clip_each_step].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub clip_each_step: Option<bool>,
+    /// Seed of the sampler's noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Use the raw weights instead of their EMA.
+    #[arg(long)]
+    pub raw: bool,
+    /// Run the network in bfloat16 autocast on CUDA (ignored on the CPU); the sampler's
+    /// update stays f32.
+    #[arg(long)]
+    pub bf16: bool,
+    /// Images per grid row [default: ceil(sqrt(n))].
+    #[arg(long)]
+    pub columns: Option<i64>,
+}
+
+/// `ddpm eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Evaluate only the first N held-out images [default: all].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// A quick estimate from K random t per image instead of all T (unbiased, noisier; the
+    /// output says so).
+    #[arg(long, value_name = "K")]
+    pub quick: Option<usize>,
+    /// σ_t of the generator [default: the run's sample.sigma].
+    #[arg(long, value_enum)]
+    pub sigma: Option<SigmaArg>,
+    /// s for --sigma isotropic.
+    #[arg(long, allow_negative_numbers = true)]
+    pub data_std: Option<f64>,
+    /// Use the raw weights instead of their EMA.
+    #[arg(long)]
+    pub raw: bool,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let progress = !cli.no_progress;
+    match cli.command {
+        Command::Info => info(cli.device),
+        Command::Train(args) => run_train(&args, cli.device, progress),
+        Command::Sample(args) => run_sample(&args, cli.device, progress),
+        Command::Quality(args) => {
+            let table = ddpm::quality::run(&args, cli.device.resolve()?, progress)
+                .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
+            println!(
+                "{} cells in {:.0} s; table in {}",
+                table.cells.len(),
+                table.seconds,
+                args.out.join("table.md").display()
+            );
+            Ok(())
+        }
+        Command::Eval(args) => {
+            let device = cli.device.resolve()?;
+            let opts = EvalOptions {
+                checkpoint: args.checkpoint.clone(),
+                device,
+                weights: if args.raw { Weights::Raw } else { Weights::Ema },
+                limit: args.limit,
+                batch_size: args.batch_size,
+                quick: args.quick,
+                sigma: args
+                    .sigma
+                    .map(|s| sigma_choice("--sigma", s, args.data_std))
+                    .transpose()?,
+                seed: args.seed,
+            };
+            let mut bar = Bar::new(progress);
+            let report = evaluate(&opts, &mut bar)
+                .with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+fn info(choice: DeviceArg) -> anyhow::Result<()> {
+    println!("ddpm {}", env!("CARGO_PKG_VERSION"));
+    println!("{}", torch_info());
+    match choice.resolve() {
+        Ok(d) => println!("device for --device {choice:?}: {d:?}"),
+        Err(e) => println!("device for --device {choice:?}: unavailable ({e})"),
+    }
+    let mnist = mnist::default_path();
+    let state = if mnist.exists() {
+        "present"
+    } else {
+        "MISSING: run scripts/bootstrap.sh"
+    };
+    println!("embedded MNIST-5k: {} ({state})", mnist.display());
+    Ok(())
+}
+
+fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
+    let (cfg, given) = args.config()?;
+    if args.resume {
+        if let Some((flag, ..)) = given.iter().find(|(_, key, _)| *key != "train.steps") {
+            bail!("--resume continues with the run's saved settings; {flag} cannot change them (only --steps can)");
+        }
+    }
+    let run_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(args.preset_name()));
+    let opts = TrainOptions {
+        run_dir: run_dir.clone(),
+        device: device.resolve()?,
+        resume: args.resume,
+        resume_must_match: args.preset.is_some() || args.config.is_some(),
+    };
+    tracing::info!(
+        "training on {:?}, run directory {}",
+        opts.device,
+        run_dir.display()
+    );
+    let mut bar = Bar::new(progress);
+    let summary = train(&cfg, &opts, args.steps, &mut bar)
+        .map_err(|e| match e {
+            DdpmError::ResumeSettings { .. } => anyhow::anyhow!(
+                "{e}; leave out --preset/--config to continue it with its own settings, or choose another --out"
+            ),
+            DdpmError::RunExists { .. } => anyhow::Error::from(e)
+                .context("pass --resume to continue that run, or choose another --out"),
+            e => name_the_flag(e, &given),
+        })
+        .with_context(|| format!("training in {}", run_dir.display()))?;
+    println!(
+        "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}",
+        summary.steps,
+        summary.last_loss,
+        if summary.skipped > 0 {
+            format!(", {} batches skipped", summary.skipped)
+        } else {
+            String::new()
+        },
+        summary.checkpoint.display(),
+        summary.grid.display()
+    );
+    Ok(())
+}
+
+impl SampleArgs {
+    /// The `sample` settings the flags change: (flag, config key, value).
+    fn given(&self) -> anyhow::Result<Vec<Given>> {
+        let sigma = self
+            .sigma
+            .map(|s| sigma_value("--sigma", s, self.data_std))
+            .transpose()?;
+        let flags: Vec<(&'static str, &'static str, Option<Value>)> = vec![
+            ("--sigma", "sample.sigma", sigma),
+            ("--steps", "sample.steps", self.steps.map(int)),
+            ("--eta", "sample.eta", self.eta.map(Value::from)),
+            ("--clip-each-step", "sample.clip_each_step", self.clip_each_step.map(Value::from)),
+        ];
+        Ok(flags
+            .into_iter()
+            .filter_map(|(flag, key, value)| Some((flag, key, value?)))
+            .collect())
+    }
+}
+
+fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
+    if args.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    grid::ensure_writable(&args.out)?;
+    if let Some(dir) = &args.each {
+        grid::ensure_dir(dir)?;
+    }
+    let device = device.resolve()?;
+    let weights = if args.raw { Weights::Raw } else { Weights::Ema };
+    let model = checkpoint::load_model(&args.checkpoint, device, weights)?;
+    let given = args.given()?;
+    let cfg = model
+        .config
+        .with_overrides(overrides(&given), "the command line")
+        .map_err(|e| name_the_flag(e, &given))?;
+    let mut sampler_cfg = cfg.sampler(Some(args.seed));
+    sampler_cfg.bf16 = args.bf16;
+    let sampler = Sampler::new(&model.schedule, sampler_cfg)?;
+    let mut bar = Bar::new(progress);
+    bar.start(sampler.steps().len() as u64, 0, "steps");
+    let [c, s, _] = cfg.image_shape();
+    tracing::info!(
+        "sampling {} images from {} (step {}) on {device:?}",
+        args.n,
+        model.checkpoint.dir.display(),
+        model.checkpoint.manifest.step
+    );
+    let images = sampler.sample_with(&model.net, &[args.n as i64, c, s, s], device, |done, _| {
+        bar.update(done as u64)
+    })?;
+    bar.finish();
+    grid::save_grid(&images, &args.out, args.columns)?;
+    println!("wrote {}", args.out.display());
+    if let Some(dir) = &args.each {
+        grid::save_each(&images, dir)?;
+        println!("wrote {} images to {}", args.n, dir.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn train_args(argv: &[&str]) -> Box<TrainArgs> {
+        let cli = Cli::try_parse_from(["ddpm", "train"].iter().chain(argv)).unwrap();
+        let Command::Train(args) = cli.command else {
+            panic!("not train")
+        };
+        args
+    }
+
+    #[test]
+    fn the_command_line_is_consistent_and_flags_override_the_preset() {
+        Cli::command().debug_assert();
+        let (cfg, given) = train_args(&["--steps", "300", "--lr", "0.002", "--bf16"])
+            .config()
+            .unwrap();
+        assert_eq!(
+            (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
+            (300, 0.002, true)
+        );
+        assert_eq!(
+            cfg.train.lr_decay,
+            vec![ddpm::config::LrPoint {
+                step: 300,
+                factor: 0.1
+            }],
+            "the decay end follows --steps"
+        );
+        assert!(
+            train_args(&["--steps", "30"]).config().unwrap().0.train.lr_decay.is_empty(),
+            "a run inside the warm-up has no decay"
+        );
+        let flags: Vec<&str> = given.iter().map(|(f, ..)| *f).collect();
+        assert_eq!(flags, vec!["--steps", "--lr", "--bf16"]);
+        let err = train_args(&["--loss-weight", "article", "--loss-sigma", "posterior"])
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("posterior") && err.contains("(--loss-sigma)"), "{err}");
+        assert!(Cli::try_parse_from(["ddpm", "train", "--preset", "imagenet"]).is_err());
+        assert!(Cli::try_parse_from([
+            "ddpm",
+            "sample",
+            "--sigma",
+            "isotropic",
+            "--clip-each-step"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn every_setting_flag_reaches_its_config_key() {
+        let (cfg, given) = train_args(&[
+            "--data", "/faces", "--channels", "rgb", "--image-size", "32", "--flip",
+            "--holdout", "7", "--base-channels", "16", "--time-embedding", "learned",
+            "--schedule", "cosine", "--t-max", "50", "--batch-size", "3", "--warmup", "4",
+            "--grad-clip", "1.5", "--ema-decay", "0.5", "--loss-weight", "article",
+            "--loss-sigma", "isotropic", "--data-std", "0.25", "--seed", "9",
+            "--checkpoint-every", "11", "--keep-last", "2", "--sample-every", "13",
+            "--grid-steps", "5", "--skip-nonfinite", "--steps", "100", "--lr", "0.01", "--bf16",
+        ])
+        .config()
+        .unwrap();
+        // All 24 setting flags (--data-std goes with --loss-sigma); --data sets two keys.
+        assert_eq!(given.len(), 25);
+        assert_eq!((cfg.train.steps, cfg.train.lr, cfg.train.bf16), (100, 0.01, true));
+        assert_eq!(cfg.data.source, ddpm::config::DataSource::Folder);
+        assert_eq!(cfg.data.path.as_deref(), Some(Path::new("/faces")));
+        assert_eq!((cfg.model.in_channels, cfg.model.image_size), (3, 32));
+        assert!(cfg.data.flip && cfg.train.skip_nonfinite);
+        assert_eq!((cfg.data.holdout, cfg.model.base_channels), (7, 16));
+        assert_eq!(cfg.model.time_embedding, ddpm::unet::TimeEmbedding::Learned);
+        assert_eq!(cfg.diffusion.schedule, ddpm::schedule::ScheduleKind::Cosine);
+        assert_eq!((cfg.diffusion.t_max, cfg.model.t_max), (50, 50));
+        assert_eq!((cfg.train.batch_size, cfg.train.warmup_steps), (3, 4));
+        assert_eq!((cfg.train.grad_clip, cfg.train.ema_decay), (Some(1.5), 0.5));
+        assert_eq!(cfg.train.loss_weight, ddpm::config::LossWeight::Article);
+        assert_eq!(cfg.train.loss_sigma, SigmaChoice::Isotropic { data_std: 0.25 });
+        assert_eq!((cfg.train.seed, cfg.train.checkpoint_every), (9, 11));
+        assert_eq!((cfg.train.keep_last, cfg.train.sample_every), (2, 13));
+        assert_eq!(cfg.train.grid_steps, Some(5));
+        let err = train_args(&["--lr", "0"]).config().unwrap_err().to_string();
+        assert!(err.contains("train.lr (--lr)"), "{err}");
+    }
+}
