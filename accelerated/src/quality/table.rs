@@ -901,6 +901,131 @@ mod tests {
         assert!(measure(&ctx, &p, &dir, vec![record(0)], 0.0, false, |_| Ok(())).is_err());
     }
 
+    /// A table with fixed numbers (no model): two columns, DDIM in the first only, one floor
+    /// and one comparison missing, two classifiers; `bare` has no bound, one classifier.
+    pub(crate) fn fixed_table(bare: bool) -> Table {
+        let interval = |lo: f64, hi: f64| Interval { lo, hi, level: 0.95 };
+        let record = |seed| ClassifierRecord {
+            format: 1,
+            config: super::super::classifier::ClassifierConfig {
+                seed,
+                ..Default::default()
+            },
+            data_sha256: "ab".into(),
+            weights_sha256: "cd".into(),
+            train_images: 4500,
+            heldout_images: 500,
+            heldout_accuracy: 0.98 + 0.001 * seed as f64,
+        };
+        let k = if bare { 1 } else { 2 };
+        let columns = vec![
+            Column {
+                steps: 10,
+                samples: 6,
+            },
+            Column {
+                steps: 20,
+                samples: 4,
+            },
+        ];
+        let mut cells = Vec::new();
+        for (i, &row) in Row::SIGMAS.iter().chain([Row::Ddim].iter()).enumerate() {
+            for (j, col) in columns.iter().enumerate() {
+                if row == Row::Ddim && j == 1 {
+                    continue;
+                }
+                let fd = 10.0 + 3.25 * i as f64 - 1.125 * j as f64;
+                let bpd = (row != Row::Ddim && !bare).then_some(1.5 + 0.0625 * (i + j) as f64);
+                cells.push(Cell {
+                    row,
+                    steps: col.steps,
+                    samples: col.samples,
+                    fd,
+                    fd_by_classifier: (0..k).map(|c| fd + 0.55 * c as f64).collect(),
+                    fd_ci: interval(fd - 1.004, fd + 2.996),
+                    entropy: 0.1234 + 0.01 * i as f64,
+                    marginal_entropy: 2.2 - 0.005 * j as f64,
+                    bits_per_dim: bpd,
+                    bits_per_dim_se: bpd.map(|b| b / 100.0),
+                    grid: format!("grids/{}-{}.png", row.name(), col.steps),
+                    seconds: 12.5 + i as f64,
+                });
+            }
+        }
+        let mut comparisons = Vec::new();
+        for (p, (row, against)) in COMPARED.into_iter().enumerate() {
+            for col in &columns {
+                for classifier in 0..k {
+                    if p == 2 && col.steps == 20 && classifier == 0 {
+                        continue;
+                    }
+                    let diff = -0.5 + 0.75 * p as f64 + 0.1 * classifier as f64;
+                    comparisons.push(Comparison {
+                        steps: col.steps,
+                        classifier,
+                        row,
+                        against,
+                        diff,
+                        ci: interval(diff - 0.333, diff + 0.666),
+                    });
+                }
+            }
+        }
+        Table {
+            plan: Plan {
+                columns,
+                ddim_steps: if bare { vec![] } else { vec![10] },
+                bpd_images: if bare { 0 } else { 600 },
+                bootstrap_reps: 200,
+                batch: 250,
+                grid_images: 64,
+                seed: 0,
+                clip_each_step: true,
+            },
+            classifiers: (0..k as u64).map(record).collect(),
+            data_std: 0.61234,
+            heldout_images: 500,
+            cells,
+            floors: vec![Floor {
+                samples: 6,
+                fd: 1.875,
+                fd_ci: interval(1.5, 2.25),
+            }],
+            comparisons,
+            sigmas: [1i64, 10, 20]
+                .into_iter()
+                .map(|t| SigmaSample {
+                    t,
+                    eps_mse: 0.5 / t as f64,
+                    sigma: [0.01, 0.02, 0.03, 0.04].map(|s| s * t as f64),
+                })
+                .collect(),
+            eps_mse_seconds: 41.6,
+            seconds: 1234.5,
+        }
+    }
+
+    /// The Markdown and JSON of fixed numbers, byte for byte (docs/quality.md embeds the one,
+    /// scripts read the other).
+    #[test]
+    fn a_fixed_table_renders_byte_for_byte() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/quality/testdata");
+        let check = |name: &str, got: String| {
+            let path = format!("{dir}/{name}");
+            if std::env::var_os("DDPM_BLESS").is_some() {
+                std::fs::write(&path, &got).unwrap();
+            }
+            let want = std::fs::read_to_string(&path).unwrap();
+            assert!(got == want, "{name} differs:\n{got}");
+        };
+        check("table.md", markdown(&fixed_table(false), "quality/"));
+        check("table-bare.md", markdown(&fixed_table(true), ""));
+        check(
+            "table.json",
+            serde_json::to_string_pretty(&fixed_table(false)).unwrap(),
+        );
+    }
+
     #[test]
     fn a_plan_is_checked_and_its_work_counted() {
         let mut p = plan();
