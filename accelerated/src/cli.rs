@@ -45,7 +45,7 @@ pub enum Command {
     Eval(EvalArgs),
     /// The σ_t × steps quality table of an mnist checkpoint: FD-MNIST (a small digit
     /// classifier's Fréchet distance, not Inception FID), entropies, bits/dim and grids.
-    Quality(crate::quality::Args),
+    Quality(QualityArgs),
     /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
     Info,
 }
@@ -377,17 +377,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info => info(cli.device),
         Command::Train(args) => run_train(&args, cli.device, progress),
         Command::Sample(args) => run_sample(&args, cli.device, progress),
-        Command::Quality(args) => {
-            let table = crate::quality::run(&args, cli.device.resolve()?, progress)
-                .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
-            println!(
-                "{} cells in {:.0} s; table in {}",
-                table.cells.len(),
-                table.seconds,
-                args.out.join("table.md").display()
-            );
-            Ok(())
-        }
+        Command::Quality(args) => run_quality(&args, cli.device, progress),
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {
@@ -577,5 +567,254 @@ mod tests {
             "--clip-each-step"
         ])
         .is_ok());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `ddpm quality` (issue 12): its flags, their mapping onto `ddpm::quality::Options`, and the
+// run with an indicatif bar fed by the library's `Progress` events. Self-contained: the block
+// moves to the binary as it is.
+// ---------------------------------------------------------------------------------------------
+
+use crate::quality as ddpm_quality;
+
+/// `ddpm quality`: the σ_t × steps table of FD-MNIST, entropies and bits/dim.
+#[derive(Debug, Clone, Args)]
+pub struct QualityArgs {
+    /// A checkpoint directory, or a run directory (its newest good checkpoint is used).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output directory: table.md, table.json and grids/.
+    #[arg(long, default_value = "docs/quality")]
+    pub out: PathBuf,
+    /// A Markdown file whose region between `<!-- quality-table:begin -->` and
+    /// `<!-- quality-table:end -->` is replaced by the table.
+    #[arg(long)]
+    pub doc: Option<PathBuf>,
+    /// Where the classifiers are cached (default: quality/ in the run directory).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Feature classifiers, seeds 0..N: seed 0 scores the main table, every one gets its own FD
+    /// and paired differences, to show how far a verdict depends on the feature extractor.
+    #[arg(long, default_value_t = 5)]
+    pub classifiers: usize,
+    /// The columns: numbers of sampling steps (strided below T).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![50, 100, 250, 1000])]
+    pub steps: Vec<usize>,
+    /// Images sampled per cell, one count per column. The defaults put 0.88 M images through
+    /// the network in all: 20 minutes on 2 idle CPU cores (docs/quality.md).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![500, 400, 160, 80])]
+    pub samples: Vec<usize>,
+    /// Step counts of the DDIM η = 0 row (each also a column; none: no DDIM row).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![50, 100])]
+    pub ddim_steps: Vec<usize>,
+    /// Held-out images the bound is averaged over (0 skips it).
+    #[arg(long, default_value_t = 40)]
+    pub bpd_images: usize,
+    /// Training images per t for m_t = E‖ε − ε̂‖²/d.
+    #[arg(long, default_value_t = 16)]
+    pub eps_mse_per_t: usize,
+    /// Bootstrap resamples per cell.
+    #[arg(long, default_value_t = 200)]
+    pub bootstrap: usize,
+    /// Images per network batch.
+    #[arg(long, default_value_t = 250)]
+    pub batch: usize,
+    /// Images in each grid.
+    #[arg(long, default_value_t = 64)]
+    pub grid: usize,
+    /// Seed of sampling, m_t and the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl QualityArgs {
+    /// The library's options for these flags: column i has `--steps`[i] steps and samples
+    /// `--samples`[i] images per cell.
+    pub fn options(&self) -> anyhow::Result<ddpm_quality::Options> {
+        if self.steps.len() != self.samples.len() {
+            bail!(
+                "--samples needs one count per column of --steps ({} columns, {} counts)",
+                self.steps.len(),
+                self.samples.len()
+            );
+        }
+        Ok(ddpm_quality::Options {
+            checkpoint: self.checkpoint.clone(),
+            out: self.out.clone(),
+            doc: self.doc.clone(),
+            cache: self.cache.clone(),
+            classifiers: self.classifiers,
+            columns: self
+                .steps
+                .iter()
+                .zip(&self.samples)
+                .map(|(&steps, &samples)| ddpm_quality::table::Column { steps, samples })
+                .collect(),
+            ddim_steps: self.ddim_steps.clone(),
+            bpd_images: self.bpd_images,
+            eps_mse_per_t: self.eps_mse_per_t,
+            bootstrap: self.bootstrap,
+            batch: self.batch,
+            grid: self.grid,
+            seed: self.seed,
+        })
+    }
+}
+
+/// The flag behind an option or plan key that a quality error names.
+fn quality_flag(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "classifiers" => "--classifiers",
+        "steps" => "--steps",
+        "samples" => "--samples",
+        "ddim_steps" => "--ddim-steps",
+        "eps_mse_per_t" => "--eps-mse-per-t",
+        "bootstrap_reps" => "--bootstrap",
+        "batch" => "--batch",
+        _ => return None,
+    })
+}
+
+/// A library error of `ddpm quality`, prefixed with the flag to change where it names one.
+fn quality_error(e: crate::error::DdpmError) -> anyhow::Error {
+    use crate::error::DdpmError;
+    let flag = match &e {
+        DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => {
+            quality_flag(key)
+        }
+        _ => None,
+    };
+    match flag {
+        Some(flag) => anyhow::Error::new(e).context(flag),
+        None => anyhow::Error::new(e),
+    }
+}
+
+/// The table's progress as an indicatif bar over its image-steps (hidden with --no-progress),
+/// the cell being sampled beside the count, notes logged above the bar.
+struct QualityBar {
+    show: bool,
+    bar: indicatif::ProgressBar,
+}
+
+impl crate::progress::Progress for QualityBar {
+    fn start(&mut self, total: u64, done: u64, unit: &'static str) {
+        self.bar.finish_and_clear();
+        self.bar = if self.show {
+            let template = format!(
+                "{{elapsed_precise}} {{wide_bar}} {{human_pos}}/{{human_len}} {unit} {{msg}} {{per_sec}} ETA {{eta}}"
+            );
+            // The template is fixed text; only a brace in `unit` could break it, and then the
+            // plain bar does.
+            let style = indicatif::ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            indicatif::ProgressBar::new(total)
+                .with_position(done)
+                .with_style(style)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+    }
+
+    fn update(&mut self, done: u64) {
+        self.bar.set_position(done);
+    }
+
+    fn status(&mut self, status: &str) {
+        self.bar.set_message(status.to_string());
+    }
+
+    fn note(&mut self, line: &str) {
+        self.bar.suspend(|| tracing::info!("{line}"));
+    }
+
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// `ddpm quality`: measures and writes the table, drawing a bar when `progress`.
+fn run_quality(args: &QualityArgs, device: DeviceChoice, progress: bool) -> anyhow::Result<()> {
+    let device = device.resolve()?;
+    let mut bar = QualityBar {
+        show: progress,
+        bar: indicatif::ProgressBar::hidden(),
+    };
+    let table = args
+        .options()
+        .and_then(|opts| ddpm_quality::run(&opts, device, &mut bar).map_err(quality_error))
+        .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
+    println!(
+        "{} cells in {:.0} s; table in {}",
+        table.cells.len(),
+        table.seconds,
+        args.out.join("table.md").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod quality_tests {
+    use super::*;
+    use crate::error::DdpmError;
+
+    fn quality(flags: &[&str]) -> QualityArgs {
+        let cli = Cli::try_parse_from(["ddpm", "quality"].iter().chain(flags)).unwrap();
+        let Command::Quality(args) = cli.command else {
+            panic!("not quality")
+        };
+        args
+    }
+
+    #[test]
+    fn quality_flags_map_onto_the_library_options() {
+        assert_eq!(
+            quality(&["--checkpoint", "runs/x"]).options().unwrap(),
+            ddpm_quality::Options {
+                checkpoint: "runs/x".into(),
+                ..ddpm_quality::Options::default()
+            },
+            "the flags' defaults are the library's"
+        );
+        let args = quality(&[
+            "--checkpoint",
+            "c",
+            "--ddim-steps",
+            "--steps",
+            "10,20",
+            "--samples",
+            "5,6",
+        ]);
+        let opts = args.options().unwrap();
+        assert!(opts.ddim_steps.is_empty());
+        assert_eq!(
+            opts.columns,
+            vec![
+                ddpm_quality::table::Column {
+                    steps: 10,
+                    samples: 5
+                },
+                ddpm_quality::table::Column {
+                    steps: 20,
+                    samples: 6
+                }
+            ]
+        );
+        let short = quality(&["--checkpoint", "c", "--samples", "5"]);
+        assert!(short
+            .options()
+            .unwrap_err()
+            .to_string()
+            .contains("--samples needs one count per column of --steps (4 columns, 1 counts)"));
+        let e = quality_error(DdpmError::OutOfRange {
+            key: "bootstrap_reps",
+            value: "1".into(),
+            expected: "at least 2".into(),
+        });
+        assert_eq!(
+            format!("{e:#}"),
+            "--bootstrap: bootstrap_reps = 1 is out of range: it must be at least 2"
+        );
     }
 }
