@@ -396,7 +396,7 @@ impl Plan {
     }
 
     /// Images passed through the network in all (one per image and step): the unit of the
-    /// progress bar, since sampling and the bound cost the same per image-step.
+    /// progress [`measure`] reports, since sampling and the bound cost the same per image-step.
     pub fn network_images(&self, heldout: usize) -> u64 {
         let bpd = self.bpd_images.min(heldout);
         self.columns
