@@ -170,6 +170,14 @@ pub enum DdpmError {
         /// How many consecutive batches were skipped.
         skipped: u64,
     },
+    /// A document whose marked region (where generated text goes) is missing or malformed.
+    #[error("{} {reason}", path.display())]
+    MarkedRegion {
+        /// The document.
+        path: std::path::PathBuf,
+        /// What is wrong with its markers ("has no … region").
+        reason: String,
+    },
 }
 
 impl DdpmError {

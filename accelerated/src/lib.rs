@@ -29,6 +29,4 @@ pub mod progress;
 pub mod train;
 
 // Sample quality: FD-MNIST, entropies and bits/dim per σ_t choice and step count.
-// It still uses clap for its arguments, hence the feature, until they move to the binary.
-#[cfg(feature = "cli")]
 pub mod quality;

@@ -1,29 +1,6 @@
 //! Progress of long computations. The library reports through [`Progress`]; the binary
 //! draws it (an indicatif bar there, in `src/bin/ddpm/progress.rs`).
 
-#[cfg(feature = "cli")]
-use indicatif::{ProgressBar, ProgressStyle};
-
-/// Only quality/table.rs still draws its own bar; it goes when quality reports through
-/// [`Progress`] (issue 12).
-///
-/// A bar over `len` units named `unit` (e.g. "steps"), starting at `at`; hidden when `show` is
-/// false (--no-progress, or tests).
-#[cfg(feature = "cli")]
-pub fn bar(show: bool, len: u64, at: u64, unit: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len).with_position(at);
-    let template =
-        format!("{{elapsed_precise}} {{wide_bar}} {{human_pos}}/{{human_len}} {unit} {{msg}} {{per_sec}} ETA {{eta}}");
-    // The template is fixed text; only a brace in `unit` could break it, and then the plain bar does.
-    let style =
-        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
-}
-
 /// What a long computation reports to its caller: how many units there are, how many are
 /// done, and a short status. Every method has a no-op default.
 pub trait Progress {

@@ -36,8 +36,7 @@ const MAX_CONSECUTIVE_SKIPS: u64 = 50;
 
 // Where these went (issue 12); quality/ still imports them from here until it loads runs
 // through `checkpoint::load_model`.
-pub use crate::checkpoint::build_model;
-pub use crate::data::{load_dataset, split};
+use crate::checkpoint::build_model;
 
 /// What one update did.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -136,10 +136,14 @@ impl Classifier {
 
     /// Trains from scratch on `train` (seeded).
     pub fn train(train: &Labelled, cfg: ClassifierConfig, device: Device) -> Result<Classifier> {
-        if cfg.epochs == 0 || cfg.batch == 0 {
-            return Err(DdpmError::InvalidArgument(
-                "the classifier needs at least one epoch and a batch of at least one".into(),
-            ));
+        for (key, value) in [("epochs", cfg.epochs), ("batch", cfg.batch)] {
+            if value == 0 {
+                return Err(DdpmError::OutOfRange {
+                    key,
+                    value: "0".into(),
+                    expected: "at least 1".into(),
+                });
+            }
         }
         tch::manual_seed(cfg.seed as i64);
         let c = Classifier::untrained(device);
@@ -243,8 +247,10 @@ impl Classifier {
             heldout_images: heldout.images.size()[0] as usize,
             heldout_accuracy: c.accuracy(heldout)?,
         };
-        let text =
-            serde_json::to_string_pretty(&record).map_err(|e| DdpmError::Data(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&record).map_err(|e| DdpmError::Encode {
+            what: "the classifier record",
+            cause: e.to_string(),
+        })?;
         std::fs::write(&record_path, text)
             .map_err(|e| DdpmError::io(format!("cannot write {}", record_path.display()), e))?;
         Ok((c, record))
@@ -285,9 +291,11 @@ fn fit_input(images: &Tensor) -> Result<Tensor> {
     match images.size()[..] {
         [_, 1, SIDE, SIDE] => Ok(images.shallow_clone()),
         [_, 1, 32, 32] => Ok(images.narrow(2, 2, SIDE).narrow(3, 2, SIDE)),
-        ref other => Err(DdpmError::Shape(format!(
-            "the digit classifier takes grey 28×28 (or padded 32×32) images, got {other:?}"
-        ))),
+        ref other => Err(DdpmError::ShapeMismatch {
+            what: "the digit classifier's images",
+            expected: "grey 28×28 or padded 32×32 images, [N, 1, 28, 28] or [N, 1, 32, 32]".into(),
+            got: other.to_vec(),
+        }),
     }
 }
 
@@ -304,19 +312,20 @@ pub fn mnist_split(cfg: &Config, images: &Dataset) -> Result<(Labelled, Labelled
     };
     let (_, labels) = mnist::parse(BufReader::new(reader), &path.display().to_string())?;
     if labels.len() != images.len() {
-        return Err(DdpmError::Data(format!(
-            "{} labels for {} images",
-            labels.len(),
-            images.len()
-        )));
+        return Err(DdpmError::BadData {
+            set: path.display().to_string(),
+            reason: format!("{} labels for {} images", labels.len(), images.len()),
+        });
     }
     let labels = Dataset::from_values(Tensor::from_slice(&labels).view([-1, 1]), "labels")?;
     let split = |d: &Dataset| d.split(cfg.data.holdout, cfg.train.seed);
     let ((img_train, img_held), (lab_train, lab_held)) = (split(images)?, split(&labels)?);
     let (Some(img_held), Some(lab_held)) = (img_held, lab_held) else {
-        return Err(DdpmError::Config(
-            "the quality table needs held-out images: data.holdout must be positive".into(),
-        ));
+        return Err(DdpmError::OutOfRange {
+            key: "data.holdout",
+            value: cfg.data.holdout.to_string(),
+            expected: "positive: the quality table needs held-out images".into(),
+        });
     };
     let labelled = |img: &Dataset, lab: &Dataset| -> Result<Labelled> {
         let all: Vec<i64> = (0..img.len() as i64).collect();
@@ -391,8 +400,9 @@ mod tests {
         let (_, record3) =
             Classifier::load_or_train(&dir, &train, &held, cfg, Device::Cpu).unwrap();
         assert_eq!(record3.weights_sha256, record.weights_sha256);
-        assert!(c
-            .embed(&Tensor::zeros([2, 3, 28, 28], (Kind::Float, Device::Cpu)))
-            .is_err());
+        assert!(matches!(
+            c.embed(&Tensor::zeros([2, 3, 28, 28], (Kind::Float, Device::Cpu))),
+            Err(DdpmError::ShapeMismatch { .. })
+        ));
     }
 }

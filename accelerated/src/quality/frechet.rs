@@ -17,9 +17,11 @@ pub struct GaussianFit {
 pub fn fit(features: &Tensor) -> Result<GaussianFit> {
     let size = features.size();
     if size.len() != 2 || size[0] < 2 {
-        return Err(DdpmError::Shape(format!(
-            "a Gaussian fit needs features [N ≥ 2, k], got {size:?}"
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "features of a Gaussian fit",
+            expected: "[N ≥ 2, k]".into(),
+            got: size,
+        });
     }
     let f = features
         .f_to_kind(Kind::Double)?
@@ -51,11 +53,11 @@ fn sqrt_psd(m: &Tensor) -> Result<Tensor> {
 /// The Fréchet (2-Wasserstein²) distance between N(μ_a, Σ_a) and N(μ_b, Σ_b).
 pub fn frechet_distance(a: &GaussianFit, b: &GaussianFit) -> Result<f64> {
     if a.mean.size() != b.mean.size() {
-        return Err(DdpmError::Shape(format!(
-            "the two feature sets have different widths: {:?} and {:?}",
-            a.mean.size(),
-            b.mean.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "the second feature set's mean",
+            expected: format!("the first set's width, {:?}", a.mean.size()),
+            got: b.mean.size(),
+        });
     }
     let mean_term = f64::try_from((&a.mean - &b.mean).square().sum(Kind::Double))?;
     let traces = f64::try_from(a.cov.trace() + b.cov.trace())?;
@@ -157,7 +159,13 @@ mod tests {
         let expected = Tensor::from_slice(&[4.0 / 3.0, 0.0, 0.0, 4.0 / 3.0]).view([2, 2]);
         assert!(f64::try_from((&g.cov - expected).abs().max()).unwrap() < 1e-12);
         assert_eq!(Vec::<f64>::try_from(&g.mean).unwrap(), vec![1.0, 1.0]);
-        assert!(fit(&Tensor::zeros([1, 3], (Kind::Float, Device::Cpu))).is_err());
-        assert!(frechet_between(&f, &Tensor::zeros([4, 3], (Kind::Float, Device::Cpu))).is_err());
+        assert!(matches!(
+            fit(&Tensor::zeros([1, 3], (Kind::Float, Device::Cpu))),
+            Err(DdpmError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            frechet_between(&f, &Tensor::zeros([4, 3], (Kind::Float, Device::Cpu))),
+            Err(DdpmError::ShapeMismatch { .. })
+        ));
     }
 }

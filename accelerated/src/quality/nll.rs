@@ -22,16 +22,18 @@ pub fn bits_per_dim_each<M: NoisePredictor + ?Sized>(
 ) -> Result<Vec<Tensor>> {
     model.check_input(&x0.size())?;
     if let Some(bad) = sigmas.iter().find(|s| s.size() != [schedule.t_max() + 1]) {
-        return Err(DdpmError::Shape(format!(
-            "each σ table must have T+1 = {} entries, got {:?}",
-            schedule.t_max() + 1,
-            bad.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "sigmas",
+            expected: format!("[T+1] = [{}] each", schedule.t_max() + 1),
+            got: bad.size(),
+        });
     }
     if t_per_call == 0 {
-        return Err(DdpmError::InvalidArgument(
-            "the bound needs at least one t per network call".into(),
-        ));
+        return Err(DdpmError::OutOfRange {
+            key: "t_per_call",
+            value: "0".into(),
+            expected: "at least 1".into(),
+        });
     }
     let b = x0.size()[0];
     let device = x0.device();
@@ -102,7 +104,16 @@ mod tests {
             );
         }
         let wrong = Tensor::zeros([50], (Kind::Double, Device::Cpu));
-        assert!(bits_per_dim_each(&model, &s, &[wrong], &x0, 1).is_err());
-        assert!(bits_per_dim_each(&model, &s, &tables, &x0, 0).is_err());
+        assert!(matches!(
+            bits_per_dim_each(&model, &s, &[wrong], &x0, 1),
+            Err(DdpmError::ShapeMismatch { what: "sigmas", .. })
+        ));
+        assert!(matches!(
+            bits_per_dim_each(&model, &s, &tables, &x0, 0),
+            Err(DdpmError::OutOfRange {
+                key: "t_per_call",
+                ..
+            })
+        ));
     }
 }

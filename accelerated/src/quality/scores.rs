@@ -63,11 +63,19 @@ pub fn bootstrap_ci(
     cfg: Bootstrap,
     stat: impl Fn(&Tensor, &Tensor) -> Result<f64>,
 ) -> Result<Interval> {
-    if cfg.reps < 2 || !(0.0 < cfg.level && cfg.level < 1.0) {
-        return Err(DdpmError::InvalidArgument(format!(
-            "the bootstrap needs at least 2 resamples and a level in (0, 1), got {} and {}",
-            cfg.reps, cfg.level
-        )));
+    if cfg.reps < 2 {
+        return Err(DdpmError::OutOfRange {
+            key: "reps",
+            value: cfg.reps.to_string(),
+            expected: "at least 2".into(),
+        });
+    }
+    if !(0.0 < cfg.level && cfg.level < 1.0) {
+        return Err(DdpmError::OutOfRange {
+            key: "level",
+            value: cfg.level.to_string(),
+            expected: "strictly between 0 and 1".into(),
+        });
     }
     let (na, nb) = (a.size()[0], b.size()[0]);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -181,27 +189,31 @@ mod tests {
     fn bootstrap_rejects_bad_settings() {
         let x = Tensor::zeros([3], (Kind::Double, Device::Cpu));
         let stat = |_: &Tensor, _: &Tensor| Ok(0.0);
-        assert!(bootstrap_ci(
-            &x,
-            &x,
-            Bootstrap {
-                reps: 1,
-                level: 0.95,
-                seed: 0
-            },
-            stat
-        )
-        .is_err());
-        assert!(bootstrap_ci(
-            &x,
-            &x,
-            Bootstrap {
-                reps: 10,
-                level: 1.0,
-                seed: 0
-            },
-            stat
-        )
-        .is_err());
+        assert!(matches!(
+            bootstrap_ci(
+                &x,
+                &x,
+                Bootstrap {
+                    reps: 1,
+                    level: 0.95,
+                    seed: 0
+                },
+                stat
+            ),
+            Err(DdpmError::OutOfRange { key: "reps", .. })
+        ));
+        assert!(matches!(
+            bootstrap_ci(
+                &x,
+                &x,
+                Bootstrap {
+                    reps: 10,
+                    level: 1.0,
+                    seed: 0
+                },
+                stat
+            ),
+            Err(DdpmError::OutOfRange { key: "level", .. })
+        ));
     }
 }

@@ -39,10 +39,14 @@ pub fn eps_mse_table<M: NoisePredictor + ?Sized>(
     cfg: EpsMseConfig,
     device: Device,
 ) -> Result<Tensor> {
-    if cfg.per_t == 0 || cfg.batch == 0 {
-        return Err(DdpmError::InvalidArgument(
-            "estimating m_t needs at least one image per t and a batch of at least one".into(),
-        ));
+    for (key, value) in [("per_t", cfg.per_t), ("batch", cfg.batch)] {
+        if value == 0 {
+            return Err(DdpmError::OutOfRange {
+                key,
+                value: "0".into(),
+                expected: "at least 1".into(),
+            });
+        }
     }
     let t_max = schedule.t_max();
     let mut shape = vec![0i64];
@@ -83,11 +87,11 @@ pub fn eps_mse_table<M: NoisePredictor + ?Sized>(
 pub fn sigma_from_eps_mse(schedule: &Schedule, eps_mse: &Tensor) -> Result<Tensor> {
     let n = schedule.t_max();
     if eps_mse.size() != [n + 1] {
-        return Err(DdpmError::Shape(format!(
-            "m_t must have T+1 = {} entries, got {:?}",
-            n + 1,
-            eps_mse.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "eps_mse",
+            expected: format!("[T+1] = [{}]", n + 1),
+            got: eps_mse.size(),
+        });
     }
     let m = eps_mse
         .f_to_kind(Kind::Double)?
@@ -177,6 +181,9 @@ mod tests {
     #[test]
     fn rejects_a_table_of_the_wrong_length() {
         let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
-        assert!(sigma_from_eps_mse(&s, &Tensor::zeros([10], (Kind::Double, Device::Cpu))).is_err());
+        assert!(matches!(
+            sigma_from_eps_mse(&s, &Tensor::zeros([10], (Kind::Double, Device::Cpu))),
+            Err(DdpmError::ShapeMismatch { what: "eps_mse", .. })
+        ));
     }
 }

@@ -1,6 +1,7 @@
-//! The quality table: for each σ_t choice (rows) and number of sampling steps (columns), the
-//! FD-MNIST of generated against held-out images with a bootstrap interval, the classifier's
-//! prediction entropies, the bound in bits/dim, and a PNG grid of samples.
+//! The quality table, measured: for each σ_t choice (rows) and number of sampling steps
+//! (columns), the FD-MNIST of generated against held-out images with a bootstrap interval, the
+//! classifier's prediction entropies, the bound in bits/dim, and a PNG grid of samples. The
+//! structures here hold the numbers; `report.rs` renders them.
 
 use super::classifier::{Classifier, ClassifierRecord, Embedding};
 use super::frechet::frechet_between;
@@ -9,6 +10,7 @@ use super::respace::Respaced;
 use super::scores::{bootstrap_ci, marginal_entropy, mean_entropy, Bootstrap, Interval};
 use crate::error::{DdpmError, Result};
 use crate::grid::save_grid;
+use crate::progress::Progress;
 use crate::sampler::{NoisePredictor, Sampler, SamplerConfig};
 use crate::schedule::Schedule;
 use crate::sigma::SigmaChoice;
@@ -19,6 +21,18 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
+
+/// Coverage of every bootstrap interval in the table (cells, floors and paired differences):
+/// the conventional 95 %, which the rendered table states.
+pub const CONFIDENCE: f64 = 0.95;
+
+/// The t at which the table lists each row's σ_t and m_t on the full chain (those ≤ T): a
+/// roughly logarithmic spread, since the σ_t choices differ most at small t, where β̄_{t−1}/β̄_t
+/// is far from 1, and agree to a few digits at large t.
+pub const SIGMA_REPORT_T: [i64; 8] = [1, 2, 5, 10, 50, 100, 500, 1000];
+
+/// Images per row of each sample grid: the default 64 images make an 8 × 8 square.
+pub const GRID_COLUMNS: i64 = 8;
 
 /// How σ_t is chosen in a row (DDIM η = 0 has no σ: it is deterministic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -48,16 +62,6 @@ impl Row {
             Row::Isotropic => "isotropic",
             Row::Estimated => "estimated",
             Row::Ddim => "ddim-eta0",
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Row::Posterior => "posterior σ_t = β̄_{t−1}β_t/β̄_t",
-            Row::Beta => "σ_t = β_t",
-            Row::Isotropic => "isotropic, data std s",
-            Row::Estimated => "estimated optimal σ_t",
-            Row::Ddim => "DDIM η = 0",
         }
     }
 }
@@ -157,7 +161,7 @@ pub struct Floor {
 
 /// The pairs of rows whose FD difference is bootstrapped pairwise: the published question
 /// (β against posterior) and the estimated σ against both closed forms.
-const COMPARED: [(Row, Row); 3] = [
+pub const COMPARED: [(Row, Row); 3] = [
     (Row::Beta, Row::Posterior),
     (Row::Estimated, Row::Posterior),
     (Row::Estimated, Row::Beta),
@@ -232,9 +236,11 @@ fn sigma_table<M: NoisePredictor + ?Sized>(
         }
         .table(s),
         Row::Estimated => super::sigma_hat::sigma_from_eps_mse(s, &chain.pick(ctx.eps_mse)?),
-        Row::Ddim => Err(DdpmError::InvalidArgument(
-            "DDIM η = 0 has no σ table".into(),
-        )),
+        Row::Ddim => Err(DdpmError::OutOfRange {
+            key: "row",
+            value: row.name().into(),
+            expected: "an ancestral row (DDIM η = 0 has no σ table)".into(),
+        }),
     }
 }
 
@@ -294,7 +300,7 @@ fn score(
         .collect::<Result<Vec<_>>>()?;
     let cfg = Bootstrap {
         reps: plan.bootstrap_reps,
-        level: 0.95,
+        level: CONFIDENCE,
         seed: plan.seed,
     };
     let first = &embedded[0];
@@ -323,7 +329,7 @@ fn paired_difference(
     };
     let cfg = Bootstrap {
         reps: plan.bootstrap_reps,
-        level: 0.95,
+        level: CONFIDENCE,
         seed: plan.seed,
     };
     Ok((diff(&both, real)?, bootstrap_ci(&both, real, cfg, diff)?))
@@ -349,30 +355,48 @@ impl Plan {
             crate::timesteps::strided(t_max, c.steps)?;
         }
         if let Some(c) = self.columns.iter().find(|c| c.samples < 2) {
-            return Err(DdpmError::InvalidArgument(format!(
-                "the column of {} steps samples {} images; a Fréchet distance needs at least 2",
-                c.steps, c.samples
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "samples",
+                value: c.samples.to_string(),
+                expected: format!(
+                    "at least 2 in every column (the column of {} steps; a Fréchet distance \
+                     needs at least 2 images)",
+                    c.steps
+                ),
+            });
         }
         if let Some(n) = self
             .ddim_steps
             .iter()
             .find(|n| !self.columns.iter().any(|c| c.steps == **n))
         {
-            return Err(DdpmError::InvalidArgument(format!(
-                "DDIM at {n} steps needs a column with {n} steps to take its sample count from"
-            )));
+            return Err(DdpmError::Incompatible {
+                key: "ddim_steps",
+                other: "columns".into(),
+                reason: format!(
+                    "DDIM at {n} steps needs a column with {n} steps to take its sample count from"
+                ),
+            });
         }
         if self.batch == 0 {
-            return Err(DdpmError::InvalidArgument(
-                "--batch must be at least 1".into(),
-            ));
+            return Err(DdpmError::OutOfRange {
+                key: "batch",
+                value: "0".into(),
+                expected: "at least 1".into(),
+            });
+        }
+        if self.bootstrap_reps < 2 {
+            return Err(DdpmError::OutOfRange {
+                key: "bootstrap_reps",
+                value: self.bootstrap_reps.to_string(),
+                expected: "at least 2".into(),
+            });
         }
         Ok(())
     }
 
     /// Images passed through the network in all (one per image and step): the unit of the
-    /// progress bar, since sampling and the bound cost the same per image-step.
+    /// progress [`measure`] reports, since sampling and the bound cost the same per image-step.
     pub fn network_images(&self, heldout: usize) -> u64 {
         let bpd = self.bpd_images.min(heldout);
         self.columns
@@ -385,10 +409,25 @@ impl Plan {
     }
 }
 
+/// The image-steps done so far, reported to a [`Progress`] as they grow.
+struct Counter<'p> {
+    progress: &'p mut dyn Progress,
+    done: u64,
+}
+
+impl Counter<'_> {
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        self.progress.update(self.done);
+    }
+}
+
 /// Measures every cell, column after column, writing each grid under `out/grids/` as it goes
 /// and handing the table so far to `after_column` (so an interrupted run keeps what it
-/// measured). `seconds_before` (the m_t estimate) is counted into the table's time; `show`
-/// draws a progress bar over [`Plan::network_images`].
+/// measured). `seconds_before` (the m_t estimate) is counted into the table's time.
+/// `progress` hears of the work in [`Plan::network_images`] ("image-steps"), of the cell
+/// being sampled as a status and of each measured cell as a note; it is finished whether or
+/// not the measurement succeeds.
 #[allow(clippy::too_many_arguments)]
 pub fn measure<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
@@ -396,17 +435,52 @@ pub fn measure<M: NoisePredictor + ?Sized>(
     out: &Path,
     classifiers: Vec<ClassifierRecord>,
     seconds_before: f64,
-    show: bool,
+    progress: &mut dyn Progress,
+    after_column: impl FnMut(&Table) -> Result<()>,
+) -> Result<Table> {
+    let table = measure_columns(
+        ctx,
+        plan,
+        out,
+        classifiers,
+        seconds_before,
+        progress,
+        after_column,
+    );
+    progress.finish();
+    table
+}
+
+/// [`measure`] without finishing `progress`.
+#[allow(clippy::too_many_arguments)]
+fn measure_columns<M: NoisePredictor + ?Sized>(
+    ctx: &Context<M>,
+    plan: &Plan,
+    out: &Path,
+    classifiers: Vec<ClassifierRecord>,
+    seconds_before: f64,
+    progress: &mut dyn Progress,
     mut after_column: impl FnMut(&Table) -> Result<()>,
 ) -> Result<Table> {
     let started = Instant::now();
     plan.check(ctx.schedule.t_max())?;
-    if ctx.classifiers.is_empty() || ctx.classifiers.len() != classifiers.len() {
-        return Err(DdpmError::InvalidArgument(format!(
-            "the table needs at least one classifier and a record for each ({} classifiers, {} records)",
-            ctx.classifiers.len(),
-            classifiers.len()
-        )));
+    if ctx.classifiers.is_empty() {
+        return Err(DdpmError::OutOfRange {
+            key: "ctx.classifiers",
+            value: "none".into(),
+            expected: "at least one classifier".into(),
+        });
+    }
+    if ctx.classifiers.len() != classifiers.len() {
+        return Err(DdpmError::Incompatible {
+            key: "classifiers",
+            other: "ctx.classifiers".into(),
+            reason: format!(
+                "the table needs a record for each classifier ({} classifiers, {} records)",
+                ctx.classifiers.len(),
+                classifiers.len()
+            ),
+        });
     }
     let real = ctx
         .classifiers
@@ -414,12 +488,8 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         .map(|c| c.embed(ctx.heldout))
         .collect::<Result<Vec<_>>>()?;
     let shape = ctx.heldout.size();
-    let bar = crate::progress::bar(
-        show,
-        plan.network_images(shape[0] as usize),
-        0,
-        "image-steps",
-    );
+    progress.start(plan.network_images(shape[0] as usize), 0, "image-steps");
+    let mut counter = Counter { progress, done: 0 };
     let bpd_x0 = ctx
         .heldout
         .narrow(0, 0, (plan.bpd_images as i64).min(shape[0]))
@@ -445,13 +515,16 @@ pub fn measure<M: NoisePredictor + ?Sized>(
             .collect::<Result<Vec<_>>>()?;
         tch::manual_seed(plan.seed as i64);
         let bpd = if plan.bpd_images > 0 {
+            counter
+                .progress
+                .status(&format!("bound at {} steps", col.steps));
             let per: Vec<Tensor> = bpd_x0
                 .split(plan.batch as i64, 0)
                 .iter()
                 .map(|x| {
                     let per_call = (plan.batch / x.size()[0] as usize).max(1);
                     let each = bits_per_dim_each(&model, chain.schedule(), &tables, x, per_call);
-                    bar.inc((x.size()[0] as usize * col.steps) as u64);
+                    counter.add((x.size()[0] as usize * col.steps) as u64);
                     each
                 })
                 .collect::<Result<Vec<_>>>()?
@@ -470,6 +543,9 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         let mut row_features = Vec::new();
         for (i, (&row, sigma)) in Row::SIGMAS.iter().zip(&tables).enumerate() {
             let t0 = Instant::now();
+            counter
+                .progress
+                .status(&format!("{} at {} steps", row.name(), col.steps));
             let images = draw(col.samples, plan, &shape, |cfg, s| {
                 let cfg = SamplerConfig {
                     steps: Some(col.steps),
@@ -479,12 +555,12 @@ pub fn measure<M: NoisePredictor + ?Sized>(
                     ctx.model,
                     s,
                     ctx.device,
-                    |_, _| bar.inc(s[0] as u64),
+                    |_, _| counter.add(s[0] as u64),
                 )
             })?;
             let bpd = bpd.get(i).copied();
-            let (cell, features) =
-                bar.suspend(|| finish(ctx, &real, plan, out, row, *col, &images, bpd, t0))?;
+            let (cell, features) = finish(ctx, &real, plan, out, row, *col, &images, bpd, t0)?;
+            counter.progress.note(&super::report::cell_note(&cell));
             table.cells.push(cell);
             row_features.push(features);
         }
@@ -510,6 +586,9 @@ pub fn measure<M: NoisePredictor + ?Sized>(
         }
         if plan.ddim_steps.contains(&col.steps) {
             let t0 = Instant::now();
+            counter
+                .progress
+                .status(&format!("{} at {} steps", Row::Ddim.name(), col.steps));
             let images = draw(col.samples, plan, &shape, |cfg, s| {
                 let cfg = SamplerConfig {
                     steps: Some(col.steps),
@@ -517,16 +596,15 @@ pub fn measure<M: NoisePredictor + ?Sized>(
                     ..cfg
                 };
                 Sampler::new(ctx.schedule, cfg)?
-                    .sample_with(ctx.model, s, ctx.device, |_, _| bar.inc(s[0] as u64))
+                    .sample_with(ctx.model, s, ctx.device, |_, _| counter.add(s[0] as u64))
             })?;
-            let (cell, _) =
-                bar.suspend(|| finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0))?;
+            let (cell, _) = finish(ctx, &real, plan, out, Row::Ddim, *col, &images, None, t0)?;
+            counter.progress.note(&super::report::cell_note(&cell));
             table.cells.push(cell);
         }
         table.seconds = seconds_before + started.elapsed().as_secs_f64();
         after_column(&table)?;
     }
-    bar.finish_and_clear();
     Ok(table)
 }
 
@@ -560,6 +638,8 @@ fn floors<M: NoisePredictor + ?Sized>(
         .collect()
 }
 
+/// The cell of `images` sampled in `row` and `col`: its grid written under `out`, its scores,
+/// and the features of its images under each classifier (for the paired differences).
 #[allow(clippy::too_many_arguments)]
 fn finish<M: NoisePredictor + ?Sized>(
     ctx: &Context<M>,
@@ -574,15 +654,18 @@ fn finish<M: NoisePredictor + ?Sized>(
 ) -> Result<(Cell, Vec<Tensor>)> {
     let grid = format!("grids/{}-{}.png", row.name(), col.steps);
     let shown = (plan.grid_images as i64).min(images.size()[0]);
-    save_grid(&images.narrow(0, 0, shown), &out.join(&grid), Some(8))?;
+    save_grid(
+        &images.narrow(0, 0, shown),
+        &out.join(&grid),
+        Some(GRID_COLUMNS),
+    )?;
     let sc = score(ctx.classifiers, real, images, plan)?;
-    let (fd, fd_ci) = (sc.fd, sc.fd_ci);
     let cell = Cell {
         row,
         steps: col.steps,
         samples: col.samples,
-        fd,
-        fd_ci,
+        fd: sc.fd,
+        fd_ci: sc.fd_ci,
         fd_by_classifier: sc.fd_by_classifier,
         entropy: sc.entropy,
         marginal_entropy: sc.marginal_entropy,
@@ -591,27 +674,17 @@ fn finish<M: NoisePredictor + ?Sized>(
         grid,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    tracing::info!(
-        "{} at {} steps: FD {:.2} [{:.2}, {:.2}], {} images in {:.0} s",
-        row.name(),
-        col.steps,
-        fd,
-        fd_ci.lo,
-        fd_ci.hi,
-        col.samples,
-        cell.seconds
-    );
     Ok((cell, sc.features))
 }
 
-/// σ_t of the four rows on the full chain at t = 1, 2, 5, 10, 50, 100, 500, 1000 (those ≤ T).
+/// σ_t of the four rows on the full chain at the [`SIGMA_REPORT_T`] up to T.
 fn sigma_samples<M: NoisePredictor + ?Sized>(ctx: &Context<M>) -> Result<Vec<SigmaSample>> {
     let chain = Respaced::new(ctx.schedule, ctx.schedule.t_max() as usize)?;
     let tables = Row::SIGMAS
         .iter()
         .map(|&r| sigma_table(ctx, &chain, r))
         .collect::<Result<Vec<_>>>()?;
-    Ok([1i64, 2, 5, 10, 50, 100, 500, 1000]
+    Ok(SIGMA_REPORT_T
         .into_iter()
         .filter(|&t| t <= ctx.schedule.t_max())
         .map(|t| SigmaSample {
@@ -622,184 +695,10 @@ fn sigma_samples<M: NoisePredictor + ?Sized>(ctx: &Context<M>) -> Result<Vec<Sig
         .collect())
 }
 
-/// The table as Markdown; grid links are `prefix` + the cell's path.
-pub fn markdown(table: &Table, prefix: &str) -> String {
-    let cols = &table.plan.columns;
-    let head = |first: &str| {
-        let names: Vec<String> = cols.iter().map(|c| format!("{} steps", c.steps)).collect();
-        format!(
-            "| {first} | {} |\n|---|{}\n",
-            names.join(" | "),
-            "---|".repeat(cols.len())
-        )
-    };
-    let find = |row: Row, steps: usize| {
-        table
-            .cells
-            .iter()
-            .find(|c| c.row == row && c.steps == steps)
-    };
-    let rows: Vec<Row> = Row::SIGMAS
-        .into_iter()
-        .chain((!table.plan.ddim_steps.is_empty()).then_some(Row::Ddim))
-        .collect();
-    let grid = |f: &dyn Fn(&Cell) -> String| -> String {
-        rows.iter()
-            .map(|&r| {
-                let vals: Vec<String> = cols
-                    .iter()
-                    .map(|c| find(r, c.steps).map_or("—".into(), f))
-                    .collect();
-                format!("| {} | {} |\n", r.label(), vals.join(" | "))
-            })
-            .collect()
-    };
-    let mut md = String::new();
-    md += &format!(
-        "FD-MNIST (lower is better) with its 95 % bootstrap interval ({} resamples); each value links to \
-         the first {} samples of its cell.\n\n",
-        table.plan.bootstrap_reps, table.plan.grid_images
-    );
-    md += &head("σ_t");
-    md += &grid(&|c| {
-        format!(
-            "[{:.2}]({prefix}{}) [{:.2}, {:.2}]",
-            c.fd, c.grid, c.fd_ci.lo, c.fd_ci.hi
-        )
-    });
-    let floor: Vec<String> = cols
-        .iter()
-        .map(|c| {
-            table
-                .floors
-                .iter()
-                .find(|f| f.samples == c.samples)
-                .map_or("—".into(), |f| {
-                    format!("{:.2} [{:.2}, {:.2}]", f.fd, f.fd_ci.lo, f.fd_ci.hi)
-                })
-        })
-        .collect();
-    md += &format!(
-        "| *real training images (floor)* | {} |\n",
-        floor.join(" | ")
-    );
-    let counts: Vec<String> = cols.iter().map(|c| c.samples.to_string()).collect();
-    md += &format!("| *images per cell* | {} |\n\n", counts.join(" | "));
-
-    let k = table.classifiers.len();
-    if k > 1 {
-        let seeds: Vec<String> = (0..k).map(|i| i.to_string()).collect();
-        md += &format!(
-            "The same samples under each of the {k} classifiers (seeds {}; same architecture, data \
-             and training, only the seed differs), FD-MNIST without intervals:\n\n",
-            seeds.join(", ")
-        );
-        md += &head("σ_t");
-        md += &grid(&|c| {
-            let v: Vec<String> = c
-                .fd_by_classifier
-                .iter()
-                .map(|f| format!("{f:.1}"))
-                .collect();
-            v.join(" / ")
-        });
-        md += "\n";
-    }
-    md += "Paired differences ΔFD = FD(row) − FD(other row) under classifier k, negative when the \
-           first row is better; both rows use the same noise, and the 95 % interval resamples the \
-           same image indices in both.\n\n";
-    md += &head("ΔFD-MNIST");
-    for (row, against) in COMPARED {
-        for i in 0..k {
-            let vals: Vec<String> = cols
-                .iter()
-                .map(|c| {
-                    table
-                        .comparisons
-                        .iter()
-                        .find(|x| {
-                            x.steps == c.steps
-                                && x.row == row
-                                && x.against == against
-                                && x.classifier == i
-                        })
-                        .map_or("—".into(), |x| {
-                            format!("{:+.2} [{:+.2}, {:+.2}]", x.diff, x.ci.lo, x.ci.hi)
-                        })
-                })
-                .collect();
-            md += &format!(
-                "| {} − {}, k = {i} | {} |\n",
-                row.name(),
-                against.name(),
-                vals.join(" | ")
-            );
-        }
-    }
-    md += "\n";
-    if table.plan.bpd_images == 0 {
-        md += "Bound: not measured (`--bpd-images 0`).\n";
-    } else {
-        md += &format!(
-            "Bound (negative ELBO of the chain with that σ_t), bits/dim ± standard error over {} \
-             held-out images (the same images and noise in every row of a column).\n\n",
-            table.plan.bpd_images.min(table.heldout_images)
-        );
-        md += &head("σ_t");
-        md += &grid(&|c| match (c.bits_per_dim, c.bits_per_dim_se) {
-            (Some(b), Some(se)) => format!("{b:.3} ± {se:.3}"),
-            _ => "—".into(),
-        });
-    }
-    md += "\nClassifier entropies, nats: mean H(y|x) (sharpness; lower is more digit-like) / H(ȳ) \
-           (diversity; ln 10 = 2.303 for balanced digits).\n\n";
-    md += &head("σ_t");
-    md += &grid(&|c| format!("{:.3} / {:.3}", c.entropy, c.marginal_entropy));
-    md += "\nσ_t of each row on the full chain, with m_t = E‖ε − ε̂‖²/d.\n\n\
-           | t | m_t | posterior | β_t | isotropic | estimated |\n|---|---|---|---|---|---|\n";
-    for s in &table.sigmas {
-        md += &format!(
-            "| {} | {:.4} | {:.5} | {:.5} | {:.5} | {:.5} |\n",
-            s.t, s.eps_mse, s.sigma[0], s.sigma[1], s.sigma[2], s.sigma[3]
-        );
-    }
-    let secs: String = rows
-        .iter()
-        .map(|&r| {
-            let v: Vec<String> = cols
-                .iter()
-                .map(|c| find(r, c.steps).map_or("—".into(), |x| format!("{:.0}", x.seconds)))
-                .collect();
-            format!("| {} | {} |\n", r.label(), v.join(" | "))
-        })
-        .collect();
-    md += &format!(
-        "\nSeconds per cell (sampling and scoring):\n\n{}{}",
-        head("σ_t"),
-        secs
-    );
-    let accuracies: Vec<String> = table
-        .classifiers
-        .iter()
-        .map(|c| format!("{:.1} %", 100.0 * c.heldout_accuracy))
-        .collect();
-    let first = &table.classifiers[0];
-    md += &format!(
-        "\nClassifiers (seed 0 scores the main table): {} held-out accuracy ({} training, {} held-out \
-         images); data std s = {:.4}; m_t estimated in {:.0} s; whole table {:.0} s.\n",
-        accuracies.join(" / "),
-        first.train_images,
-        first.heldout_images,
-        table.data_std,
-        table.eps_mse_seconds,
-        table.seconds
-    );
-    md
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::Silent;
 
     fn plan() -> Plan {
         Plan {
@@ -876,7 +775,7 @@ mod tests {
         };
         let dir = crate::data::test_dir("quality_measure");
         let mut columns_reported = 0;
-        let table = measure(&ctx, &p, &dir, records.clone(), 0.0, false, |_| {
+        let table = measure(&ctx, &p, &dir, records.clone(), 0.0, &mut Silent, |_| {
             columns_reported += 1;
             Ok(())
         })
@@ -894,11 +793,17 @@ mod tests {
             .iter()
             .all(|c| c.fd_by_classifier[0] != c.fd_by_classifier[1]));
         assert_eq!(table.comparisons.len(), 2 * COMPARED.len() * 2);
-        let md = markdown(&table, "");
+        let md = super::super::report::markdown(&table, "");
         assert!(md.contains("| beta − posterior, k = 1 |"), "{md}");
         assert!(md.contains("under each of the 2 classifiers"), "{md}");
         // One record short: refused before any work.
-        assert!(measure(&ctx, &p, &dir, vec![record(0)], 0.0, false, |_| Ok(())).is_err());
+        assert!(matches!(
+            measure(&ctx, &p, &dir, vec![record(0)], 0.0, &mut Silent, |_| Ok(())),
+            Err(DdpmError::Incompatible {
+                key: "classifiers",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -914,12 +819,17 @@ mod tests {
         // Column 10: 4 rows × 50 images + 8 bound images, 10 steps; column 20 adds DDIM.
         assert_eq!(p.network_images(500), (4 * 50 + 8) * 10 + (5 * 30 + 8) * 20);
         assert_eq!(p.network_images(5), (4 * 50 + 5) * 10 + (5 * 30 + 5) * 20);
-        let err = |p: &Plan| p.check(20).unwrap_err().to_string();
-        assert!(err(&Plan {
-            ddim_steps: vec![50],
-            ..p.clone()
-        })
-        .contains("DDIM at 50 steps"));
+        let err = |p: &Plan| p.check(20).unwrap_err();
+        assert!(matches!(
+            err(&Plan {
+                ddim_steps: vec![50],
+                ..p.clone()
+            }),
+            DdpmError::Incompatible {
+                key: "ddim_steps",
+                ..
+            }
+        ));
         assert!(p
             .check(19)
             .unwrap_err()
@@ -927,8 +837,27 @@ mod tests {
             .contains("between 1 and T = 19"));
         let mut one = p.clone();
         one.columns[0].samples = 1;
-        assert!(err(&one).contains("at least 2"));
-        assert!(err(&Plan { batch: 0, ..p }).contains("--batch"));
+        assert!(matches!(
+            err(&one),
+            DdpmError::OutOfRange { key: "samples", .. }
+        ));
+        assert!(matches!(
+            err(&Plan {
+                batch: 0,
+                ..p.clone()
+            }),
+            DdpmError::OutOfRange { key: "batch", .. }
+        ));
+        assert!(matches!(
+            err(&Plan {
+                bootstrap_reps: 1,
+                ..p
+            }),
+            DdpmError::OutOfRange {
+                key: "bootstrap_reps",
+                ..
+            }
+        ));
     }
 
     /// Resampling both rows with the same indices makes a row against itself exactly 0 in

@@ -3,6 +3,7 @@
 //! layered over the preset or config file by the library's own merge.
 
 use crate::progress::Bar;
+use crate::quality::{run_quality, QualityArgs};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ddpm::checkpoint::{self, Weights};
@@ -48,7 +49,7 @@ pub enum Command {
     Eval(EvalArgs),
     /// The σ_t × steps quality table of an mnist checkpoint: FD-MNIST (a small digit
     /// classifier's Fréchet distance, not Inception FID), entropies, bits/dim and grids.
-    Quality(ddpm::quality::Args),
+    Quality(QualityArgs),
     /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
     Info,
 }
@@ -74,7 +75,7 @@ impl DeviceArg {
         }
     }
 
-    fn resolve(self) -> anyhow::Result<tch::Device> {
+    pub fn resolve(self) -> anyhow::Result<tch::Device> {
         self.choice().resolve().map_err(|e| name_the_flag(e, &[]))
     }
 }
@@ -465,17 +466,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info => info(cli.device),
         Command::Train(args) => run_train(&args, cli.device, progress),
         Command::Sample(args) => run_sample(&args, cli.device, progress),
-        Command::Quality(args) => {
-            let table = ddpm::quality::run(&args, cli.device.resolve()?, progress)
-                .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
-            println!(
-                "{} cells in {:.0} s; table in {}",
-                table.cells.len(),
-                table.seconds,
-                args.out.join("table.md").display()
-            );
-            Ok(())
-        }
+        Command::Quality(args) => run_quality(&args, cli.device, progress),
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {

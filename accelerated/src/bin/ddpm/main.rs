@@ -3,6 +3,7 @@
 
 mod cli;
 mod progress;
+mod quality;
 
 use clap::Parser;
 use cli::{run, Cli};

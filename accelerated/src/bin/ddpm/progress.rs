@@ -22,6 +22,7 @@ impl Bar {
 
 impl Progress for Bar {
     fn start(&mut self, total: u64, done: u64, unit: &'static str) {
+        self.bar.finish_and_clear();
         if !self.show {
             return;
         }
