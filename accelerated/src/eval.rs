@@ -229,7 +229,7 @@ mod tests {
             .to_kind(Kind::Uint8)
             .view([24, 1, 4, 4]);
         let data = Dataset::from_pixels(px, "tiny").unwrap();
-        let bb = s.beta_bar().shallow_clone();
+        let bb = s.beta_bars().shallow_clone();
         let model = move |x: &Tensor, t: &Tensor| crate::schedule::gather(&bb, t, x).unwrap() * x;
         let full = evaluate_model(&model, &s, &sigma, &data, &opts(None)).unwrap();
         let quick = evaluate_model(&model, &s, &sigma, &data, &opts(Some(40))).unwrap();

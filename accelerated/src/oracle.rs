@@ -136,8 +136,8 @@ impl DataLaw {
         let w = self.weights.to_device(device).to_kind(kind);
         let m = self.means.to_device(device).to_kind(kind);
         let s = self.stds.to_device(device).to_kind(kind);
-        let ab = gather(schedule.alpha_bar(), t, &x)?; // [B, 1]
-        let bb = gather(schedule.beta_bar(), t, &x)?;
+        let ab = gather(schedule.alpha_bars(), t, &x)?; // [B, 1]
+        let bb = gather(schedule.beta_bars(), t, &x)?;
         let v = ab.square() * s.square().unsqueeze(0) + bb.square(); // [B, K]
                                                                      // ‖x − ᾱ m_k‖² = ᾱ² ‖x/ᾱ − m_k‖², computed directly (no ‖x‖² − 2x·m expansion,
                                                                      // whose cancellation would swamp the tiny v_k of small t in f32).
@@ -241,8 +241,8 @@ mod tests {
         for b in 0..2 {
             let tb = t.int64_value(&[b]);
             let (ab, bb) = (
-                s.alpha_bar().double_value(&[tb]),
-                s.beta_bar().double_value(&[tb]),
+                s.alpha_bars().double_value(&[tb]),
+                s.beta_bars().double_value(&[tb]),
             );
             let xb = x.get(b);
             let dens: Vec<f64> = (0..3)
