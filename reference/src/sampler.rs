@@ -276,6 +276,30 @@ mod tests {
     }
 
     #[test]
+    fn clipped_ddim_is_plain_inside_the_range_and_the_clipped_posterior_step_at_eta_one() {
+        let s = Schedule::new(ScheduleKind::Linear, 40).unwrap();
+        let (x, z) = (array![[0.4, -0.8]], array![[-0.2, 1.1]]);
+        let eps_hat = array![[0.7, 0.1]];
+        // ᾱ_10 ≈ 0.99, β̄_10 ≈ 0.16: x̂_0 stays inside [−1, 1] here, so clipping changes nothing.
+        for eta in [0.0, 0.4, 1.0] {
+            assert_close(
+                &ddim_step_clipped(&s, &x, 10, 4, &eps_hat, eta, &z).unwrap(),
+                &ddim_step(&s, &x, 10, 4, &eps_hat, eta, &z).unwrap(),
+                1e-12,
+            );
+        }
+        // Far out of range (x = ±5): one step with η = 1 is Ho's clipped ancestral step.
+        let far = array![[5.0, -5.0]];
+        let sig = sigma(&s, SigmaChoice::Posterior, 30).unwrap();
+        assert_close(
+            &ddim_step_clipped(&s, &far, 30, 29, &eps_hat, 1.0, &z).unwrap(),
+            &ancestral_step_clipped(&s, &far, 30, &eps_hat, sig, &z).unwrap(),
+            1e-10,
+        );
+        assert!(ddim_step_clipped(&s, &x, 3, 3, &eps_hat, 0.0, &z).is_err());
+    }
+
+    #[test]
     fn ddim_with_eta_zero_is_deterministic_and_keeps_the_noise_direction() {
         let s = Schedule::new(ScheduleKind::Article, 100).unwrap();
         let x0 = array![[0.3, -0.6]];
