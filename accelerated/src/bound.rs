@@ -169,7 +169,7 @@ pub fn negative_elbo<M: NoisePredictor + ?Sized>(
             let t = Tensor::full([b], step, (Kind::Int64, device));
             let eps = x0.randn_like();
             let x_t = marginal_sample(schedule, x0, &t, &eps)?;
-            let eps_hat = model.predict(&x_t, &t);
+            let eps_hat = model.predict(&x_t, &t)?;
             if step == 1 {
                 decoder = decoder_nll(schedule, sigma, x0, &x_t, &eps_hat)?;
             } else {

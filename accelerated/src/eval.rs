@@ -154,7 +154,7 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
                             (Kind::Int64, opts.device),
                         );
                         let x_t = marginal_sample(schedule, &x0, &t, &x0.randn_like())?;
-                        let eps_hat = model.predict(&x_t, &t);
+                        let eps_hat = model.predict(&x_t, &t)?;
                         sum += bound_term(schedule, sigma, &x0, &t, &x_t, &eps_hat)?;
                         bar.inc(1);
                     }

@@ -12,8 +12,9 @@ use tch::{Device, Kind, Tensor};
 
 /// Anything that predicts the noise: ε̂(x_t, t) = (β̄_t/β_t) ε_θ(x_t, t).
 pub trait NoisePredictor {
-    /// ε̂ for a batch x_t [B, …] and t Int64 [B] (values 1..=T), same shape and kind as x_t.
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor;
+    /// ε̂ for a batch x_t [B, …] and t Int64 [B] (values 1..=T), same shape and kind as x_t;
+    /// an error (never a panic) when the batch does not fit the predictor.
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor>;
 
     /// Errors when the predictor cannot take a batch of this shape (checked before sampling).
     fn check_input(&self, shape: &[i64]) -> Result<()> {
@@ -24,8 +25,8 @@ pub trait NoisePredictor {
 
 /// Any `Fn(x_t, t) -> ε̂` closure is a noise predictor (handy for tests and oracles).
 impl<F: Fn(&Tensor, &Tensor) -> Tensor> NoisePredictor for F {
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
-        self(x_t, t)
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        Ok(self(x_t, t))
     }
 }
 
@@ -360,7 +361,7 @@ impl Sampler {
             let total = self.pairs.len();
             for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
                 let t_vec = Tensor::full([b], t, (Kind::Int64, device));
-                let eps_hat = autocast_bf16(self.cfg.bf16, device, || model.predict(&x, &t_vec))
+                let eps_hat = autocast_bf16(self.cfg.bf16, device, || model.predict(&x, &t_vec))?
                     .to_kind(kind);
                 let z = (t_prev > 0 || self.cfg.final_noise).then(|| Tensor::randn(shape, opts));
                 x = self.step(i, &x, &eps_hat, z.as_ref())?;
@@ -471,6 +472,7 @@ mod tests {
 
     #[test]
     fn step_checks_its_arguments() {
+        let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
         let full = sampler(&s, SigmaChoice::Beta, None, None, false);
         let x = randn(&[2, 3]);

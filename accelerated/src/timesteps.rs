@@ -108,11 +108,11 @@ pub struct RespacedModel<'a, M: ?Sized> {
 }
 
 impl<M: NoisePredictor + ?Sized> NoisePredictor for RespacedModel<'_, M> {
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
         let tau = self
             .taus
-            .to_device(t.device())
-            .index_select(0, &t.to_kind(Kind::Int64));
+            .f_to_device(t.device())?
+            .f_index_select(0, &t.f_to_kind(Kind::Int64)?)?;
         self.inner.predict(x_t, &tau)
     }
 
@@ -242,7 +242,8 @@ mod tests {
         let k = Tensor::from_slice(&[1i64, 2, 49, 50]);
         let got = r
             .model(&echo_t)
-            .predict(&Tensor::zeros([4, 1], (Kind::Float, Device::Cpu)), &k);
+            .predict(&Tensor::zeros([4, 1], (Kind::Float, Device::Cpu)), &k)
+            .unwrap();
         let visited = strided(1000, 50).unwrap();
         let want = [1.0f32, visited[48] as f32, visited[1] as f32, 1000.0];
         assert_eq!(Vec::<f32>::try_from(got.view([-1])).unwrap(), want);

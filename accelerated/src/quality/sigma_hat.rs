@@ -66,7 +66,7 @@ pub fn eps_mse_table<M: NoisePredictor + ?Sized>(
             let x0 = data.batch(i_chunk)?.to_device(device);
             let eps = x0.randn_like();
             let x_t = marginal_sample(&schedule, &x0, &t, &eps)?;
-            let err = (eps - model.predict(&x_t, &t)).square();
+            let err = (eps - model.predict(&x_t, &t)?).square();
             let per_sample = err
                 .flatten(1, -1)
                 .sum_dim_intlist(1, false, Kind::Double)
