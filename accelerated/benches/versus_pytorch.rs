@@ -273,10 +273,10 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
         sampler_config(Some(WARMUP_SAMPLER_STEPS), Some(1.0), false),
     )?;
     let tables = Tables {
-        alpha: host(schedule.alpha())?,
-        beta: host(schedule.beta())?,
-        alpha_bar: host(schedule.alpha_bar())?,
-        beta_bar: host(schedule.beta_bar())?,
+        alpha: host(schedule.alphas())?,
+        beta: host(schedule.betas())?,
+        alpha_bar: host(schedule.alpha_bars())?,
+        beta_bar: host(schedule.beta_bars())?,
         sigma: host(&SIGMA.table(&schedule)?)?,
     };
     let spec = Spec {

@@ -2,7 +2,8 @@
 //! with L_0 the discretised-Gaussian decoder over the 256 levels of 8-bit data.
 
 use crate::error::{DdpmError, Result};
-use crate::marginal::{marginal_sample, posterior_mean, posterior_std, same_shape};
+use crate::marginal::{marginal_sample, same_shape};
+use crate::posterior;
 use crate::sampler::{generator_mean, NoisePredictor};
 use crate::schedule::{gather, Schedule};
 use tch::{Kind, Tensor};
@@ -44,8 +45,8 @@ pub fn posterior_kl(
     t: &Tensor,
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
-    let m1 = posterior_mean(schedule, x_t, x0, t)?;
-    let s1 = posterior_std(schedule, t, x_t)?;
+    let m1 = posterior::mean(schedule, x0, x_t, t)?;
+    let s1 = posterior::std(schedule, t, x_t)?;
     let m2 = generator_mean(schedule, x_t, t, eps_hat)?;
     kl_isotropic(&m1, &s1, &m2, &gather(sigma, t, x_t)?)
 }
@@ -168,7 +169,7 @@ pub fn negative_elbo<M: NoisePredictor + ?Sized>(
             let t = Tensor::full([b], step, (Kind::Int64, device));
             let eps = x0.randn_like();
             let x_t = marginal_sample(schedule, x0, &t, &eps)?;
-            let eps_hat = model.predict(&x_t, &t);
+            let eps_hat = model.predict(&x_t, &t)?;
             if step == 1 {
                 decoder = decoder_nll(schedule, sigma, x0, &x_t, &eps_hat)?;
             } else {

@@ -159,7 +159,7 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
                             (Kind::Int64, opts.device),
                         );
                         let x_t = marginal_sample(schedule, &x0, &t, &x0.randn_like())?;
-                        let eps_hat = model.predict(&x_t, &t);
+                        let eps_hat = model.predict(&x_t, &t)?;
                         sum += bound_term(schedule, sigma, &x0, &t, &x_t, &eps_hat)?;
                         done += 1;
                         progress.update(done);
@@ -235,7 +235,7 @@ mod tests {
             .to_kind(Kind::Uint8)
             .view([24, 1, 4, 4]);
         let data = Dataset::from_pixels(px, "tiny").unwrap();
-        let bb = s.beta_bar().shallow_clone();
+        let bb = s.beta_bars().shallow_clone();
         let model = move |x: &Tensor, t: &Tensor| crate::schedule::gather(&bb, t, x).unwrap() * x;
         let full = evaluate_model(&model, &s, &sigma, &data, &opts(None), &mut Silent).unwrap();
         let quick = evaluate_model(&model, &s, &sigma, &data, &opts(Some(40)), &mut Silent).unwrap();

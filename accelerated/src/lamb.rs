@@ -39,7 +39,8 @@ impl Default for LambConfig {
 }
 
 impl LambConfig {
-    fn validate(&self) -> Result<()> {
+    /// Errors unless every setting lies in its domain (checked by `Lamb::new`).
+    pub fn validate(&self) -> Result<()> {
         let ok = self.lr.is_finite()
             && self.lr >= 0.0
             && (0.0..1.0).contains(&self.beta1)

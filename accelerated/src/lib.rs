@@ -9,6 +9,7 @@ pub mod loss;
 pub mod lr;
 pub mod marginal;
 pub mod oracle;
+pub mod posterior;
 pub mod sampler;
 pub mod schedule;
 pub mod sigma;

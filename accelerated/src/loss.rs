@@ -142,9 +142,9 @@ mod tests {
         let sigma = SigmaChoice::Beta.table(&s).unwrap();
         let w = Vec::<f64>::try_from(loss_weight(&s, &sigma, &t, Kind::Double).unwrap()).unwrap();
         let (a, b, bb) = (
-            s.alpha().double_value(&[10]),
-            s.beta().double_value(&[10]),
-            s.beta_bar().double_value(&[10]),
+            s.alphas().double_value(&[10]),
+            s.betas().double_value(&[10]),
+            s.beta_bars().double_value(&[10]),
         );
         assert!((w[2] - b * b / (bb * bb * a * a)).abs() < 1e-12 * w[2]);
     }

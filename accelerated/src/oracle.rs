@@ -136,8 +136,8 @@ impl DataLaw {
         let w = self.weights.to_device(device).to_kind(kind);
         let m = self.means.to_device(device).to_kind(kind);
         let s = self.stds.to_device(device).to_kind(kind);
-        let ab = gather(schedule.alpha_bar(), t, &x)?; // [B, 1]
-        let bb = gather(schedule.beta_bar(), t, &x)?;
+        let ab = gather(schedule.alpha_bars(), t, &x)?; // [B, 1]
+        let bb = gather(schedule.beta_bars(), t, &x)?;
         let v = ab.square() * s.square().unsqueeze(0) + bb.square(); // [B, K]
                                                                      // ‖x − ᾱ m_k‖² = ᾱ² ‖x/ᾱ − m_k‖², computed directly (no ‖x‖² − 2x·m expansion,
                                                                      // whose cancellation would swamp the tiny v_k of small t in f32).
@@ -173,11 +173,9 @@ impl Oracle {
 }
 
 impl NoisePredictor for Oracle {
-    /// Panics with the shape error if x_t's size does not match the law; `check_input` first.
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
-        self.law
-            .optimal_eps(&self.schedule, x_t, t)
-            .unwrap_or_else(|e| panic!("{e}"))
+    /// The shape error if x_t's size does not match the law (`check_input` reports it first).
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.law.optimal_eps(&self.schedule, x_t, t)
     }
 
     fn check_input(&self, shape: &[i64]) -> Result<()> {
@@ -203,6 +201,17 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         f64::try_from((a - b).abs().max()).unwrap()
+    }
+
+    #[test]
+    fn a_misfit_batch_is_an_error_not_a_panic() {
+        let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
+        let oracle = Oracle::new(DataLaw::standard_normal(3, Device::Cpu).unwrap(), &s);
+        let t = Tensor::from_slice(&[2i64, 5]);
+        assert!(oracle.predict(&Tensor::zeros([2, 3], CPU64), &t).is_ok());
+        assert!(oracle.predict(&Tensor::zeros([2, 4], CPU64), &t).is_err());
+        assert!(oracle.predict(&Tensor::zeros([2, 3], CPU64), &t.narrow(0, 0, 1)).is_err());
+        assert!(oracle.check_input(&[2, 4]).is_err());
     }
 
     fn schedule() -> Schedule {
@@ -241,8 +250,8 @@ mod tests {
         for b in 0..2 {
             let tb = t.int64_value(&[b]);
             let (ab, bb) = (
-                s.alpha_bar().double_value(&[tb]),
-                s.beta_bar().double_value(&[tb]),
+                s.alpha_bars().double_value(&[tb]),
+                s.beta_bars().double_value(&[tb]),
             );
             let xb = x.get(b);
             let dens: Vec<f64> = (0..3)

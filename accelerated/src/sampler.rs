@@ -1,17 +1,20 @@
-//! Generator steps and the sampling loop.
+//! The sampling loop and its one step, [`Sampler::step`]: the article's ancestral step, Ho et
+//! al.'s clipped-x̂_0 step (on the full or the respaced chain) and DDIM τ → τ′ (plain or
+//! clipped). The property tests in `tests/` hold `Sampler::step` itself to the reference.
 
 use crate::autocast::autocast_bf16;
 use crate::error::{DdpmError, Result};
-use crate::marginal::{posterior_mean, predict_x0, same_shape};
-use crate::schedule::{gather, Schedule};
+use crate::marginal::same_shape;
+use crate::schedule::Schedule;
 use crate::sigma::SigmaChoice;
-use crate::timesteps::{step_pairs, strided};
+use crate::timesteps::{step_pairs, Respaced};
 use tch::{Device, Kind, Tensor};
 
 /// Anything that predicts the noise: ε̂(x_t, t) = (β̄_t/β_t) ε_θ(x_t, t).
 pub trait NoisePredictor {
-    /// ε̂ for a batch x_t [B, …] and t Int64 [B] (values 1..=T), same shape and kind as x_t.
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor;
+    /// ε̂ for a batch x_t [B, …] and t Int64 [B] (values 1..=T), same shape and kind as x_t;
+    /// an error (never a panic) when the batch does not fit the predictor.
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor>;
 
     /// Errors when the predictor cannot take a batch of this shape (checked before sampling).
     fn check_input(&self, shape: &[i64]) -> Result<()> {
@@ -22,26 +25,13 @@ pub trait NoisePredictor {
 
 /// Any `Fn(x_t, t) -> ε̂` closure is a noise predictor (handy for tests and oracles).
 impl<F: Fn(&Tensor, &Tensor) -> Tensor> NoisePredictor for F {
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
-        self(x_t, t)
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        Ok(self(x_t, t))
     }
 }
 
-/// The article's step x_{t−1} = (x_t − (β_t²/β̄_t) ε̂)/α_t + σ_t z, with `sigma` a σ table of
-/// length T+1 (see `sigma.rs`) read at each sample's t (Int64 [B], values 1..=T).
-pub fn ancestral_step(
-    schedule: &Schedule,
-    x_t: &Tensor,
-    t: &Tensor,
-    eps_hat: &Tensor,
-    sigma: &Tensor,
-    z: &Tensor,
-) -> Result<Tensor> {
-    same_shape("x_t", x_t, "z", z)?;
-    Ok(generator_mean(schedule, x_t, t, eps_hat)? + gather(sigma, t, x_t)? * z)
-}
-
-/// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t.
+/// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t, one t per sample (the bound's
+/// KL terms and decoder use it; the sampler folds it into [`Sampler::step`]'s coefficients).
 pub fn generator_mean(
     schedule: &Schedule,
     x_t: &Tensor,
@@ -52,78 +42,6 @@ pub fn generator_mean(
     let b = schedule.beta_at(t, x_t)?;
     let bb = schedule.beta_bar_at(t, x_t)?;
     Ok((x_t - b.square() / bb * eps_hat) / schedule.alpha_at(t, x_t)?)
-}
-
-/// Ho et al.'s step: x̂_0 = clip((x_t − β̄_t ε̂)/ᾱ_t, −1, 1), then the posterior mean
-/// μ̃(x_t, x̂_0) plus σ_t z.
-pub fn ancestral_step_clipped(
-    schedule: &Schedule,
-    x_t: &Tensor,
-    t: &Tensor,
-    eps_hat: &Tensor,
-    sigma: &Tensor,
-    z: &Tensor,
-) -> Result<Tensor> {
-    same_shape("x_t", x_t, "z", z)?;
-    let x0 = predict_x0(schedule, x_t, t, eps_hat)?.clamp(-1.0, 1.0);
-    let mean = posterior_mean(schedule, x_t, &x0, t)?;
-    Ok(mean + gather(sigma, t, x_t)? * z)
-}
-
-/// DDIM step τ → τ′ (t, t_prev Int64 [B], τ′ < τ, τ′ may be 0): x̂_0 = (x_τ − β̄_τ ε̂)/ᾱ_τ,
-/// σ = η (β̄_τ′/β̄_τ) sqrt(1 − ᾱ_τ²/ᾱ_τ′²), x_τ′ = ᾱ_τ′ x̂_0 + sqrt(β̄_τ′² − σ²) ε̂ + σ z;
-/// η ∈ [0, 1] (0 deterministic, 1 the strided posterior, i.e. strided DDPM).
-pub fn ddim_step(
-    schedule: &Schedule,
-    x_t: &Tensor,
-    t: &Tensor,
-    t_prev: &Tensor,
-    eps_hat: &Tensor,
-    eta: f64,
-    z: &Tensor,
-) -> Result<Tensor> {
-    let x0 = predict_x0(schedule, x_t, t, eps_hat)?;
-    ddim_from_x0(schedule, x_t, t, t_prev, &x0, eps_hat, eta, z)
-}
-
-/// [`ddim_step`] with x̂_0 clipped to [−1, 1] and ε̂ recomputed from it,
-/// ε̂′ = (x_τ − ᾱ_τ x̂_0)/β̄_τ, so that η = 1 gives the clipped posterior mean.
-pub fn ddim_step_clipped(
-    schedule: &Schedule,
-    x_t: &Tensor,
-    t: &Tensor,
-    t_prev: &Tensor,
-    eps_hat: &Tensor,
-    eta: f64,
-    z: &Tensor,
-) -> Result<Tensor> {
-    let x0 = predict_x0(schedule, x_t, t, eps_hat)?.clamp(-1.0, 1.0);
-    let eps = (x_t - schedule.alpha_bar_at(t, x_t)? * &x0) / schedule.beta_bar_at(t, x_t)?;
-    ddim_from_x0(schedule, x_t, t, t_prev, &x0, &eps, eta, z)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ddim_from_x0(
-    schedule: &Schedule,
-    x_t: &Tensor,
-    t: &Tensor,
-    t_prev: &Tensor,
-    x0: &Tensor,
-    eps_hat: &Tensor,
-    eta: f64,
-    z: &Tensor,
-) -> Result<Tensor> {
-    check_eta(eta)?;
-    same_shape("x_t", x_t, "z", z)?;
-    let ab = schedule.alpha_bar_at(t, x_t)?;
-    let bb = schedule.beta_bar_at(t, x_t)?;
-    let ab_prev = schedule.alpha_bar_at(t_prev, x_t)?;
-    let bb_prev = schedule.beta_bar_at(t_prev, x_t)?;
-    let ratio: Tensor = 1.0 - (&ab / &ab_prev).square();
-    let sigma = &bb_prev / bb * ratio.clamp_min(0.0).sqrt() * eta;
-    // β̄_τ′² − σ² ≥ 0 for η ≤ 1; the clamp only absorbs rounding.
-    let keep = (bb_prev.square() - sigma.square()).clamp_min(0.0).sqrt();
-    Ok(ab_prev * x0 + keep * eps_hat + sigma * z)
 }
 
 fn check_eta(eta: f64) -> Result<()> {
@@ -216,8 +134,10 @@ impl Update {
         }
     }
 
-    /// DDIM τ → τ′: x′ = ᾱ_τ′ x̂_0 + keep ε̂ + σ z with σ and keep as in [`ddim_step`];
-    /// clipped, ε̂ is replaced by (x − ᾱ_τ x̂_0)/β̄_τ as in [`ddim_step_clipped`].
+    /// DDIM τ → τ′: x̂_0 = (x − β̄_τ ε̂)/ᾱ_τ, σ = η (β̄_τ′/β̄_τ) sqrt(1 − ᾱ_τ²/ᾱ_τ′²),
+    /// x′ = ᾱ_τ′ x̂_0 + keep ε̂ + σ z with keep = sqrt(β̄_τ′² − σ²); clipped, x̂_0 is clipped
+    /// to [−1, 1] and ε̂ replaced by (x − ᾱ_τ x̂_0)/β̄_τ, so that η = 1 is the clipped
+    /// posterior step.
     fn ddim(schedule: &Tables, t: usize, t_prev: usize, eta: f64, clip: bool) -> Update {
         let (ab, bb) = (schedule.alpha_bar[t], schedule.beta_bar[t]);
         let (ab_prev, bb_prev) = (schedule.alpha_bar[t_prev], schedule.beta_bar[t_prev]);
@@ -275,10 +195,10 @@ struct Tables {
 impl Tables {
     fn of(schedule: &Schedule) -> Result<Tables> {
         Ok(Tables {
-            alpha: host(schedule.alpha())?,
-            beta: host(schedule.beta())?,
-            alpha_bar: host(schedule.alpha_bar())?,
-            beta_bar: host(schedule.beta_bar())?,
+            alpha: host(schedule.alphas())?,
+            beta: host(schedule.betas())?,
+            alpha_bar: host(schedule.alpha_bars())?,
+            beta_bar: host(schedule.beta_bars())?,
         })
     }
 }
@@ -324,14 +244,10 @@ impl Sampler {
         if let Some(eta) = cfg.eta {
             check_eta(eta)?;
         }
-        let visited = strided(t_max, n)?;
-        let chain = if n as i64 == t_max {
-            schedule.clone()
-        } else {
-            schedule.respaced(&visited)?
-        };
+        let respaced = Respaced::new(schedule, n)?;
+        let chain = respaced.schedule();
         let sigma = match sigma {
-            None => cfg.sigma.table(&chain)?,
+            None => cfg.sigma.table(chain)?,
             Some(sigma) if sigma.size() == [chain.t_max() + 1] => sigma.to_kind(Kind::Double),
             Some(sigma) => {
                 return Err(DdpmError::Shape(format!(
@@ -341,12 +257,12 @@ impl Sampler {
             )))
             }
         };
-        let pairs = step_pairs(&visited);
+        let pairs = step_pairs(respaced.visited());
         let clip = cfg.clip_each_step;
         let total = pairs.len();
         let updates = match cfg.eta {
             None => {
-                let chain = Tables::of(&chain)?;
+                let chain = Tables::of(chain)?;
                 let sigma = host(&sigma)?;
                 (0..total)
                     .map(|i| Update::ancestral(&chain, &sigma, total - i, clip))
@@ -374,6 +290,30 @@ impl Sampler {
         &self.pairs
     }
 
+    /// Step `i` of the walk (`steps()[i]` = (τ, τ′)): x_τ′ from x_τ [B, …], the prediction
+    /// ε̂(x_τ, τ) and the noise z (`None`: no noise, as the loop's last step without
+    /// `final_noise`). Every sample of the batch is at the same τ. This is the code the loop
+    /// runs, in the kind of `x` (f32 for sampling, f64 for the tests).
+    pub fn step(
+        &self,
+        i: usize,
+        x: &Tensor,
+        eps_hat: &Tensor,
+        z: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let update = self.updates.get(i).ok_or_else(|| {
+            DdpmError::InvalidArgument(format!(
+                "step index {i} is past the last of the {} steps",
+                self.updates.len()
+            ))
+        })?;
+        same_shape("x_t", x, "eps_hat", eps_hat)?;
+        if let Some(z) = z {
+            same_shape("x_t", x, "z", z)?;
+        }
+        Ok(update.apply(x, eps_hat, z))
+    }
+
     /// Samples a batch of `shape` = [B, …] (Float) on `device`.
     pub fn sample<M: NoisePredictor + ?Sized>(
         &self,
@@ -396,8 +336,8 @@ impl Sampler {
         self.run(model, shape, (Kind::Float, device), on_step)
     }
 
-    /// The loop with x of `opts`' kind on its device (f32 for sampling; f64 lets the tests hold
-    /// it to the public step functions).
+    /// The loop with x of `opts`' kind on its device (f32 for sampling; f64 lets the unit tests
+    /// hold it to its own steps with the same draws).
     fn run<M: NoisePredictor + ?Sized>(
         &self,
         model: &M,
@@ -419,13 +359,12 @@ impl Sampler {
         tch::no_grad(|| {
             let mut x = Tensor::randn(shape, opts);
             let total = self.pairs.len();
-            for (i, (&(t, t_prev), update)) in self.pairs.iter().zip(&self.updates).enumerate() {
+            for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
                 let t_vec = Tensor::full([b], t, (Kind::Int64, device));
-                let eps_hat = autocast_bf16(self.cfg.bf16, device, || model.predict(&x, &t_vec))
+                let eps_hat = autocast_bf16(self.cfg.bf16, device, || model.predict(&x, &t_vec))?
                     .to_kind(kind);
-                same_shape("x_t", &x, "eps_hat", &eps_hat)?;
                 let z = (t_prev > 0 || self.cfg.final_noise).then(|| Tensor::randn(shape, opts));
-                x = update.apply(&x, &eps_hat, z.as_ref());
+                x = self.step(i, &x, &eps_hat, z.as_ref())?;
                 on_step(i + 1, total);
             }
             Ok(if self.cfg.clip_final {
@@ -458,21 +397,33 @@ mod tests {
         Tensor::randn(shape, (Kind::Double, Device::Cpu))
     }
 
+    fn sampler(s: &Schedule, sigma: SigmaChoice, steps: Option<usize>, eta: Option<f64>, clip: bool) -> Sampler {
+        let cfg = SamplerConfig {
+            sigma,
+            steps,
+            eta,
+            clip_each_step: clip,
+            ..SamplerConfig::default()
+        };
+        Sampler::new(s, cfg).unwrap()
+    }
+
     #[test]
     fn ddim_with_eta_one_is_the_posterior_step() {
         let _rng = rng_lock();
         tch::manual_seed(1);
         let s = Schedule::new(ScheduleKind::Article, 100, Device::Cpu).unwrap();
-        let posterior = SigmaChoice::Posterior.table(&s).unwrap();
-        let (x, eps_hat, z) = (randn(&[4, 3]), randn(&[4, 3]), randn(&[4, 3]));
-        let t = Tensor::from_slice(&[1i64, 2, 50, 100]);
-        let prev = &t - 1;
-        let ddim = ddim_step(&s, &x, &t, &prev, &eps_hat, 1.0, &z).unwrap();
-        let ancestral = ancestral_step(&s, &x, &t, &eps_hat, &posterior, &z).unwrap();
-        assert!(max_diff(&ddim, &ancestral) < 1e-10);
-        let ddim_c = ddim_step_clipped(&s, &x, &t, &prev, &eps_hat, 1.0, &z).unwrap();
-        let ancestral_c = ancestral_step_clipped(&s, &x, &t, &eps_hat, &posterior, &z).unwrap();
-        assert!(max_diff(&ddim_c, &ancestral_c) < 1e-10);
+        for clip in [false, true] {
+            let ddim = sampler(&s, SigmaChoice::Beta, None, Some(1.0), clip);
+            let ancestral = sampler(&s, SigmaChoice::Posterior, None, None, clip);
+            for t in [1usize, 2, 50, 100] {
+                let i = 100 - t;
+                let (x, eps_hat, z) = (randn(&[4, 3]), randn(&[4, 3]), randn(&[4, 3]));
+                let a = ddim.step(i, &x, &eps_hat, Some(&z)).unwrap();
+                let b = ancestral.step(i, &x, &eps_hat, Some(&z)).unwrap();
+                assert!(max_diff(&a, &b) < 1e-10, "t = {t}, clip {clip}");
+            }
+        }
     }
 
     #[test]
@@ -483,33 +434,52 @@ mod tests {
         // std β̄_τ′ β_{τ|τ′}/β̄_τ.
         tch::manual_seed(2);
         let s = Schedule::new(ScheduleKind::Cosine, 1000, Device::Cpu).unwrap();
-        let (x, eps_hat, z) = (randn(&[2, 5]), randn(&[2, 5]), randn(&[2, 5]));
-        let t = Tensor::from_slice(&[900i64, 40]);
-        let prev = Tensor::from_slice(&[700i64, 0]);
-        let got = ddim_step(&s, &x, &t, &prev, &eps_hat, 1.0, &z).unwrap();
-        let ab = s.alpha_bar_at(&t, &x).unwrap();
-        let ab_p = s.alpha_bar_at(&prev, &x).unwrap();
-        let bb = s.beta_bar_at(&t, &x).unwrap();
-        let bb_p = s.beta_bar_at(&prev, &x).unwrap();
-        let a_step = &ab / &ab_p;
-        let b2_step: Tensor = 1.0 - a_step.square();
-        let x0 = (&x - &bb * &eps_hat) / &ab;
-        let mean = (&ab_p * &b2_step * x0 + a_step * bb_p.square() * &x) / bb.square();
-        let expected = mean + bb_p * b2_step.sqrt() / bb * &z;
-        assert!(max_diff(&got, &expected) < 1e-10);
-        assert!(ddim_step(&s, &x, &t, &prev, &eps_hat, 1.5, &z).is_err());
+        let ddim = sampler(&s, SigmaChoice::Beta, Some(6), Some(1.0), false);
+        let table = |v: &Tensor, t: i64| v.double_value(&[t]);
+        for (i, &(t, prev)) in ddim.steps().iter().enumerate() {
+            let (x, eps_hat, z) = (randn(&[2, 5]), randn(&[2, 5]), randn(&[2, 5]));
+            let got = ddim.step(i, &x, &eps_hat, Some(&z)).unwrap();
+            let (ab, ab_p) = (table(s.alpha_bars(), t), table(s.alpha_bars(), prev));
+            let (bb, bb_p) = (table(s.beta_bars(), t), table(s.beta_bars(), prev));
+            let a_step = ab / ab_p;
+            let b2_step = 1.0 - a_step * a_step;
+            let x0 = (&x - &eps_hat * bb) / ab;
+            let mean = (x0 * (ab_p * b2_step) + &x * (a_step * bb_p * bb_p)) / (bb * bb);
+            let expected = mean + &z * (bb_p * b2_step.sqrt() / bb);
+            assert!(max_diff(&got, &expected) < 1e-10, "{t} -> {prev}");
+        }
+        let bad = SamplerConfig {
+            eta: Some(1.5),
+            ..SamplerConfig::default()
+        };
+        assert!(Sampler::new(&s, bad).is_err());
     }
 
     #[test]
     fn deterministic_ddim_ignores_the_noise() {
         let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Linear, 50, Device::Cpu).unwrap();
-        let (x, eps_hat) = (randn(&[3, 2]), randn(&[3, 2]));
-        let t = Tensor::from_slice(&[50i64, 30, 10]);
-        let prev = Tensor::from_slice(&[40i64, 0, 5]);
-        let a = ddim_step(&s, &x, &t, &prev, &eps_hat, 0.0, &randn(&[3, 2])).unwrap();
-        let b = ddim_step(&s, &x, &t, &prev, &eps_hat, 0.0, &randn(&[3, 2])).unwrap();
-        assert_eq!(max_diff(&a, &b), 0.0);
+        let ddim = sampler(&s, SigmaChoice::Beta, Some(9), Some(0.0), false);
+        for i in 0..ddim.steps().len() {
+            let (x, eps_hat) = (randn(&[3, 2]), randn(&[3, 2]));
+            let a = ddim.step(i, &x, &eps_hat, Some(&randn(&[3, 2]))).unwrap();
+            let b = ddim.step(i, &x, &eps_hat, Some(&randn(&[3, 2]))).unwrap();
+            let c = ddim.step(i, &x, &eps_hat, None).unwrap();
+            assert_eq!(max_diff(&a, &b), 0.0);
+            assert_eq!(max_diff(&a, &c), 0.0);
+        }
+    }
+
+    #[test]
+    fn step_checks_its_arguments() {
+        let _rng = rng_lock();
+        let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
+        let full = sampler(&s, SigmaChoice::Beta, None, None, false);
+        let x = randn(&[2, 3]);
+        assert!(full.step(10, &x, &x, None).is_err());
+        assert!(full.step(0, &x, &randn(&[2, 4]), None).is_err());
+        assert!(full.step(0, &x, &x, Some(&randn(&[3, 3]))).is_err());
+        assert!(full.step(9, &x, &x, Some(&x)).is_ok());
     }
 
     #[test]
@@ -558,23 +528,20 @@ mod tests {
     fn respaced_posterior_step_equals_ddim_eta_one() {
         let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Cosine, 50, Device::Cpu).unwrap();
-        let visited = crate::timesteps::strided(50, 7).unwrap();
-        let chain = s.respaced(&visited).unwrap();
-        let sigma = SigmaChoice::Posterior.table(&chain).unwrap();
-        for (i, &(t, t_prev)) in step_pairs(&visited).iter().enumerate() {
-            let (x, eps_hat, z) = (randn(&[4, 3]), randn(&[4, 3]), randn(&[4, 3]));
-            let k = Tensor::full([4], (visited.len() - i) as i64, (Kind::Int64, Device::Cpu));
-            let (tv, pv) = (
-                Tensor::full([4], t, (Kind::Int64, Device::Cpu)),
-                Tensor::full([4], t_prev, (Kind::Int64, Device::Cpu)),
-            );
-            let a = ancestral_step(&chain, &x, &k, &eps_hat, &sigma, &z).unwrap();
-            let b = ddim_step(&s, &x, &tv, &pv, &eps_hat, 1.0, &z).unwrap();
-            assert!(
-                max_diff(&a, &b) < 1e-9,
-                "step {t} -> {t_prev}: {}",
-                max_diff(&a, &b)
-            );
+        for clip in [false, true] {
+            let ancestral = sampler(&s, SigmaChoice::Posterior, Some(7), None, clip);
+            let ddim = sampler(&s, SigmaChoice::Beta, Some(7), Some(1.0), clip);
+            assert_eq!(ancestral.steps(), ddim.steps());
+            for (i, &(t, t_prev)) in ancestral.steps().iter().enumerate() {
+                let (x, eps_hat, z) = (randn(&[4, 3]), randn(&[4, 3]), randn(&[4, 3]));
+                let a = ancestral.step(i, &x, &eps_hat, Some(&z)).unwrap();
+                let b = ddim.step(i, &x, &eps_hat, Some(&z)).unwrap();
+                assert!(
+                    max_diff(&a, &b) < 1e-9,
+                    "step {t} -> {t_prev}, clip {clip}: {}",
+                    max_diff(&a, &b)
+                );
+            }
         }
     }
 
@@ -585,71 +552,26 @@ mod tests {
         let r = s.respaced(&visited).unwrap();
         for (k, &tau) in visited.iter().rev().enumerate() {
             let (a, b) = (
-                r.alpha_bar().double_value(&[k as i64 + 1]),
-                s.alpha_bar().double_value(&[tau]),
+                r.alpha_bars().double_value(&[k as i64 + 1]),
+                s.alpha_bars().double_value(&[tau]),
             );
             assert!((a - b).abs() < 1e-14, "k = {}: {a} vs {b}", k + 1);
         }
         let full = s
             .respaced(&crate::timesteps::strided(30, 30).unwrap())
             .unwrap();
-        assert!(max_diff(full.alpha(), s.alpha()) < 1e-14);
+        assert!(max_diff(full.alphas(), s.alphas()) < 1e-14);
         assert!(s.respaced(&[3, 5]).is_err());
         assert!(s.respaced(&[31]).is_err());
     }
 
-    /// The loop as a chain of the public step functions, per-sample t tensors and all, in f64
-    /// with the noise drawn in the same order as [`Sampler::run`].
-    fn reference_loop(
-        schedule: &Schedule,
-        sampler: &Sampler,
-        model: &dyn Fn(&Tensor, &Tensor) -> Tensor,
-        shape: &[i64],
-    ) -> Tensor {
-        let cfg = &sampler.cfg;
-        tch::manual_seed(cfg.seed.unwrap());
-        let opts = (Kind::Double, Device::Cpu);
-        let b = shape[0];
-        let full = |v: i64| Tensor::full([b], v, (Kind::Int64, Device::Cpu));
-        let total = sampler.pairs.len();
-        // The chain and σ table the sampler derived, derived again here from the public API.
-        let chain = if total as i64 == schedule.t_max() {
-            schedule.clone()
-        } else {
-            let visited: Vec<i64> = sampler.pairs.iter().map(|&(t, _)| t).collect();
-            schedule.respaced(&visited).unwrap()
-        };
-        let sigma = cfg.sigma.table(&chain).unwrap();
-        let (chain, sigma) = (&chain, &sigma);
-        let mut x = Tensor::randn(shape, opts);
-        for (i, &(t, t_prev)) in sampler.pairs.iter().enumerate() {
-            let (t_vec, k_vec, prev) = (full(t), full((total - i) as i64), full(t_prev));
-            let eps_hat = model(&x, &t_vec);
-            let z = if t_prev > 0 || cfg.final_noise {
-                Tensor::randn(shape, opts)
-            } else {
-                Tensor::zeros(shape, opts)
-            };
-            x = match (cfg.eta, cfg.clip_each_step) {
-                (None, false) => ancestral_step(chain, &x, &k_vec, &eps_hat, sigma, &z),
-                (None, true) => ancestral_step_clipped(chain, &x, &k_vec, &eps_hat, sigma, &z),
-                (Some(eta), false) => ddim_step(schedule, &x, &t_vec, &prev, &eps_hat, eta, &z),
-                (Some(eta), true) => {
-                    ddim_step_clipped(schedule, &x, &t_vec, &prev, &eps_hat, eta, &z)
-                }
-            }
-            .unwrap();
-        }
-        x
-    }
-
-    /// The loop's host-scalar updates are the public step functions refactored (coefficients
-    /// folded in f64), so in f64 with the same draws they agree to rounding: with states up to
-    /// |x| ≈ 16 (this predictor is no trained network) a few hundred chained f64 roundings reach
-    /// ~3e-14, so 1e-12 leaves a 30-fold margin, while a wrong coefficient (e.g. ᾱ_k for
-    /// ᾱ_{k−1}) moves the result by ~1e-2.
+    /// The loop in f64 equals its steps chained by hand with the noise drawn in the same order
+    /// as [`Sampler::run`] (seeded, so the draws repeat): the loop adds only the model calls, the
+    /// noise schedule (none on the last step unless `final_noise`) and the final clip. With
+    /// states up to |x| ≈ 16 the two differ by nothing but the order of a few roundings; 1e-12
+    /// is far below the ~1e-2 a skipped or repeated step moves the result.
     #[test]
-    fn host_scalar_loop_equals_the_public_steps() {
+    fn loop_equals_its_steps() {
         let _rng = rng_lock();
         let s = Schedule::new(ScheduleKind::Article, 200, Device::Cpu).unwrap();
         // A t-dependent predictor that pushes x̂_0 beyond [−1, 1] so that clipping acts.
@@ -658,24 +580,13 @@ mod tests {
             (x * 1.3).sin() * (t + 0.5) - x * 0.2
         };
         let shape = [6, 5];
+        let opts = (Kind::Double, Device::Cpu);
         let (beta, posterior) = (SigmaChoice::Beta, SigmaChoice::Posterior);
         let runs = [
             ("ancestral, σ = β", None, None, false, beta),
-            (
-                "ancestral clipped, posterior σ",
-                None,
-                None,
-                true,
-                posterior,
-            ),
+            ("ancestral clipped, posterior σ", None, None, true, posterior),
             ("respaced ancestral", Some(23), None, false, beta),
-            (
-                "respaced ancestral clipped",
-                Some(23),
-                None,
-                true,
-                posterior,
-            ),
+            ("respaced ancestral clipped", Some(23), None, true, posterior),
             ("DDIM η = 0.5", Some(17), Some(0.5), false, beta),
             ("DDIM η = 1 clipped", Some(17), Some(1.0), true, beta),
             ("DDIM η = 0, all T", None, Some(0.0), false, beta),
@@ -693,11 +604,15 @@ mod tests {
                     bf16: true,
                 };
                 let sampler = Sampler::new(&s, cfg).unwrap();
-                let fast = sampler
-                    .run(&model, &shape, (Kind::Double, Device::Cpu), |_, _| {})
-                    .unwrap();
-                let reference = reference_loop(&s, &sampler, &model, &shape);
-                let diff = max_diff(&fast, &reference);
+                let fast = sampler.run(&model, &shape, opts, |_, _| {}).unwrap();
+                tch::manual_seed(40 + i as i64);
+                let mut x = Tensor::randn(shape, opts);
+                for (j, &(t, t_prev)) in sampler.steps().iter().enumerate() {
+                    let eps_hat = model(&x, &Tensor::full([6], t, (Kind::Int64, Device::Cpu)));
+                    let z = (t_prev > 0 || final_noise).then(|| Tensor::randn(shape, opts));
+                    x = sampler.step(j, &x, &eps_hat, z.as_ref()).unwrap();
+                }
+                let diff = max_diff(&fast, &x);
                 assert!(diff <= 1e-12, "{name}, final noise {final_noise}: {diff:e}");
                 assert!(
                     f64::try_from(fast.abs().max()).unwrap() > 0.1,

@@ -173,37 +173,37 @@ impl Schedule {
     }
 
     /// α_t, t = 0..T (f64, length T+1).
-    pub fn alpha(&self) -> &Tensor {
+    pub fn alphas(&self) -> &Tensor {
         &self.alpha
     }
 
     /// β_t = sqrt(1 − α_t²), t = 0..T.
-    pub fn beta(&self) -> &Tensor {
+    pub fn betas(&self) -> &Tensor {
         &self.beta
     }
 
     /// ᾱ_t = ∏_{i≤t} α_i, t = 0..T.
-    pub fn alpha_bar(&self) -> &Tensor {
+    pub fn alpha_bars(&self) -> &Tensor {
         &self.alpha_bar
     }
 
     /// β̄_t = sqrt(1 − ᾱ_t²), t = 0..T.
-    pub fn beta_bar(&self) -> &Tensor {
+    pub fn beta_bars(&self) -> &Tensor {
         &self.beta_bar
     }
 
     /// Ho et al.'s α^Ho_t = α_t².
-    pub fn ho_alpha(&self) -> Tensor {
+    pub fn ho_alphas(&self) -> Tensor {
         self.alpha.square()
     }
 
     /// Ho et al.'s β^Ho_t = β_t².
-    pub fn ho_beta(&self) -> Tensor {
+    pub fn ho_betas(&self) -> Tensor {
         self.beta.square()
     }
 
     /// Ho et al.'s ᾱ^Ho_t = ᾱ_t².
-    pub fn ho_alpha_bar(&self) -> Tensor {
+    pub fn ho_alpha_bars(&self) -> Tensor {
         self.alpha_bar.square()
     }
 
@@ -277,10 +277,10 @@ mod tests {
     fn article_schedule_matches_its_definition() {
         let s = Schedule::new(ScheduleKind::Article, 1000, Device::Cpu).unwrap();
         let (a, b, ab, bb) = (
-            host(s.alpha()),
-            host(s.beta()),
-            host(s.alpha_bar()),
-            host(s.beta_bar()),
+            host(s.alphas()),
+            host(s.betas()),
+            host(s.alpha_bars()),
+            host(s.beta_bars()),
         );
         assert_eq!(a.len(), 1001);
         assert_eq!((a[0], b[0], ab[0], bb[0]), (1.0, 0.0, 1.0, 0.0));
@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn cosine_schedule_is_not_truncated_to_integers() {
         let s = Schedule::new(ScheduleKind::Cosine, 10, Device::Cpu).unwrap();
-        let b_ho = host(&s.ho_beta());
+        let b_ho = host(&s.ho_betas());
         let f = |t: f64| {
             (((t / 10.0) + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
                 .cos()
@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn linear_schedule_ends_at_its_bounds() {
         let s = Schedule::new(ScheduleKind::Linear, 1000, Device::Cpu).unwrap();
-        let b_ho = host(&s.ho_beta());
+        let b_ho = host(&s.ho_betas());
         assert!((b_ho[1] - 1e-4).abs() < 1e-15 && (b_ho[1000] - 0.02).abs() < 1e-15);
     }
 

@@ -25,10 +25,10 @@ impl SigmaChoice {
     /// σ_t for t = 0..T as an f64 tensor on the schedule's device; σ_0 = 0.
     pub fn table(&self, schedule: &Schedule) -> Result<Tensor> {
         let n = schedule.t_max();
-        let b = schedule.beta().narrow(0, 1, n);
-        let bb_prev = schedule.beta_bar().narrow(0, 0, n);
+        let b = schedule.betas().narrow(0, 1, n);
+        let bb_prev = schedule.beta_bars().narrow(0, 0, n);
         let rest = match *self {
-            SigmaChoice::Posterior => bb_prev * &b / schedule.beta_bar().narrow(0, 1, n),
+            SigmaChoice::Posterior => bb_prev * &b / schedule.beta_bars().narrow(0, 1, n),
             SigmaChoice::Beta => b,
             SigmaChoice::Isotropic { data_std } => {
                 if !(data_std.is_finite() && data_std >= 0.0) {
@@ -36,10 +36,10 @@ impl SigmaChoice {
                         "the data standard deviation must be finite and non-negative, got {data_std}"
                     )));
                 }
-                let v = schedule.alpha_bar().narrow(0, 0, n).square() * (data_std * data_std)
+                let v = schedule.alpha_bars().narrow(0, 0, n).square() * (data_std * data_std)
                     + bb_prev.square();
                 let b2 = b.square();
-                let a2 = schedule.alpha().narrow(0, 1, n).square();
+                let a2 = schedule.alphas().narrow(0, 1, n).square();
                 (&v * &b2 / (a2 * &v + &b2)).sqrt()
             }
         };

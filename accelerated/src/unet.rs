@@ -411,10 +411,9 @@ impl UNet {
 }
 
 impl NoisePredictor for UNet {
-    /// Panics with the shape error if `x_t` does not fit; `check_input` reports it first.
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
+    /// The shape error if `x_t` does not fit (`check_input` reports it before sampling).
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.forward_t(x_t, t, false)
-            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn check_input(&self, shape: &[i64]) -> Result<()> {
@@ -510,10 +509,13 @@ mod tests {
         let (_vs, net) = build(&tiny());
         let x = Tensor::randn([3, 2, 8, 8], (Kind::Double, Device::Cpu));
         let t = Tensor::from_slice(&[1i64, 500, 1000]);
-        let y = net.predict(&x, &t);
+        let y = net.predict(&x, &t).unwrap();
         assert_eq!((y.size(), y.kind()), (x.size(), Kind::Double));
         assert!(net.forward_t(&x.narrow(2, 0, 4), &t, false).is_err());
         assert!(net.forward_t(&x, &t.narrow(0, 0, 2), false).is_err());
+        // As a noise predictor too: a misfit batch is an error, not a panic.
+        assert!(net.predict(&x.narrow(2, 0, 4), &t).is_err());
+        assert!(net.predict(&x, &t.narrow(0, 0, 2)).is_err());
     }
 
     #[test]
@@ -526,8 +528,8 @@ mod tests {
             });
             let x = Tensor::randn([4, 2, 8, 8], (Kind::Float, Device::Cpu));
             let t = Tensor::from_slice(&[3i64, 70, 700, 999]);
-            let whole = net.predict(&x, &t);
-            let alone = net.predict(&x.narrow(0, 2, 1), &t.narrow(0, 2, 1));
+            let whole = net.predict(&x, &t).unwrap();
+            let alone = net.predict(&x.narrow(0, 2, 1), &t.narrow(0, 2, 1)).unwrap();
             // Same arithmetic on a smaller batch; only float reassociation may differ.
             let diff = f64::try_from((whole.narrow(0, 2, 1) - alone).abs().max()).unwrap();
             assert!(diff < 1e-5, "{time_embedding:?}: {diff}");
@@ -543,7 +545,7 @@ mod tests {
                 ..tiny()
             });
             let x = Tensor::randn([1, 2, 8, 8], (Kind::Float, Device::Cpu)).repeat([2, 1, 1, 1]);
-            let y = net.predict(&x, &Tensor::from_slice(&[10i64, 900]));
+            let y = net.predict(&x, &Tensor::from_slice(&[10i64, 900])).unwrap();
             let diff = f64::try_from((y.get(0) - y.get(1)).abs().max()).unwrap();
             assert!(diff > 1e-3, "{time_embedding:?}: {diff}");
         }
@@ -614,7 +616,7 @@ mod tests {
             let x = Tensor::randn([4, cfg.in_channels, s, s], (Kind::Float, Device::Cpu));
             let t = Tensor::full([4], 500, (Kind::Int64, Device::Cpu));
             let shift = 0.1;
-            let d = net.predict(&(&x + shift), &t) - net.predict(&x, &t);
+            let d = net.predict(&(&x + shift), &t).unwrap() - net.predict(&x, &t).unwrap();
             f64::try_from(d.mean(Kind::Double)).unwrap().abs() / shift
         };
         let small_cifar = UNetConfig {

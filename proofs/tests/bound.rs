@@ -4,11 +4,11 @@
 use ddpm_proofs::gauss::{density_1d, log_density};
 use ddpm_proofs::quad::{standard_normal_rule, trapezoid, Rule};
 use ddpm_reference::bound::{
-    bits_per_dim, decoder_log_probs, decoder_nll, negative_elbo_with_noise, prior_term,
-    transition_term, LEVELS,
+    bits_per_dim, decoder_log_probs, decoder_nll, negative_elbo_with_noise, prior_kl,
+    posterior_kl, LEVELS,
 };
 use ddpm_reference::marginal::standard_normal;
-use ddpm_reference::oracle::Law;
+use ddpm_reference::oracle::DataLaw;
 use ddpm_reference::sampler::ancestral_step;
 use ddpm_reference::sigma::{sigma, SigmaChoice};
 use ddpm_reference::{Schedule, ScheduleKind};
@@ -22,7 +22,7 @@ const M: f64 = 0.2;
 const S: f64 = 0.5;
 
 /// The generator's mean μ(x_t) with the oracle of N(M, S²), for a column of x_t.
-fn oracle_mean(schedule: &Schedule, law: &Law, xt: &Array2<f64>, t: usize) -> Array2<f64> {
+fn oracle_mean(schedule: &Schedule, law: &DataLaw, xt: &Array2<f64>, t: usize) -> Array2<f64> {
     let eps_hat = law.optimal_eps(schedule, xt, t).unwrap();
     ancestral_step(schedule, xt, t, &eps_hat, 0.0, &Array2::zeros(xt.raw_dim())).unwrap()
 }
@@ -31,7 +31,7 @@ fn oracle_mean(schedule: &Schedule, law: &Law, xt: &Array2<f64>, t: usize) -> Ar
 /// q(x_T) = N(0, 1): q(x_0) = N(M_0, V_0) by pushing the prior through the affine steps. The
 /// oracle of Gaussian data is affine in x_t, so a_t, b_t are read off at x_t = 0 and 1 (and
 /// checked at x_t = 2).
-fn exact_nll(schedule: &Schedule, law: &Law, sigmas: &Array1<f64>) -> f64 {
+fn exact_nll(schedule: &Schedule, law: &DataLaw, sigmas: &Array1<f64>) -> f64 {
     let (mut mean, mut var) = (0.0, 1.0);
     for t in (1..=schedule.t_max()).rev() {
         let mu = oracle_mean(schedule, law, &array![[0.0], [1.0], [2.0]], t);
@@ -50,14 +50,14 @@ fn exact_nll(schedule: &Schedule, law: &Law, sigmas: &Array1<f64>) -> f64 {
 /// (continuous Gaussian decoder), from the reference's KL terms. The expectation over
 /// x_0 = M + S u and x_t = ᾱ_t x_0 + β̄_t e is a tensor trapezoid rule, exact to rounding because
 /// each term is a quadratic in (u, e) times their Gaussian density.
-fn expected_negative_elbo(schedule: &Schedule, law: &Law, sigmas: &Array1<f64>) -> f64 {
+fn expected_negative_elbo(schedule: &Schedule, law: &DataLaw, sigmas: &Array1<f64>) -> f64 {
     let rule = standard_normal_rule(10.0, 0.5);
     let k = rule.nodes.len();
     let x0 = Array2::from_shape_fn((k * k, 1), |(i, _)| M + S * rule.nodes[i / k]);
     let e = Array2::from_shape_fn((k * k, 1), |(i, _)| rule.nodes[i % k]);
     let w = Array1::from_shape_fn(k * k, |i| rule.weights[i / k] * rule.weights[i % k]);
     let t_max = schedule.t_max();
-    let mut total = w.dot(&prior_term(schedule, &x0).unwrap());
+    let mut total = w.dot(&prior_kl(schedule, &x0).unwrap());
     for t in 1..=t_max {
         let xt = &x0 * schedule.alpha_bars()[t] + &e * schedule.beta_bars()[t];
         if t == 1 {
@@ -65,7 +65,7 @@ fn expected_negative_elbo(schedule: &Schedule, law: &Law, sigmas: &Array1<f64>) 
             total -= w.dot(&log_density(&x0, &mu, sigmas[1] * sigmas[1]));
         } else {
             let eps_hat = law.optimal_eps(schedule, &xt, t).unwrap();
-            total += w.dot(&transition_term(schedule, &x0, &xt, t, &eps_hat, sigmas[t]).unwrap());
+            total += w.dot(&posterior_kl(schedule, &x0, &xt, t, &eps_hat, sigmas[t]).unwrap());
         }
     }
     total
@@ -109,7 +109,7 @@ fn schedules() -> Vec<Schedule> {
 
 #[test]
 fn bound_lies_above_exact_gaussian_nll() {
-    let law = Law::gaussian_mixture(array![1.0], array![[M]], array![S]).unwrap();
+    let law = DataLaw::mixture(array![1.0], array![[M]], array![S]).unwrap();
     let mut rng = StdRng::seed_from_u64(103);
     for schedule in schedules() {
         let random =
@@ -154,7 +154,7 @@ fn bound_lies_above_exact_gaussian_nll() {
 
 #[test]
 fn gap_shrinks_as_sigma_approaches_optimal() {
-    let law = Law::gaussian_mixture(array![1.0], array![[M]], array![S]).unwrap();
+    let law = DataLaw::mixture(array![1.0], array![[M]], array![S]).unwrap();
     let schedule = Schedule::new(ScheduleKind::Article, 1000).unwrap();
     let optimal = sigma_table(&schedule, SigmaChoice::Isotropic { data_std: S });
     for start in [SigmaChoice::Beta, SigmaChoice::Isotropic { data_std: 0.1 }] {
@@ -253,7 +253,7 @@ fn bits_per_dim_is_nats_over_d_ln2() {
     // same noise: L_T by the prior term, L_{t−1} by the transition terms, L_0 by the decoder;
     // bits/dim is the total over d·ln 2.
     let schedule = Schedule::new(ScheduleKind::Article, 50).unwrap();
-    let law = Law::gaussian_mixture(
+    let law = DataLaw::mixture(
         array![0.5, 0.5],
         array![[-0.5, 0.0, 0.5], [0.3, 0.3, -0.3]],
         array![0.3, 0.2],
@@ -270,7 +270,7 @@ fn bits_per_dim_is_nats_over_d_ln2() {
     let choice = SigmaChoice::Beta;
     let elbo = negative_elbo_with_noise(&schedule, &x0, choice, &eps, predictor).unwrap();
     let x0_row = x0.clone().insert_axis(ndarray::Axis(0));
-    let mut total = prior_term(&schedule, &x0_row).unwrap()[0];
+    let mut total = prior_kl(&schedule, &x0_row).unwrap()[0];
     for t in 1..=50 {
         let xt = &x0_row * schedule.alpha_bars()[t]
             + &eps.row(t - 1).insert_axis(ndarray::Axis(0)) * schedule.beta_bars()[t];
@@ -281,7 +281,7 @@ fn bits_per_dim_is_nats_over_d_ln2() {
                 ancestral_step(&schedule, &xt, 1, &eps_hat, 0.0, &Array2::zeros((1, 3))).unwrap();
             decoder_nll(&x0_row, &mean, sig).unwrap()[0]
         } else {
-            transition_term(&schedule, &x0_row, &xt, t, &eps_hat, sig).unwrap()[0]
+            posterior_kl(&schedule, &x0_row, &xt, t, &eps_hat, sig).unwrap()[0]
         };
     }
     assert!(

@@ -5,8 +5,8 @@
 use ddpm_proofs::chain::forward_step;
 use ddpm_proofs::gauss::log_density;
 use ddpm_proofs::stats::estimate;
-use ddpm_reference::bound::{prior_term, transition_term};
-use ddpm_reference::oracle::Law;
+use ddpm_reference::bound::{prior_kl, posterior_kl};
+use ddpm_reference::oracle::DataLaw;
 use ddpm_reference::posterior;
 use ddpm_reference::sampler::ancestral_step;
 use ddpm_reference::sigma::{sigma, SigmaChoice};
@@ -34,8 +34,8 @@ fn generator_mean(schedule: &Schedule, xt: &Array2<f64>, t: usize) -> Array2<f64
     .unwrap()
 }
 
-fn data_law() -> Law {
-    Law::gaussian_mixture(
+fn data_law() -> DataLaw {
+    DataLaw::mixture(
         array![0.3, 0.7],
         array![[-0.6, 0.4], [0.5, -0.2]],
         array![0.25, 0.1],
@@ -62,7 +62,7 @@ fn joint_kl_by_simulation_equals_entropy_plus_bound_terms() {
         let t_max = schedule.t_max();
         let x0 = law.sample(n, &mut rng).unwrap();
         let mut by_density = Array1::<f64>::zeros(n);
-        let mut by_kl = prior_term(&schedule, &x0).unwrap();
+        let mut by_kl = prior_kl(&schedule, &x0).unwrap();
         let mut x_prev = x0.clone();
         for t in 1..=t_max {
             let (xt, _) = forward_step(&schedule, &x_prev, t, &mut rng);
@@ -71,7 +71,7 @@ fn joint_kl_by_simulation_equals_entropy_plus_bound_terms() {
             if t >= 2 {
                 let sig = sigma(&schedule, SigmaChoice::Beta, t).unwrap();
                 by_density -= &log_density(&x_prev, &generator_mean(&schedule, &xt, t), sig * sig);
-                by_kl += &transition_term(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap();
+                by_kl += &posterior_kl(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap();
             }
             x_prev = xt;
         }
@@ -106,7 +106,7 @@ fn per_step_cross_entropy_equals_posterior_kl_plus_entropy() {
         let post_var = posterior::std(&schedule, t).unwrap().powi(2);
         let entropy = (TAU * E * post_var).ln(); // d/2 · ln(2πe σ̃²) with d = 2
         let kl =
-            transition_term(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap() + entropy;
+            posterior_kl(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap() + entropy;
         let diff = estimate((&cross_entropy - &kl).view());
         assert!(
             diff.mean.abs() < 4.0 * diff.se,

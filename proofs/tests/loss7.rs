@@ -5,7 +5,7 @@
 use ddpm_proofs::chain::forward_step;
 use ddpm_proofs::gauss::log_density;
 use ddpm_reference::loss::loss7_with_noise;
-use ddpm_reference::marginal::{sample_with_noise, standard_normal};
+use ddpm_reference::marginal::{marginal_sample, standard_normal};
 use ddpm_reference::sampler::ancestral_step;
 use ddpm_reference::{Schedule, ScheduleKind};
 use ndarray::Array2;
@@ -34,7 +34,7 @@ fn loss7_is_twice_the_generator_cross_entropy() {
             let x0 = standard_normal(n, d, &mut rng) * 0.7 - 0.2;
             // The encoder's pair: x_{t−1} from eq. 9, then one simulated step to x_t.
             let eps_bar_prev = standard_normal(n, d, &mut rng);
-            let x_prev = sample_with_noise(&schedule, &x0, t - 1, &eps_bar_prev).unwrap();
+            let x_prev = marginal_sample(&schedule, &x0, t - 1, &eps_bar_prev).unwrap();
             let mut step_rng = StdRng::seed_from_u64(t as u64);
             let (xt, eps_t) = forward_step(&schedule, &x_prev, t, &mut step_rng);
             // The generator's mean: the reference's ancestral step without noise.

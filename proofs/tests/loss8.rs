@@ -3,7 +3,7 @@
 
 use ddpm_proofs::stats::{estimate, Estimate};
 use ddpm_reference::loss::{
-    constant_7_minus_8, loss7_monte_carlo, loss7_with_noise, loss8_weighted, weight,
+    loss7_minus_loss8, loss7_monte_carlo, loss7_with_noise, weighted_loss, loss_weight,
 };
 use ddpm_reference::marginal::standard_normal;
 use ddpm_reference::sigma::{sigma, SigmaChoice};
@@ -73,9 +73,9 @@ fn loss7_minus_loss8_is_the_constant() {
                 let l8 = batched(k, || {
                     let x0 = standard_normal(n, d, &mut rng) * sd + mean;
                     let eps = standard_normal(n, d, &mut rng);
-                    loss8_weighted(&schedule, &x0, &eps, t, sig, predictor).unwrap()
+                    weighted_loss(&schedule, &x0, &eps, t, sig, predictor).unwrap()
                 });
-                let constant = constant_7_minus_8(&schedule, t, sig, d).unwrap();
+                let constant = loss7_minus_loss8(&schedule, t, sig, d).unwrap();
                 let se = l7.se.hypot(l8.se);
                 let diff = l7.mean - l8.mean;
                 assert!(
@@ -115,8 +115,8 @@ fn loss8_is_loss7_averaged_over_the_rotated_noise() {
                 let eps_t = &eps * s - &omega * c;
                 loss7_with_noise(&schedule, &x0, &eps_bar_prev, &eps_t, t, sig, predictor).unwrap()
             });
-            let l8 = loss8_weighted(&schedule, &x0, &eps, t, sig, predictor).unwrap();
-            let constant = constant_7_minus_8(&schedule, t, sig, d).unwrap();
+            let l8 = weighted_loss(&schedule, &x0, &eps, t, sig, predictor).unwrap();
+            let constant = loss7_minus_loss8(&schedule, t, sig, d).unwrap();
             assert!(
                 (l7.mean - l8 - constant).abs() < 4.0 * l7.se,
                 "t = {t}, {name}: E_ω(7) = {} vs (8) + C = {} (se {})",
@@ -149,7 +149,7 @@ fn loss8_variance_is_lower_by_the_stated_excess() {
             schedule.beta_bars()[t - 1],
         );
         let sig = sigma(&schedule, SigmaChoice::Posterior, t).unwrap();
-        let w = weight(&schedule, t, sig).unwrap();
+        let w = loss_weight(&schedule, t, sig).unwrap();
         let (scale, bcoef) = (b * b / (a * a * sig * sig), a * bb_prev / bb);
         for (name, predictor) in predictors() {
             let x0 = standard_normal(n, d, &mut rng) * 0.5;
@@ -174,7 +174,7 @@ fn loss8_variance_is_lower_by_the_stated_excess() {
             let x0_8 = standard_normal(n, d, &mut rng) * 0.5;
             let f8 = per_row(n, |i| {
                 let r = s![i..i + 1, ..];
-                loss8_weighted(
+                weighted_loss(
                     &schedule,
                     &x0_8.slice(r).to_owned(),
                     &eps.slice(r).to_owned(),

@@ -5,8 +5,8 @@ use ddpm_proofs::gauss::density_1d;
 use ddpm_proofs::quad::trapezoid;
 use ddpm_proofs::stats::estimate;
 use ddpm_reference::loss::loss8;
-use ddpm_reference::marginal::{sample_with_noise, standard_normal};
-use ddpm_reference::oracle::Law;
+use ddpm_reference::marginal::{marginal_sample, standard_normal};
+use ddpm_reference::oracle::DataLaw;
 use ddpm_reference::{Schedule, ScheduleKind};
 use ndarray::{array, Array1, Array2, Axis};
 use rand::rngs::StdRng;
@@ -15,31 +15,31 @@ use rand::{Rng, SeedableRng};
 /// A 1-D law as (weight, mean, std) components; std 0 is a point mass.
 type Components = Vec<(f64, f64, f64)>;
 
-fn laws_1d() -> Vec<(&'static str, Law, Components)> {
+fn laws_1d() -> Vec<(&'static str, DataLaw, Components)> {
     vec![
         (
             "dirac",
-            Law::dirac(array![0.4]).unwrap(),
+            DataLaw::dirac(array![0.4]).unwrap(),
             vec![(1.0, 0.4, 0.0)],
         ),
         (
             "standard normal",
-            Law::standard_normal(1).unwrap(),
+            DataLaw::standard_normal(1).unwrap(),
             vec![(1.0, 0.0, 1.0)],
         ),
         (
             "finite set",
-            Law::finite_set(array![[-0.8], [0.1], [0.7]], array![1.0, 2.0, 1.0]).unwrap(),
+            DataLaw::finite(array![1.0, 2.0, 1.0], array![[-0.8], [0.1], [0.7]]).unwrap(),
             vec![(0.25, -0.8, 0.0), (0.5, 0.1, 0.0), (0.25, 0.7, 0.0)],
         ),
         (
             "gaussian N(0.3, 0.5²)",
-            Law::gaussian_mixture(array![1.0], array![[0.3]], array![0.5]).unwrap(),
+            DataLaw::mixture(array![1.0], array![[0.3]], array![0.5]).unwrap(),
             vec![(1.0, 0.3, 0.5)],
         ),
         (
             "mixture",
-            Law::gaussian_mixture(array![0.3, 0.7], array![[-0.5], [0.6]], array![0.2, 0.1])
+            DataLaw::mixture(array![0.3, 0.7], array![[-0.5], [0.6]], array![0.2, 0.1])
                 .unwrap(),
             vec![(0.3, -0.5, 0.2), (0.7, 0.6, 0.1)],
         ),
@@ -94,7 +94,7 @@ fn oracle_matches_bayes_by_quadrature() {
                 // x_t drawn from its own marginal, so every point is where the oracle is used.
                 let x0 = law.sample(7, &mut rng).unwrap();
                 let xt =
-                    sample_with_noise(schedule, &x0, t, &standard_normal(7, 1, &mut rng)).unwrap();
+                    marginal_sample(schedule, &x0, t, &standard_normal(7, 1, &mut rng)).unwrap();
                 let oracle = law.optimal_eps(schedule, &xt, t).unwrap();
                 for (&x, &o) in xt.iter().zip(oracle.iter()) {
                     let bayes = eps_by_bayes(&components, ab, bb, x);
@@ -109,21 +109,21 @@ fn oracle_matches_bayes_by_quadrature() {
 }
 
 /// Laws in d = 2 for the Monte Carlo tests.
-fn laws_2d() -> Vec<(&'static str, Law)> {
+fn laws_2d() -> Vec<(&'static str, DataLaw)> {
     vec![
-        ("dirac", Law::dirac(array![0.5, -0.25]).unwrap()),
-        ("standard normal", Law::standard_normal(2).unwrap()),
+        ("dirac", DataLaw::dirac(array![0.5, -0.25]).unwrap()),
+        ("standard normal", DataLaw::standard_normal(2).unwrap()),
         (
             "finite set",
-            Law::finite_set(
-                array![[-1.0, 1.0], [0.5, 0.5], [0.2, -0.9]],
+            DataLaw::finite(
                 array![0.2, 0.5, 0.3],
+                array![[-1.0, 1.0], [0.5, 0.5], [0.2, -0.9]],
             )
             .unwrap(),
         ),
         (
             "mixture",
-            Law::gaussian_mixture(
+            DataLaw::mixture(
                 array![0.5, 0.5],
                 array![[-0.6, 0.0], [0.6, 0.3]],
                 array![0.3, 0.15],
@@ -171,7 +171,7 @@ fn oracle_beats_every_perturbation() {
                             law.optimal_eps(&schedule, x, t).unwrap() + h(x) * delta
                         })
                         .unwrap();
-                        let xt = sample_with_noise(&schedule, &x0, t, &eps).unwrap();
+                        let xt = marginal_sample(&schedule, &x0, t, &eps).unwrap();
                         let h_sq = h(&xt).mapv(|v| v * v).sum() / n as f64;
                         excess.push(worse - best);
                         deviation.push(worse - best - delta * delta * h_sq);
@@ -204,15 +204,15 @@ fn minimum_loss_matches_closed_form() {
     let mut rng = StdRng::seed_from_u64(79);
     let (k, n, d) = (40, 2500, 3);
     let (m, s) = (0.2, 0.6);
-    let gaussian = Law::gaussian_mixture(array![1.0], array![[m, -m, 0.0]], array![s]).unwrap();
-    let mixture = Law::gaussian_mixture(
+    let gaussian = DataLaw::mixture(array![1.0], array![[m, -m, 0.0]], array![s]).unwrap();
+    let mixture = DataLaw::mixture(
         array![0.4, 0.6],
         array![[-0.5, 0.0, 0.5], [0.5, 0.2, -0.3]],
         array![0.2, 0.4],
     )
     .unwrap();
-    let dirac = Law::dirac(array![0.1, 0.2, 0.3]).unwrap();
-    let normal = Law::standard_normal(d).unwrap();
+    let dirac = DataLaw::dirac(array![0.1, 0.2, 0.3]).unwrap();
+    let normal = DataLaw::standard_normal(d).unwrap();
     for schedule in [
         Schedule::new(ScheduleKind::Article, 1000).unwrap(),
         Schedule::new(ScheduleKind::Cosine, 100).unwrap(),
@@ -221,7 +221,7 @@ fn minimum_loss_matches_closed_form() {
         for t in [1, t_max / 10, t_max / 2, t_max] {
             let (ab, bb) = (schedule.alpha_bars()[t], schedule.beta_bars()[t]);
             let v = ab * ab * s * s + bb * bb;
-            let closed: [(&str, &Law, Option<f64>); 4] = [
+            let closed: [(&str, &DataLaw, Option<f64>); 4] = [
                 ("dirac", &dirac, Some(0.0)),
                 ("standard normal", &normal, Some(d as f64 * ab * ab)),
                 ("gaussian", &gaussian, Some(d as f64 * ab * ab * s * s / v)),
@@ -239,7 +239,7 @@ fn minimum_loss_matches_closed_form() {
                         })
                         .unwrap(),
                     );
-                    let xt = sample_with_noise(&schedule, &x0, t, &eps).unwrap();
+                    let xt = marginal_sample(&schedule, &x0, t, &eps).unwrap();
                     energies.push(
                         d as f64
                             - law

@@ -3,7 +3,7 @@
 use ddpm_proofs::gauss::{cross_entropy_1d, density_1d};
 use ddpm_proofs::optimize::golden_section_min;
 use ddpm_proofs::quad::{standard_normal_rule, trapezoid, Rule};
-use ddpm_reference::oracle::Law;
+use ddpm_reference::oracle::DataLaw;
 use ddpm_reference::sigma::{sigma, SigmaChoice};
 use ddpm_reference::{posterior, sampler, Schedule, ScheduleKind};
 use ndarray::{array, Array2, Axis};
@@ -211,9 +211,9 @@ fn general_sigma_is_mean_conditional_variance_for_finite_set_data() {
 /// rounding because the integrand is a quadratic in (u, e) times their Gaussian density.
 fn sigma_by_golden_section_gaussian(schedule: &Schedule, t: usize, m: f64, s: f64) -> f64 {
     let law = if s == 0.0 {
-        Law::dirac(array![m]).unwrap()
+        DataLaw::dirac(array![m]).unwrap()
     } else {
-        Law::gaussian_mixture(array![1.0], array![[m]], array![s]).unwrap()
+        DataLaw::mixture(array![1.0], array![[m]], array![s]).unwrap()
     };
     let rule = standard_normal_rule(10.0, 0.1);
     let u_rule = if s == 0.0 {

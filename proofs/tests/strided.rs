@@ -3,8 +3,9 @@
 use ddpm_proofs::bayes::gaussian_posterior_by_quadrature;
 use ddpm_proofs::stats::{estimate, ks_critical, ks_statistic};
 use ddpm_reference::marginal::standard_normal;
-use ddpm_reference::oracle::Law;
-use ddpm_reference::sampler::{ancestral_step, ddim_step, step_pairs, strided_timesteps};
+use ddpm_reference::oracle::DataLaw;
+use ddpm_reference::sampler::{ancestral_step, ddim_step};
+use ddpm_reference::timesteps::{step_pairs, strided};
 use ddpm_reference::sigma::{sigma, SigmaChoice};
 use ddpm_reference::{Schedule, ScheduleKind};
 use ndarray::{array, Array1, Array2};
@@ -47,7 +48,7 @@ fn assert_normal(samples: &Array1<f64>, mean: f64, sd: f64, what: &str) {
 fn strided_timesteps_are_well_formed() {
     for t_max in [1, 2, 3, 10, 999, 1000] {
         for n in (1..=t_max.min(60)).chain([t_max]) {
-            let steps = strided_timesteps(t_max, n).unwrap();
+            let steps = strided(t_max, n).unwrap();
             assert_eq!(steps.len(), n, "T = {t_max}, n = {n}");
             assert_eq!(steps[0], t_max, "T = {t_max}, n = {n}: must start at T");
             if n > 1 {
@@ -68,8 +69,8 @@ fn strided_timesteps_are_well_formed() {
                 "every step goes backwards"
             );
         }
-        assert!(strided_timesteps(t_max, 0).is_err());
-        assert!(strided_timesteps(t_max, t_max + 1).is_err());
+        assert!(strided(t_max, 0).is_err());
+        assert!(strided(t_max, t_max + 1).is_err());
     }
 }
 
@@ -81,7 +82,7 @@ fn strided_chain_matches_eq9() {
     let mut rng = StdRng::seed_from_u64(91);
     let n = 20000;
     for n_steps in [5, 50] {
-        let mut visited = strided_timesteps(1000, n_steps).unwrap();
+        let mut visited = strided(1000, n_steps).unwrap();
         visited.reverse();
         let x0_value = rng.random_range(-1.0..1.0);
         let mut x = Array1::from_elem(n, x0_value);
@@ -231,11 +232,11 @@ fn ddim_with_dirac_oracle_preserves_marginals() {
     // visited x_τ must follow N(ᾱ_τ c, β̄_τ²) for every η, and the final step must land on c.
     let schedule = Schedule::new(ScheduleKind::Article, 1000).unwrap();
     let c = -0.35;
-    let law = Law::dirac(array![c]).unwrap();
+    let law = DataLaw::dirac(array![c]).unwrap();
     let mut rng = StdRng::seed_from_u64(99);
     let n = 20000;
     for (n_steps, eta) in [(10, 0.0), (10, 0.5), (25, 1.0)] {
-        let steps = strided_timesteps(1000, n_steps).unwrap();
+        let steps = strided(1000, n_steps).unwrap();
         let mut x: Array2<f64> = standard_normal(n, 1, &mut rng) * schedule.beta_bars()[1000]
             + c * schedule.alpha_bars()[1000];
         for (tau, tau_next) in step_pairs(&steps) {

@@ -37,7 +37,7 @@ pub fn kl_isotropic(m1: &Array2<f64>, s1: f64, m2: &Array2<f64>, s2: f64) -> Res
 }
 
 /// L_T = KL(N(ᾱ_T x_0, β̄_T² I) ‖ N(0, I)), per row of x_0.
-pub fn prior_term(schedule: &Schedule, x0: &Array2<f64>) -> Result<Array1<f64>> {
+pub fn prior_kl(schedule: &Schedule, x0: &Array2<f64>) -> Result<Array1<f64>> {
     let t = schedule.t_max();
     let mean = x0 * schedule.alpha_bar(t)?;
     kl_isotropic(&mean, schedule.beta_bar(t)?, &Array2::zeros(x0.raw_dim()), 1.0)
@@ -45,7 +45,7 @@ pub fn prior_term(schedule: &Schedule, x0: &Array2<f64>) -> Result<Array1<f64>> 
 
 /// L_{t−1} = KL(N(μ̃(x_t, x_0), σ̃_t² I) ‖ N(μ(x_t), σ_t² I)), μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t,
 /// per row, 2 ≤ t ≤ T.
-pub fn transition_term(
+pub fn posterior_kl(
     schedule: &Schedule,
     x0: &Array2<f64>,
     xt: &Array2<f64>,
@@ -98,14 +98,14 @@ pub fn bits_per_dim(nats: f64, dim: usize) -> f64 {
 
 /// The negative ELBO of one x_0 split into its terms.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ElboTerms {
+pub struct BoundTerms {
     /// terms[j] = L_j for j = 0..T: L_0 the decoder, L_1..L_{T−1} the transitions, L_T the prior.
     pub terms: Array1<f64>,
     /// The data dimension d.
     pub dim: usize,
 }
 
-impl ElboTerms {
+impl BoundTerms {
     /// Negative ELBO in nats: Σ_j L_j.
     pub fn total(&self) -> f64 {
         self.terms.sum()
@@ -126,7 +126,7 @@ pub fn negative_elbo_with_noise<F>(
     choice: SigmaChoice,
     eps: &Array2<f64>,
     predictor: F,
-) -> Result<ElboTerms>
+) -> Result<BoundTerms>
 where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
 {
@@ -134,7 +134,7 @@ where
     check_shape("noise (one row per t = 1..T) against x0", &[t_max, x0.len()], eps.shape())?;
     let x0 = x0.view().insert_axis(Axis(0)).to_owned();
     let mut terms = Array1::zeros(t_max + 1);
-    terms[t_max] = prior_term(schedule, &x0)?[0];
+    terms[t_max] = prior_kl(schedule, &x0)?[0];
     for t in 1..=t_max {
         let noise = eps.row(t - 1).insert_axis(Axis(0));
         let xt = &x0 * schedule.alpha_bar(t)? + &noise * schedule.beta_bar(t)?;
@@ -144,10 +144,10 @@ where
             let mean = ancestral_step(schedule, &xt, 1, &eps_hat, 0.0, &Array2::zeros(xt.raw_dim()))?;
             decoder_nll(&x0, &mean, decoder_std(schedule, choice)?)?[0]
         } else {
-            transition_term(schedule, &x0, &xt, t, &eps_hat, sigma(schedule, choice, t)?)?[0]
+            posterior_kl(schedule, &x0, &xt, t, &eps_hat, sigma(schedule, choice, t)?)?[0]
         };
     }
-    Ok(ElboTerms { terms, dim: x0.len() })
+    Ok(BoundTerms { terms, dim: x0.len() })
 }
 
 /// `negative_elbo_with_noise` with the T noise rows drawn from N(0, I).
@@ -157,7 +157,7 @@ pub fn negative_elbo<F, R>(
     choice: SigmaChoice,
     predictor: F,
     rng: &mut R,
-) -> Result<ElboTerms>
+) -> Result<BoundTerms>
 where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
     R: Rng + ?Sized,
@@ -227,7 +227,7 @@ fn log_normal_mass(a: f64, b: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oracle::Law;
+    use crate::oracle::DataLaw;
     use crate::schedule::ScheduleKind;
     use approx::assert_relative_eq;
     use ndarray::array;
@@ -252,7 +252,7 @@ mod tests {
     fn prior_term_matches_the_closed_form() {
         let s = Schedule::new(ScheduleKind::Article, 1000).unwrap();
         let (ab, bb) = (s.alpha_bar(1000).unwrap(), s.beta_bar(1000).unwrap());
-        let lt = prior_term(&s, &array![[0.5]]).unwrap()[0];
+        let lt = prior_kl(&s, &array![[0.5]]).unwrap()[0];
         assert_relative_eq!(lt, -bb.ln() + (bb * bb + 0.25 * ab * ab) / 2.0 - 0.5, max_relative = 1e-12);
     }
 
@@ -267,14 +267,14 @@ mod tests {
         let eps = array![[0.5, 1.5, -0.3]];
         let eps_hat = array![[0.1, 1.0, 0.2]];
         let xt = &x0 * s.alpha_bar(t).unwrap() + &eps * s.beta_bar(t).unwrap();
-        let exact = transition_term(&s, &x0, &xt, t, &eps, sig).unwrap()[0];
-        let off = transition_term(&s, &x0, &xt, t, &eps_hat, sig).unwrap()[0];
-        let w = crate::loss::weight(&s, t, sig).unwrap();
-        let err = crate::loss::euclidean(&eps, &eps_hat).unwrap();
+        let exact = posterior_kl(&s, &x0, &xt, t, &eps, sig).unwrap()[0];
+        let off = posterior_kl(&s, &x0, &xt, t, &eps_hat, sig).unwrap()[0];
+        let w = crate::loss::loss_weight(&s, t, sig).unwrap();
+        let err = crate::loss::euclidean_loss(&eps, &eps_hat).unwrap();
         assert_relative_eq!(off - exact, 0.5 * w * err, max_relative = 1e-9);
         // With σ_t = σ̃_t and the exact noise the two Gaussians coincide.
         let post = sigma(&s, SigmaChoice::Posterior, t).unwrap();
-        assert!(transition_term(&s, &x0, &xt, t, &eps, post).unwrap()[0].abs() < 1e-10);
+        assert!(posterior_kl(&s, &x0, &xt, t, &eps, post).unwrap()[0].abs() < 1e-10);
     }
 
     #[test]
@@ -325,7 +325,7 @@ mod tests {
         // L_T is the closed form; L_0 decodes N(x_0, β_1²) on the bin of x_0.
         let s = Schedule::new(ScheduleKind::Article, 50).unwrap();
         let x0 = array![2.0 * 100.0 / 255.0 - 1.0, 1.0];
-        let law = Law::dirac(x0.clone()).unwrap();
+        let law = DataLaw::dirac(x0.clone()).unwrap();
         let oracle = |x: &Array2<f64>, t: usize| law.optimal_eps(&s, x, t).unwrap();
         let mut rng = StdRng::seed_from_u64(47);
         let elbo = negative_elbo(&s, &x0, SigmaChoice::Posterior, oracle, &mut rng).unwrap();
@@ -333,7 +333,7 @@ mod tests {
         for j in 1..50 {
             assert!(elbo.terms[j].abs() < 1e-9, "L_{j} = {}", elbo.terms[j]);
         }
-        let prior = prior_term(&s, &x0.clone().insert_axis(Axis(0))).unwrap()[0];
+        let prior = prior_kl(&s, &x0.clone().insert_axis(Axis(0))).unwrap()[0];
         assert_relative_eq!(elbo.terms[50], prior, max_relative = 1e-14);
         let b1 = s.beta(1).unwrap();
         let phi = Normal::standard();
@@ -358,7 +358,7 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
         let x = array![[0.0]];
         assert!(matches!(kl_isotropic(&x, 0.0, &x, 1.0), Err(RefError::InvalidStd { .. })));
-        assert!(matches!(transition_term(&s, &x, &x, 1, &x, 0.1), Err(RefError::TimeOutOfRange { .. })));
+        assert!(matches!(posterior_kl(&s, &x, &x, 1, &x, 0.1), Err(RefError::TimeOutOfRange { .. })));
         assert!(matches!(decoder_nll(&array![[0.5]], &x, 0.1), Err(RefError::OffGrid { .. })));
         assert!(matches!(decoder_nll(&array![[1.5]], &x, 0.1), Err(RefError::OffGrid { .. })));
         assert!(matches!(decoder_log_probs(f64::NAN, 0.1), Err(RefError::InvalidParameter { .. })));

@@ -65,7 +65,7 @@ impl LambState {
 /// u = m̂/(sqrt(v̂)+eps) + wd·w, w ← w − lr·r·u with r = ‖w‖/‖u‖ (1 if either norm is 0).
 /// With `adapt = false` (norm weights, biases) there is no weight decay and r = 1.
 /// Returns the trust ratio r used; nothing changes when it returns an error.
-pub fn lamb_step(
+pub fn lamb_update(
     config: &LambConfig,
     param: &mut ArrayD<f64>,
     grad: &ArrayD<f64>,
@@ -120,7 +120,7 @@ mod tests {
         let mut w = array![1.0, 2.0].into_dyn();
         let g = array![0.5, -1.0].into_dyn();
         let mut state = LambState::new(&[2]);
-        let r = lamb_step(&config(), &mut w, &g, &mut state, true).unwrap();
+        let r = lamb_update(&config(), &mut w, &g, &mut state, true).unwrap();
         let root = 26f64.sqrt();
         assert_relative_eq!(r, 15.0 / root, max_relative = 1e-14);
         assert_relative_eq!(w[0], 1.0 - 0.09 / root, max_relative = 1e-14);
@@ -136,7 +136,7 @@ mod tests {
         let mut w = array![1.0, 2.0].into_dyn();
         let g = array![0.5, -1.0].into_dyn();
         let mut state = LambState::new(&[2]);
-        assert_eq!(lamb_step(&config(), &mut w, &g, &mut state, false).unwrap(), 1.0);
+        assert_eq!(lamb_update(&config(), &mut w, &g, &mut state, false).unwrap(), 1.0);
         assert_relative_eq!(w[0], 1.0 - 0.005, max_relative = 1e-14);
         assert_relative_eq!(w[1], 2.0 + 0.01 * 2.0 / 3.0, max_relative = 1e-14);
     }
@@ -149,10 +149,10 @@ mod tests {
         let mut state = LambState::new(&[2, 2]);
         let cfg = LambConfig { weight_decay: 0.0, ..config() };
         let before = w.clone();
-        lamb_step(&cfg, &mut w, &g, &mut state, false).unwrap();
+        lamb_update(&cfg, &mut w, &g, &mut state, false).unwrap();
         let first = &w - &before;
         let mid = w.clone();
-        lamb_step(&cfg, &mut w, &g, &mut state, false).unwrap();
+        lamb_update(&cfg, &mut w, &g, &mut state, false).unwrap();
         assert_relative_eq!(state.m[[0, 0]], -0.2 * (1.0 - 0.81), max_relative = 1e-14);
         assert_relative_eq!(state.v[[1, 1]], 0.04 * (1.0 - 0.999f64.powi(2)), max_relative = 1e-12);
         for (a, b) in first.iter().zip((&w - &mid).iter()) {
@@ -165,7 +165,7 @@ mod tests {
         let mut w = ArrayD::zeros(IxDyn(&[3]));
         let g = ArrayD::from_elem(IxDyn(&[3]), 1.0);
         let mut state = LambState::new(&[3]);
-        assert_eq!(lamb_step(&config(), &mut w, &g, &mut state, true).unwrap(), 1.0);
+        assert_eq!(lamb_update(&config(), &mut w, &g, &mut state, true).unwrap(), 1.0);
         // m̂/(sqrt v̂ + eps) = 1/1.5 per entry.
         assert_relative_eq!(w[0], -0.01 / 1.5, max_relative = 1e-14);
     }
@@ -175,9 +175,9 @@ mod tests {
         let mut w = array![1.0, 2.0].into_dyn();
         let mut state = LambState::new(&[2]);
         let bad_shape = array![1.0].into_dyn();
-        assert!(matches!(lamb_step(&config(), &mut w, &bad_shape, &mut state, true), Err(RefError::ShapeMismatch { .. })));
+        assert!(matches!(lamb_update(&config(), &mut w, &bad_shape, &mut state, true), Err(RefError::ShapeMismatch { .. })));
         let bad = LambConfig { beta2: 1.0, ..config() };
-        let err = lamb_step(&bad, &mut w, &array![0.1, 0.1].into_dyn(), &mut state, true).unwrap_err();
+        let err = lamb_update(&bad, &mut w, &array![0.1, 0.1].into_dyn(), &mut state, true).unwrap_err();
         assert!(matches!(err, RefError::InvalidParameter { name: "beta2", .. }), "{err}");
         assert!(LambConfig { lr: f64::NAN, ..config() }.validate().is_err());
         assert!(LambConfig { eps: 0.0, ..config() }.validate().is_err());

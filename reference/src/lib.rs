@@ -16,7 +16,9 @@ pub mod sigma;
 pub mod loss;
 /// The test oracle: the exact E[ε|x_t] for known data laws.
 pub mod oracle;
-/// Sampler steps: ancestral, clipped-x̂_0, strided timesteps, DDIM.
+/// Strided timesteps and the (τ, τ′) pairs a sampler walks.
+pub mod timesteps;
+/// Sampler steps: ancestral, clipped-x̂_0, DDIM (plain and clipped).
 pub mod sampler;
 /// One LAMB optimiser step on an f64 array.
 pub mod lamb;
@@ -24,6 +26,6 @@ pub mod lamb;
 pub mod bound;
 
 pub use error::{RefError, Result};
-pub use oracle::Law;
+pub use oracle::DataLaw;
 pub use schedule::{Schedule, ScheduleKind};
 pub use sigma::SigmaChoice;

@@ -5,17 +5,17 @@ use ndarray::Array2;
 use rand::Rng;
 
 use crate::error::{check_shape, check_std, Result};
-use crate::marginal::{sample_with_noise, standard_normal};
+use crate::marginal::{marginal_sample, standard_normal};
 use crate::schedule::Schedule;
 
 /// mean over the batch of Σ_dims (ε − ε̂)²: Euclidean per sample, never a per-pixel mean.
-pub fn euclidean(eps: &Array2<f64>, eps_hat: &Array2<f64>) -> Result<f64> {
+pub fn euclidean_loss(eps: &Array2<f64>, eps_hat: &Array2<f64>) -> Result<f64> {
     check_shape("predicted noise against noise", eps.shape(), eps_hat.shape())?;
     Ok((eps - eps_hat).mapv(|r| r * r).sum() / eps.nrows() as f64)
 }
 
 /// Weight of loss (8) on the unweighted loss: w_t = β_t⁴/(β̄_t² α_t² σ_t²), 1 ≤ t ≤ T, σ_t > 0.
-pub fn weight(schedule: &Schedule, t: usize, sigma_t: f64) -> Result<f64> {
+pub fn loss_weight(schedule: &Schedule, t: usize, sigma_t: f64) -> Result<f64> {
     schedule.check_t(t, 1)?;
     let sigma_t = check_std("sigma_t", sigma_t, true)?;
     let (a, b, bb) = (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?);
@@ -38,12 +38,12 @@ where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
 {
     schedule.check_t(t, 1)?;
-    let xt = sample_with_noise(schedule, x0, t, eps)?;
-    euclidean(eps, &predict(predictor, &xt, t)?)
+    let xt = marginal_sample(schedule, x0, t, eps)?;
+    euclidean_loss(eps, &predict(predictor, &xt, t)?)
 }
 
 /// Loss (8) with its weight: w_t · mean_batch ‖ε − ε̂(ᾱ_t x_0 + β̄_t ε, t)‖².
-pub fn loss8_weighted<F>(
+pub fn weighted_loss<F>(
     schedule: &Schedule,
     x0: &Array2<f64>,
     eps: &Array2<f64>,
@@ -54,7 +54,7 @@ pub fn loss8_weighted<F>(
 where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
 {
-    Ok(weight(schedule, t, sigma_t)? * loss8(schedule, x0, eps, t, predictor)?)
+    Ok(loss_weight(schedule, t, sigma_t)? * loss8(schedule, x0, eps, t, predictor)?)
 }
 
 /// Loss (7) for given noises: β_t²/(α_t² σ_t²) · mean_batch ‖ε_t − (β_t/β̄_t) ε̂(x_t, t)‖²,
@@ -79,7 +79,7 @@ where
         (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?, schedule.beta_bar(t - 1)?);
     let xt = x0 * schedule.alpha_bar(t)? + eps_bar_prev * (a * bb_prev) + eps_t * b;
     let eps_theta = predict(predictor, &xt, t)? * (b / bb);
-    Ok(b * b / (a * a * sigma_t * sigma_t) * euclidean(eps_t, &eps_theta)?)
+    Ok(b * b / (a * a * sigma_t * sigma_t) * euclidean_loss(eps_t, &eps_theta)?)
 }
 
 /// Loss (7) with ε̄_{t−1}, ε_t ~ N(0, I) drawn once per row of x_0 (repeat rows for more draws).
@@ -102,7 +102,7 @@ where
 }
 
 /// E(7) − E(8) = d·β_t² β̄_{t−1}²/(σ_t² β̄_t²), independent of the predictor.
-pub fn constant_7_minus_8(schedule: &Schedule, t: usize, sigma_t: f64, dim: usize) -> Result<f64> {
+pub fn loss7_minus_loss8(schedule: &Schedule, t: usize, sigma_t: f64, dim: usize) -> Result<f64> {
     schedule.check_t(t, 1)?;
     let sigma_t = check_std("sigma_t", sigma_t, true)?;
     let (b, bb, bb_prev) = (schedule.beta(t)?, schedule.beta_bar(t)?, schedule.beta_bar(t - 1)?);
@@ -125,7 +125,7 @@ mod tests {
         let eps = array![[1.0, 2.0], [0.0, 0.0]];
         let eps_hat = array![[0.0, 0.0], [3.0, 0.0]];
         // (1 + 4 + 9)/2: a per-pixel mean would give 14/4.
-        assert_eq!(euclidean(&eps, &eps_hat).unwrap(), 7.0);
+        assert_eq!(euclidean_loss(&eps, &eps_hat).unwrap(), 7.0);
     }
 
     #[test]
@@ -137,8 +137,8 @@ mod tests {
         assert_eq!(loss8(&s, &x0, &eps, 2, zero).unwrap(), 5.0);
         // t = 2: α = 0.6, β = 0.8, ᾱ = 0.48, β̄² = 1 − 0.2304; σ = 0.5.
         let w = 0.8f64.powi(4) / ((1.0 - 0.2304) * 0.36 * 0.25);
-        assert_relative_eq!(weight(&s, 2, 0.5).unwrap(), w, max_relative = 1e-14);
-        assert_relative_eq!(loss8_weighted(&s, &x0, &eps, 2, 0.5, zero).unwrap(), 5.0 * w, max_relative = 1e-14);
+        assert_relative_eq!(loss_weight(&s, 2, 0.5).unwrap(), w, max_relative = 1e-14);
+        assert_relative_eq!(weighted_loss(&s, &x0, &eps, 2, 0.5, zero).unwrap(), 5.0 * w, max_relative = 1e-14);
     }
 
     #[test]
@@ -162,12 +162,12 @@ mod tests {
                 let eps_t = standard_normal(n, d, &mut rng);
                 let eps = (&eps_bar_prev * (a * bb_prev) + &eps_t * b) / bb;
                 loss7_with_noise(&s, &x0, &eps_bar_prev, &eps_t, t, sig, predictor).unwrap()
-                    - loss8_weighted(&s, &x0, &eps, t, sig, predictor).unwrap()
+                    - weighted_loss(&s, &x0, &eps, t, sig, predictor).unwrap()
             })
             .collect();
         let mean = diffs.iter().sum::<f64>() / k as f64;
         let sd = (diffs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt();
-        let expected = constant_7_minus_8(&s, t, sig, d).unwrap();
+        let expected = loss7_minus_loss8(&s, t, sig, d).unwrap();
         assert!((mean - expected).abs() < 5.0 * sd / (k as f64).sqrt(), "{mean} vs {expected} (sd {sd})");
         // With σ_t = β_t the constant is d β̄_{t−1}²/β̄_t².
         assert_relative_eq!(expected, d as f64 * bb_prev * bb_prev / (bb * bb), max_relative = 1e-14);
@@ -187,7 +187,7 @@ mod tests {
         let sig = sigma(&s, SigmaChoice::Posterior, t).unwrap();
         let mut rng = StdRng::seed_from_u64(8);
         let l7 = loss7_monte_carlo(&s, &x0, t, sig, oracle, &mut rng).unwrap();
-        assert_relative_eq!(l7, constant_7_minus_8(&s, t, sig, 2).unwrap(), max_relative = 0.025);
+        assert_relative_eq!(l7, loss7_minus_loss8(&s, t, sig, 2).unwrap(), max_relative = 0.025);
     }
 
     #[test]
@@ -196,10 +196,10 @@ mod tests {
         let x0 = Array2::zeros((2, 2));
         let id = |x: &Array2<f64>, _t: usize| x.clone();
         let bad_shape = |_x: &Array2<f64>, _t: usize| Array2::zeros((1, 1));
-        assert!(matches!(weight(&s, 1, 0.0), Err(RefError::InvalidStd { .. })));
+        assert!(matches!(loss_weight(&s, 1, 0.0), Err(RefError::InvalidStd { .. })));
         assert!(matches!(loss8(&s, &x0, &x0, 0, id), Err(RefError::TimeOutOfRange { .. })));
         assert!(matches!(loss8(&s, &x0, &x0, 1, bad_shape), Err(RefError::ShapeMismatch { .. })));
         assert!(matches!(loss8(&s, &x0, &Array2::zeros((2, 3)), 1, id), Err(RefError::ShapeMismatch { .. })));
-        assert!(matches!(constant_7_minus_8(&s, 3, f64::NAN, 2), Err(RefError::InvalidStd { .. })));
+        assert!(matches!(loss7_minus_loss8(&s, 3, f64::NAN, 2), Err(RefError::InvalidStd { .. })));
     }
 }

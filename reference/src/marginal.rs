@@ -25,7 +25,7 @@ pub fn std(schedule: &Schedule, t: usize) -> Result<f64> {
 }
 
 /// x_t = ᾱ_t x_0 + β̄_t ε for the given noise ε (same shape as x_0).
-pub fn sample_with_noise(schedule: &Schedule, x0: &Array2<f64>, t: usize, eps: &Array2<f64>) -> Result<Array2<f64>> {
+pub fn marginal_sample(schedule: &Schedule, x0: &Array2<f64>, t: usize, eps: &Array2<f64>) -> Result<Array2<f64>> {
     check_shape("noise eps against x0", x0.shape(), eps.shape())?;
     Ok(mean(schedule, x0, t)? + eps * std(schedule, t)?)
 }
@@ -38,7 +38,7 @@ pub fn sample<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<(Array2<f64>, Array2<f64>)> {
     let eps = standard_normal(x0.nrows(), x0.ncols(), rng);
-    Ok((sample_with_noise(schedule, x0, t, &eps)?, eps))
+    Ok((marginal_sample(schedule, x0, t, &eps)?, eps))
 }
 
 /// ln N(x_t; ᾱ_t x_0, β̄_t² I) for each row, 1 ≤ t ≤ T (β̄_0 = 0 has no density).
@@ -49,6 +49,17 @@ pub fn log_density(schedule: &Schedule, x0: &Array2<f64>, t: usize, xt: &Array2<
     let sq = (xt - &mean(schedule, x0, t)?).mapv(|r| r * r).sum_axis(Axis(1));
     let d = x0.ncols() as f64;
     Ok(sq.mapv(|s| -0.5 * (s / var + d * (TAU * var).ln())))
+}
+
+/// x̂_0 = (x_t − β̄_t ε̂)/ᾱ_t, 0 ≤ t ≤ T.
+pub fn predicted_x0(
+    schedule: &Schedule,
+    xt: &Array2<f64>,
+    t: usize,
+    eps_hat: &Array2<f64>,
+) -> Result<Array2<f64>> {
+    check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
+    Ok((xt - &(eps_hat * schedule.beta_bar(t)?)) / schedule.alpha_bar(t)?)
 }
 
 #[cfg(test)]
@@ -67,12 +78,12 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
         let x0 = array![[1.0, -2.0]];
         let eps = array![[0.5, 0.25]];
-        let xt = sample_with_noise(&s, &x0, 4, &eps).unwrap();
+        let xt = marginal_sample(&s, &x0, 4, &eps).unwrap();
         let (ab, bb) = (s.alpha_bar(4).unwrap(), s.beta_bar(4).unwrap());
         assert_relative_eq!(xt[[0, 0]], ab + 0.5 * bb, max_relative = 1e-15);
         assert_relative_eq!(xt[[0, 1]], -2.0 * ab + 0.25 * bb, max_relative = 1e-15);
         // t = 0 is the data itself.
-        assert_eq!(sample_with_noise(&s, &x0, 0, &eps).unwrap(), x0);
+        assert_eq!(marginal_sample(&s, &x0, 0, &eps).unwrap(), x0);
     }
 
     #[test]
@@ -88,7 +99,7 @@ mod tests {
     #[test]
     fn mismatched_noise_is_an_error() {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
-        let err = sample_with_noise(&s, &Array2::zeros((2, 3)), 1, &Array2::zeros((3, 2))).unwrap_err();
+        let err = marginal_sample(&s, &Array2::zeros((2, 3)), 1, &Array2::zeros((3, 2))).unwrap_err();
         assert!(matches!(err, RefError::ShapeMismatch { .. }), "{err}");
     }
 

@@ -8,13 +8,13 @@ use rand::Rng;
 use std::f64::consts::TAU;
 
 use crate::error::{check_shape, check_std, RefError, Result};
-use crate::loss::euclidean;
-use crate::marginal::{sample_with_noise, standard_normal};
+use crate::loss::euclidean_loss;
+use crate::marginal::{marginal_sample, standard_normal};
 use crate::schedule::Schedule;
 
 /// A data law with an exact oracle. Build it with the checked constructors.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Law {
+pub enum DataLaw {
     /// All mass at one point c.
     Dirac {
         /// The point c (length d ≥ 1).
@@ -50,31 +50,31 @@ struct Components {
     stds: Array1<f64>,
 }
 
-impl Law {
+impl DataLaw {
     /// δ(c), checked.
     pub fn dirac(center: Array1<f64>) -> Result<Self> {
-        let law = Law::Dirac { center };
+        let law = DataLaw::Dirac { center };
         law.validate()?;
         Ok(law)
     }
 
     /// N(0, I_dim), checked.
     pub fn standard_normal(dim: usize) -> Result<Self> {
-        let law = Law::StandardNormal { dim };
+        let law = DataLaw::StandardNormal { dim };
         law.validate()?;
         Ok(law)
     }
 
     /// Σ_k w_k δ(c_k), checked.
-    pub fn finite_set(points: Array2<f64>, weights: Array1<f64>) -> Result<Self> {
-        let law = Law::FiniteSet { points, weights };
+    pub fn finite(weights: Array1<f64>, points: Array2<f64>) -> Result<Self> {
+        let law = DataLaw::FiniteSet { points, weights };
         law.validate()?;
         Ok(law)
     }
 
     /// Σ_k w_k N(m_k, s_k² I), checked.
-    pub fn gaussian_mixture(weights: Array1<f64>, means: Array2<f64>, stds: Array1<f64>) -> Result<Self> {
-        let law = Law::GaussianMixture { weights, means, stds };
+    pub fn mixture(weights: Array1<f64>, means: Array2<f64>, stds: Array1<f64>) -> Result<Self> {
+        let law = DataLaw::GaussianMixture { weights, means, stds };
         law.validate()?;
         Ok(law)
     }
@@ -82,10 +82,10 @@ impl Law {
     /// The data dimension d.
     pub fn dim(&self) -> usize {
         match self {
-            Law::Dirac { center } => center.len(),
-            Law::StandardNormal { dim } => *dim,
-            Law::FiniteSet { points, .. } => points.ncols(),
-            Law::GaussianMixture { means, .. } => means.ncols(),
+            DataLaw::Dirac { center } => center.len(),
+            DataLaw::StandardNormal { dim } => *dim,
+            DataLaw::FiniteSet { points, .. } => points.ncols(),
+            DataLaw::GaussianMixture { means, .. } => means.ncols(),
         }
     }
 
@@ -95,10 +95,10 @@ impl Law {
             return Err(RefError::EmptyLaw("the data dimension is 0"));
         }
         let (weights, locations, stds) = match self {
-            Law::Dirac { center } => return check_finite("Dirac centre", center.iter()),
-            Law::StandardNormal { .. } => return Ok(()),
-            Law::FiniteSet { points, weights } => (weights, points, None),
-            Law::GaussianMixture { weights, means, stds } => (weights, means, Some(stds)),
+            DataLaw::Dirac { center } => return check_finite("Dirac centre", center.iter()),
+            DataLaw::StandardNormal { .. } => return Ok(()),
+            DataLaw::FiniteSet { points, weights } => (weights, points, None),
+            DataLaw::GaussianMixture { weights, means, stds } => (weights, means, Some(stds)),
         };
         if locations.nrows() == 0 {
             return Err(RefError::EmptyLaw("it has no points or components"));
@@ -130,14 +130,14 @@ impl Law {
         };
         let normalised = |w: &Array1<f64>| w.mapv(f64::ln) - w.sum().ln();
         Ok(match self {
-            Law::Dirac { center } => single(center.clone(), 0.0),
-            Law::StandardNormal { dim } => single(Array1::zeros(*dim), 1.0),
-            Law::FiniteSet { points, weights } => Components {
+            DataLaw::Dirac { center } => single(center.clone(), 0.0),
+            DataLaw::StandardNormal { dim } => single(Array1::zeros(*dim), 1.0),
+            DataLaw::FiniteSet { points, weights } => Components {
                 log_weights: normalised(weights),
                 means: points.clone(),
                 stds: Array1::zeros(points.nrows()),
             },
-            Law::GaussianMixture { weights, means, stds } => {
+            DataLaw::GaussianMixture { weights, means, stds } => {
                 Components { log_weights: normalised(weights), means: means.clone(), stds: stds.clone() }
             }
         })
@@ -204,8 +204,8 @@ impl Law {
         }
         let x0 = self.sample(n, rng)?;
         let eps = standard_normal(n, self.dim(), rng);
-        let xt = sample_with_noise(schedule, &x0, t, &eps)?;
-        euclidean(&eps, &self.optimal_eps(schedule, &xt, t)?)
+        let xt = marginal_sample(schedule, &x0, t, &eps)?;
+        euclidean_loss(&eps, &self.optimal_eps(schedule, &xt, t)?)
     }
 }
 
@@ -244,9 +244,9 @@ mod tests {
         let c = array![0.5, -0.5];
         for t in [1, 37, 100] {
             let (ab, bb) = (s.alpha_bar(t).unwrap(), s.beta_bar(t).unwrap());
-            let dirac = Law::dirac(c.clone()).unwrap().optimal_eps(&s, &xt, t).unwrap();
+            let dirac = DataLaw::dirac(c.clone()).unwrap().optimal_eps(&s, &xt, t).unwrap();
             assert_close(&dirac, &((&xt - &(&c * ab)) / bb), 1e-12);
-            let normal = Law::standard_normal(2).unwrap().optimal_eps(&s, &xt, t).unwrap();
+            let normal = DataLaw::standard_normal(2).unwrap().optimal_eps(&s, &xt, t).unwrap();
             assert_close(&normal, &(&xt * bb), 1e-12);
         }
     }
@@ -257,19 +257,19 @@ mod tests {
         let xt = array![[0.3, -1.2], [2.0, 0.1], [-0.4, 0.4]];
         let t = 20;
         let (ab, bb) = (s.alpha_bar(t).unwrap(), s.beta_bar(t).unwrap());
-        let one_point = Law::finite_set(array![[0.5, -0.5]], array![3.0]).unwrap();
-        let dirac = Law::dirac(array![0.5, -0.5]).unwrap();
+        let one_point = DataLaw::finite(array![3.0], array![[0.5, -0.5]]).unwrap();
+        let dirac = DataLaw::dirac(array![0.5, -0.5]).unwrap();
         assert_close(&one_point.optimal_eps(&s, &xt, t).unwrap(), &dirac.optimal_eps(&s, &xt, t).unwrap(), 1e-12);
         // One Gaussian N(m, s²I): ε* = β̄_t (x_t − ᾱ_t m)/(ᾱ_t² s² + β̄_t²).
         let m = array![1.0, 2.0];
-        let g = Law::gaussian_mixture(array![1.0], m.clone().insert_axis(Axis(0)), array![0.7]).unwrap();
+        let g = DataLaw::mixture(array![1.0], m.clone().insert_axis(Axis(0)), array![0.7]).unwrap();
         let v = (ab * 0.7f64).powi(2) + bb * bb;
         assert_close(&g.optimal_eps(&s, &xt, t).unwrap(), &((&xt - &(&m * ab)) * (bb / v)), 1e-12);
         // A finite set is a mixture of zero-width components.
         let points = array![[1.0, 0.0], [-1.0, 0.5], [0.0, -2.0]];
         let w = array![0.2, 0.5, 0.3];
-        let set = Law::finite_set(points.clone(), w.clone()).unwrap();
-        let mix = Law::gaussian_mixture(w, points, Array1::zeros(3)).unwrap();
+        let set = DataLaw::finite(w.clone(), points.clone()).unwrap();
+        let mix = DataLaw::mixture(w, points, Array1::zeros(3)).unwrap();
         assert_close(&set.optimal_eps(&s, &xt, t).unwrap(), &mix.optimal_eps(&s, &xt, t).unwrap(), 1e-12);
     }
 
@@ -278,7 +278,7 @@ mod tests {
         // x_t = ±1e4 at t = 1 (β̄_1 ≈ 0.0014): every density underflows without log-sum-exp.
         let s = schedule();
         let (ab, bb) = (s.alpha_bar(1).unwrap(), s.beta_bar(1).unwrap());
-        let law = Law::finite_set(array![[1.0], [-1.0]], array![1.0, 1.0]).unwrap();
+        let law = DataLaw::finite(array![1.0, 1.0], array![[1.0], [-1.0]]).unwrap();
         let xt = array![[1e4], [-1e4], [0.0]];
         let eps = law.optimal_eps(&s, &xt, 1).unwrap();
         assert_relative_eq!(eps[[0, 0]], (1e4 - ab) / bb, max_relative = 1e-12);
@@ -293,7 +293,7 @@ mod tests {
         // h = x_t and h = tanh(x_t) on a 3-component 2-D mixture with n = 40000 draws; each
         // mean must be within 5 standard errors of 0 (two-sided α ≈ 6e-7 per check).
         let s = schedule();
-        let law = Law::gaussian_mixture(
+        let law = DataLaw::mixture(
             array![0.5, 0.3, 0.2],
             array![[1.0, 1.0], [-1.0, 0.5], [0.0, -1.5]],
             array![0.2, 0.4, 0.0],
@@ -304,7 +304,7 @@ mod tests {
         for t in [5, 40] {
             let x0 = law.sample(n, &mut rng).unwrap();
             let eps = standard_normal(n, 2, &mut rng);
-            let xt = sample_with_noise(&s, &x0, t, &eps).unwrap();
+            let xt = marginal_sample(&s, &x0, t, &eps).unwrap();
             let resid = &eps - &law.optimal_eps(&s, &xt, t).unwrap();
             for h in [xt.clone(), xt.mapv(f64::tanh)] {
                 let prod = (&resid * &h).sum_axis(Axis(1));
@@ -320,14 +320,14 @@ mod tests {
         let s = schedule();
         let t = 30;
         let ab2 = s.alpha_bar(t).unwrap().powi(2);
-        assert_eq!(Law::dirac(array![1.0, 2.0]).unwrap().min_loss(&s, t).unwrap(), Some(0.0));
-        let normal = Law::standard_normal(3).unwrap().min_loss(&s, t).unwrap().unwrap();
+        assert_eq!(DataLaw::dirac(array![1.0, 2.0]).unwrap().min_loss(&s, t).unwrap(), Some(0.0));
+        let normal = DataLaw::standard_normal(3).unwrap().min_loss(&s, t).unwrap().unwrap();
         assert_relative_eq!(normal, 3.0 * ab2, max_relative = 1e-14);
-        let mixture = Law::finite_set(array![[0.0], [1.0]], array![1.0, 1.0]).unwrap();
+        let mixture = DataLaw::finite(array![1.0, 1.0], array![[0.0], [1.0]]).unwrap();
         assert_eq!(mixture.min_loss(&s, t).unwrap(), None);
         // For N(m, s²I) the residual ε − ε* is N(0, c I), so the loss is c·χ²_d: with d = 2 and
         // n = 40000 its relative standard error is sqrt(2/(n d)) = 0.5%; 2.5% is 5 of them.
-        let g = Law::gaussian_mixture(array![1.0], array![[0.5, -1.0]], array![0.6]).unwrap();
+        let g = DataLaw::mixture(array![1.0], array![[0.5, -1.0]], array![0.6]).unwrap();
         let exact = g.min_loss(&s, t).unwrap().unwrap();
         assert_relative_eq!(exact, 2.0 * ab2 * 0.36 / (ab2 * 0.36 + s.beta_bar(t).unwrap().powi(2)), max_relative = 1e-14);
         let mut rng = StdRng::seed_from_u64(29);
@@ -341,7 +341,7 @@ mod tests {
         // standard error sqrt(0.8·0.2/n) = 0.004, tolerance 0.02 = 5 of them; the positive
         // component's sample variance (≈ 8000 draws) has relative standard error ≈ 1.6%, 8%
         // is 5 of them.
-        let law = Law::gaussian_mixture(array![1.0, 4.0], array![[-10.0], [10.0]], array![0.5, 2.0]).unwrap();
+        let law = DataLaw::mixture(array![1.0, 4.0], array![[-10.0], [10.0]], array![0.5, 2.0]).unwrap();
         let mut rng = StdRng::seed_from_u64(31);
         let x = law.sample(10000, &mut rng).unwrap();
         let pos: Vec<f64> = x.iter().copied().filter(|&v| v > 0.0).collect();
@@ -349,28 +349,28 @@ mod tests {
         let mean = pos.iter().sum::<f64>() / pos.len() as f64;
         let var = pos.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (pos.len() - 1) as f64;
         assert_relative_eq!(var, 4.0, max_relative = 0.08);
-        assert_eq!(Law::dirac(array![2.0, 3.0]).unwrap().sample(3, &mut rng).unwrap(), array![[2.0, 3.0], [2.0, 3.0], [2.0, 3.0]]);
+        assert_eq!(DataLaw::dirac(array![2.0, 3.0]).unwrap().sample(3, &mut rng).unwrap(), array![[2.0, 3.0], [2.0, 3.0], [2.0, 3.0]]);
     }
 
     #[test]
     fn invalid_laws_and_inputs_are_errors() {
-        assert!(matches!(Law::dirac(Array1::zeros(0)), Err(RefError::EmptyLaw(_))));
-        assert!(matches!(Law::standard_normal(0), Err(RefError::EmptyLaw(_))));
-        assert!(matches!(Law::finite_set(Array2::zeros((0, 2)), Array1::zeros(0)), Err(RefError::EmptyLaw(_))));
-        assert!(matches!(Law::finite_set(array![[0.0]], array![1.0, 2.0]), Err(RefError::ShapeMismatch { .. })));
-        assert!(matches!(Law::finite_set(array![[0.0]], array![-1.0]), Err(RefError::InvalidStd { .. })));
-        assert!(matches!(Law::finite_set(array![[0.0]], array![0.0]), Err(RefError::InvalidParameter { .. })));
-        assert!(matches!(Law::dirac(array![f64::NAN]), Err(RefError::InvalidParameter { .. })));
+        assert!(matches!(DataLaw::dirac(Array1::zeros(0)), Err(RefError::EmptyLaw(_))));
+        assert!(matches!(DataLaw::standard_normal(0), Err(RefError::EmptyLaw(_))));
+        assert!(matches!(DataLaw::finite(Array1::zeros(0), Array2::zeros((0, 2))), Err(RefError::EmptyLaw(_))));
+        assert!(matches!(DataLaw::finite(array![1.0, 2.0], array![[0.0]]), Err(RefError::ShapeMismatch { .. })));
+        assert!(matches!(DataLaw::finite(array![-1.0], array![[0.0]]), Err(RefError::InvalidStd { .. })));
+        assert!(matches!(DataLaw::finite(array![0.0], array![[0.0]]), Err(RefError::InvalidParameter { .. })));
+        assert!(matches!(DataLaw::dirac(array![f64::NAN]), Err(RefError::InvalidParameter { .. })));
         assert!(matches!(
-            Law::gaussian_mixture(array![1.0], array![[0.0]], array![-0.1]),
+            DataLaw::mixture(array![1.0], array![[0.0]], array![-0.1]),
             Err(RefError::InvalidStd { .. })
         ));
         let s = schedule();
-        let law = Law::standard_normal(2).unwrap();
+        let law = DataLaw::standard_normal(2).unwrap();
         assert!(matches!(law.optimal_eps(&s, &Array2::zeros((1, 3)), 1), Err(RefError::ShapeMismatch { .. })));
         assert!(matches!(law.optimal_eps(&s, &Array2::zeros((1, 2)), 0), Err(RefError::TimeOutOfRange { .. })));
         // Public fields can be set by hand; every method re-validates.
-        let bad = Law::StandardNormal { dim: 0 };
+        let bad = DataLaw::StandardNormal { dim: 0 };
         assert!(bad.sample(1, &mut StdRng::seed_from_u64(0)).is_err());
     }
 }

@@ -5,21 +5,11 @@ use ndarray::Array2;
 use rand::Rng;
 
 use crate::error::{check_shape, check_std, RefError, Result};
-use crate::marginal::standard_normal;
+use crate::marginal::{predicted_x0, standard_normal};
 use crate::posterior;
 use crate::schedule::Schedule;
 use crate::sigma::{sigma, SigmaChoice};
-
-/// x̂_0 = (x_t − β̄_t ε̂)/ᾱ_t, 0 ≤ t ≤ T.
-pub fn predicted_x0(
-    schedule: &Schedule,
-    xt: &Array2<f64>,
-    t: usize,
-    eps_hat: &Array2<f64>,
-) -> Result<Array2<f64>> {
-    check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
-    Ok((xt - &(eps_hat * schedule.beta_bar(t)?)) / schedule.alpha_bar(t)?)
-}
+use crate::timesteps::{step_pairs, strided};
 
 /// Checks a generator step's arguments: 1 ≤ t ≤ T, σ ≥ 0 and z shaped like x_t; returns σ.
 fn check_step(
@@ -34,6 +24,14 @@ fn check_step(
     check_std("sigma_t", sigma_t, false)
 }
 
+/// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t, 1 ≤ t ≤ T.
+pub fn generator_mean(schedule: &Schedule, xt: &Array2<f64>, t: usize, eps_hat: &Array2<f64>) -> Result<Array2<f64>> {
+    schedule.check_t(t, 1)?;
+    check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
+    let (a, b, bb) = (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?);
+    Ok((xt - &(eps_hat * (b * b / bb))) / a)
+}
+
 /// x_{t−1} = (x_t − (β_t²/β̄_t) ε̂)/α_t + σ_t z, 1 ≤ t ≤ T.
 pub fn ancestral_step(
     schedule: &Schedule,
@@ -44,9 +42,7 @@ pub fn ancestral_step(
     z: &Array2<f64>,
 ) -> Result<Array2<f64>> {
     let sigma_t = check_step(schedule, xt, t, sigma_t, z)?;
-    check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
-    let (a, b, bb) = (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?);
-    Ok((xt - &(eps_hat * (b * b / bb))) / a + z * sigma_t)
+    Ok(generator_mean(schedule, xt, t, eps_hat)? + z * sigma_t)
 }
 
 /// x_{t−1} = μ̃(x_t, clip(x̂_0, −1, 1)) + σ_t z: Ho et al.'s sampler, which keeps the x_0
@@ -64,36 +60,6 @@ pub fn ancestral_step_clipped(
     Ok(posterior::mean(schedule, &x0, xt, t)? + z * sigma_t)
 }
 
-/// The n visited steps T = τ_n > … > τ_1 = 1, descending, τ_i = 1 + round_half_up((i−1)(T−1)/(n−1));
-/// n = 1 visits only T. The sampler then steps τ_1 → 0. Needs 1 ≤ n ≤ T.
-pub fn strided_timesteps(t_max: usize, n: usize) -> Result<Vec<usize>> {
-    if t_max == 0 {
-        return Err(RefError::ZeroSteps);
-    }
-    if n == 0 || n > t_max {
-        return Err(RefError::InvalidStepCount { n, t_max });
-    }
-    if n == 1 {
-        return Ok(vec![t_max]);
-    }
-    // Exact integer rounding: floor((2k(T−1) + (n−1))/(2(n−1))) = round_half_up(k(T−1)/(n−1));
-    // consecutive values differ by at least (T−1)/(n−1) ≥ 1, so they are distinct.
-    let den = 2 * (n - 1);
-    Ok((0..n)
-        .rev()
-        .map(|k| 1 + (2 * k * (t_max - 1) + (n - 1)) / den)
-        .collect())
-}
-
-/// The (τ, τ') pairs a strided sampler walks: (τ_n, τ_{n−1}), …, (τ_1, 0).
-pub fn step_pairs(steps: &[usize]) -> Vec<(usize, usize)> {
-    steps
-        .iter()
-        .copied()
-        .zip(steps.iter().copied().skip(1).chain(std::iter::once(0)))
-        .collect()
-}
-
 /// DDIM step τ → τ' (0 ≤ τ' < τ ≤ T, 0 ≤ η ≤ 1): x̂_0 = (x_τ − β̄_τ ε̂)/ᾱ_τ,
 /// σ = η (β̄_{τ'}/β̄_τ) sqrt(1 − ᾱ_τ²/ᾱ_{τ'}²), x_{τ'} = ᾱ_{τ'} x̂_0 + sqrt(β̄_{τ'}² − σ²) ε̂ + σ z.
 pub fn ddim_step(
@@ -105,6 +71,37 @@ pub fn ddim_step(
     eta: f64,
     z: &Array2<f64>,
 ) -> Result<Array2<f64>> {
+    check_ddim(schedule, x_tau, tau, tau_next, eta, z)?;
+    let x0 = predicted_x0(schedule, x_tau, tau, eps_hat)?;
+    ddim_from_x0(schedule, tau, tau_next, &x0, eps_hat, eta, z)
+}
+
+/// [`ddim_step`] with x̂_0 clipped to [−1, 1] and ε̂ recomputed from it, ε̂′ = (x_τ − ᾱ_τ x̂_0)/β̄_τ,
+/// so that η = 1 over one step is Ho et al.'s clipped ancestral step with the posterior σ.
+pub fn ddim_step_clipped(
+    schedule: &Schedule,
+    x_tau: &Array2<f64>,
+    tau: usize,
+    tau_next: usize,
+    eps_hat: &Array2<f64>,
+    eta: f64,
+    z: &Array2<f64>,
+) -> Result<Array2<f64>> {
+    check_ddim(schedule, x_tau, tau, tau_next, eta, z)?;
+    let x0 = predicted_x0(schedule, x_tau, tau, eps_hat)?.mapv(|v| v.clamp(-1.0, 1.0));
+    let eps = (x_tau - &(&x0 * schedule.alpha_bar(tau)?)) / schedule.beta_bar(tau)?;
+    ddim_from_x0(schedule, tau, tau_next, &x0, &eps, eta, z)
+}
+
+/// Checks a DDIM step's arguments: 1 ≤ τ ≤ T, 0 ≤ τ' < τ, 0 ≤ η ≤ 1, z shaped like x_τ.
+fn check_ddim(
+    schedule: &Schedule,
+    x_tau: &Array2<f64>,
+    tau: usize,
+    tau_next: usize,
+    eta: f64,
+    z: &Array2<f64>,
+) -> Result<()> {
     schedule.check_t(tau, 1)?;
     schedule.check_t(tau_next, 0)?;
     if tau_next >= tau {
@@ -120,8 +117,20 @@ pub fn ddim_step(
             reason: "must lie in [0, 1]",
         });
     }
-    check_shape("noise z against x_tau", x_tau.shape(), z.shape())?;
-    let x0 = predicted_x0(schedule, x_tau, tau, eps_hat)?;
+    check_shape("noise z against x_tau", x_tau.shape(), z.shape())
+}
+
+/// x_{τ'} = ᾱ_{τ'} x̂_0 + sqrt(β̄_{τ'}² − σ²) ε̂ + σ z with DDIM's σ for this η.
+fn ddim_from_x0(
+    schedule: &Schedule,
+    tau: usize,
+    tau_next: usize,
+    x0: &Array2<f64>,
+    eps_hat: &Array2<f64>,
+    eta: f64,
+    z: &Array2<f64>,
+) -> Result<Array2<f64>> {
+    check_shape("predicted noise against x_tau", x0.shape(), eps_hat.shape())?;
     let (bb, bb_next) = (schedule.beta_bar(tau)?, schedule.beta_bar(tau_next)?);
     // 1 − ᾱ_τ²/ᾱ_{τ'}² = −expm1(2(ln ᾱ_τ − ln ᾱ_{τ'})), exact even for adjacent steps.
     let step_var =
@@ -159,7 +168,7 @@ where
     })
 }
 
-/// Runs x_T → x_0 with `ddim_step` over `strided_timesteps(T, n_steps)`, z ~ N(0, I) from `rng`.
+/// Runs x_T → x_0 with `ddim_step` over `timesteps::strided(T, n_steps)`, z ~ N(0, I) from `rng`.
 pub fn ddim_sample<F, R>(
     schedule: &Schedule,
     n_steps: usize,
@@ -173,7 +182,7 @@ where
     R: Rng + ?Sized,
 {
     let (n, d) = x_t_max.dim();
-    let steps = strided_timesteps(schedule.t_max(), n_steps)?;
+    let steps = strided(schedule.t_max(), n_steps)?;
     step_pairs(&steps)
         .into_iter()
         .try_fold(x_t_max, |x, (tau, tau_next)| {
@@ -186,7 +195,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oracle::Law;
+    use crate::oracle::DataLaw;
     use crate::schedule::ScheduleKind;
     use approx::assert_relative_eq;
     use ndarray::array;
@@ -238,34 +247,6 @@ mod tests {
     }
 
     #[test]
-    fn strided_timesteps_edge_cases() {
-        assert_eq!(strided_timesteps(5, 5).unwrap(), vec![5, 4, 3, 2, 1]);
-        assert_eq!(strided_timesteps(1000, 2).unwrap(), vec![1000, 1]);
-        assert_eq!(strided_timesteps(1000, 1).unwrap(), vec![1000]);
-        assert_eq!(strided_timesteps(1, 1).unwrap(), vec![1]);
-        // (T−1)/(n−1) = 2.5: 1, 3.5, 6, 8.5, 11 round half up to 1, 4, 6, 9, 11.
-        assert_eq!(strided_timesteps(11, 5).unwrap(), vec![11, 9, 6, 4, 1]);
-        assert_eq!(strided_timesteps(1000, 10).unwrap()[..3], [1000, 889, 778]);
-        for t_max in [2, 7, 999, 1000] {
-            for n in 2..=t_max.min(50) {
-                let s = strided_timesteps(t_max, n).unwrap();
-                assert_eq!((s.len(), s[0], s[n - 1]), (n, t_max, 1));
-                assert!(s.windows(2).all(|w| w[0] > w[1]));
-            }
-        }
-        assert_eq!(
-            strided_timesteps(10, 0),
-            Err(RefError::InvalidStepCount { n: 0, t_max: 10 })
-        );
-        assert_eq!(
-            strided_timesteps(10, 11),
-            Err(RefError::InvalidStepCount { n: 11, t_max: 10 })
-        );
-        assert_eq!(strided_timesteps(0, 1), Err(RefError::ZeroSteps));
-        assert_eq!(step_pairs(&[10, 4, 1]), vec![(10, 4), (4, 1), (1, 0)]);
-    }
-
-    #[test]
     fn ddim_with_eta_one_is_the_strided_ddpm_posterior_step() {
         let s = Schedule::new(ScheduleKind::Cosine, 50).unwrap();
         let x = array![[0.4, -1.3]];
@@ -295,6 +276,30 @@ mod tests {
     }
 
     #[test]
+    fn clipped_ddim_is_plain_inside_the_range_and_the_clipped_posterior_step_at_eta_one() {
+        let s = Schedule::new(ScheduleKind::Linear, 40).unwrap();
+        let (x, z) = (array![[0.4, -0.8]], array![[-0.2, 1.1]]);
+        let eps_hat = array![[0.7, 0.1]];
+        // ᾱ_10 ≈ 0.99, β̄_10 ≈ 0.16: x̂_0 stays inside [−1, 1] here, so clipping changes nothing.
+        for eta in [0.0, 0.4, 1.0] {
+            assert_close(
+                &ddim_step_clipped(&s, &x, 10, 4, &eps_hat, eta, &z).unwrap(),
+                &ddim_step(&s, &x, 10, 4, &eps_hat, eta, &z).unwrap(),
+                1e-12,
+            );
+        }
+        // Far out of range (x = ±5): one step with η = 1 is Ho's clipped ancestral step.
+        let far = array![[5.0, -5.0]];
+        let sig = sigma(&s, SigmaChoice::Posterior, 30).unwrap();
+        assert_close(
+            &ddim_step_clipped(&s, &far, 30, 29, &eps_hat, 1.0, &z).unwrap(),
+            &ancestral_step_clipped(&s, &far, 30, &eps_hat, sig, &z).unwrap(),
+            1e-10,
+        );
+        assert!(ddim_step_clipped(&s, &x, 3, 3, &eps_hat, 0.0, &z).is_err());
+    }
+
+    #[test]
     fn ddim_with_eta_zero_is_deterministic_and_keeps_the_noise_direction() {
         let s = Schedule::new(ScheduleKind::Article, 100).unwrap();
         let x0 = array![[0.3, -0.6]];
@@ -309,7 +314,7 @@ mod tests {
     fn dirac_oracle_samplers_land_on_the_point() {
         let s = Schedule::new(ScheduleKind::Article, 60).unwrap();
         let c = array![0.25, -0.75];
-        let law = Law::dirac(c.clone()).unwrap();
+        let law = DataLaw::dirac(c.clone()).unwrap();
         let oracle = |x: &Array2<f64>, t: usize| law.optimal_eps(&s, x, t).unwrap();
         let mut rng = StdRng::seed_from_u64(41);
         let start = standard_normal(4, 2, &mut rng);
@@ -339,7 +344,7 @@ mod tests {
         // p(x_T) = N(0, I), so the sampler is exact. KS test at α = 0.001 on n = 4000 draws
         // (T = 40, one dimension): reject if D > sqrt(−ln(α/2)/2)/sqrt(n).
         let s = Schedule::new(ScheduleKind::Article, 40).unwrap();
-        let law = Law::standard_normal(1).unwrap();
+        let law = DataLaw::standard_normal(1).unwrap();
         let oracle = |x: &Array2<f64>, t: usize| law.optimal_eps(&s, x, t).unwrap();
         let mut rng = StdRng::seed_from_u64(43);
         let n = 4000;

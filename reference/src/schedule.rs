@@ -82,7 +82,7 @@ impl Schedule {
     }
 
     /// The sub-chain over visited steps τ_n > … > τ_1 (descending, as
-    /// `sampler::strided_timesteps` gives them): its step k has α_k = ᾱ_{τ_k}/ᾱ_{τ_{k−1}}
+    /// `timesteps::strided` gives them): its step k has α_k = ᾱ_{τ_k}/ᾱ_{τ_{k−1}}
     /// (τ_0 = 0), so ᾱ_k = ᾱ_{τ_k} and every σ choice and ancestral step applies to it as is.
     pub fn respaced(&self, visited: &[usize]) -> Result<Self> {
         for &t in visited {

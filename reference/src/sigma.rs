@@ -35,9 +35,11 @@ pub fn sigma(schedule: &Schedule, choice: SigmaChoice, t: usize) -> Result<f64> 
     }
 }
 
-/// σ_t for t = 0..T (index 0 holds 0, never used by a sampler).
-pub fn sigmas(schedule: &Schedule, choice: SigmaChoice) -> Result<Array1<f64>> {
-    std::iter::once(Ok(0.0)).chain((1..=schedule.t_max()).map(|t| sigma(schedule, choice, t))).collect()
+impl SigmaChoice {
+    /// σ_t for t = 0..T (index 0 holds 0, never used by a sampler).
+    pub fn table(self, schedule: &Schedule) -> Result<Array1<f64>> {
+        std::iter::once(Ok(0.0)).chain((1..=schedule.t_max()).map(|t| sigma(schedule, self, t))).collect()
+    }
 }
 
 #[cfg(test)]
@@ -54,10 +56,10 @@ mod tests {
     fn isotropic_reduces_to_the_two_special_cases() {
         for kind in [ScheduleKind::Article, ScheduleKind::Linear, ScheduleKind::Cosine] {
             let s = Schedule::new(kind, 40).unwrap();
-            let dirac = sigmas(&s, SigmaChoice::Isotropic { data_std: 0.0 }).unwrap();
-            let posterior = sigmas(&s, SigmaChoice::Posterior).unwrap();
-            let normal = sigmas(&s, SigmaChoice::Isotropic { data_std: 1.0 }).unwrap();
-            let beta = sigmas(&s, SigmaChoice::Beta).unwrap();
+            let dirac = SigmaChoice::Isotropic { data_std: 0.0 }.table(&s).unwrap();
+            let posterior = SigmaChoice::Posterior.table(&s).unwrap();
+            let normal = SigmaChoice::Isotropic { data_std: 1.0 }.table(&s).unwrap();
+            let beta = SigmaChoice::Beta.table(&s).unwrap();
             for t in 0..=40 {
                 assert_relative_eq!(dirac[t], posterior[t], epsilon = 1e-15, max_relative = 1e-12);
                 assert_relative_eq!(normal[t], beta[t], epsilon = 1e-15, max_relative = 1e-12);

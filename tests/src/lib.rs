@@ -394,8 +394,8 @@ pub struct Mixture {
 
 impl Mixture {
     /// The reference's law.
-    pub fn reference(&self) -> reference::oracle::Law {
-        reference::oracle::Law::gaussian_mixture(
+    pub fn reference(&self) -> reference::oracle::DataLaw {
+        reference::oracle::DataLaw::mixture(
             ndarray::Array1::from(self.weights.clone()),
             self.means.clone(),
             ndarray::Array1::from(self.stds.clone()),

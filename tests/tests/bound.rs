@@ -92,12 +92,12 @@ fn terms_agree(device: Device) {
         let x0 = grid_data(n, d, sd);
         let eps = normal(n, d, sd ^ 1);
         let eps_hat = normal(n, d, sd ^ 2);
-        let xt = reference::marginal::sample_with_noise(&r, &x0, ti, &eps).unwrap();
+        let xt = reference::marginal::marginal_sample(&r, &x0, ti, &eps).unwrap();
         let tt = |a: &Array2<f64>| tensor(a, Kind::Double, device);
         let t = Tensor::full([n as i64], ti as i64, (Kind::Int64, device));
 
         let got = values(&prior_kl(&s, &tt(&x0)).unwrap());
-        let want = rb::prior_term(&r, &x0).unwrap();
+        let want = rb::prior_kl(&r, &x0).unwrap();
         let (ab, bb) = (r.alpha_bar(big_t).unwrap(), r.beta_bar(big_t).unwrap());
         let scale = kl_scale(&(&x0 * ab), bb, &Array2::zeros((n, d)), 1.0);
         close_scaled("L_T", &got, want.as_slice().unwrap(), &scale, TOL)?;
@@ -111,7 +111,7 @@ fn terms_agree(device: Device) {
                 let got = values(
                     &posterior_kl(&s, &sigmas, &tt(&x0), &tt(&xt), &t, &tt(&eps_hat)).unwrap(),
                 );
-                let want = rb::transition_term(&r, &x0, &xt, ti, &eps_hat, sigma_t).unwrap();
+                let want = rb::posterior_kl(&r, &x0, &xt, ti, &eps_hat, sigma_t).unwrap();
                 let target = reference::posterior::mean(&r, &x0, &xt, ti).unwrap();
                 let s1 = reference::posterior::std(&r, ti).unwrap();
                 let scale = kl_scale(&target, s1, &model_mean, sigma_t);
@@ -125,7 +125,7 @@ fn terms_agree(device: Device) {
             }
         }
         // L_0 decodes x_0 from x_1 whatever t was drawn.
-        let x1 = reference::marginal::sample_with_noise(&r, &x0, 1, &eps).unwrap();
+        let x1 = reference::marginal::marginal_sample(&r, &x0, 1, &eps).unwrap();
         let mean1 = reference::sampler::ancestral_step(&r, &x1, 1, &eps_hat, 0.0, &zeros).unwrap();
         let std1 = rb::decoder_std(&r, choice.reference()).unwrap();
         let got = values(&decoder_nll(&s, &sigmas, &tt(&x0), &tt(&x1), &tt(&eps_hat)).unwrap());
@@ -247,7 +247,7 @@ fn dirac_bound_is_exact(device: Device) {
         diffusion.iter().all(|v| v.abs() < 1e-12),
         "Σ L_(t−1) = {diffusion:?}, expected 0"
     );
-    let prior = rb::prior_term(&r, &x0.slice(s![0..1, ..]).to_owned()).unwrap()[0];
+    let prior = rb::prior_kl(&r, &x0.slice(s![0..1, ..]).to_owned()).unwrap()[0];
     let decoder = rb::decoder_nll(&x0, &x0, r.beta(1).unwrap()).unwrap()[0];
     for (name, got, want) in [
         ("L_T", values(&terms.prior), prior),

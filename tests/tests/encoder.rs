@@ -2,7 +2,8 @@
 //! the posterior mean and std, the x̂_0 a noise prediction implies, and the σ_t tables.
 //! Also a distribution test of the forward noising itself.
 
-use ddpm::marginal::{marginal_sample, posterior_mean, posterior_std, predict_x0};
+use ddpm::marginal::{marginal_sample, predicted_x0};
+use ddpm::posterior;
 use ddpm_proofs::stats::{ks_pvalue, ks_statistic};
 use ddpm_reference as reference;
 use ddpm_tests::{
@@ -70,7 +71,7 @@ fn marginal_agrees(device: Device) {
             let t = times(c.t, c.n, device);
             let got = marginal_sample(&s, &i.x0_t, &t, &i.eps_t).unwrap();
             prop_assert_eq!(got.kind(), kind);
-            let want = reference::marginal::sample_with_noise(&r, &i.x0, c.t, &i.eps).unwrap();
+            let want = reference::marginal::marginal_sample(&r, &i.x0, c.t, &i.eps).unwrap();
             let scale = abs_sum(&[
                 &i.x0 * r.alpha_bar(c.t).unwrap(),
                 &i.eps * r.beta_bar(c.t).unwrap(),
@@ -100,7 +101,7 @@ fn posterior_agrees(device: Device) {
             let i = inputs(&c, kind, device);
             let (x0, xt) = (&i.x0, &i.eps);
             let t = times(c.t, c.n, device);
-            let got = posterior_mean(&s, &i.eps_t, &i.x0_t, &t).unwrap();
+            let got = posterior::mean(&s, &i.x0_t, &i.eps_t, &t).unwrap();
             let want = reference::posterior::mean(&r, x0, xt, c.t).unwrap();
             let bb2 = r.beta_bar(c.t).unwrap().powi(2);
             let c0 = r.alpha_bar(c.t - 1).unwrap() * r.beta(c.t).unwrap().powi(2) / bb2;
@@ -114,7 +115,7 @@ fn posterior_agrees(device: Device) {
                 tol,
             )?;
 
-            let got = posterior_std(&s, &t, &i.x0_t).unwrap();
+            let got = posterior::std(&s, &t, &i.x0_t).unwrap();
             let want = vec![reference::posterior::std(&r, c.t).unwrap(); c.n];
             close(
                 &format!("σ̃_t ({kind:?})"),
@@ -146,7 +147,7 @@ fn predicted_x0_agrees(device: Device) {
             let i = inputs(&c, kind, device);
             let (xt, eps_hat) = (&i.x0, &i.eps);
             let t = times(c.t, c.n, device);
-            let got = predict_x0(&s, &i.x0_t, &t, &i.eps_t).unwrap();
+            let got = predicted_x0(&s, &i.x0_t, &t, &i.eps_t).unwrap();
             let want = (xt - &(eps_hat * bb)) / ab;
             let scale = abs_sum(&[xt / ab, eps_hat * (bb / ab)]);
             close_scaled(
@@ -173,7 +174,7 @@ fn sigma_tables_agree(device: Device) {
         let s = spec.tch(big_t, device);
         let got = choice.tch().table(&s).unwrap();
         prop_assert_eq!(got.kind(), Kind::Double);
-        let want = reference::sigma::sigmas(&r, choice.reference()).unwrap();
+        let want = choice.reference().table(&r).unwrap();
         close(
             &format!("σ_t {choice:?}"),
             &values(&got),
@@ -212,7 +213,7 @@ fn invalid_data_std_is_an_error_on_both_sides() {
             SigmaSpec::Isotropic { s: bad }.tch().table(&s).is_err(),
             "tch accepted s = {bad}"
         );
-        assert!(reference::sigma::sigmas(&r, SigmaSpec::Isotropic { s: bad }.reference()).is_err());
+        assert!(SigmaSpec::Isotropic { s: bad }.reference().table(&r).is_err());
     }
 }
 

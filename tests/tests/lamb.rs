@@ -3,7 +3,7 @@
 //! `Lamb` optimiser picks the exclusions by the contract's rule and restores its state exactly.
 
 use ddpm::lamb::{lamb_update, Lamb, LambConfig};
-use ddpm_reference::lamb::{lamb_step, LambConfig as RefConfig, LambState};
+use ddpm_reference::lamb::{LambConfig as RefConfig, LambState};
 use ddpm_tests::{
     arrayd, check, close, close_in_norm, close_scaled, seed, tensor, test_device, values,
 };
@@ -102,7 +102,7 @@ fn lamb_steps_agree(device: Device) {
                     )
                     .unwrap();
                     let r =
-                        lamb_step(&ref_config(&cfg), &mut w_ref, &g, &mut state, adapt).unwrap();
+                        ddpm_reference::lamb::lamb_update(&ref_config(&cfg), &mut w_ref, &g, &mut state, adapt).unwrap();
                     prop_assert_eq!(state.step, step as u64);
                     let what =
                         format!("{kind:?}, step {step} of {k}, adapt {adapt}, trust ratio {r}");
@@ -242,7 +242,7 @@ fn optimiser_matches_reference(device: Device) {
             for ((name, _, _), ((w, state, adapt), (_, g))) in
                 VARIABLES.iter().zip(reference.iter_mut().zip(&grads))
             {
-                lamb_step(&ref_config(&cfg), w, &arrayd(g), state, *adapt).unwrap();
+                ddpm_reference::lamb::lamb_update(&ref_config(&cfg), w, &arrayd(g), state, *adapt).unwrap();
                 let got = values(&vs.variables()[*name]);
                 close_in_norm(
                     &format!("{name} after step {step}"),

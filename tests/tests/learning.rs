@@ -52,12 +52,12 @@ impl Mlp {
 }
 
 impl NoisePredictor for Mlp {
-    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> ddpm::error::Result<Tensor> {
         let u = (t.to_kind(Kind::Float) / T as f64).unsqueeze(1);
         let k = Tensor::arange_start(1, 9, (Kind::Float, x_t.device())).unsqueeze(0);
         let arg = &u * &k * (2.0 * std::f64::consts::PI);
         let feats = Tensor::cat(&[x_t.shallow_clone(), u, arg.sin(), arg.cos()], 1);
-        self.net.forward(&feats)
+        Ok(self.net.forward(&feats))
     }
 }
 
@@ -101,7 +101,7 @@ fn train(
         let t = schedule.sample_t(b, x0.device());
         let eps = x0.randn_like();
         let x_t = marginal_sample(schedule, &x0, &t, &eps).unwrap();
-        let loss = euclidean_loss(&eps, &model.predict(&x_t, &t)).unwrap();
+        let loss = euclidean_loss(&eps, &model.predict(&x_t, &t).unwrap()).unwrap();
         opt.set_lr(lrs.lr(step));
         opt.zero_grad();
         loss.backward();
@@ -123,8 +123,8 @@ fn relative_error(
             .map(|&t| {
                 let tt = Tensor::full([x0.size()[0]], t, (Kind::Int64, x0.device()));
                 let x_t = marginal_sample(schedule, x0, &tt, &x0.randn_like()).unwrap();
-                let want = oracle.predict(&x_t, &tt);
-                let diff = (model.predict(&x_t, &tt) - &want).norm().double_value(&[]);
+                let want = oracle.predict(&x_t, &tt).unwrap();
+                let diff = (model.predict(&x_t, &tt).unwrap() - &want).norm().double_value(&[]);
                 diff / want.norm().double_value(&[])
             })
             .collect();
@@ -142,7 +142,7 @@ fn eval_loss(
 ) -> f64 {
     tch::no_grad(|| {
         let x_t = marginal_sample(schedule, x0, t, eps).unwrap();
-        euclidean_loss(eps, &model.predict(&x_t, t))
+        euclidean_loss(eps, &model.predict(&x_t, t).unwrap())
             .unwrap()
             .double_value(&[])
     })

@@ -107,7 +107,7 @@ fn loss8_agrees(device: Device) {
             if sigma_t == 0.0 {
                 // σ_t = 0 (σ_1 of the posterior choice): the reference refuses, the tch weight
                 // is +∞ — the step is deterministic and the KL unbounded.
-                prop_assert!(reference::loss::weight(&r, ti, sigma_t).is_err());
+                prop_assert!(reference::loss::loss_weight(&r, ti, sigma_t).is_err());
                 prop_assert!(
                     weights[i].is_infinite(),
                     "t = {}: weight {} for σ_t = 0",
@@ -116,10 +116,10 @@ fn loss8_agrees(device: Device) {
                 );
                 continue;
             }
-            let w = reference::loss::weight(&r, ti, sigma_t).unwrap();
+            let w = reference::loss::loss_weight(&r, ti, sigma_t).unwrap();
             close("w_t", &[weights[i]], &[w], 1e-10, f64::MIN_POSITIVE)?;
             let lw =
-                reference::loss::loss8_weighted(&r, &row(&x0), &row(&eps), ti, sigma_t, predictor)
+                reference::loss::weighted_loss(&r, &row(&x0), &row(&eps), ti, sigma_t, predictor)
                     .unwrap();
             close(
                 "per-sample loss (8)",
@@ -173,7 +173,7 @@ fn loss8_agrees_in_f32(device: Device) {
         );
         let got = euclidean_loss(&eps_t, &hat_t).unwrap();
         prop_assert_eq!(got.kind(), Kind::Float);
-        let want = reference::loss::euclidean(&eps, &eps_hat).unwrap();
+        let want = reference::loss::euclidean_loss(&eps, &eps_hat).unwrap();
         close(
             "unweighted loss (8), f32",
             &values(&got),
@@ -186,14 +186,14 @@ fn loss8_agrees_in_f32(device: Device) {
         let per = values(&weighted_per_sample(&s, &sigmas, &t, &eps_t, &hat_t).unwrap());
         for (i, &ti) in ts.iter().enumerate() {
             let sigma_t = reference::sigma::sigma(&r, choice.reference(), ti).unwrap();
-            let w = reference::loss::weight(&r, ti, sigma_t);
+            let w = reference::loss::loss_weight(&r, ti, sigma_t);
             // f32 cannot hold weights beyond 3.4e38 (σ_t → 0); those are the +∞ case above.
             let Ok(w) = w else { continue };
             if w > 1e30 {
                 continue;
             }
             let row = |a: &Array2<f64>| a.slice(s![i..=i, ..]).to_owned();
-            let want = w * reference::loss::euclidean(&row(&eps), &row(&eps_hat)).unwrap();
+            let want = w * reference::loss::euclidean_loss(&row(&eps), &row(&eps_hat)).unwrap();
             close(
                 "per-sample loss (8), f32",
                 &[per[i]],
@@ -244,7 +244,7 @@ fn loss7_agrees(device: Device) {
             )
             .unwrap();
             close("loss (7)", &[per[i]], &[want], 1e-10, f64::MIN_POSITIVE)?;
-            let want = reference::loss::constant_7_minus_8(&r, ti, sigma_t, d).unwrap();
+            let want = reference::loss::loss7_minus_loss8(&r, ti, sigma_t, d).unwrap();
             // The constant is 0 at t = 1 (β̄_0 = 0) on both sides.
             close(
                 "constant (7) − (8)",

@@ -250,7 +250,7 @@ fn strided_sampling_matches_the_reference_sampler(device: Device) {
     let schedule = Schedule::new(ScheduleKind::Article, 1000, device).unwrap();
     let oracle = Oracle::new(tch_law(&l, device), &schedule);
     let r = ddpm_reference::Schedule::new(ddpm_reference::ScheduleKind::Article, 1000).unwrap();
-    let law_ref = ddpm_reference::oracle::Law::gaussian_mixture(
+    let law_ref = ddpm_reference::oracle::DataLaw::mixture(
         ndarray::Array1::from(l.weights.to_vec()),
         l.means.clone(),
         ndarray::Array1::from(l.stds.to_vec()),

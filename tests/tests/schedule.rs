@@ -17,54 +17,54 @@ fn tables_agree(device: Device) {
         let floor = f64::MIN_POSITIVE;
         close(
             "α",
-            &values(s.alpha()),
+            &values(s.alphas()),
             r.alphas().as_slice().unwrap(),
             REL,
             floor,
         )?;
         close(
             "β",
-            &values(s.beta()),
+            &values(s.betas()),
             r.betas().as_slice().unwrap(),
             REL,
             floor,
         )?;
         close(
             "ᾱ",
-            &values(s.alpha_bar()),
+            &values(s.alpha_bars()),
             r.alpha_bars().as_slice().unwrap(),
             REL,
             floor,
         )?;
         close(
             "β̄",
-            &values(s.beta_bar()),
+            &values(s.beta_bars()),
             r.beta_bars().as_slice().unwrap(),
             REL,
             floor,
         )?;
         close(
             "α^Ho",
-            &values(&s.ho_alpha()),
+            &values(&s.ho_alphas()),
             r.ho_alphas().as_slice().unwrap(),
             REL,
             floor,
         )?;
         close(
             "β^Ho",
-            &values(&s.ho_beta()),
+            &values(&s.ho_betas()),
             r.ho_betas().as_slice().unwrap(),
             REL,
             floor,
         )?;
         close(
             "ᾱ^Ho",
-            &values(&s.ho_alpha_bar()),
+            &values(&s.ho_alpha_bars()),
             r.ho_alpha_bars().as_slice().unwrap(),
             REL,
             floor,
         )?;
-        prop_assert_eq!(s.alpha().kind(), Kind::Double);
+        prop_assert_eq!(s.alphas().kind(), Kind::Double);
         Ok(())
     });
 }
@@ -90,15 +90,15 @@ fn gathered_values_agree(device: Device) {
         for (kind, rel) in [(Kind::Double, 0.0), (Kind::Float, 6e-8)] {
             let like = Tensor::zeros([ts.len() as i64, 2, 3], (kind, device));
             let pairs = [
-                (s.alpha_at(&t_tensor, &like).unwrap(), values(s.alpha())),
-                (s.beta_at(&t_tensor, &like).unwrap(), values(s.beta())),
+                (s.alpha_at(&t_tensor, &like).unwrap(), values(s.alphas())),
+                (s.beta_at(&t_tensor, &like).unwrap(), values(s.betas())),
                 (
                     s.alpha_bar_at(&t_tensor, &like).unwrap(),
-                    values(s.alpha_bar()),
+                    values(s.alpha_bars()),
                 ),
                 (
                     s.beta_bar_at(&t_tensor, &like).unwrap(),
-                    values(s.beta_bar()),
+                    values(s.beta_bars()),
                 ),
             ];
             for (got, table) in pairs {

@@ -1,7 +1,7 @@
 //! The strided timestep lists of both sides are equal and obey the contract: n distinct
 //! steps T = τ_n > … > τ_1 = 1, then a final step to 0, never below.
 
-use ddpm_reference::sampler as reference;
+use ddpm_reference::timesteps as reference;
 use ddpm_tests::{check, stride_len, t_max};
 use proptest::prelude::*;
 
@@ -10,7 +10,7 @@ fn strided_lists_agree_and_keep_the_contract() {
     let strategy = t_max().prop_flat_map(|big_t| (Just(big_t), stride_len(big_t)));
     check(512, strategy, |(big_t, n)| {
         let got = ddpm::timesteps::strided(big_t as i64, n).unwrap();
-        let want = reference::strided_timesteps(big_t, n).unwrap();
+        let want = reference::strided(big_t, n).unwrap();
         let got_usize: Vec<usize> = got.iter().map(|&t| t as usize).collect();
         prop_assert_eq!(&got_usize, &want);
         prop_assert_eq!(got.len(), n);
@@ -52,7 +52,7 @@ fn invalid_step_counts_are_errors_on_both_sides() {
             ddpm::timesteps::strided(big_t as i64, n).is_err(),
             "tch accepted T = {big_t}, n = {n}"
         );
-        assert!(reference::strided_timesteps(big_t, n).is_err());
+        assert!(reference::strided(big_t, n).is_err());
     }
     assert!(ddpm::timesteps::strided(0, 1).is_err());
 }

@@ -55,7 +55,7 @@ pub fn bits_per_dim_each<M: NoisePredictor + ?Sized>(
             reps[0] = c;
             let x0s = x0.repeat(reps.as_slice());
             let x_t = marginal_sample(schedule, &x0s, &t, &eps)?;
-            let eps_hat = model.predict(&x_t, &t);
+            let eps_hat = model.predict(&x_t, &t)?;
             for (total, sigma) in totals.iter_mut().zip(sigmas) {
                 let terms = bound_term(schedule, sigma, &x0s, &t, &x_t, &eps_hat)?;
                 *total = &*total + terms.view([c, b]).sum_dim_intlist(0, false, terms.kind());

@@ -70,7 +70,7 @@ pub fn eps_mse_table<M: NoisePredictor + ?Sized>(
             let x0 = data.batch(i_chunk)?.to_device(device);
             let eps = x0.randn_like();
             let x_t = marginal_sample(&schedule, &x0, &t, &eps)?;
-            let err = (eps - model.predict(&x_t, &t)).square();
+            let err = (eps - model.predict(&x_t, &t)?).square();
             let per_sample = err
                 .flatten(1, -1)
                 .sum_dim_intlist(1, false, Kind::Double)
@@ -97,10 +97,10 @@ pub fn sigma_from_eps_mse(schedule: &Schedule, eps_mse: &Tensor) -> Result<Tenso
         .f_to_kind(Kind::Double)?
         .to_device(schedule.device())
         .narrow(0, 1, n);
-    let b2 = schedule.beta().narrow(0, 1, n).square();
-    let bb = schedule.beta_bar().narrow(0, 1, n);
-    let a = schedule.alpha().narrow(0, 1, n);
-    let posterior2 = schedule.beta_bar().narrow(0, 0, n).square() * &b2 / bb.square();
+    let b2 = schedule.betas().narrow(0, 1, n).square();
+    let bb = schedule.beta_bars().narrow(0, 1, n);
+    let a = schedule.alphas().narrow(0, 1, n);
+    let posterior2 = schedule.beta_bars().narrow(0, 0, n).square() * &b2 / bb.square();
     let coef = b2 / (a * bb);
     let rest = (posterior2 + coef.square() * m).sqrt();
     Ok(Tensor::cat(&[&rest.zeros_like().narrow(0, 0, 1), &rest], 0))
@@ -116,8 +116,8 @@ mod tests {
     /// For data N(c, s² I) the oracle E[ε|x_t] = β̄_t (x_t − ᾱ_t c)/v_t, v_t = ᾱ_t² s² + β̄_t²,
     /// leaves ε − ε* ~ N(0, (ᾱ_t² s²/v_t) I), so m_t = ᾱ_t² s²/v_t exactly.
     fn exact_m(s: &Schedule, std: f64) -> Tensor {
-        let ab2 = s.alpha_bar().square();
-        let v = &ab2 * (std * std) + s.beta_bar().square();
+        let ab2 = s.alpha_bars().square();
+        let v = &ab2 * (std * std) + s.beta_bars().square();
         ab2 * (std * std) / v
     }
 
@@ -151,7 +151,7 @@ mod tests {
         tch::manual_seed(5);
         let x0 = Tensor::randn([2000, d], (Kind::Float, Device::Cpu)) * std + centre;
         let data = Dataset::from_values(x0, "N(c, s² I)").unwrap();
-        let (ab, bb) = (s.alpha_bar().shallow_clone(), s.beta_bar().shallow_clone());
+        let (ab, bb) = (s.alpha_bars().shallow_clone(), s.beta_bars().shallow_clone());
         let oracle = |x: &Tensor, t: &Tensor| {
             let a = ab.index_select(0, t).view([-1, 1]);
             let b = bb.index_select(0, t).view([-1, 1]);

@@ -1,0 +1,66 @@
+//! Strided subsequences of 1..T for sampling with fewer steps, and the (τ, τ′) pairs walked.
+
+use crate::error::{RefError, Result};
+
+/// The n visited steps T = τ_n > … > τ_1 = 1, descending, τ_i = 1 + round_half_up((i−1)(T−1)/(n−1));
+/// n = 1 visits only T. The sampler then steps τ_1 → 0. Needs 1 ≤ n ≤ T.
+pub fn strided(t_max: usize, n: usize) -> Result<Vec<usize>> {
+    if t_max == 0 {
+        return Err(RefError::ZeroSteps);
+    }
+    if n == 0 || n > t_max {
+        return Err(RefError::InvalidStepCount { n, t_max });
+    }
+    if n == 1 {
+        return Ok(vec![t_max]);
+    }
+    // Exact integer rounding: floor((2k(T−1) + (n−1))/(2(n−1))) = round_half_up(k(T−1)/(n−1));
+    // consecutive values differ by at least (T−1)/(n−1) ≥ 1, so they are distinct.
+    let den = 2 * (n - 1);
+    Ok((0..n)
+        .rev()
+        .map(|k| 1 + (2 * k * (t_max - 1) + (n - 1)) / den)
+        .collect())
+}
+
+/// The (τ, τ') pairs a strided sampler walks: (τ_n, τ_{n−1}), …, (τ_1, 0).
+pub fn step_pairs(steps: &[usize]) -> Vec<(usize, usize)> {
+    steps
+        .iter()
+        .copied()
+        .zip(steps.iter().copied().skip(1).chain(std::iter::once(0)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_edge_cases() {
+        assert_eq!(strided(5, 5).unwrap(), vec![5, 4, 3, 2, 1]);
+        assert_eq!(strided(1000, 2).unwrap(), vec![1000, 1]);
+        assert_eq!(strided(1000, 1).unwrap(), vec![1000]);
+        assert_eq!(strided(1, 1).unwrap(), vec![1]);
+        // (T−1)/(n−1) = 2.5: 1, 3.5, 6, 8.5, 11 round half up to 1, 4, 6, 9, 11.
+        assert_eq!(strided(11, 5).unwrap(), vec![11, 9, 6, 4, 1]);
+        assert_eq!(strided(1000, 10).unwrap()[..3], [1000, 889, 778]);
+        for t_max in [2, 7, 999, 1000] {
+            for n in 2..=t_max.min(50) {
+                let s = strided(t_max, n).unwrap();
+                assert_eq!((s.len(), s[0], s[n - 1]), (n, t_max, 1));
+                assert!(s.windows(2).all(|w| w[0] > w[1]));
+            }
+        }
+        assert_eq!(
+            strided(10, 0),
+            Err(RefError::InvalidStepCount { n: 0, t_max: 10 })
+        );
+        assert_eq!(
+            strided(10, 11),
+            Err(RefError::InvalidStepCount { n: 11, t_max: 10 })
+        );
+        assert_eq!(strided(0, 1), Err(RefError::ZeroSteps));
+        assert_eq!(step_pairs(&[10, 4, 1]), vec![(10, 4), (4, 1), (1, 0)]);
+    }
+}
