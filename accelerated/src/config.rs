@@ -376,8 +376,11 @@ impl Config {
     /// the base run's end, follows `train.steps`.
     fn follow_run_length(&mut self, base_steps: u64) {
         let t = &mut self.train;
-        if t.steps != base_steps && t.lr_decay.last().is_some_and(|p| p.step == base_steps) {
-            let end = t.lr_decay.pop().expect("checked non-empty above");
+        let ends_the_base_run = t.lr_decay.last().is_some_and(|p| p.step == base_steps);
+        if t.steps == base_steps || !ends_the_base_run {
+            return;
+        }
+        if let Some(end) = t.lr_decay.pop() {
             let after_previous = t.lr_decay.last().map_or(t.warmup_steps, |p| p.step);
             if t.steps > after_previous {
                 t.lr_decay.push(LrPoint {

@@ -132,14 +132,13 @@ impl Loader {
             .name("ddpm-loader".into())
             .spawn(move || {
                 let n = data.len();
-                let mut cached: Option<(u64, Vec<i64>)> = None;
+                let (mut epoch, mut order) = (u64::MAX, Vec::new());
                 for step in first.max(1).. {
-                    let (epoch, _) = plan.position(n, step);
-                    if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                        cached = Some((epoch, plan.order(n, epoch)));
+                    let (now, _) = plan.position(n, step);
+                    if now != epoch {
+                        (epoch, order) = (now, plan.order(n, now));
                     }
-                    let order = &cached.as_ref().expect("order cached above").1;
-                    let batch = plan.batch_with_order(&data, order, step);
+                    let batch = plan.batch_with_order(&data, &order, step);
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         break;

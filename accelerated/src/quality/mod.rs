@@ -8,7 +8,6 @@ pub mod classifier;
 pub mod frechet;
 pub mod nll;
 pub mod report;
-pub mod respace;
 pub mod scores;
 pub mod sigma_hat;
 pub mod table;

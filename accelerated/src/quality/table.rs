@@ -6,7 +6,7 @@
 use super::classifier::{Classifier, ClassifierRecord, Embedding};
 use super::frechet::frechet_between;
 use super::nll::bits_per_dim_each;
-use super::respace::Respaced;
+use crate::timesteps::Respaced;
 use super::scores::{bootstrap_ci, marginal_entropy, mean_entropy, Bootstrap, Interval};
 use crate::error::{DdpmError, Result};
 use crate::grid::save_grid;
@@ -564,14 +564,13 @@ fn measure_columns<M: NoisePredictor + ?Sized>(
             table.cells.push(cell);
             row_features.push(features);
         }
-        let at = |r: Row| {
-            Row::SIGMAS
-                .iter()
-                .position(|&x| x == r)
-                .expect("an ancestral row")
-        };
+        // Features were pushed in `Row::SIGMAS` order; every compared row is one of them.
+        let at = |r: Row| Row::SIGMAS.iter().position(|&x| x == r);
         for (row, against) in COMPARED {
-            let (a, b) = (&row_features[at(row)], &row_features[at(against)]);
+            let (Some(i), Some(j)) = (at(row), at(against)) else {
+                continue;
+            };
+            let (a, b) = (&row_features[i], &row_features[j]);
             for (k, r) in real.iter().enumerate() {
                 let (diff, ci) = paired_difference(&a[k], &b[k], &r.features, plan)?;
                 table.comparisons.push(Comparison {
