@@ -256,7 +256,7 @@ fn a_sampler_asked_for_more_steps_than_t() {
     fails(
         &mut sample(&run, &setup.path("s.png"), &["--steps", "50"]),
         1,
-        &["sampling steps must be between 1 and T = 20, got 50"],
+        &["steps = 50 is out of range: it must be between 1 and T = 20"],
     );
     fails(
         &mut sample(&run, &setup.path("s.png"), &["--eta", "2"]),
