@@ -152,11 +152,11 @@ pub fn negative_elbo<M: NoisePredictor + ?Sized>(
 ) -> Result<BoundTerms> {
     model.check_input(&x0.size())?;
     if sigma.size() != [schedule.t_max() + 1] {
-        return Err(DdpmError::Shape(format!(
-            "the σ table must have T+1 = {} entries, got {:?}",
-            schedule.t_max() + 1,
-            sigma.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "sigma table",
+            expected: format!("[T+1] = [{}]", schedule.t_max() + 1),
+            got: sigma.size(),
+        });
     }
     let b = x0.size()[0];
     let device = x0.device();

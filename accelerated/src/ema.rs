@@ -20,9 +20,11 @@ impl Ema {
     /// Starts the average at the current weights of `vs`; `decay` in [0, 1).
     pub fn new(vs: &VarStore, decay: f64, warmup: bool) -> Result<Ema> {
         if !(0.0..1.0).contains(&decay) {
-            return Err(DdpmError::InvalidArgument(format!(
-                "the EMA decay must be in [0, 1), got {decay}"
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "decay",
+                value: decay.to_string(),
+                expected: "in [0, 1) (the EMA decay)".into(),
+            });
         }
         let mut shadow: Vec<(String, Tensor)> = vs
             .variables()
@@ -92,21 +94,27 @@ impl Ema {
     pub fn import(&mut self, named: &[(String, Tensor)], updates: u64) -> Result<()> {
         let saved: HashMap<&str, &Tensor> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         if saved.len() != self.shadow.len() {
-            return Err(DdpmError::State(format!(
-                "the saved EMA has {} tensors, the model {}",
-                saved.len(),
-                self.shadow.len()
-            )));
+            return Err(DdpmError::StateMismatch {
+                part: "EMA",
+                reason: format!(
+                    "the saved average has {} tensors, the model {}",
+                    saved.len(),
+                    self.shadow.len()
+                ),
+            });
         }
         tch::no_grad(|| {
             for (name, avg) in self.shadow.iter_mut() {
                 let src = saved.get(name.as_str()).ok_or_else(|| missing(name))?;
                 if src.size() != avg.size() {
-                    return Err(DdpmError::State(format!(
-                        "EMA tensor {name} has shape {:?}, the model's {:?}",
-                        src.size(),
-                        avg.size()
-                    )));
+                    return Err(DdpmError::StateMismatch {
+                        part: "EMA",
+                        reason: format!(
+                            "tensor {name} has shape {:?}, the model's {:?}",
+                            src.size(),
+                            avg.size()
+                        ),
+                    });
                 }
                 avg.f_copy_(src)?;
             }
@@ -118,7 +126,10 @@ impl Ema {
 }
 
 fn missing(name: &str) -> DdpmError {
-    DdpmError::State(format!("variable {name} is missing"))
+    DdpmError::StateMismatch {
+        part: "EMA",
+        reason: format!("variable {name} is missing"),
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +164,10 @@ mod tests {
             "w".to_string(),
             Tensor::zeros([4], (Kind::Float, Device::Cpu)),
         )];
-        assert!(restored.import(&wrong, 0).is_err());
+        assert!(matches!(
+            restored.import(&wrong, 0),
+            Err(DdpmError::StateMismatch { part: "EMA", .. })
+        ));
     }
 
     #[test]
@@ -166,6 +180,9 @@ mod tests {
             ema.update(&vs).unwrap();
         }
         assert!((ema.current_decay() - 91.0 / 100.0).abs() < 1e-15);
-        assert!(Ema::new(&vs, 1.0, true).is_err());
+        assert!(matches!(
+            Ema::new(&vs, 1.0, true),
+            Err(DdpmError::OutOfRange { key: "decay", .. })
+        ));
     }
 }

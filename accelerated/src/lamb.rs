@@ -41,19 +41,26 @@ impl Default for LambConfig {
 impl LambConfig {
     /// Errors unless every setting lies in its domain (checked by `Lamb::new`).
     pub fn validate(&self) -> Result<()> {
-        let ok = self.lr.is_finite()
-            && self.lr >= 0.0
-            && (0.0..1.0).contains(&self.beta1)
-            && (0.0..1.0).contains(&self.beta2)
-            && self.eps > 0.0
-            && self.weight_decay >= 0.0
-            && self.max_grad_norm.is_none_or(|c| c > 0.0);
-        if ok {
-            Ok(())
-        } else {
-            Err(DdpmError::InvalidArgument(format!(
-                "invalid LAMB settings: {self:?}"
-            )))
+        let checks: [(&'static str, f64, bool, &str); 6] = [
+            ("lr", self.lr, self.lr.is_finite() && self.lr >= 0.0, "finite and non-negative"),
+            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)"),
+            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)"),
+            ("eps", self.eps, self.eps > 0.0, "positive"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "non-negative"),
+            (
+                "max_grad_norm",
+                self.max_grad_norm.unwrap_or(1.0),
+                self.max_grad_norm.is_none_or(|c| c > 0.0),
+                "positive",
+            ),
+        ];
+        match checks.into_iter().find(|c| !c.2) {
+            None => Ok(()),
+            Some((key, value, _, expected)) => Err(DdpmError::OutOfRange {
+                key,
+                value: value.to_string(),
+                expected: expected.into(),
+            }),
         }
     }
 }
@@ -72,9 +79,11 @@ pub fn lamb_update(
     adapt: bool,
 ) -> Result<()> {
     if step < 1 {
-        return Err(DdpmError::InvalidArgument(format!(
-            "LAMB steps count from 1, got {step}"
-        )));
+        return Err(DdpmError::OutOfRange {
+            key: "step",
+            value: step.to_string(),
+            expected: "at least 1 (LAMB steps count from 1)".into(),
+        });
     }
     tch::no_grad(|| -> Result<()> {
         let _ = m
@@ -254,29 +263,41 @@ impl Lamb {
     pub fn load_state(&mut self, named: &[(String, Tensor)]) -> Result<()> {
         let saved: HashMap<&str, &Tensor> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         if saved.len() != 2 * self.slots.len() + 1 {
-            return Err(DdpmError::State(format!(
-                "the saved LAMB state has {} tensors, the model needs {}",
-                saved.len(),
-                2 * self.slots.len() + 1
-            )));
+            return Err(DdpmError::StateMismatch {
+                part: "LAMB",
+                reason: format!(
+                    "the saved state has {} tensors, the model needs {}",
+                    saved.len(),
+                    2 * self.slots.len() + 1
+                ),
+            });
         }
         let step = saved
             .get(STEP_KEY)
-            .ok_or_else(|| DdpmError::State("the saved LAMB state has no step count".into()))?;
+            .ok_or_else(|| DdpmError::StateMismatch {
+                part: "LAMB",
+                reason: "the saved state has no step count".into(),
+            })?;
         let step = i64::try_from(step.to_kind(Kind::Int64).reshape([-1]).get(0))?;
         tch::no_grad(|| -> Result<()> {
             for s in self.slots.iter_mut() {
                 for (prefix, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                     let key = format!("{prefix}.{}", s.name);
                     let src = saved.get(key.as_str()).ok_or_else(|| {
-                        DdpmError::State(format!("the saved LAMB state lacks {key}"))
+                        DdpmError::StateMismatch {
+                            part: "LAMB",
+                            reason: format!("the saved state lacks {key}"),
+                        }
                     })?;
                     if src.size() != dst.size() {
-                        return Err(DdpmError::State(format!(
-                            "{key} has shape {:?}, the model's variable {:?}",
-                            src.size(),
-                            dst.size()
-                        )));
+                        return Err(DdpmError::StateMismatch {
+                            part: "LAMB",
+                            reason: format!(
+                                "{key} has shape {:?}, the model's variable {:?}",
+                                src.size(),
+                                dst.size()
+                            ),
+                        });
                     }
                     dst.f_copy_(src)?;
                 }
@@ -395,7 +416,10 @@ mod tests {
             .abs()
             .max();
         assert_eq!(f64::try_from(diff).unwrap(), 0.0);
-        assert!(b.load_state(&a.state()[1..]).is_err());
+        assert!(matches!(
+            b.load_state(&a.state()[1..]),
+            Err(DdpmError::StateMismatch { part: "LAMB", .. })
+        ));
     }
 
     #[test]

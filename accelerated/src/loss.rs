@@ -10,10 +10,11 @@ use tch::{Kind, Tensor};
 pub fn per_sample_sq_error(eps: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
     same_shape("eps", eps, "eps_hat", eps_hat)?;
     if eps.dim() < 2 {
-        return Err(DdpmError::Shape(format!(
-            "a batch [B, …] with at least one data dimension is needed, got {:?}",
-            eps.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "eps",
+            expected: "a batch [B, …] with at least one data dimension".into(),
+            got: eps.size(),
+        });
     }
     let dims: Vec<i64> = (1..eps.dim() as i64).collect();
     Ok((eps - eps_hat)

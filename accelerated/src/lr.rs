@@ -17,9 +17,11 @@ impl LrSchedule {
     /// `(step, factor)`, steps strictly increasing and beyond `warmup`, factors ≥ 0.
     pub fn new(base: f64, warmup: u64, decay: &[(u64, f64)]) -> Result<LrSchedule> {
         if !(base.is_finite() && base > 0.0) {
-            return Err(DdpmError::InvalidArgument(format!(
-                "the learning rate must be positive and finite, got {base}"
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "base",
+                value: base.to_string(),
+                expected: "positive and finite (the learning rate)".into(),
+            });
         }
         let mut knots = if warmup > 0 {
             vec![(0, 0.0), (warmup, 1.0)]
@@ -29,14 +31,20 @@ impl LrSchedule {
         for &(step, factor) in decay {
             let last = knots[knots.len() - 1].0;
             if step <= last {
-                return Err(DdpmError::InvalidArgument(format!(
-                    "learning-rate points must come after the warm-up and each other: {step} is not after {last}"
-                )));
+                return Err(DdpmError::OutOfRange {
+                    key: "decay",
+                    value: format!("a point at step {step}"),
+                    expected: format!(
+                        "after step {last}: learning-rate points come after the warm-up and each other"
+                    ),
+                });
             }
             if !(factor.is_finite() && factor >= 0.0) {
-                return Err(DdpmError::InvalidArgument(format!(
-                    "learning-rate factors must be finite and non-negative, got {factor} at step {step}"
-                )));
+                return Err(DdpmError::OutOfRange {
+                    key: "decay",
+                    value: format!("factor {factor} at step {step}"),
+                    expected: "finite and non-negative (a learning-rate factor)".into(),
+                });
             }
             knots.push((step, factor));
         }
@@ -102,9 +110,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_points() {
-        assert!(LrSchedule::new(1e-3, 100, &[(100, 0.5)]).is_err());
-        assert!(LrSchedule::new(1e-3, 0, &[(10, 0.5), (5, 0.1)]).is_err());
-        assert!(LrSchedule::new(1e-3, 0, &[(10, -0.5)]).is_err());
-        assert!(LrSchedule::new(0.0, 0, &[]).is_err());
+        for bad in [
+            LrSchedule::new(1e-3, 100, &[(100, 0.5)]),
+            LrSchedule::new(1e-3, 0, &[(10, 0.5), (5, 0.1)]),
+            LrSchedule::new(1e-3, 0, &[(10, -0.5)]),
+        ] {
+            assert!(matches!(bad, Err(DdpmError::OutOfRange { key: "decay", .. })));
+        }
+        assert!(matches!(
+            LrSchedule::new(0.0, 0, &[]),
+            Err(DdpmError::OutOfRange { key: "base", .. })
+        ));
     }
 }

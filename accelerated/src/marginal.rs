@@ -30,15 +30,15 @@ pub fn predicted_x0(
 }
 
 /// Errors unless `a` and `b` have the same shape.
-pub(crate) fn same_shape(name_a: &str, a: &Tensor, name_b: &str, b: &Tensor) -> Result<()> {
+pub(crate) fn same_shape(name_a: &str, a: &Tensor, name_b: &'static str, b: &Tensor) -> Result<()> {
     if a.size() == b.size() {
         Ok(())
     } else {
-        Err(DdpmError::Shape(format!(
-            "{name_a} has shape {:?} but {name_b} has shape {:?}",
-            a.size(),
-            b.size()
-        )))
+        Err(DdpmError::ShapeMismatch {
+            what: name_b,
+            expected: format!("the shape of {name_a}, {:?}", a.size()),
+            got: b.size(),
+        })
     }
 }
 

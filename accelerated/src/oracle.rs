@@ -38,12 +38,18 @@ impl DataLaw {
             || means.size()[0] != k
             || stds.size() != [k]
         {
-            return Err(DdpmError::Shape(format!(
-                "a mixture needs weights [K], means [K, d] and stds [K], got {:?}, {:?}, {:?}",
-                weights.size(),
-                means.size(),
-                stds.size()
-            )));
+            let (what, expected, got) = if weights.dim() != 1 || k == 0 {
+                ("weights", "[K] with K ≥ 1".to_string(), weights.size())
+            } else if means.dim() != 2 || means.size()[0] != k {
+                ("means", format!("[K, d] with K = {k}, one row per weight"), means.size())
+            } else {
+                ("stds", format!("[{k}], one per weight"), stds.size())
+            };
+            return Err(DdpmError::ShapeMismatch {
+                what,
+                expected,
+                got,
+            });
         }
         let weights = weights.to_kind(Kind::Double);
         let stds = stds.to_kind(Kind::Double).to_device(weights.device());
@@ -57,10 +63,12 @@ impl DataLaw {
         let total_positive =
             f64::try_from(&total)?.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
         if !bool::try_from(&valid)? || !total_positive {
-            return Err(DdpmError::InvalidArgument(
-                "mixture weights and standard deviations must be non-negative (weights not all 0) and means finite"
+            return Err(DdpmError::OutOfRange {
+                key: "weights, means, stds",
+                value: "a mixture".into(),
+                expected: "non-negative weights (not all 0) and standard deviations, finite means"
                     .into(),
-            ));
+            });
         }
         Ok(DataLaw {
             weights: weights / total,
@@ -126,11 +134,11 @@ impl DataLaw {
         let b = x_t.size().first().copied().unwrap_or(0);
         let x = x_t.f_reshape([b, -1])?;
         if x.size()[1] != self.dim() {
-            return Err(DdpmError::Shape(format!(
-                "the law lives in {} dimensions but x_t has {} values a sample",
-                self.dim(),
-                x.size()[1]
-            )));
+            return Err(DdpmError::ShapeMismatch {
+                what: "x_t",
+                expected: format!("[B, {}], the law's dimension", self.dim()),
+                got: x.size(),
+            });
         }
         let (kind, device) = (x.kind(), x.device());
         let w = self.weights.to_device(device).to_kind(kind);
@@ -181,10 +189,11 @@ impl NoisePredictor for Oracle {
     fn check_input(&self, shape: &[i64]) -> Result<()> {
         let d: i64 = shape.iter().skip(1).product();
         if shape.is_empty() || d != self.law.dim() {
-            return Err(DdpmError::Shape(format!(
-                "the oracle's law lives in {} dimensions, asked for samples of shape {shape:?}",
-                self.law.dim()
-            )));
+            return Err(DdpmError::ShapeMismatch {
+                what: "sample shape",
+                expected: format!("[B, …] with {} values a sample, the law's dimension", self.law.dim()),
+                got: shape.to_vec(),
+            });
         }
         Ok(())
     }

@@ -48,9 +48,11 @@ fn check_eta(eta: f64) -> Result<()> {
     if (0.0..=1.0).contains(&eta) {
         Ok(())
     } else {
-        Err(DdpmError::InvalidArgument(format!(
-            "DDIM's η must be in [0, 1], got {eta}"
-        )))
+        Err(DdpmError::OutOfRange {
+            key: "eta",
+            value: eta.to_string(),
+            expected: "in [0, 1] (DDIM's η)".into(),
+        })
     }
 }
 
@@ -250,11 +252,14 @@ impl Sampler {
             None => cfg.sigma.table(chain)?,
             Some(sigma) if sigma.size() == [chain.t_max() + 1] => sigma.to_kind(Kind::Double),
             Some(sigma) => {
-                return Err(DdpmError::Shape(format!(
-                "the σ table must have one entry per visited step plus σ_0, {} in all, got {:?}",
-                chain.t_max() + 1,
-                sigma.size()
-            )))
+                return Err(DdpmError::ShapeMismatch {
+                    what: "sigma table",
+                    expected: format!(
+                        "[{}], one σ per visited step plus σ_0",
+                        chain.t_max() + 1
+                    ),
+                    got: sigma.size(),
+                })
             }
         };
         let pairs = step_pairs(respaced.visited());
@@ -302,10 +307,11 @@ impl Sampler {
         z: Option<&Tensor>,
     ) -> Result<Tensor> {
         let update = self.updates.get(i).ok_or_else(|| {
-            DdpmError::InvalidArgument(format!(
-                "step index {i} is past the last of the {} steps",
-                self.updates.len()
-            ))
+            DdpmError::OutOfRange {
+                key: "i",
+                value: i.to_string(),
+                expected: format!("below {}, the number of steps walked", self.updates.len()),
+            }
         })?;
         same_shape("x_t", x, "eps_hat", eps_hat)?;
         if let Some(z) = z {
@@ -347,9 +353,11 @@ impl Sampler {
     ) -> Result<Tensor> {
         model.check_input(shape)?;
         if shape.is_empty() {
-            return Err(DdpmError::Shape(
-                "the sample shape needs a batch dimension".into(),
-            ));
+            return Err(DdpmError::ShapeMismatch {
+                what: "sample shape",
+                expected: "[B, …] with a batch dimension".into(),
+                got: Vec::new(),
+            });
         }
         if let Some(seed) = self.cfg.seed {
             tch::manual_seed(seed);
@@ -452,7 +460,10 @@ mod tests {
             eta: Some(1.5),
             ..SamplerConfig::default()
         };
-        assert!(Sampler::new(&s, bad).is_err());
+        assert!(matches!(
+            Sampler::new(&s, bad),
+            Err(DdpmError::OutOfRange { key: "eta", .. })
+        ));
     }
 
     #[test]
@@ -476,9 +487,18 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
         let full = sampler(&s, SigmaChoice::Beta, None, None, false);
         let x = randn(&[2, 3]);
-        assert!(full.step(10, &x, &x, None).is_err());
-        assert!(full.step(0, &x, &randn(&[2, 4]), None).is_err());
-        assert!(full.step(0, &x, &x, Some(&randn(&[3, 3]))).is_err());
+        assert!(matches!(
+            full.step(10, &x, &x, None),
+            Err(DdpmError::OutOfRange { key: "i", .. })
+        ));
+        assert!(matches!(
+            full.step(0, &x, &randn(&[2, 4]), None),
+            Err(DdpmError::ShapeMismatch { what: "eps_hat", .. })
+        ));
+        assert!(matches!(
+            full.step(0, &x, &x, Some(&randn(&[3, 3]))),
+            Err(DdpmError::ShapeMismatch { what: "z", .. })
+        ));
         assert!(full.step(9, &x, &x, Some(&x)).is_ok());
     }
 

@@ -60,9 +60,11 @@ impl Schedule {
     /// Builds schedule `kind` with `t_max` = T steps on `device`.
     pub fn new(kind: ScheduleKind, t_max: i64, device: Device) -> Result<Schedule> {
         if t_max < 1 {
-            return Err(DdpmError::InvalidSchedule(format!(
-                "the number of steps T must be at least 1, got {t_max}"
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "t_max",
+                value: t_max.to_string(),
+                expected: "at least 1 (T, the number of steps)".into(),
+            });
         }
         let opts = (Kind::Double, device);
         let t = Tensor::arange_start(1, t_max + 1, opts);
@@ -91,17 +93,20 @@ impl Schedule {
     /// each in (0, 1)); the tables are f64 on the tensor's device.
     pub fn from_alphas(alphas: &Tensor) -> Result<Schedule> {
         if alphas.dim() != 1 || alphas.size()[0] < 1 {
-            return Err(DdpmError::InvalidSchedule(format!(
-                "α_1..α_T must be a non-empty 1-D tensor, got shape {:?}",
-                alphas.size()
-            )));
+            return Err(DdpmError::ShapeMismatch {
+                what: "alphas",
+                expected: "a non-empty 1-D tensor [T] of α_1..α_T".into(),
+                got: alphas.size(),
+            });
         }
         let alpha = alphas.f_to_kind(Kind::Double)?;
-        let inside = alpha.gt(0.0).logical_and(&alpha.lt(1.0)).all();
-        if !bool::try_from(&inside)? {
-            return Err(DdpmError::InvalidSchedule(
-                "every α_t must lie strictly between 0 and 1".to_string(),
-            ));
+        let host = Vec::<f64>::try_from(alpha.to_device(Device::Cpu))?;
+        if let Some(i) = host.iter().position(|&a| !(a > 0.0 && a < 1.0)) {
+            return Err(DdpmError::ScheduleValue {
+                name: "alpha",
+                t: i + 1,
+                value: host[i],
+            });
         }
         // β_t² = (1 − α_t)(1 + α_t) keeps its digits when α_t is close to 1.
         let one_minus: Tensor = 1.0 - &alpha;
@@ -135,10 +140,11 @@ impl Schedule {
         let ascending_ok = visited.windows(2).all(|w| w[0] > w[1]);
         let in_range = visited.iter().all(|&t| (1..=self.t_max).contains(&t));
         if visited.is_empty() || !ascending_ok || !in_range {
-            return Err(DdpmError::InvalidArgument(format!(
-                "visited steps must be distinct, descending and within 1..={}, got {visited:?}",
-                self.t_max
-            )));
+            return Err(DdpmError::OutOfRange {
+                key: "visited",
+                value: format!("{visited:?}"),
+                expected: format!("distinct, descending steps within 1..={}", self.t_max),
+            });
         }
         let mut tau: Vec<i64> = visited.iter().rev().copied().collect();
         tau.insert(0, 0);
@@ -249,18 +255,19 @@ pub fn gather(table: &Tensor, t: &Tensor, like: &Tensor) -> Result<Tensor> {
 /// Checks that `t` is an Int64 tensor [B] matching the batch of `x`; returns B.
 pub(crate) fn check_t(t: &Tensor, x: &Tensor) -> Result<i64> {
     if t.kind() != Kind::Int64 || t.dim() != 1 {
-        return Err(DdpmError::Shape(format!(
-            "t must be an Int64 tensor [B], got {:?} {:?}",
-            t.kind(),
-            t.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "t",
+            expected: format!("an Int64 tensor [B] (this one is {:?})", t.kind()),
+            got: t.size(),
+        });
     }
     let b = t.size()[0];
     if x.dim() == 0 || x.size()[0] != b {
-        return Err(DdpmError::Shape(format!(
-            "t has {b} entries but the batch has shape {:?}",
-            x.size()
-        )));
+        return Err(DdpmError::ShapeMismatch {
+            what: "t",
+            expected: format!("one entry per sample of the batch {:?}", x.size()),
+            got: t.size(),
+        });
     }
     Ok(b)
 }
@@ -321,10 +328,17 @@ mod tests {
 
     #[test]
     fn from_alphas_rejects_values_outside_the_open_interval() {
-        for bad in [[0.5, 1.0], [0.0, 0.5], [0.5, f64::NAN]] {
-            assert!(Schedule::from_alphas(&Tensor::from_slice(&bad)).is_err());
+        for (bad, t) in [([0.5, 1.0], 2), ([0.0, 0.5], 1), ([0.5, f64::NAN], 2)] {
+            let err = Schedule::from_alphas(&Tensor::from_slice(&bad)).unwrap_err();
+            assert!(
+                matches!(err, DdpmError::ScheduleValue { name: "alpha", t: i, .. } if i == t),
+                "{err}"
+            );
         }
-        assert!(Schedule::new(ScheduleKind::Article, 0, Device::Cpu).is_err());
+        assert!(matches!(
+            Schedule::new(ScheduleKind::Article, 0, Device::Cpu),
+            Err(DdpmError::OutOfRange { key: "t_max", .. })
+        ));
     }
 
     #[test]

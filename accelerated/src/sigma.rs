@@ -32,9 +32,11 @@ impl SigmaChoice {
             SigmaChoice::Beta => b,
             SigmaChoice::Isotropic { data_std } => {
                 if !(data_std.is_finite() && data_std >= 0.0) {
-                    return Err(DdpmError::InvalidArgument(format!(
-                        "the data standard deviation must be finite and non-negative, got {data_std}"
-                    )));
+                    return Err(DdpmError::OutOfRange {
+                        key: "data_std",
+                        value: data_std.to_string(),
+                        expected: "finite and non-negative (the data's standard deviation)".into(),
+                    });
                 }
                 let v = schedule.alpha_bars().narrow(0, 0, n).square() * (data_std * data_std)
                     + bb_prev.square();
@@ -66,6 +68,9 @@ mod tests {
         assert!(max_abs_diff(&iso1, &SigmaChoice::Beta.table(&s).unwrap()) < 1e-12);
         assert_eq!(iso0.size(), vec![201]);
         assert_eq!(iso0.double_value(&[0]), 0.0);
-        assert!(SigmaChoice::Isotropic { data_std: -1.0 }.table(&s).is_err());
+        assert!(matches!(
+            SigmaChoice::Isotropic { data_std: -1.0 }.table(&s),
+            Err(DdpmError::OutOfRange { key: "data_std", .. })
+        ));
     }
 }

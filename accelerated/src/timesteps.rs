@@ -7,20 +7,25 @@ use crate::sampler::NoisePredictor;
 use crate::schedule::Schedule;
 use tch::{Kind, Tensor};
 
-/// The `n` visited steps T = τ_n > … > τ_1 = 1 in descending order, evenly spaced and
+/// The n = `steps` visited steps T = τ_n > … > τ_1 = 1 in descending order, evenly spaced and
 /// rounded half up: τ_i = 1 + round((i − 1)(T − 1)/(n − 1)). The sampler then takes a final
 /// step from τ_1 = 1 to 0. `n = 1` visits only T (one jump T → 0). Errors when n = 0 or n > T.
-pub fn strided(t_max: i64, n: usize) -> Result<Vec<i64>> {
+pub fn strided(t_max: i64, steps: usize) -> Result<Vec<i64>> {
     if t_max < 1 {
-        return Err(DdpmError::InvalidArgument(format!(
-            "T must be at least 1, got {t_max}"
-        )));
+        return Err(DdpmError::OutOfRange {
+            key: "t_max",
+            value: t_max.to_string(),
+            expected: "at least 1 (T, the number of steps)".into(),
+        });
     }
+    let n = steps;
     let n_i = n as i64;
     if n == 0 || n_i > t_max {
-        return Err(DdpmError::InvalidArgument(format!(
-            "the number of sampling steps must be between 1 and T = {t_max}, got {n}"
-        )));
+        return Err(DdpmError::OutOfRange {
+            key: "steps",
+            value: n.to_string(),
+            expected: format!("between 1 and T = {t_max} (the number of sampling steps)"),
+        });
     }
     if n == 1 {
         return Ok(vec![t_max]);
@@ -155,8 +160,10 @@ mod tests {
 
     #[test]
     fn rejects_impossible_counts() {
-        assert!(strided(10, 0).is_err());
-        assert!(strided(10, 11).is_err());
+        for bad in [0, 11] {
+            assert!(matches!(strided(10, bad), Err(DdpmError::OutOfRange { key: "steps", .. })));
+        }
+        assert!(matches!(strided(0, 1), Err(DdpmError::OutOfRange { key: "t_max", .. })));
     }
 
     #[test]

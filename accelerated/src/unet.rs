@@ -114,9 +114,11 @@ impl UNetConfig {
             "mnist" => Ok(UNetConfig::mnist()),
             "cifar32" => Ok(UNetConfig::cifar32()),
             "celeba128" => Ok(UNetConfig::celeba128()),
-            _ => Err(DdpmError::InvalidModel(format!(
-                "unknown preset {name:?}; choose mnist, cifar32 or celeba128"
-            ))),
+            _ => Err(DdpmError::OutOfRange {
+                key: "preset",
+                value: format!("{name:?}"),
+                expected: "one of mnist, cifar32 or celeba128".into(),
+            }),
         }
     }
 
@@ -143,53 +145,80 @@ impl UNetConfig {
 
     /// Checks that the network can be built, with a message saying what to change.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(DdpmError::InvalidModel(msg));
+        // Keys are the settings' config keys (`model.…`, the section this config is read from).
+        let out_of_range = |key: &'static str, value: String, expected: &str| {
+            Err(DdpmError::OutOfRange {
+                key,
+                value,
+                expected: expected.to_string(),
+            })
+        };
         if self.channel_mults.is_empty() {
-            return bad("at least one level (channel multiplier) is needed".into());
+            return out_of_range(
+                "model.channel_mults",
+                "[]".into(),
+                "at least one level (channel multiplier)",
+            );
         }
-        for (name, v) in [
-            ("image size", self.image_size),
-            ("input channels", self.in_channels),
-            ("base channels", self.base_channels),
-            ("blocks per level", self.blocks_per_level),
-            ("groups", self.groups),
-            ("T", self.t_max),
+        for (key, what, v) in [
+            ("model.image_size", "image size", self.image_size),
+            ("model.in_channels", "input channels", self.in_channels),
+            ("model.base_channels", "base channels", self.base_channels),
+            ("model.blocks_per_level", "blocks per level", self.blocks_per_level),
+            ("model.groups", "groups", self.groups),
+            ("model.t_max", "T", self.t_max),
         ] {
             if v < 1 {
-                return bad(format!("{name} must be at least 1, got {v}"));
+                // The message keeps the words it had ("T must be at least 1, got 0").
+                return Err(DdpmError::Incompatible {
+                    key,
+                    other: "the network".into(),
+                    reason: format!("{what} must be at least 1, got {v}"),
+                });
             }
         }
         if self.channel_mults.iter().any(|&m| m < 1) {
-            return bad(format!(
-                "channel multipliers must be at least 1, got {:?}",
-                self.channel_mults
-            ));
+            return out_of_range(
+                "model.channel_mults",
+                format!("{:?}", self.channel_mults),
+                "a list of multipliers, each at least 1",
+            );
         }
         let downs = self.channel_mults.len() as u32 - 1;
         let factor = 1i64.checked_shl(downs).unwrap_or(i64::MAX);
         if self.image_size % factor != 0 {
-            return bad(format!(
-                "image size {} must be divisible by 2^{downs} = {factor} for {} levels",
-                self.image_size,
-                downs + 1
-            ));
+            return Err(DdpmError::Incompatible {
+                key: "model.image_size",
+                other: "model.channel_mults".into(),
+                reason: format!(
+                    "image size {} must be divisible by 2^{downs} = {factor} for {} levels",
+                    self.image_size,
+                    downs + 1
+                ),
+            });
         }
         for c in self.level_channels() {
             let g = self.groups_for(c);
             if c % g != 0 {
-                return bad(format!(
-                    "{c} channels cannot be split into {g} GroupNorm groups"
-                ));
+                return Err(DdpmError::Incompatible {
+                    key: "model.groups",
+                    other: "model.base_channels, model.channel_mults".into(),
+                    reason: format!("{c} channels cannot be split into {g} GroupNorm groups"),
+                });
             }
         }
         if self.time_embedding == TimeEmbedding::Sinusoidal && self.base_channels % 2 != 0 {
-            return bad(format!(
-                "sinusoidal time features need an even base channel count, got {}",
-                self.base_channels
-            ));
+            return Err(DdpmError::Incompatible {
+                key: "model.base_channels",
+                other: "model.time_embedding = sinusoidal".into(),
+                reason: format!(
+                    "sinusoidal time features need an even base channel count, got {}",
+                    self.base_channels
+                ),
+            });
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+            return out_of_range("model.dropout", self.dropout.to_string(), "in [0, 1)");
         }
         Ok(())
     }
@@ -365,10 +394,14 @@ impl UNet {
         if shape.len() == 4 && shape[1..] == [c.in_channels, c.image_size, c.image_size] {
             Ok(())
         } else {
-            Err(DdpmError::Shape(format!(
-                "the network takes images [B, {}, {}, {}], got {shape:?}",
-                c.in_channels, c.image_size, c.image_size
-            )))
+            Err(DdpmError::ShapeMismatch {
+                what: "x_t",
+                expected: format!(
+                    "images [B, {}, {}, {}], what the network takes",
+                    c.in_channels, c.image_size, c.image_size
+                ),
+                got: shape.to_vec(),
+            })
         }
     }
 
@@ -558,24 +591,35 @@ mod tests {
             channel_mults: vec![1, 2, 2],
             ..UNetConfig::mnist()
         };
-        assert!(odd
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("divisible by 2^2"));
+        assert!(matches!(
+            odd.validate(),
+            Err(DdpmError::Incompatible {
+                key: "model.image_size",
+                ..
+            })
+        ));
         let groups = UNetConfig {
             base_channels: 48,
             groups: 32,
             ..UNetConfig::mnist()
         };
-        assert!(groups.validate().is_err());
+        assert!(matches!(
+            groups.validate(),
+            Err(DdpmError::Incompatible {
+                key: "model.groups",
+                ..
+            })
+        ));
         let small = UNetConfig {
             base_channels: 16,
             groups: 32,
             ..UNetConfig::mnist()
         };
         assert!(small.validate().is_ok());
-        assert!(UNetConfig::preset("imagenet").is_err());
+        assert!(matches!(
+            UNetConfig::preset("imagenet"),
+            Err(DdpmError::OutOfRange { key: "preset", .. })
+        ));
     }
 
     #[test]
