@@ -9,26 +9,6 @@ pub enum DdpmError {
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
     #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); choose the CPU or `auto`")]
     CudaUnavailable,
-    // The string variants below are being replaced by the typed ones above (issue 12);
-    // code that is touched converts its uses.
-    /// A noise schedule that violates 0 < α_t < 1 or has no steps.
-    #[error("invalid noise schedule: {0}")]
-    InvalidSchedule(String),
-    /// A numeric argument outside its domain (η, number of steps, learning rate, ...).
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
-    /// Tensors whose shapes do not fit together.
-    #[error("shape mismatch: {0}")]
-    Shape(String),
-    /// A network configuration that cannot be built.
-    #[error("invalid model configuration: {0}")]
-    InvalidModel(String),
-    /// Saved optimiser or EMA state that does not match the model it is restored into.
-    #[error("cannot restore state: {0}")]
-    State(String),
-    /// A data set that is missing, empty, malformed or does not fit the requested shape.
-    #[error("data: {0}")]
-    Data(String),
     /// A setting or argument outside its domain. `key` names it as a config key
     /// (`train.lr`) or, for a library argument, by its name (`eta`).
     #[error("{key} = {value} is out of range: it must be {expected}")]
@@ -94,16 +74,6 @@ pub enum DdpmError {
         /// The parser's message, naming the key and section.
         reason: String,
     },
-    /// A resumed run asked for settings that differ from the run's saved ones.
-    #[error("{key} is {here} here but {saved} in the run; --resume continues with the run's saved settings")]
-    ResumeMismatch {
-        /// The config key.
-        key: String,
-        /// The value asked for now.
-        here: String,
-        /// The value saved with the run.
-        saved: String,
-    },
     /// A resumed run asked for settings that differ from the run's saved ones in one or more
     /// keys (all of them listed, not only the first).
     #[error("{run} was trained with other settings than the ones given here ({}); a resumed run continues with its saved settings", describe_differences(.differences))]
@@ -151,9 +121,6 @@ pub enum DdpmError {
         /// The run directory.
         dir: std::path::PathBuf,
     },
-    /// A configuration file or value that cannot be used (unknown key, wrong type, bad value).
-    #[error("configuration: {0}")]
-    Config(String),
     /// Training produced a NaN or infinite loss.
     #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower train.lr, set train.grad_clip, or set train.skip_nonfinite)")]
     NonFinite {
