@@ -494,7 +494,11 @@ impl Config {
             return out_of_range("train.lr", t.lr.to_string(), "positive".into());
         }
         if !(0.0..1.0).contains(&t.ema_decay) {
-            return out_of_range("train.ema_decay", t.ema_decay.to_string(), "in [0, 1)".into());
+            return out_of_range(
+                "train.ema_decay",
+                t.ema_decay.to_string(),
+                "in [0, 1)".into(),
+            );
         }
         if let Some(c) = t.grad_clip.filter(|c| !(c.is_finite() && *c > 0.0)) {
             return out_of_range("train.grad_clip", c.to_string(), "positive".into());
@@ -506,7 +510,10 @@ impl Config {
                 reason: "loss (8) with σ = posterior has σ_1 = 0, an infinite weight at t = 1; choose beta or isotropic".into(),
             });
         }
-        for (key, steps) in [("sample.steps", s.steps), ("train.grid_steps", t.grid_steps)] {
+        for (key, steps) in [
+            ("sample.steps", s.steps),
+            ("train.grid_steps", t.grid_steps),
+        ] {
             if let Some(n) = steps.filter(|&n| n == 0 || n as i64 > t_max) {
                 return out_of_range(key, n.to_string(), format!("between 1 and T = {t_max}"));
             }
@@ -606,7 +613,9 @@ pub fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) {
 pub fn sets(table: &toml::Table, key: &str) -> bool {
     match key.split_once('.') {
         None => table.contains_key(key),
-        Some((section, rest)) => matches!(table.get(section), Some(toml::Value::Table(t)) if sets(t, rest)),
+        Some((section, rest)) => {
+            matches!(table.get(section), Some(toml::Value::Table(t)) if sets(t, rest))
+        }
     }
 }
 
@@ -756,8 +765,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("steps") && err.contains("many"), "{err}");
-        let err = Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 400\n", "f.toml")
-            .unwrap_err();
+        let err =
+            Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 400\n", "f.toml")
+                .unwrap_err();
         assert!(
             matches!(err, DdpmError::Incompatible { key: "model.t_max", ref other, .. } if other == "diffusion.t_max"),
             "{err}"
@@ -770,8 +780,12 @@ mod tests {
         let cfg = Config::from_toml_str("[diffusion]\nt_max = 500\n", "f.toml").unwrap();
         assert_eq!((cfg.diffusion.t_max, cfg.model.t_max), (500, 500));
         assert!(!cfg.to_toml().unwrap().contains("[model]\nt_max"));
-        assert!(!cfg.to_table().unwrap()["model"].as_table().unwrap().contains_key("t_max"));
-        let old = Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 500\n", "old").unwrap();
+        assert!(!cfg.to_table().unwrap()["model"]
+            .as_table()
+            .unwrap()
+            .contains_key("t_max"));
+        let old = Config::from_toml_str("[diffusion]\nt_max = 500\n[model]\nt_max = 500\n", "old")
+            .unwrap();
         assert_eq!(old, cfg);
         // A manifest of an older run carries model.t_max in its JSON.
         let mut json = serde_json::to_value(Config::mnist()).unwrap();
@@ -792,12 +806,25 @@ mod tests {
         assert!(sets(&over, "train.lr") && !sets(&over, "train.seed"));
         assert_eq!(keys(&over), ["train.bf16", "train.lr", "train.steps"]);
         let cfg = base.with_overrides(over, "flags").unwrap();
-        assert_eq!((cfg.train.steps, cfg.train.lr, cfg.train.bf16), (300, 0.002, true));
-        assert_eq!(cfg.train.lr_decay, vec![LrPoint { step: 300, factor: 0.1 }]);
+        assert_eq!(
+            (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
+            (300, 0.002, true)
+        );
+        assert_eq!(
+            cfg.train.lr_decay,
+            vec![LrPoint {
+                step: 300,
+                factor: 0.1
+            }]
+        );
         let mut short = toml::Table::new();
         set_key(&mut short, "train.steps", 30.into());
         assert!(
-            base.with_overrides(short, "flags").unwrap().train.lr_decay.is_empty(),
+            base.with_overrides(short, "flags")
+                .unwrap()
+                .train
+                .lr_decay
+                .is_empty(),
             "a run inside the warm-up has no decay"
         );
         let mut t = toml::Table::new();
@@ -808,10 +835,28 @@ mod tests {
         set_key(&mut bad, "train.loss_weight", "article".into());
         set_key(&mut bad, "train.loss_sigma.kind", "posterior".into());
         let err = base.with_overrides(bad, "flags").unwrap_err();
-        assert!(matches!(err, DdpmError::Incompatible { key: "train.loss_sigma", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DdpmError::Incompatible {
+                    key: "train.loss_sigma",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let mut bad = toml::Table::new();
         set_key(&mut bad, "train.lr", 0.0.into());
         let err = base.with_overrides(bad, "flags").unwrap_err();
-        assert!(matches!(err, DdpmError::OutOfRange { key: "train.lr", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DdpmError::OutOfRange {
+                    key: "train.lr",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

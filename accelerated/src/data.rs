@@ -185,11 +185,15 @@ pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
             mnist::load(&path, s == 32)?
         }
         DataSource::Folder => {
-            let dir = cfg.data.path.as_ref().ok_or_else(|| DdpmError::Incompatible {
-                key: "data.source",
-                other: "an absent data.path".into(),
-                reason: "data.source = folder needs the image directory in data.path".into(),
-            })?;
+            let dir = cfg
+                .data
+                .path
+                .as_ref()
+                .ok_or_else(|| DdpmError::Incompatible {
+                    key: "data.source",
+                    other: "an absent data.path".into(),
+                    reason: "data.source = folder needs the image directory in data.path".into(),
+                })?;
             let channels = if c == 3 {
                 Channels::Rgb
             } else {

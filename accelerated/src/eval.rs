@@ -81,8 +81,9 @@ pub fn evaluate(opts: &EvalOptions, progress: &mut dyn Progress) -> Result<EvalR
     let (_, held_out) = crate::data::load_split(&model.config)?;
     let held_out = held_out.ok_or_else(|| DdpmError::BadData {
         set: "the held-out split".into(),
-        reason: "this run held out no images (data.holdout = 0), so there is nothing to evaluate on"
-            .into(),
+        reason:
+            "this run held out no images (data.holdout = 0), so there is nothing to evaluate on"
+                .into(),
     })?;
     evaluate_loaded(&model, &held_out, opts, progress)
 }
@@ -95,7 +96,10 @@ pub fn evaluate_loaded(
     progress: &mut dyn Progress,
 ) -> Result<EvalReport> {
     let cfg = &model.config;
-    let sigma = opts.sigma.unwrap_or(cfg.sample.sigma).table(&model.schedule)?;
+    let sigma = opts
+        .sigma
+        .unwrap_or(cfg.sample.sigma)
+        .table(&model.schedule)?;
     let mut report = evaluate_model(&model.net, &model.schedule, &sigma, data, opts, progress)?;
     report.step = model.checkpoint.manifest.step;
     Ok(report)
@@ -238,7 +242,8 @@ mod tests {
         let bb = s.beta_bars().shallow_clone();
         let model = move |x: &Tensor, t: &Tensor| crate::schedule::gather(&bb, t, x).unwrap() * x;
         let full = evaluate_model(&model, &s, &sigma, &data, &opts(None), &mut Silent).unwrap();
-        let quick = evaluate_model(&model, &s, &sigma, &data, &opts(Some(40)), &mut Silent).unwrap();
+        let quick =
+            evaluate_model(&model, &s, &sigma, &data, &opts(Some(40)), &mut Silent).unwrap();
         assert!(
             full.bits_per_dim.is_finite() && full.bits_per_dim > 0.0,
             "{full}"

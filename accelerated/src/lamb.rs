@@ -42,11 +42,31 @@ impl LambConfig {
     /// Errors unless every setting lies in its domain (checked by `Lamb::new`).
     pub fn validate(&self) -> Result<()> {
         let checks: [(&'static str, f64, bool, &str); 6] = [
-            ("lr", self.lr, self.lr.is_finite() && self.lr >= 0.0, "finite and non-negative"),
-            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)"),
-            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)"),
+            (
+                "lr",
+                self.lr,
+                self.lr.is_finite() && self.lr >= 0.0,
+                "finite and non-negative",
+            ),
+            (
+                "beta1",
+                self.beta1,
+                (0.0..1.0).contains(&self.beta1),
+                "in [0, 1)",
+            ),
+            (
+                "beta2",
+                self.beta2,
+                (0.0..1.0).contains(&self.beta2),
+                "in [0, 1)",
+            ),
             ("eps", self.eps, self.eps > 0.0, "positive"),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "non-negative"),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "non-negative",
+            ),
             (
                 "max_grad_norm",
                 self.max_grad_norm.unwrap_or(1.0),
@@ -283,12 +303,12 @@ impl Lamb {
             for s in self.slots.iter_mut() {
                 for (prefix, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                     let key = format!("{prefix}.{}", s.name);
-                    let src = saved.get(key.as_str()).ok_or_else(|| {
-                        DdpmError::StateMismatch {
+                    let src = saved
+                        .get(key.as_str())
+                        .ok_or_else(|| DdpmError::StateMismatch {
                             part: "LAMB",
                             reason: format!("the saved state lacks {key}"),
-                        }
-                    })?;
+                        })?;
                     if src.size() != dst.size() {
                         return Err(DdpmError::StateMismatch {
                             part: "LAMB",

@@ -115,7 +115,10 @@ mod tests {
             LrSchedule::new(1e-3, 0, &[(10, 0.5), (5, 0.1)]),
             LrSchedule::new(1e-3, 0, &[(10, -0.5)]),
         ] {
-            assert!(matches!(bad, Err(DdpmError::OutOfRange { key: "decay", .. })));
+            assert!(matches!(
+                bad,
+                Err(DdpmError::OutOfRange { key: "decay", .. })
+            ));
         }
         assert!(matches!(
             LrSchedule::new(0.0, 0, &[]),

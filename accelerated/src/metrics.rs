@@ -74,9 +74,8 @@ impl MetricsLog {
             "elapsed_s": record.elapsed_s,
             "skipped": record.skipped,
         });
-        writeln!(self.file, "{line}").map_err(|e| {
-            DdpmError::io(format!("cannot append to {}", self.path.display()), e)
-        })
+        writeln!(self.file, "{line}")
+            .map_err(|e| DdpmError::io(format!("cannot append to {}", self.path.display()), e))
     }
 }
 

@@ -41,7 +41,11 @@ impl DataLaw {
             let (what, expected, got) = if weights.dim() != 1 || k == 0 {
                 ("weights", "[K] with K ≥ 1".to_string(), weights.size())
             } else if means.dim() != 2 || means.size()[0] != k {
-                ("means", format!("[K, d] with K = {k}, one row per weight"), means.size())
+                (
+                    "means",
+                    format!("[K, d] with K = {k}, one row per weight"),
+                    means.size(),
+                )
             } else {
                 ("stds", format!("[{k}], one per weight"), stds.size())
             };
@@ -191,7 +195,10 @@ impl NoisePredictor for Oracle {
         if shape.is_empty() || d != self.law.dim() {
             return Err(DdpmError::ShapeMismatch {
                 what: "sample shape",
-                expected: format!("[B, …] with {} values a sample, the law's dimension", self.law.dim()),
+                expected: format!(
+                    "[B, …] with {} values a sample, the law's dimension",
+                    self.law.dim()
+                ),
                 got: shape.to_vec(),
             });
         }
@@ -219,7 +226,9 @@ mod tests {
         let t = Tensor::from_slice(&[2i64, 5]);
         assert!(oracle.predict(&Tensor::zeros([2, 3], CPU64), &t).is_ok());
         assert!(oracle.predict(&Tensor::zeros([2, 4], CPU64), &t).is_err());
-        assert!(oracle.predict(&Tensor::zeros([2, 3], CPU64), &t.narrow(0, 0, 1)).is_err());
+        assert!(oracle
+            .predict(&Tensor::zeros([2, 3], CPU64), &t.narrow(0, 0, 1))
+            .is_err());
         assert!(oracle.check_input(&[2, 4]).is_err());
     }
 

@@ -254,10 +254,7 @@ impl Sampler {
             Some(sigma) => {
                 return Err(DdpmError::ShapeMismatch {
                     what: "sigma table",
-                    expected: format!(
-                        "[{}], one σ per visited step plus σ_0",
-                        chain.t_max() + 1
-                    ),
+                    expected: format!("[{}], one σ per visited step plus σ_0", chain.t_max() + 1),
                     got: sigma.size(),
                 })
             }
@@ -306,12 +303,10 @@ impl Sampler {
         eps_hat: &Tensor,
         z: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let update = self.updates.get(i).ok_or_else(|| {
-            DdpmError::OutOfRange {
-                key: "i",
-                value: i.to_string(),
-                expected: format!("below {}, the number of steps walked", self.updates.len()),
-            }
+        let update = self.updates.get(i).ok_or_else(|| DdpmError::OutOfRange {
+            key: "i",
+            value: i.to_string(),
+            expected: format!("below {}, the number of steps walked", self.updates.len()),
         })?;
         same_shape("x_t", x, "eps_hat", eps_hat)?;
         if let Some(z) = z {
@@ -405,7 +400,13 @@ mod tests {
         Tensor::randn(shape, (Kind::Double, Device::Cpu))
     }
 
-    fn sampler(s: &Schedule, sigma: SigmaChoice, steps: Option<usize>, eta: Option<f64>, clip: bool) -> Sampler {
+    fn sampler(
+        s: &Schedule,
+        sigma: SigmaChoice,
+        steps: Option<usize>,
+        eta: Option<f64>,
+        clip: bool,
+    ) -> Sampler {
         let cfg = SamplerConfig {
             sigma,
             steps,
@@ -493,7 +494,10 @@ mod tests {
         ));
         assert!(matches!(
             full.step(0, &x, &randn(&[2, 4]), None),
-            Err(DdpmError::ShapeMismatch { what: "eps_hat", .. })
+            Err(DdpmError::ShapeMismatch {
+                what: "eps_hat",
+                ..
+            })
         ));
         assert!(matches!(
             full.step(0, &x, &x, Some(&randn(&[3, 3]))),
@@ -604,9 +608,21 @@ mod tests {
         let (beta, posterior) = (SigmaChoice::Beta, SigmaChoice::Posterior);
         let runs = [
             ("ancestral, σ = β", None, None, false, beta),
-            ("ancestral clipped, posterior σ", None, None, true, posterior),
+            (
+                "ancestral clipped, posterior σ",
+                None,
+                None,
+                true,
+                posterior,
+            ),
             ("respaced ancestral", Some(23), None, false, beta),
-            ("respaced ancestral clipped", Some(23), None, true, posterior),
+            (
+                "respaced ancestral clipped",
+                Some(23),
+                None,
+                true,
+                posterior,
+            ),
             ("DDIM η = 0.5", Some(17), Some(0.5), false, beta),
             ("DDIM η = 1 clipped", Some(17), Some(1.0), true, beta),
             ("DDIM η = 0, all T", None, Some(0.0), false, beta),

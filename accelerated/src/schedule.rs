@@ -5,16 +5,7 @@ use crate::error::{DdpmError, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Which schedule of α_1..α_T to build.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// The article's: α_t = sqrt(1 − 0.02·t/T).

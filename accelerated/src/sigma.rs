@@ -70,7 +70,10 @@ mod tests {
         assert_eq!(iso0.double_value(&[0]), 0.0);
         assert!(matches!(
             SigmaChoice::Isotropic { data_std: -1.0 }.table(&s),
-            Err(DdpmError::OutOfRange { key: "data_std", .. })
+            Err(DdpmError::OutOfRange {
+                key: "data_std",
+                ..
+            })
         ));
     }
 }

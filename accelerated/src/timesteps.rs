@@ -161,9 +161,15 @@ mod tests {
     #[test]
     fn rejects_impossible_counts() {
         for bad in [0, 11] {
-            assert!(matches!(strided(10, bad), Err(DdpmError::OutOfRange { key: "steps", .. })));
+            assert!(matches!(
+                strided(10, bad),
+                Err(DdpmError::OutOfRange { key: "steps", .. })
+            ));
         }
-        assert!(matches!(strided(0, 1), Err(DdpmError::OutOfRange { key: "t_max", .. })));
+        assert!(matches!(
+            strided(0, 1),
+            Err(DdpmError::OutOfRange { key: "t_max", .. })
+        ));
     }
 
     #[test]

@@ -449,8 +449,7 @@ impl<'a> Run<'a> {
         resume_from: Option<&Checkpoint>,
     ) -> Result<Run<'a>> {
         create_run_dir(&opts.run_dir)?;
-        if resume_from.is_none() && !checkpoint::list(&checkpoints_dir(&opts.run_dir))?.is_empty()
-        {
+        if resume_from.is_none() && !checkpoint::list(&checkpoints_dir(&opts.run_dir))?.is_empty() {
             return Err(DdpmError::RunExists {
                 dir: opts.run_dir.clone(),
             });
@@ -492,7 +491,9 @@ impl<'a> Run<'a> {
             StepOutcome::Skipped(loss) => {
                 self.consecutive_skips += 1;
                 let k = batch.step;
-                progress.warn(&format!("step {k}: loss {loss} is not finite; batch skipped"));
+                progress.warn(&format!(
+                    "step {k}: loss {loss} is not finite; batch skipped"
+                ));
                 if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
                     return Err(DdpmError::Diverged {
                         step: k,
@@ -574,7 +575,9 @@ impl<'a> Run<'a> {
             checkpoint: self
                 .last_checkpoint
                 .unwrap_or_else(|| checkpoints_dir(self.run_dir).join(checkpoint::dir_name(step))),
-            grid: self.last_grid.unwrap_or_else(|| grid_path(self.run_dir, step)),
+            grid: self
+                .last_grid
+                .unwrap_or_else(|| grid_path(self.run_dir, step)),
             skipped: self.trainer.skipped(),
         }
     }
@@ -657,7 +660,8 @@ mod tests {
         let _guard = crate::sampler::rng_lock();
         let cfg = tiny(7);
         let whole = test_dir("train_whole");
-        let summary = train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap();
+        let summary =
+            train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap();
         assert_eq!(summary.steps, 7);
         assert!(summary.grid.exists());
         let lines = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
@@ -674,7 +678,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(ckpt.manifest.step, 3);
-        train_on(&cfg, pictures(10), &opts(&resumed, true), Some(ckpt), &mut Silent).unwrap();
+        train_on(
+            &cfg,
+            pictures(10),
+            &opts(&resumed, true),
+            Some(ckpt),
+            &mut Silent,
+        )
+        .unwrap();
 
         let a = checkpoint::load(&checkpoints_dir(&whole).join("step-0000007")).unwrap();
         let b = checkpoint::load(&checkpoints_dir(&resumed).join("step-0000007")).unwrap();
@@ -693,7 +704,8 @@ mod tests {
             "training did not move the weights"
         );
 
-        let err = train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap_err();
+        let err =
+            train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap_err();
         assert!(matches!(err, DdpmError::RunExists { .. }), "{err}");
     }
 

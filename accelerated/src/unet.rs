@@ -21,9 +21,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 /// How the time step t enters the network.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TimeEmbedding {
     /// The article's trainable Embedding(T, base) (row t−1 for step t).
@@ -164,7 +162,11 @@ impl UNetConfig {
             ("model.image_size", "image size", self.image_size),
             ("model.in_channels", "input channels", self.in_channels),
             ("model.base_channels", "base channels", self.base_channels),
-            ("model.blocks_per_level", "blocks per level", self.blocks_per_level),
+            (
+                "model.blocks_per_level",
+                "blocks per level",
+                self.blocks_per_level,
+            ),
             ("model.groups", "groups", self.groups),
             ("model.t_max", "T", self.t_max),
         ] {

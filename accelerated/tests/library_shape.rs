@@ -48,15 +48,22 @@ fn the_library_sources_use_no_cli_crate() {
             }
         }
     }
-    assert!(found.is_empty(), "the library uses CLI crates:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "the library uses CLI crates:\n{}",
+        found.join("\n")
+    );
     // The scan itself must see a use where there is one.
-    assert_eq!(uses("use clap::Parser;\n// clap:: in a comment", "clap").len(), 1);
+    assert_eq!(
+        uses("use clap::Parser;\n// clap:: in a comment", "clap").len(),
+        1
+    );
 }
 
 #[test]
 fn cli_crates_are_optional_and_only_the_cli_feature_enables_them() {
-    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .unwrap();
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
     let doc: toml::Table = toml::from_str(&manifest).unwrap();
     let deps = doc["dependencies"].as_table().unwrap();
     let features = doc["features"].as_table().unwrap();
@@ -68,10 +75,22 @@ fn cli_crates_are_optional_and_only_the_cli_feature_enables_them() {
         .collect();
     for krate in CLI_CRATES {
         let name = krate.replace('_', "-");
-        let dep = deps[&name].as_table().unwrap_or_else(|| panic!("{name} is not a table"));
-        assert_eq!(dep.get("optional").and_then(|v| v.as_bool()), Some(true), "{name}");
-        assert!(cli.contains(&format!("dep:{name}").as_str()), "{name} not in the cli feature");
+        let dep = deps[&name]
+            .as_table()
+            .unwrap_or_else(|| panic!("{name} is not a table"));
+        assert_eq!(
+            dep.get("optional").and_then(|v| v.as_bool()),
+            Some(true),
+            "{name}"
+        );
+        assert!(
+            cli.contains(&format!("dep:{name}").as_str()),
+            "{name} not in the cli feature"
+        );
     }
     let bin = doc["bin"].as_array().unwrap()[0].as_table().unwrap();
-    assert_eq!(bin["required-features"].as_array().unwrap()[0].as_str(), Some("cli"));
+    assert_eq!(
+        bin["required-features"].as_array().unwrap()[0].as_str(),
+        Some("cli")
+    );
 }

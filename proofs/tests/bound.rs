@@ -4,8 +4,8 @@
 use ddpm_proofs::gauss::{density_1d, log_density};
 use ddpm_proofs::quad::{standard_normal_rule, trapezoid, Rule};
 use ddpm_reference::bound::{
-    bits_per_dim, decoder_log_probs, decoder_nll, negative_elbo_with_noise, prior_kl,
-    posterior_kl, LEVELS,
+    bits_per_dim, decoder_log_probs, decoder_nll, negative_elbo_with_noise, posterior_kl, prior_kl,
+    LEVELS,
 };
 use ddpm_reference::marginal::standard_normal;
 use ddpm_reference::oracle::DataLaw;

@@ -5,7 +5,7 @@
 use ddpm_proofs::chain::forward_step;
 use ddpm_proofs::gauss::log_density;
 use ddpm_proofs::stats::estimate;
-use ddpm_reference::bound::{prior_kl, posterior_kl};
+use ddpm_reference::bound::{posterior_kl, prior_kl};
 use ddpm_reference::oracle::DataLaw;
 use ddpm_reference::posterior;
 use ddpm_reference::sampler::ancestral_step;
@@ -105,8 +105,7 @@ fn per_step_cross_entropy_equals_posterior_kl_plus_entropy() {
         let cross_entropy = -log_density(&x_prev, &generator_mean(&schedule, &xt, t), sig * sig);
         let post_var = posterior::std(&schedule, t).unwrap().powi(2);
         let entropy = (TAU * E * post_var).ln(); // d/2 · ln(2πe σ̃²) with d = 2
-        let kl =
-            posterior_kl(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap() + entropy;
+        let kl = posterior_kl(&schedule, &x0, &xt, t, &predictor(&xt, t), sig).unwrap() + entropy;
         let diff = estimate((&cross_entropy - &kl).view());
         assert!(
             diff.mean.abs() < 4.0 * diff.se,

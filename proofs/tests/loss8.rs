@@ -3,7 +3,7 @@
 
 use ddpm_proofs::stats::{estimate, Estimate};
 use ddpm_reference::loss::{
-    loss7_minus_loss8, loss7_monte_carlo, loss7_with_noise, weighted_loss, loss_weight,
+    loss7_minus_loss8, loss7_monte_carlo, loss7_with_noise, loss_weight, weighted_loss,
 };
 use ddpm_reference::marginal::standard_normal;
 use ddpm_reference::sigma::{sigma, SigmaChoice};

@@ -39,8 +39,7 @@ fn laws_1d() -> Vec<(&'static str, DataLaw, Components)> {
         ),
         (
             "mixture",
-            DataLaw::mixture(array![0.3, 0.7], array![[-0.5], [0.6]], array![0.2, 0.1])
-                .unwrap(),
+            DataLaw::mixture(array![0.3, 0.7], array![[-0.5], [0.6]], array![0.2, 0.1]).unwrap(),
             vec![(0.3, -0.5, 0.2), (0.7, 0.6, 0.1)],
         ),
     ]

@@ -40,7 +40,12 @@ pub fn kl_isotropic(m1: &Array2<f64>, s1: f64, m2: &Array2<f64>, s2: f64) -> Res
 pub fn prior_kl(schedule: &Schedule, x0: &Array2<f64>) -> Result<Array1<f64>> {
     let t = schedule.t_max();
     let mean = x0 * schedule.alpha_bar(t)?;
-    kl_isotropic(&mean, schedule.beta_bar(t)?, &Array2::zeros(x0.raw_dim()), 1.0)
+    kl_isotropic(
+        &mean,
+        schedule.beta_bar(t)?,
+        &Array2::zeros(x0.raw_dim()),
+        1.0,
+    )
 }
 
 /// L_{t−1} = KL(N(μ̃(x_t, x_0), σ̃_t² I) ‖ N(μ(x_t), σ_t² I)), μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t,
@@ -74,7 +79,9 @@ pub fn decoder_std(schedule: &Schedule, choice: SigmaChoice) -> Result<f64> {
 pub fn decoder_log_probs(mean: f64, std: f64) -> Result<Array1<f64>> {
     check_finite_mean(mean)?;
     let std = check_std("decoder std", std, true)?;
-    Ok(Array1::from_iter((0..LEVELS).map(|k| log_bin_probability(k, mean, std))))
+    Ok(Array1::from_iter(
+        (0..LEVELS).map(|k| log_bin_probability(k, mean, std)),
+    ))
 }
 
 /// L_0 = −Σ_dims ln P(bin of x_0 | N(mean, std²)), per row; x_0 must lie on the grid 2k/255 − 1.
@@ -85,7 +92,13 @@ pub fn decoder_nll(x0: &Array2<f64>, mean: &Array2<f64>, std: f64) -> Result<Arr
     let nll = x0
         .iter()
         .zip(mean.iter())
-        .map(|(&x, &m)| Ok(-log_bin_probability(grid_level(x).ok_or(RefError::OffGrid { value: x })?, m, std)))
+        .map(|(&x, &m)| {
+            Ok(-log_bin_probability(
+                grid_level(x).ok_or(RefError::OffGrid { value: x })?,
+                m,
+                std,
+            ))
+        })
         .collect::<Result<Vec<f64>>>()?;
     let nll = Array2::from_shape_vec(x0.raw_dim(), nll).expect("one value per element of x0");
     Ok(nll.sum_axis(Axis(1)))
@@ -131,7 +144,11 @@ where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
 {
     let t_max = schedule.t_max();
-    check_shape("noise (one row per t = 1..T) against x0", &[t_max, x0.len()], eps.shape())?;
+    check_shape(
+        "noise (one row per t = 1..T) against x0",
+        &[t_max, x0.len()],
+        eps.shape(),
+    )?;
     let x0 = x0.view().insert_axis(Axis(0)).to_owned();
     let mut terms = Array1::zeros(t_max + 1);
     terms[t_max] = prior_kl(schedule, &x0)?[0];
@@ -141,13 +158,23 @@ where
         let eps_hat = predictor(&xt, t);
         check_shape("predictor output against x_t", xt.shape(), eps_hat.shape())?;
         terms[t - 1] = if t == 1 {
-            let mean = ancestral_step(schedule, &xt, 1, &eps_hat, 0.0, &Array2::zeros(xt.raw_dim()))?;
+            let mean = ancestral_step(
+                schedule,
+                &xt,
+                1,
+                &eps_hat,
+                0.0,
+                &Array2::zeros(xt.raw_dim()),
+            )?;
             decoder_nll(&x0, &mean, decoder_std(schedule, choice)?)?[0]
         } else {
             posterior_kl(schedule, &x0, &xt, t, &eps_hat, sigma(schedule, choice, t)?)?[0]
         };
     }
-    Ok(BoundTerms { terms, dim: x0.len() })
+    Ok(BoundTerms {
+        terms,
+        dim: x0.len(),
+    })
 }
 
 /// `negative_elbo_with_noise` with the T noise rows drawn from N(0, I).
@@ -169,7 +196,8 @@ where
 /// The level k with x = 2k/255 − 1, if x is on the grid.
 fn grid_level(x: f64) -> Option<usize> {
     let k = ((x + 1.0) / (2.0 * HALF_BIN)).round();
-    let on_grid = (0.0..=255.0).contains(&k) && (x - (2.0 * k * HALF_BIN - 1.0)).abs() <= GRID_TOLERANCE;
+    let on_grid =
+        (0.0..=255.0).contains(&k) && (x - (2.0 * k * HALF_BIN - 1.0)).abs() <= GRID_TOLERANCE;
     on_grid.then_some(k as usize)
 }
 
@@ -178,15 +206,27 @@ fn check_finite_mean(mean: f64) -> Result<()> {
     if mean.is_finite() {
         Ok(())
     } else {
-        Err(RefError::InvalidParameter { name: "decoder mean", value: mean, reason: "must be finite" })
+        Err(RefError::InvalidParameter {
+            name: "decoder mean",
+            value: mean,
+            reason: "must be finite",
+        })
     }
 }
 
 /// ln P(bin k) under N(mean, std²), std > 0.
 fn log_bin_probability(k: usize, mean: f64, std: f64) -> f64 {
     let centre = 2.0 * k as f64 * HALF_BIN - 1.0;
-    let lo = if k == 0 { f64::NEG_INFINITY } else { (centre - HALF_BIN - mean) / std };
-    let hi = if k == LEVELS - 1 { f64::INFINITY } else { (centre + HALF_BIN - mean) / std };
+    let lo = if k == 0 {
+        f64::NEG_INFINITY
+    } else {
+        (centre - HALF_BIN - mean) / std
+    };
+    let hi = if k == LEVELS - 1 {
+        f64::INFINITY
+    } else {
+        (centre + HALF_BIN - mean) / std
+    };
     log_normal_mass(lo, hi)
 }
 
@@ -243,7 +283,13 @@ mod tests {
         let kl = kl_isotropic(&array![[0.0]], 1.0, &array![[1.0]], 2.0).unwrap()[0];
         assert_relative_eq!(kl, LN_2 - 0.25, max_relative = 1e-15);
         // Two rows, two dims: each dimension adds its own term.
-        let two = kl_isotropic(&array![[0.0, 0.0], [1.0, 1.0]], 1.0, &array![[1.0, 1.0], [1.0, 1.0]], 2.0).unwrap();
+        let two = kl_isotropic(
+            &array![[0.0, 0.0], [1.0, 1.0]],
+            1.0,
+            &array![[1.0, 1.0], [1.0, 1.0]],
+            2.0,
+        )
+        .unwrap();
         assert_relative_eq!(two[0], 2.0 * (LN_2 - 0.25), max_relative = 1e-15);
         assert_relative_eq!(two[1], 2.0 * (LN_2 - 0.375), max_relative = 1e-15);
     }
@@ -253,7 +299,11 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 1000).unwrap();
         let (ab, bb) = (s.alpha_bar(1000).unwrap(), s.beta_bar(1000).unwrap());
         let lt = prior_kl(&s, &array![[0.5]]).unwrap()[0];
-        assert_relative_eq!(lt, -bb.ln() + (bb * bb + 0.25 * ab * ab) / 2.0 - 0.5, max_relative = 1e-12);
+        assert_relative_eq!(
+            lt,
+            -bb.ln() + (bb * bb + 0.25 * ab * ab) / 2.0 - 0.5,
+            max_relative = 1e-12
+        );
     }
 
     #[test]
@@ -279,7 +329,14 @@ mod tests {
 
     #[test]
     fn decoder_probabilities_over_all_bins_sum_to_one() {
-        for (mean, std) in [(0.0, 0.1), (0.37, 0.004), (-1.0, 1e-3), (1.3, 0.05), (0.0, 10.0), (0.5, 1e-6)] {
+        for (mean, std) in [
+            (0.0, 0.1),
+            (0.37, 0.004),
+            (-1.0, 1e-3),
+            (1.3, 0.05),
+            (0.0, 10.0),
+            (0.5, 1e-6),
+        ] {
             let total: f64 = decoder_log_probs(mean, std).unwrap().mapv(f64::exp).sum();
             assert_relative_eq!(total, 1.0, max_relative = 1e-12);
         }
@@ -288,13 +345,25 @@ mod tests {
     #[test]
     fn decoder_bins_agree_with_the_normal_cdf() {
         // Only bins where the plain CDF difference has no cancellation (|z| < 4).
-        for (mean, std, bins) in [(0.1, 0.05, vec![130, 140, 141, 150]), (-0.98, 0.02, vec![0, 1]), (0.99, 0.03, vec![254, 255])] {
+        for (mean, std, bins) in [
+            (0.1, 0.05, vec![130, 140, 141, 150]),
+            (-0.98, 0.02, vec![0, 1]),
+            (0.99, 0.03, vec![254, 255]),
+        ] {
             let law = Normal::new(mean, std).unwrap();
             let lp = decoder_log_probs(mean, std).unwrap();
             for k in bins {
                 let x = 2.0 * k as f64 / 255.0 - 1.0;
-                let lo = if k == 0 { 0.0 } else { law.cdf(x - 1.0 / 255.0) };
-                let hi = if k == 255 { 1.0 } else { law.cdf(x + 1.0 / 255.0) };
+                let lo = if k == 0 {
+                    0.0
+                } else {
+                    law.cdf(x - 1.0 / 255.0)
+                };
+                let hi = if k == 255 {
+                    1.0
+                } else {
+                    law.cdf(x + 1.0 / 255.0)
+                };
                 assert_relative_eq!(lp[k], (hi - lo).ln(), max_relative = 1e-9);
             }
         }
@@ -314,9 +383,21 @@ mod tests {
         assert_relative_eq!(log_upper_tail(TAIL_SWITCH), by_erfc, max_relative = 1e-13);
         // Reference values from mpmath at 40 digits: ln(erfc(z/√2)/2).
         assert_relative_eq!(lp[255], -496_093.943_488_341, max_relative = 1e-15);
-        assert_relative_eq!(log_upper_tail(5.0), -15.064998393988726, max_relative = 1e-14);
-        assert_relative_eq!(log_upper_tail(-3.0), -0.0013508099647481938, max_relative = 1e-13);
-        assert_relative_eq!(log_upper_tail(30.0), -454.3212439563432, max_relative = 1e-15);
+        assert_relative_eq!(
+            log_upper_tail(5.0),
+            -15.064998393988726,
+            max_relative = 1e-14
+        );
+        assert_relative_eq!(
+            log_upper_tail(-3.0),
+            -0.0013508099647481938,
+            max_relative = 1e-13
+        );
+        assert_relative_eq!(
+            log_upper_tail(30.0),
+            -454.3212439563432,
+            max_relative = 1e-15
+        );
     }
 
     #[test]
@@ -340,7 +421,11 @@ mod tests {
         let inner = (phi.cdf(HALF_BIN / b1) - phi.cdf(-HALF_BIN / b1)).ln();
         let edge = phi.sf(-HALF_BIN / b1).ln();
         assert_relative_eq!(elbo.terms[0], -(inner + edge), max_relative = 1e-9);
-        assert_relative_eq!(elbo.bits_per_dim(), elbo.total() / (2.0 * LN_2), max_relative = 1e-15);
+        assert_relative_eq!(
+            elbo.bits_per_dim(),
+            elbo.total() / (2.0 * LN_2),
+            max_relative = 1e-15
+        );
     }
 
     #[test]
@@ -348,7 +433,8 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 1).unwrap();
         let x0 = array![0.0 - 1.0 / 255.0];
         let zero = |x: &Array2<f64>, _t: usize| Array2::zeros(x.raw_dim());
-        let elbo = negative_elbo_with_noise(&s, &x0, SigmaChoice::Beta, &array![[0.3]], zero).unwrap();
+        let elbo =
+            negative_elbo_with_noise(&s, &x0, SigmaChoice::Beta, &array![[0.3]], zero).unwrap();
         assert_eq!(elbo.terms.len(), 2);
         assert!(elbo.terms.iter().all(|v| v.is_finite() && *v >= 0.0));
     }
@@ -357,14 +443,38 @@ mod tests {
     fn invalid_input_is_an_error() {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
         let x = array![[0.0]];
-        assert!(matches!(kl_isotropic(&x, 0.0, &x, 1.0), Err(RefError::InvalidStd { .. })));
-        assert!(matches!(posterior_kl(&s, &x, &x, 1, &x, 0.1), Err(RefError::TimeOutOfRange { .. })));
-        assert!(matches!(decoder_nll(&array![[0.5]], &x, 0.1), Err(RefError::OffGrid { .. })));
-        assert!(matches!(decoder_nll(&array![[1.5]], &x, 0.1), Err(RefError::OffGrid { .. })));
-        assert!(matches!(decoder_log_probs(f64::NAN, 0.1), Err(RefError::InvalidParameter { .. })));
-        assert!(matches!(decoder_log_probs(0.0, 0.0), Err(RefError::InvalidStd { .. })));
+        assert!(matches!(
+            kl_isotropic(&x, 0.0, &x, 1.0),
+            Err(RefError::InvalidStd { .. })
+        ));
+        assert!(matches!(
+            posterior_kl(&s, &x, &x, 1, &x, 0.1),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
+        assert!(matches!(
+            decoder_nll(&array![[0.5]], &x, 0.1),
+            Err(RefError::OffGrid { .. })
+        ));
+        assert!(matches!(
+            decoder_nll(&array![[1.5]], &x, 0.1),
+            Err(RefError::OffGrid { .. })
+        ));
+        assert!(matches!(
+            decoder_log_probs(f64::NAN, 0.1),
+            Err(RefError::InvalidParameter { .. })
+        ));
+        assert!(matches!(
+            decoder_log_probs(0.0, 0.0),
+            Err(RefError::InvalidStd { .. })
+        ));
         let zero = |x: &Array2<f64>, _t: usize| Array2::zeros(x.raw_dim());
-        let err = negative_elbo_with_noise(&s, &array![1.0], SigmaChoice::Beta, &Array2::zeros((9, 1)), zero);
+        let err = negative_elbo_with_noise(
+            &s,
+            &array![1.0],
+            SigmaChoice::Beta,
+            &Array2::zeros((9, 1)),
+            zero,
+        );
         assert!(matches!(err, Err(RefError::ShapeMismatch { .. })));
         assert_relative_eq!(bits_per_dim(2.0 * LN_2, 2), 1.0);
     }

@@ -97,7 +97,11 @@ pub(crate) fn check_std(what: &'static str, value: f64, positive: bool) -> Resul
     } else {
         Err(RefError::InvalidStd {
             what,
-            requirement: if positive { "finite and > 0" } else { "finite and >= 0" },
+            requirement: if positive {
+                "finite and > 0"
+            } else {
+                "finite and >= 0"
+            },
             value,
         })
     }
@@ -108,6 +112,10 @@ pub(crate) fn check_shape(what: &'static str, expected: &[usize], got: &[usize])
     if expected == got {
         Ok(())
     } else {
-        Err(RefError::ShapeMismatch { what, expected: expected.to_vec(), got: got.to_vec() })
+        Err(RefError::ShapeMismatch {
+            what,
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        })
     }
 }

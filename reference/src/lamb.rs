@@ -22,7 +22,13 @@ pub struct LambConfig {
 impl Default for LambConfig {
     /// lr 1e-3 (the article's), β = (0.9, 0.999), ε = 1e-6, weight decay 0.01 (the LAMB paper's).
     fn default() -> Self {
-        LambConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 }
+        LambConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -31,13 +37,35 @@ impl LambConfig {
     pub fn validate(&self) -> Result<()> {
         let checks = [
             ("lr", self.lr, self.lr >= 0.0, "must be finite and >= 0"),
-            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "must lie in [0, 1)"),
-            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "must lie in [0, 1)"),
+            (
+                "beta1",
+                self.beta1,
+                (0.0..1.0).contains(&self.beta1),
+                "must lie in [0, 1)",
+            ),
+            (
+                "beta2",
+                self.beta2,
+                (0.0..1.0).contains(&self.beta2),
+                "must lie in [0, 1)",
+            ),
             ("eps", self.eps, self.eps > 0.0, "must be finite and > 0"),
-            ("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "must be finite and >= 0"),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "must be finite and >= 0",
+            ),
         ];
-        match checks.iter().find(|(_, value, ok, _)| !(*ok && value.is_finite())) {
-            Some(&(name, value, _, reason)) => Err(RefError::InvalidParameter { name, value, reason }),
+        match checks
+            .iter()
+            .find(|(_, value, ok, _)| !(*ok && value.is_finite()))
+        {
+            Some(&(name, value, _, reason)) => Err(RefError::InvalidParameter {
+                name,
+                value,
+                reason,
+            }),
             None => Ok(()),
         }
     }
@@ -57,7 +85,11 @@ pub struct LambState {
 impl LambState {
     /// Zero moments for a parameter of this shape.
     pub fn new(shape: &[usize]) -> Self {
-        LambState { m: ArrayD::zeros(shape), v: ArrayD::zeros(shape), step: 0 }
+        LambState {
+            m: ArrayD::zeros(shape),
+            v: ArrayD::zeros(shape),
+            step: 0,
+        }
     }
 }
 
@@ -74,8 +106,16 @@ pub fn lamb_update(
 ) -> Result<f64> {
     config.validate()?;
     check_shape("gradient against parameter", param.shape(), grad.shape())?;
-    check_shape("first moment against parameter", param.shape(), state.m.shape())?;
-    check_shape("second moment against parameter", param.shape(), state.v.shape())?;
+    check_shape(
+        "first moment against parameter",
+        param.shape(),
+        state.m.shape(),
+    )?;
+    check_shape(
+        "second moment against parameter",
+        param.shape(),
+        state.v.shape(),
+    )?;
     let k = state.step + 1;
     let (b1, b2) = (config.beta1, config.beta2);
     state.m = &state.m * b1 + grad * (1.0 - b1);
@@ -88,7 +128,11 @@ pub fn lamb_update(
     let (update, ratio) = if adapt {
         let update = adam + &*param * config.weight_decay;
         let (w_norm, u_norm) = (l2(param), l2(&update));
-        let ratio = if w_norm > 0.0 && u_norm > 0.0 { w_norm / u_norm } else { 1.0 };
+        let ratio = if w_norm > 0.0 && u_norm > 0.0 {
+            w_norm / u_norm
+        } else {
+            1.0
+        };
         (update, ratio)
     } else {
         (adam, 1.0)
@@ -109,7 +153,13 @@ mod tests {
     use ndarray::{array, IxDyn};
 
     fn config() -> LambConfig {
-        LambConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 0.5, weight_decay: 0.1 }
+        LambConfig {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 0.5,
+            weight_decay: 0.1,
+        }
     }
 
     #[test]
@@ -136,7 +186,10 @@ mod tests {
         let mut w = array![1.0, 2.0].into_dyn();
         let g = array![0.5, -1.0].into_dyn();
         let mut state = LambState::new(&[2]);
-        assert_eq!(lamb_update(&config(), &mut w, &g, &mut state, false).unwrap(), 1.0);
+        assert_eq!(
+            lamb_update(&config(), &mut w, &g, &mut state, false).unwrap(),
+            1.0
+        );
         assert_relative_eq!(w[0], 1.0 - 0.005, max_relative = 1e-14);
         assert_relative_eq!(w[1], 2.0 + 0.01 * 2.0 / 3.0, max_relative = 1e-14);
     }
@@ -147,14 +200,21 @@ mod tests {
         let mut w = ArrayD::from_elem(IxDyn(&[2, 2]), 0.5);
         let g = ArrayD::from_elem(IxDyn(&[2, 2]), -0.2);
         let mut state = LambState::new(&[2, 2]);
-        let cfg = LambConfig { weight_decay: 0.0, ..config() };
+        let cfg = LambConfig {
+            weight_decay: 0.0,
+            ..config()
+        };
         let before = w.clone();
         lamb_update(&cfg, &mut w, &g, &mut state, false).unwrap();
         let first = &w - &before;
         let mid = w.clone();
         lamb_update(&cfg, &mut w, &g, &mut state, false).unwrap();
         assert_relative_eq!(state.m[[0, 0]], -0.2 * (1.0 - 0.81), max_relative = 1e-14);
-        assert_relative_eq!(state.v[[1, 1]], 0.04 * (1.0 - 0.999f64.powi(2)), max_relative = 1e-12);
+        assert_relative_eq!(
+            state.v[[1, 1]],
+            0.04 * (1.0 - 0.999f64.powi(2)),
+            max_relative = 1e-12
+        );
         for (a, b) in first.iter().zip((&w - &mid).iter()) {
             assert_relative_eq!(*a, *b, max_relative = 1e-12);
         }
@@ -165,7 +225,10 @@ mod tests {
         let mut w = ArrayD::zeros(IxDyn(&[3]));
         let g = ArrayD::from_elem(IxDyn(&[3]), 1.0);
         let mut state = LambState::new(&[3]);
-        assert_eq!(lamb_update(&config(), &mut w, &g, &mut state, true).unwrap(), 1.0);
+        assert_eq!(
+            lamb_update(&config(), &mut w, &g, &mut state, true).unwrap(),
+            1.0
+        );
         // m̂/(sqrt v̂ + eps) = 1/1.5 per entry.
         assert_relative_eq!(w[0], -0.01 / 1.5, max_relative = 1e-14);
     }
@@ -175,12 +238,32 @@ mod tests {
         let mut w = array![1.0, 2.0].into_dyn();
         let mut state = LambState::new(&[2]);
         let bad_shape = array![1.0].into_dyn();
-        assert!(matches!(lamb_update(&config(), &mut w, &bad_shape, &mut state, true), Err(RefError::ShapeMismatch { .. })));
-        let bad = LambConfig { beta2: 1.0, ..config() };
-        let err = lamb_update(&bad, &mut w, &array![0.1, 0.1].into_dyn(), &mut state, true).unwrap_err();
-        assert!(matches!(err, RefError::InvalidParameter { name: "beta2", .. }), "{err}");
-        assert!(LambConfig { lr: f64::NAN, ..config() }.validate().is_err());
-        assert!(LambConfig { eps: 0.0, ..config() }.validate().is_err());
+        assert!(matches!(
+            lamb_update(&config(), &mut w, &bad_shape, &mut state, true),
+            Err(RefError::ShapeMismatch { .. })
+        ));
+        let bad = LambConfig {
+            beta2: 1.0,
+            ..config()
+        };
+        let err =
+            lamb_update(&bad, &mut w, &array![0.1, 0.1].into_dyn(), &mut state, true).unwrap_err();
+        assert!(
+            matches!(err, RefError::InvalidParameter { name: "beta2", .. }),
+            "{err}"
+        );
+        assert!(LambConfig {
+            lr: f64::NAN,
+            ..config()
+        }
+        .validate()
+        .is_err());
+        assert!(LambConfig {
+            eps: 0.0,
+            ..config()
+        }
+        .validate()
+        .is_err());
         assert_eq!((w, state.step), (array![1.0, 2.0].into_dyn(), 0));
     }
 }

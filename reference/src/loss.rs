@@ -10,7 +10,11 @@ use crate::schedule::Schedule;
 
 /// mean over the batch of Σ_dims (ε − ε̂)²: Euclidean per sample, never a per-pixel mean.
 pub fn euclidean_loss(eps: &Array2<f64>, eps_hat: &Array2<f64>) -> Result<f64> {
-    check_shape("predicted noise against noise", eps.shape(), eps_hat.shape())?;
+    check_shape(
+        "predicted noise against noise",
+        eps.shape(),
+        eps_hat.shape(),
+    )?;
     Ok((eps - eps_hat).mapv(|r| r * r).sum() / eps.nrows() as f64)
 }
 
@@ -33,7 +37,13 @@ where
 }
 
 /// Unweighted loss (8): mean_batch ‖ε − ε̂(ᾱ_t x_0 + β̄_t ε, t)‖² for the given ε, 1 ≤ t ≤ T.
-pub fn loss8<F>(schedule: &Schedule, x0: &Array2<f64>, eps: &Array2<f64>, t: usize, predictor: F) -> Result<f64>
+pub fn loss8<F>(
+    schedule: &Schedule,
+    x0: &Array2<f64>,
+    eps: &Array2<f64>,
+    t: usize,
+    predictor: F,
+) -> Result<f64>
 where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
 {
@@ -73,10 +83,18 @@ where
 {
     schedule.check_t(t, 1)?;
     let sigma_t = check_std("sigma_t", sigma_t, true)?;
-    check_shape("noise eps_bar_prev against x0", x0.shape(), eps_bar_prev.shape())?;
+    check_shape(
+        "noise eps_bar_prev against x0",
+        x0.shape(),
+        eps_bar_prev.shape(),
+    )?;
     check_shape("noise eps_t against x0", x0.shape(), eps_t.shape())?;
-    let (a, b, bb, bb_prev) =
-        (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?, schedule.beta_bar(t - 1)?);
+    let (a, b, bb, bb_prev) = (
+        schedule.alpha(t)?,
+        schedule.beta(t)?,
+        schedule.beta_bar(t)?,
+        schedule.beta_bar(t - 1)?,
+    );
     let xt = x0 * schedule.alpha_bar(t)? + eps_bar_prev * (a * bb_prev) + eps_t * b;
     let eps_theta = predict(predictor, &xt, t)? * (b / bb);
     Ok(b * b / (a * a * sigma_t * sigma_t) * euclidean_loss(eps_t, &eps_theta)?)
@@ -105,7 +123,11 @@ where
 pub fn loss7_minus_loss8(schedule: &Schedule, t: usize, sigma_t: f64, dim: usize) -> Result<f64> {
     schedule.check_t(t, 1)?;
     let sigma_t = check_std("sigma_t", sigma_t, true)?;
-    let (b, bb, bb_prev) = (schedule.beta(t)?, schedule.beta_bar(t)?, schedule.beta_bar(t - 1)?);
+    let (b, bb, bb_prev) = (
+        schedule.beta(t)?,
+        schedule.beta_bar(t)?,
+        schedule.beta_bar(t - 1)?,
+    );
     Ok(dim as f64 * b * b * bb_prev * bb_prev / (sigma_t * sigma_t * bb * bb))
 }
 
@@ -138,7 +160,11 @@ mod tests {
         // t = 2: α = 0.6, β = 0.8, ᾱ = 0.48, β̄² = 1 − 0.2304; σ = 0.5.
         let w = 0.8f64.powi(4) / ((1.0 - 0.2304) * 0.36 * 0.25);
         assert_relative_eq!(loss_weight(&s, 2, 0.5).unwrap(), w, max_relative = 1e-14);
-        assert_relative_eq!(weighted_loss(&s, &x0, &eps, 2, 0.5, zero).unwrap(), 5.0 * w, max_relative = 1e-14);
+        assert_relative_eq!(
+            weighted_loss(&s, &x0, &eps, 2, 0.5, zero).unwrap(),
+            5.0 * w,
+            max_relative = 1e-14
+        );
     }
 
     #[test]
@@ -150,8 +176,12 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 100).unwrap();
         let t = 30;
         let sig = sigma(&s, SigmaChoice::Beta, t).unwrap();
-        let (a, b, bb, bb_prev) =
-            (s.alpha(t).unwrap(), s.beta(t).unwrap(), s.beta_bar(t).unwrap(), s.beta_bar(t - 1).unwrap());
+        let (a, b, bb, bb_prev) = (
+            s.alpha(t).unwrap(),
+            s.beta(t).unwrap(),
+            s.beta_bar(t).unwrap(),
+            s.beta_bar(t - 1).unwrap(),
+        );
         let predictor = |x: &Array2<f64>, _t: usize| x.mapv(|v| 0.7 * v.sin() + 0.2);
         let mut rng = StdRng::seed_from_u64(5);
         let (k, n, d) = (20, 2000, 3);
@@ -168,9 +198,16 @@ mod tests {
         let mean = diffs.iter().sum::<f64>() / k as f64;
         let sd = (diffs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (k - 1) as f64).sqrt();
         let expected = loss7_minus_loss8(&s, t, sig, d).unwrap();
-        assert!((mean - expected).abs() < 5.0 * sd / (k as f64).sqrt(), "{mean} vs {expected} (sd {sd})");
+        assert!(
+            (mean - expected).abs() < 5.0 * sd / (k as f64).sqrt(),
+            "{mean} vs {expected} (sd {sd})"
+        );
         // With σ_t = β_t the constant is d β̄_{t−1}²/β̄_t².
-        assert_relative_eq!(expected, d as f64 * bb_prev * bb_prev / (bb * bb), max_relative = 1e-14);
+        assert_relative_eq!(
+            expected,
+            d as f64 * bb_prev * bb_prev / (bb * bb),
+            max_relative = 1e-14
+        );
     }
 
     #[test]
@@ -187,7 +224,11 @@ mod tests {
         let sig = sigma(&s, SigmaChoice::Posterior, t).unwrap();
         let mut rng = StdRng::seed_from_u64(8);
         let l7 = loss7_monte_carlo(&s, &x0, t, sig, oracle, &mut rng).unwrap();
-        assert_relative_eq!(l7, loss7_minus_loss8(&s, t, sig, 2).unwrap(), max_relative = 0.025);
+        assert_relative_eq!(
+            l7,
+            loss7_minus_loss8(&s, t, sig, 2).unwrap(),
+            max_relative = 0.025
+        );
     }
 
     #[test]
@@ -196,10 +237,25 @@ mod tests {
         let x0 = Array2::zeros((2, 2));
         let id = |x: &Array2<f64>, _t: usize| x.clone();
         let bad_shape = |_x: &Array2<f64>, _t: usize| Array2::zeros((1, 1));
-        assert!(matches!(loss_weight(&s, 1, 0.0), Err(RefError::InvalidStd { .. })));
-        assert!(matches!(loss8(&s, &x0, &x0, 0, id), Err(RefError::TimeOutOfRange { .. })));
-        assert!(matches!(loss8(&s, &x0, &x0, 1, bad_shape), Err(RefError::ShapeMismatch { .. })));
-        assert!(matches!(loss8(&s, &x0, &Array2::zeros((2, 3)), 1, id), Err(RefError::ShapeMismatch { .. })));
-        assert!(matches!(loss7_minus_loss8(&s, 3, f64::NAN, 2), Err(RefError::InvalidStd { .. })));
+        assert!(matches!(
+            loss_weight(&s, 1, 0.0),
+            Err(RefError::InvalidStd { .. })
+        ));
+        assert!(matches!(
+            loss8(&s, &x0, &x0, 0, id),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
+        assert!(matches!(
+            loss8(&s, &x0, &x0, 1, bad_shape),
+            Err(RefError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            loss8(&s, &x0, &Array2::zeros((2, 3)), 1, id),
+            Err(RefError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            loss7_minus_loss8(&s, 3, f64::NAN, 2),
+            Err(RefError::InvalidStd { .. })
+        ));
     }
 }

@@ -25,7 +25,12 @@ pub fn std(schedule: &Schedule, t: usize) -> Result<f64> {
 }
 
 /// x_t = ᾱ_t x_0 + β̄_t ε for the given noise ε (same shape as x_0).
-pub fn marginal_sample(schedule: &Schedule, x0: &Array2<f64>, t: usize, eps: &Array2<f64>) -> Result<Array2<f64>> {
+pub fn marginal_sample(
+    schedule: &Schedule,
+    x0: &Array2<f64>,
+    t: usize,
+    eps: &Array2<f64>,
+) -> Result<Array2<f64>> {
     check_shape("noise eps against x0", x0.shape(), eps.shape())?;
     Ok(mean(schedule, x0, t)? + eps * std(schedule, t)?)
 }
@@ -42,11 +47,18 @@ pub fn sample<R: Rng + ?Sized>(
 }
 
 /// ln N(x_t; ᾱ_t x_0, β̄_t² I) for each row, 1 ≤ t ≤ T (β̄_0 = 0 has no density).
-pub fn log_density(schedule: &Schedule, x0: &Array2<f64>, t: usize, xt: &Array2<f64>) -> Result<Array1<f64>> {
+pub fn log_density(
+    schedule: &Schedule,
+    x0: &Array2<f64>,
+    t: usize,
+    xt: &Array2<f64>,
+) -> Result<Array1<f64>> {
     schedule.check_t(t, 1)?;
     check_shape("x_t against x0", x0.shape(), xt.shape())?;
     let var = schedule.beta_bar(t)?.powi(2);
-    let sq = (xt - &mean(schedule, x0, t)?).mapv(|r| r * r).sum_axis(Axis(1));
+    let sq = (xt - &mean(schedule, x0, t)?)
+        .mapv(|r| r * r)
+        .sum_axis(Axis(1));
     let d = x0.ncols() as f64;
     Ok(sq.mapv(|s| -0.5 * (s / var + d * (TAU * var).ln())))
 }
@@ -92,14 +104,22 @@ mod tests {
         let x0 = array![[1.0]];
         let xt = array![[0.6 + 0.8 * 1.5]]; // standardised residual 1.5
         let expected = -0.5 * 1.5f64.powi(2) - (0.8f64).ln() - 0.5 * TAU.ln();
-        assert_relative_eq!(log_density(&s, &x0, 1, &xt).unwrap()[0], expected, max_relative = 1e-14);
-        assert!(matches!(log_density(&s, &x0, 0, &xt), Err(RefError::TimeOutOfRange { .. })));
+        assert_relative_eq!(
+            log_density(&s, &x0, 1, &xt).unwrap()[0],
+            expected,
+            max_relative = 1e-14
+        );
+        assert!(matches!(
+            log_density(&s, &x0, 0, &xt),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
     }
 
     #[test]
     fn mismatched_noise_is_an_error() {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
-        let err = marginal_sample(&s, &Array2::zeros((2, 3)), 1, &Array2::zeros((3, 2))).unwrap_err();
+        let err =
+            marginal_sample(&s, &Array2::zeros((2, 3)), 1, &Array2::zeros((3, 2))).unwrap_err();
         assert!(matches!(err, RefError::ShapeMismatch { .. }), "{err}");
     }
 

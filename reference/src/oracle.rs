@@ -74,7 +74,11 @@ impl DataLaw {
 
     /// Σ_k w_k N(m_k, s_k² I), checked.
     pub fn mixture(weights: Array1<f64>, means: Array2<f64>, stds: Array1<f64>) -> Result<Self> {
-        let law = DataLaw::GaussianMixture { weights, means, stds };
+        let law = DataLaw::GaussianMixture {
+            weights,
+            means,
+            stds,
+        };
         law.validate()?;
         Ok(law)
     }
@@ -98,21 +102,37 @@ impl DataLaw {
             DataLaw::Dirac { center } => return check_finite("Dirac centre", center.iter()),
             DataLaw::StandardNormal { .. } => return Ok(()),
             DataLaw::FiniteSet { points, weights } => (weights, points, None),
-            DataLaw::GaussianMixture { weights, means, stds } => (weights, means, Some(stds)),
+            DataLaw::GaussianMixture {
+                weights,
+                means,
+                stds,
+            } => (weights, means, Some(stds)),
         };
         if locations.nrows() == 0 {
             return Err(RefError::EmptyLaw("it has no points or components"));
         }
-        check_shape("weights (one per component)", &[locations.nrows()], weights.shape())?;
+        check_shape(
+            "weights (one per component)",
+            &[locations.nrows()],
+            weights.shape(),
+        )?;
         check_finite("point or mean coordinate", locations.iter())?;
         for &w in weights {
             check_std("weight", w, false)?;
         }
         if weights.sum() <= 0.0 {
-            return Err(RefError::InvalidParameter { name: "sum of weights", value: weights.sum(), reason: "must be > 0" });
+            return Err(RefError::InvalidParameter {
+                name: "sum of weights",
+                value: weights.sum(),
+                reason: "must be > 0",
+            });
         }
         if let Some(stds) = stds {
-            check_shape("stds (one per component)", &[locations.nrows()], stds.shape())?;
+            check_shape(
+                "stds (one per component)",
+                &[locations.nrows()],
+                stds.shape(),
+            )?;
             for &s in stds {
                 check_std("component std", s, false)?;
             }
@@ -137,18 +157,33 @@ impl DataLaw {
                 means: points.clone(),
                 stds: Array1::zeros(points.nrows()),
             },
-            DataLaw::GaussianMixture { weights, means, stds } => {
-                Components { log_weights: normalised(weights), means: means.clone(), stds: stds.clone() }
-            }
+            DataLaw::GaussianMixture {
+                weights,
+                means,
+                stds,
+            } => Components {
+                log_weights: normalised(weights),
+                means: means.clone(),
+                stds: stds.clone(),
+            },
         })
     }
 
     /// ε*(x_t) = E[ε|x_t] = Σ_k r_k β̄_t (x_t − ᾱ_t m_k)/v_k, v_k = ᾱ_t² s_k² + β̄_t²,
     /// r_k ∝ w_k N(x_t; ᾱ_t m_k, v_k I) (log-sum-exp), for each row of x_t [n, d], 1 ≤ t ≤ T.
-    pub fn optimal_eps(&self, schedule: &Schedule, xt: &Array2<f64>, t: usize) -> Result<Array2<f64>> {
+    pub fn optimal_eps(
+        &self,
+        schedule: &Schedule,
+        xt: &Array2<f64>,
+        t: usize,
+    ) -> Result<Array2<f64>> {
         schedule.check_t(t, 1)?;
         let c = self.components()?;
-        check_shape("x_t columns against the law's dimension", &[self.dim()], &[xt.ncols()])?;
+        check_shape(
+            "x_t columns against the law's dimension",
+            &[self.dim()],
+            &[xt.ncols()],
+        )?;
         let (ab, bb) = (schedule.alpha_bar(t)?, schedule.beta_bar(t)?);
         let v = c.stds.mapv(|s| (ab * s).powi(2) + bb * bb);
         let d = self.dim() as f64;
@@ -173,7 +208,8 @@ impl DataLaw {
     pub fn sample<R: Rng + ?Sized>(&self, n: usize, rng: &mut R) -> Result<Array2<f64>> {
         let c = self.components()?;
         let probs = (c.log_weights.mapv(f64::exp)).to_vec();
-        let index = WeightedIndex::new(&probs).map_err(|_| RefError::EmptyLaw("all weights are zero"))?;
+        let index =
+            WeightedIndex::new(&probs).map_err(|_| RefError::EmptyLaw("all weights are zero"))?;
         let picks: Vec<usize> = (0..n).map(|_| index.sample(rng)).collect();
         let stds = c.stds.select(Axis(0), &picks).insert_axis(Axis(1));
         Ok(c.means.select(Axis(0), &picks) + standard_normal(n, self.dim(), rng) * &stds)
@@ -188,7 +224,9 @@ impl DataLaw {
             return Ok(None);
         }
         let signal = (schedule.alpha_bar(t)? * c.stds[0]).powi(2);
-        Ok(Some(self.dim() as f64 * signal / (signal + schedule.beta_bar(t)?.powi(2))))
+        Ok(Some(
+            self.dim() as f64 * signal / (signal + schedule.beta_bar(t)?.powi(2)),
+        ))
     }
 
     /// Monte Carlo estimate of the minimum unweighted loss (8) at t from n draws of (x_0, ε).
@@ -200,7 +238,11 @@ impl DataLaw {
         rng: &mut R,
     ) -> Result<f64> {
         if n == 0 {
-            return Err(RefError::InvalidParameter { name: "number of draws", value: 0.0, reason: "must be >= 1" });
+            return Err(RefError::InvalidParameter {
+                name: "number of draws",
+                value: 0.0,
+                reason: "must be >= 1",
+            });
         }
         let x0 = self.sample(n, rng)?;
         let eps = standard_normal(n, self.dim(), rng);
@@ -212,7 +254,11 @@ impl DataLaw {
 /// Checks that every value is finite.
 fn check_finite<'a>(what: &'static str, mut values: impl Iterator<Item = &'a f64>) -> Result<()> {
     match values.find(|v| !v.is_finite()) {
-        Some(&value) => Err(RefError::InvalidParameter { name: what, value, reason: "must be finite" }),
+        Some(&value) => Err(RefError::InvalidParameter {
+            name: what,
+            value,
+            reason: "must be finite",
+        }),
         None => Ok(()),
     }
 }
@@ -244,9 +290,15 @@ mod tests {
         let c = array![0.5, -0.5];
         for t in [1, 37, 100] {
             let (ab, bb) = (s.alpha_bar(t).unwrap(), s.beta_bar(t).unwrap());
-            let dirac = DataLaw::dirac(c.clone()).unwrap().optimal_eps(&s, &xt, t).unwrap();
+            let dirac = DataLaw::dirac(c.clone())
+                .unwrap()
+                .optimal_eps(&s, &xt, t)
+                .unwrap();
             assert_close(&dirac, &((&xt - &(&c * ab)) / bb), 1e-12);
-            let normal = DataLaw::standard_normal(2).unwrap().optimal_eps(&s, &xt, t).unwrap();
+            let normal = DataLaw::standard_normal(2)
+                .unwrap()
+                .optimal_eps(&s, &xt, t)
+                .unwrap();
             assert_close(&normal, &(&xt * bb), 1e-12);
         }
     }
@@ -259,18 +311,30 @@ mod tests {
         let (ab, bb) = (s.alpha_bar(t).unwrap(), s.beta_bar(t).unwrap());
         let one_point = DataLaw::finite(array![3.0], array![[0.5, -0.5]]).unwrap();
         let dirac = DataLaw::dirac(array![0.5, -0.5]).unwrap();
-        assert_close(&one_point.optimal_eps(&s, &xt, t).unwrap(), &dirac.optimal_eps(&s, &xt, t).unwrap(), 1e-12);
+        assert_close(
+            &one_point.optimal_eps(&s, &xt, t).unwrap(),
+            &dirac.optimal_eps(&s, &xt, t).unwrap(),
+            1e-12,
+        );
         // One Gaussian N(m, s²I): ε* = β̄_t (x_t − ᾱ_t m)/(ᾱ_t² s² + β̄_t²).
         let m = array![1.0, 2.0];
         let g = DataLaw::mixture(array![1.0], m.clone().insert_axis(Axis(0)), array![0.7]).unwrap();
         let v = (ab * 0.7f64).powi(2) + bb * bb;
-        assert_close(&g.optimal_eps(&s, &xt, t).unwrap(), &((&xt - &(&m * ab)) * (bb / v)), 1e-12);
+        assert_close(
+            &g.optimal_eps(&s, &xt, t).unwrap(),
+            &((&xt - &(&m * ab)) * (bb / v)),
+            1e-12,
+        );
         // A finite set is a mixture of zero-width components.
         let points = array![[1.0, 0.0], [-1.0, 0.5], [0.0, -2.0]];
         let w = array![0.2, 0.5, 0.3];
         let set = DataLaw::finite(w.clone(), points.clone()).unwrap();
         let mix = DataLaw::mixture(w, points, Array1::zeros(3)).unwrap();
-        assert_close(&set.optimal_eps(&s, &xt, t).unwrap(), &mix.optimal_eps(&s, &xt, t).unwrap(), 1e-12);
+        assert_close(
+            &set.optimal_eps(&s, &xt, t).unwrap(),
+            &mix.optimal_eps(&s, &xt, t).unwrap(),
+            1e-12,
+        );
     }
 
     #[test]
@@ -310,7 +374,10 @@ mod tests {
                 let prod = (&resid * &h).sum_axis(Axis(1));
                 let mean = prod.mean().unwrap();
                 let se = prod.std(1.0) / (n as f64).sqrt();
-                assert!(mean.abs() < 5.0 * se, "t = {t}: {mean} vs standard error {se}");
+                assert!(
+                    mean.abs() < 5.0 * se,
+                    "t = {t}: {mean} vs standard error {se}"
+                );
             }
         }
     }
@@ -320,8 +387,18 @@ mod tests {
         let s = schedule();
         let t = 30;
         let ab2 = s.alpha_bar(t).unwrap().powi(2);
-        assert_eq!(DataLaw::dirac(array![1.0, 2.0]).unwrap().min_loss(&s, t).unwrap(), Some(0.0));
-        let normal = DataLaw::standard_normal(3).unwrap().min_loss(&s, t).unwrap().unwrap();
+        assert_eq!(
+            DataLaw::dirac(array![1.0, 2.0])
+                .unwrap()
+                .min_loss(&s, t)
+                .unwrap(),
+            Some(0.0)
+        );
+        let normal = DataLaw::standard_normal(3)
+            .unwrap()
+            .min_loss(&s, t)
+            .unwrap()
+            .unwrap();
         assert_relative_eq!(normal, 3.0 * ab2, max_relative = 1e-14);
         let mixture = DataLaw::finite(array![1.0, 1.0], array![[0.0], [1.0]]).unwrap();
         assert_eq!(mixture.min_loss(&s, t).unwrap(), None);
@@ -329,7 +406,11 @@ mod tests {
         // n = 40000 its relative standard error is sqrt(2/(n d)) = 0.5%; 2.5% is 5 of them.
         let g = DataLaw::mixture(array![1.0], array![[0.5, -1.0]], array![0.6]).unwrap();
         let exact = g.min_loss(&s, t).unwrap().unwrap();
-        assert_relative_eq!(exact, 2.0 * ab2 * 0.36 / (ab2 * 0.36 + s.beta_bar(t).unwrap().powi(2)), max_relative = 1e-14);
+        assert_relative_eq!(
+            exact,
+            2.0 * ab2 * 0.36 / (ab2 * 0.36 + s.beta_bar(t).unwrap().powi(2)),
+            max_relative = 1e-14
+        );
         let mut rng = StdRng::seed_from_u64(29);
         let mc = g.min_loss_monte_carlo(&s, t, 40000, &mut rng).unwrap();
         assert_relative_eq!(mc, exact, max_relative = 0.025);
@@ -341,7 +422,8 @@ mod tests {
         // standard error sqrt(0.8·0.2/n) = 0.004, tolerance 0.02 = 5 of them; the positive
         // component's sample variance (≈ 8000 draws) has relative standard error ≈ 1.6%, 8%
         // is 5 of them.
-        let law = DataLaw::mixture(array![1.0, 4.0], array![[-10.0], [10.0]], array![0.5, 2.0]).unwrap();
+        let law =
+            DataLaw::mixture(array![1.0, 4.0], array![[-10.0], [10.0]], array![0.5, 2.0]).unwrap();
         let mut rng = StdRng::seed_from_u64(31);
         let x = law.sample(10000, &mut rng).unwrap();
         let pos: Vec<f64> = x.iter().copied().filter(|&v| v > 0.0).collect();
@@ -349,26 +431,59 @@ mod tests {
         let mean = pos.iter().sum::<f64>() / pos.len() as f64;
         let var = pos.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (pos.len() - 1) as f64;
         assert_relative_eq!(var, 4.0, max_relative = 0.08);
-        assert_eq!(DataLaw::dirac(array![2.0, 3.0]).unwrap().sample(3, &mut rng).unwrap(), array![[2.0, 3.0], [2.0, 3.0], [2.0, 3.0]]);
+        assert_eq!(
+            DataLaw::dirac(array![2.0, 3.0])
+                .unwrap()
+                .sample(3, &mut rng)
+                .unwrap(),
+            array![[2.0, 3.0], [2.0, 3.0], [2.0, 3.0]]
+        );
     }
 
     #[test]
     fn invalid_laws_and_inputs_are_errors() {
-        assert!(matches!(DataLaw::dirac(Array1::zeros(0)), Err(RefError::EmptyLaw(_))));
-        assert!(matches!(DataLaw::standard_normal(0), Err(RefError::EmptyLaw(_))));
-        assert!(matches!(DataLaw::finite(Array1::zeros(0), Array2::zeros((0, 2))), Err(RefError::EmptyLaw(_))));
-        assert!(matches!(DataLaw::finite(array![1.0, 2.0], array![[0.0]]), Err(RefError::ShapeMismatch { .. })));
-        assert!(matches!(DataLaw::finite(array![-1.0], array![[0.0]]), Err(RefError::InvalidStd { .. })));
-        assert!(matches!(DataLaw::finite(array![0.0], array![[0.0]]), Err(RefError::InvalidParameter { .. })));
-        assert!(matches!(DataLaw::dirac(array![f64::NAN]), Err(RefError::InvalidParameter { .. })));
+        assert!(matches!(
+            DataLaw::dirac(Array1::zeros(0)),
+            Err(RefError::EmptyLaw(_))
+        ));
+        assert!(matches!(
+            DataLaw::standard_normal(0),
+            Err(RefError::EmptyLaw(_))
+        ));
+        assert!(matches!(
+            DataLaw::finite(Array1::zeros(0), Array2::zeros((0, 2))),
+            Err(RefError::EmptyLaw(_))
+        ));
+        assert!(matches!(
+            DataLaw::finite(array![1.0, 2.0], array![[0.0]]),
+            Err(RefError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            DataLaw::finite(array![-1.0], array![[0.0]]),
+            Err(RefError::InvalidStd { .. })
+        ));
+        assert!(matches!(
+            DataLaw::finite(array![0.0], array![[0.0]]),
+            Err(RefError::InvalidParameter { .. })
+        ));
+        assert!(matches!(
+            DataLaw::dirac(array![f64::NAN]),
+            Err(RefError::InvalidParameter { .. })
+        ));
         assert!(matches!(
             DataLaw::mixture(array![1.0], array![[0.0]], array![-0.1]),
             Err(RefError::InvalidStd { .. })
         ));
         let s = schedule();
         let law = DataLaw::standard_normal(2).unwrap();
-        assert!(matches!(law.optimal_eps(&s, &Array2::zeros((1, 3)), 1), Err(RefError::ShapeMismatch { .. })));
-        assert!(matches!(law.optimal_eps(&s, &Array2::zeros((1, 2)), 0), Err(RefError::TimeOutOfRange { .. })));
+        assert!(matches!(
+            law.optimal_eps(&s, &Array2::zeros((1, 3)), 1),
+            Err(RefError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            law.optimal_eps(&s, &Array2::zeros((1, 2)), 0),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
         // Public fields can be set by hand; every method re-validates.
         let bad = DataLaw::StandardNormal { dim: 0 };
         assert!(bad.sample(1, &mut StdRng::seed_from_u64(0)).is_err());

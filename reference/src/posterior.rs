@@ -6,7 +6,12 @@ use crate::error::{check_shape, Result};
 use crate::schedule::Schedule;
 
 /// μ̃ = (ᾱ_{t−1} β_t² x_0 + α_t β̄_{t−1}² x_t)/β̄_t², 1 ≤ t ≤ T (at t = 1 it is x_0).
-pub fn mean(schedule: &Schedule, x0: &Array2<f64>, xt: &Array2<f64>, t: usize) -> Result<Array2<f64>> {
+pub fn mean(
+    schedule: &Schedule,
+    x0: &Array2<f64>,
+    xt: &Array2<f64>,
+    t: usize,
+) -> Result<Array2<f64>> {
     schedule.check_t(t, 1)?;
     check_shape("x_t against x0", x0.shape(), xt.shape())?;
     let bb2 = schedule.beta_bar(t)?.powi(2);
@@ -65,7 +70,11 @@ mod tests {
             for (u, v) in m.iter().zip(expected.iter()) {
                 assert_relative_eq!(*u, *v, epsilon = 1e-13, max_relative = 1e-12);
             }
-            assert_relative_eq!(std(&s, t).unwrap().powi(2), bb_prev.powi(2) * (1.0 - a * k), max_relative = 1e-9);
+            assert_relative_eq!(
+                std(&s, t).unwrap().powi(2),
+                bb_prev.powi(2) * (1.0 - a * k),
+                max_relative = 1e-9
+            );
         }
     }
 
@@ -79,8 +88,10 @@ mod tests {
         let t = 10;
         let mut rng = StdRng::seed_from_u64(3);
         let x0 = Array2::from_elem((n, 1), -0.5);
-        let x_prev = &x0 * s.alpha_bar(t - 1).unwrap() + standard_normal(n, 1, &mut rng) * s.beta_bar(t - 1).unwrap();
-        let xt = &x_prev * s.alpha(t).unwrap() + standard_normal(n, 1, &mut rng) * s.beta(t).unwrap();
+        let x_prev = &x0 * s.alpha_bar(t - 1).unwrap()
+            + standard_normal(n, 1, &mut rng) * s.beta_bar(t - 1).unwrap();
+        let xt =
+            &x_prev * s.alpha(t).unwrap() + standard_normal(n, 1, &mut rng) * s.beta(t).unwrap();
         let resid = x_prev - mean(&s, &x0, &xt, t).unwrap();
         let var = resid.mapv(|r| r * r).mean().unwrap();
         assert_relative_eq!(var, std(&s, t).unwrap().powi(2), max_relative = 0.05);

@@ -25,7 +25,12 @@ fn check_step(
 }
 
 /// The generator's mean μ(x_t) = (x_t − (β_t²/β̄_t) ε̂)/α_t, 1 ≤ t ≤ T.
-pub fn generator_mean(schedule: &Schedule, xt: &Array2<f64>, t: usize, eps_hat: &Array2<f64>) -> Result<Array2<f64>> {
+pub fn generator_mean(
+    schedule: &Schedule,
+    xt: &Array2<f64>,
+    t: usize,
+    eps_hat: &Array2<f64>,
+) -> Result<Array2<f64>> {
     schedule.check_t(t, 1)?;
     check_shape("predicted noise against x_t", xt.shape(), eps_hat.shape())?;
     let (a, b, bb) = (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?);

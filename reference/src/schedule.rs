@@ -50,16 +50,28 @@ impl Schedule {
             ScheduleKind::Linear => {
                 let (lo, hi) = LINEAR_BETA_HO;
                 // numpy.linspace(lo, hi, 1) is [lo]; the general formula would divide by 0.
-                let span = if t_max == 1 { 0.0 } else { (hi - lo) / (big_t - 1.0) };
+                let span = if t_max == 1 {
+                    0.0
+                } else {
+                    (hi - lo) / (big_t - 1.0)
+                };
                 steps.mapv(|t| lo + span * (t - 1.0))
             }
             ScheduleKind::Cosine => {
                 // t/T in floating point: integer division would make every t < T collapse to 0.
-                let f = |t: f64| (((t / big_t) + COSINE_OFFSET) / (1.0 + COSINE_OFFSET) * FRAC_PI_2).cos().powi(2);
+                let f = |t: f64| {
+                    (((t / big_t) + COSINE_OFFSET) / (1.0 + COSINE_OFFSET) * FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 steps.mapv(|t| (1.0 - f(t) / f(t - 1.0)).min(COSINE_MAX_BETA_HO))
             }
         };
-        Self::from_ho_betas(betas_ho.as_slice().expect("freshly built arrays are contiguous"))
+        Self::from_ho_betas(
+            betas_ho
+                .as_slice()
+                .expect("freshly built arrays are contiguous"),
+        )
     }
 
     /// The schedule with the given α_1..α_T, each in (0, 1).
@@ -89,13 +101,24 @@ impl Schedule {
             self.check_t(t, 1)?;
         }
         if let Some(w) = visited.windows(2).find(|w| w[0] <= w[1]) {
-            return Err(RefError::NotBackwards { from: w[0], to: w[1] });
+            return Err(RefError::NotBackwards {
+                from: w[0],
+                to: w[1],
+            });
         }
         if visited.is_empty() {
-            return Err(RefError::InvalidStepCount { n: 0, t_max: self.t_max() });
+            return Err(RefError::InvalidStepCount {
+                n: 0,
+                t_max: self.t_max(),
+            });
         }
-        let tau: Vec<usize> = std::iter::once(0).chain(visited.iter().rev().copied()).collect();
-        let log_alpha = Array1::from_iter(tau.windows(2).map(|w| self.log_alpha_bar[w[1]] - self.log_alpha_bar[w[0]]));
+        let tau: Vec<usize> = std::iter::once(0)
+            .chain(visited.iter().rev().copied())
+            .collect();
+        let log_alpha = Array1::from_iter(
+            tau.windows(2)
+                .map(|w| self.log_alpha_bar[w[1]] - self.log_alpha_bar[w[0]]),
+        );
         let alpha = log_alpha.mapv(f64::exp);
         let beta = log_alpha.mapv(|l| (-(2.0 * l).exp_m1()).sqrt());
         Ok(Self::from_parts(alpha, log_alpha, beta))
@@ -211,7 +234,11 @@ fn check_unit_interval(name: &'static str, values: &[f64]) -> Result<()> {
         return Err(RefError::ZeroSteps);
     }
     match values.iter().position(|&v| !(v > 0.0 && v < 1.0)) {
-        Some(i) => Err(RefError::InvalidScheduleValue { name, t: i + 1, value: values[i] }),
+        Some(i) => Err(RefError::InvalidScheduleValue {
+            name,
+            t: i + 1,
+            value: values[i],
+        }),
         None => Ok(()),
     }
 }
@@ -225,24 +252,43 @@ mod tests {
     fn article_schedule_matches_its_definition_at_both_ends() {
         let s = Schedule::new(ScheduleKind::Article, 1000).unwrap();
         assert_eq!(s.t_max(), 1000);
-        assert_relative_eq!(s.alpha(1).unwrap(), (1.0 - 0.02 / 1000.0f64).sqrt(), max_relative = 1e-15);
+        assert_relative_eq!(
+            s.alpha(1).unwrap(),
+            (1.0 - 0.02 / 1000.0f64).sqrt(),
+            max_relative = 1e-15
+        );
         assert_relative_eq!(s.alpha(1000).unwrap(), 0.98f64.sqrt(), max_relative = 1e-15);
         assert_relative_eq!(s.beta(1).unwrap(), 2e-5f64.sqrt(), max_relative = 1e-15);
         assert_relative_eq!(s.beta(1000).unwrap(), 0.02f64.sqrt(), max_relative = 1e-15);
         // ᾱ_T by a plain running product, an independent route to the log-space sum.
-        let product: f64 = (1..=1000).map(|t| (1.0 - 0.02 * t as f64 / 1000.0).sqrt()).product();
+        let product: f64 = (1..=1000)
+            .map(|t| (1.0 - 0.02 * t as f64 / 1000.0).sqrt())
+            .product();
         assert_relative_eq!(s.alpha_bar(1000).unwrap(), product, max_relative = 1e-12);
-        assert_relative_eq!(s.beta_bar(1000).unwrap(), (1.0 - product * product).sqrt(), max_relative = 1e-12);
+        assert_relative_eq!(
+            s.beta_bar(1000).unwrap(),
+            (1.0 - product * product).sqrt(),
+            max_relative = 1e-12
+        );
         // The article's choice makes ᾱ_T ≈ e^{−5}: Σ ln α_t ≈ −0.01·Σ t/T·… ≈ −5.
         assert!((s.alpha_bar(1000).unwrap().ln() + 5.0).abs() < 0.05);
     }
 
     #[test]
     fn index_zero_is_the_identity() {
-        for kind in [ScheduleKind::Article, ScheduleKind::Linear, ScheduleKind::Cosine] {
+        for kind in [
+            ScheduleKind::Article,
+            ScheduleKind::Linear,
+            ScheduleKind::Cosine,
+        ] {
             let s = Schedule::new(kind, 7).unwrap();
             assert_eq!(
-                (s.alpha(0).unwrap(), s.beta(0).unwrap(), s.alpha_bar(0).unwrap(), s.beta_bar(0).unwrap()),
+                (
+                    s.alpha(0).unwrap(),
+                    s.beta(0).unwrap(),
+                    s.alpha_bar(0).unwrap(),
+                    s.beta_bar(0).unwrap()
+                ),
                 (1.0, 0.0, 1.0, 0.0)
             );
             assert_eq!(s.alphas().len(), 8);
@@ -253,7 +299,11 @@ mod tests {
     #[test]
     fn one_step_schedule_has_bar_values_equal_to_the_step() {
         let s = Schedule::new(ScheduleKind::Article, 1).unwrap();
-        assert_relative_eq!(s.alpha_bar(1).unwrap(), 0.98f64.sqrt(), max_relative = 1e-15);
+        assert_relative_eq!(
+            s.alpha_bar(1).unwrap(),
+            0.98f64.sqrt(),
+            max_relative = 1e-15
+        );
         assert_relative_eq!(s.beta_bar(1).unwrap(), 0.02f64.sqrt(), max_relative = 1e-14);
         let linear = Schedule::new(ScheduleKind::Linear, 1).unwrap();
         assert_relative_eq!(linear.ho_betas()[1], 1e-4, max_relative = 1e-14);
@@ -263,7 +313,11 @@ mod tests {
 
     #[test]
     fn alpha_beta_identities_hold_everywhere() {
-        for kind in [ScheduleKind::Article, ScheduleKind::Linear, ScheduleKind::Cosine] {
+        for kind in [
+            ScheduleKind::Article,
+            ScheduleKind::Linear,
+            ScheduleKind::Cosine,
+        ] {
             let s = Schedule::new(kind, 50).unwrap();
             let one = s.alphas().mapv(|a| a * a) + s.betas().mapv(|b| b * b);
             let one_bar = s.alpha_bars().mapv(|a| a * a) + s.beta_bars().mapv(|b| b * b);
@@ -286,7 +340,11 @@ mod tests {
     #[test]
     fn cosine_schedule_uses_fractional_t_over_t() {
         // T = 3: ᾱ^Ho_t = f(t/3)/f(0) for t < T; integer division would give t/T = 0, β^Ho = 0.
-        let f = |u: f64| (((u + 0.008) / 1.008) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        let f = |u: f64| {
+            (((u + 0.008) / 1.008) * std::f64::consts::FRAC_PI_2)
+                .cos()
+                .powi(2)
+        };
         let s = Schedule::new(ScheduleKind::Cosine, 3).unwrap();
         let ab = s.ho_alpha_bars();
         assert_relative_eq!(ab[1], f(1.0 / 3.0) / f(0.0), max_relative = 1e-13);
@@ -299,9 +357,17 @@ mod tests {
 
     #[test]
     fn ho_conversion_round_trips() {
-        for kind in [ScheduleKind::Article, ScheduleKind::Linear, ScheduleKind::Cosine] {
+        for kind in [
+            ScheduleKind::Article,
+            ScheduleKind::Linear,
+            ScheduleKind::Cosine,
+        ] {
             let s = Schedule::new(kind, 100).unwrap();
-            assert_relative_eq!(s.ho_alphas()[10] + s.ho_betas()[10], 1.0, max_relative = 1e-15);
+            assert_relative_eq!(
+                s.ho_alphas()[10] + s.ho_betas()[10],
+                1.0,
+                max_relative = 1e-15
+            );
             let back = Schedule::from_ho_betas(&s.ho_betas().as_slice().unwrap()[1..]).unwrap();
             let via_alphas = Schedule::from_alphas(&s.alphas().as_slice().unwrap()[1..]).unwrap();
             for other in [&back, &via_alphas] {
@@ -324,16 +390,43 @@ mod tests {
 
     #[test]
     fn invalid_input_is_an_error() {
-        assert_eq!(Schedule::new(ScheduleKind::Article, 0), Err(RefError::ZeroSteps));
+        assert_eq!(
+            Schedule::new(ScheduleKind::Article, 0),
+            Err(RefError::ZeroSteps)
+        );
         assert_eq!(Schedule::from_alphas(&[]), Err(RefError::ZeroSteps));
         for bad in [0.0, 1.0, -0.5, f64::NAN] {
             let err = Schedule::from_alphas(&[0.5, bad]).unwrap_err();
-            assert!(matches!(err, RefError::InvalidScheduleValue { name: "alpha", t: 2, .. }), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    RefError::InvalidScheduleValue {
+                        name: "alpha",
+                        t: 2,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
         }
         assert!(Schedule::from_ho_betas(&[1.5]).is_err());
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
-        assert_eq!(s.alpha(11), Err(RefError::TimeOutOfRange { t: 11, min: 0, max: 10 }));
-        assert_eq!(s.check_t(0, 1), Err(RefError::TimeOutOfRange { t: 0, min: 1, max: 10 }));
+        assert_eq!(
+            s.alpha(11),
+            Err(RefError::TimeOutOfRange {
+                t: 11,
+                min: 0,
+                max: 10
+            })
+        );
+        assert_eq!(
+            s.check_t(0, 1),
+            Err(RefError::TimeOutOfRange {
+                t: 0,
+                min: 1,
+                max: 10
+            })
+        );
         assert!(s.alpha(11).unwrap_err().to_string().contains("t = 11"));
     }
 
@@ -345,8 +438,18 @@ mod tests {
         assert_eq!(r.t_max(), 4);
         for (k, &tau) in visited.iter().rev().enumerate() {
             let (a, b) = (r.alpha_bar(k + 1).unwrap(), s.alpha_bar(tau).unwrap());
-            assert!((a - b).abs() < 1e-14 * b.max(1e-300), "k = {}: {a} vs {b}", k + 1);
-            let ratio = s.alpha_bar(tau).unwrap() / s.alpha_bar(if k == 0 { 0 } else { visited[visited.len() - k] }).unwrap();
+            assert!(
+                (a - b).abs() < 1e-14 * b.max(1e-300),
+                "k = {}: {a} vs {b}",
+                k + 1
+            );
+            let ratio = s.alpha_bar(tau).unwrap()
+                / s.alpha_bar(if k == 0 {
+                    0
+                } else {
+                    visited[visited.len() - k]
+                })
+                .unwrap();
             assert!((r.alpha(k + 1).unwrap() - ratio).abs() < 1e-14);
         }
         let all: Vec<usize> = (1..=40).rev().collect();

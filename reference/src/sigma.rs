@@ -38,7 +38,9 @@ pub fn sigma(schedule: &Schedule, choice: SigmaChoice, t: usize) -> Result<f64> 
 impl SigmaChoice {
     /// σ_t for t = 0..T (index 0 holds 0, never used by a sampler).
     pub fn table(self, schedule: &Schedule) -> Result<Array1<f64>> {
-        std::iter::once(Ok(0.0)).chain((1..=schedule.t_max()).map(|t| sigma(schedule, self, t))).collect()
+        std::iter::once(Ok(0.0))
+            .chain((1..=schedule.t_max()).map(|t| sigma(schedule, self, t)))
+            .collect()
     }
 }
 
@@ -54,14 +56,23 @@ mod tests {
 
     #[test]
     fn isotropic_reduces_to_the_two_special_cases() {
-        for kind in [ScheduleKind::Article, ScheduleKind::Linear, ScheduleKind::Cosine] {
+        for kind in [
+            ScheduleKind::Article,
+            ScheduleKind::Linear,
+            ScheduleKind::Cosine,
+        ] {
             let s = Schedule::new(kind, 40).unwrap();
             let dirac = SigmaChoice::Isotropic { data_std: 0.0 }.table(&s).unwrap();
             let posterior = SigmaChoice::Posterior.table(&s).unwrap();
             let normal = SigmaChoice::Isotropic { data_std: 1.0 }.table(&s).unwrap();
             let beta = SigmaChoice::Beta.table(&s).unwrap();
             for t in 0..=40 {
-                assert_relative_eq!(dirac[t], posterior[t], epsilon = 1e-15, max_relative = 1e-12);
+                assert_relative_eq!(
+                    dirac[t],
+                    posterior[t],
+                    epsilon = 1e-15,
+                    max_relative = 1e-12
+                );
                 assert_relative_eq!(normal[t], beta[t], epsilon = 1e-15, max_relative = 1e-12);
             }
             assert_eq!(posterior[1], 0.0);
@@ -80,12 +91,17 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
         let mut rng = StdRng::seed_from_u64(11);
         let x0 = standard_normal(n, 1, &mut rng) * data_std + m;
-        let x_prev = &x0 * s.alpha_bar(t - 1).unwrap() + standard_normal(n, 1, &mut rng) * s.beta_bar(t - 1).unwrap();
-        let xt = &x_prev * s.alpha(t).unwrap() + standard_normal(n, 1, &mut rng) * s.beta(t).unwrap();
+        let x_prev = &x0 * s.alpha_bar(t - 1).unwrap()
+            + standard_normal(n, 1, &mut rng) * s.beta_bar(t - 1).unwrap();
+        let xt =
+            &x_prev * s.alpha(t).unwrap() + standard_normal(n, 1, &mut rng) * s.beta(t).unwrap();
         let (a, b) = (x_prev.column(0), xt.column(0));
         let (ma, mb) = (a.mean().unwrap(), b.mean().unwrap());
         let cov = ((&a - ma) * (&b - mb)).mean().unwrap();
-        let (va, vb) = (a.mapv(|x| (x - ma).powi(2)).mean().unwrap(), b.mapv(|x| (x - mb).powi(2)).mean().unwrap());
+        let (va, vb) = (
+            a.mapv(|x| (x - ma).powi(2)).mean().unwrap(),
+            b.mapv(|x| (x - mb).powi(2)).mean().unwrap(),
+        );
         let resid = va - cov * cov / vb;
         let sig = sigma(&s, SigmaChoice::Isotropic { data_std }, t).unwrap();
         assert_relative_eq!(resid, sig * sig, max_relative = 0.04);
@@ -94,10 +110,22 @@ mod tests {
     #[test]
     fn invalid_input_is_an_error() {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
-        assert!(matches!(sigma(&s, SigmaChoice::Beta, 0), Err(RefError::TimeOutOfRange { .. })));
+        assert!(matches!(
+            sigma(&s, SigmaChoice::Beta, 0),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
             let err = sigma(&s, SigmaChoice::Isotropic { data_std: bad }, 2).unwrap_err();
-            assert!(matches!(err, RefError::InvalidStd { what: "data_std", .. }), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    RefError::InvalidStd {
+                        what: "data_std",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
         }
     }
 }

@@ -96,7 +96,7 @@ pub fn values(t: &Tensor) -> Vec<f64> {
 pub fn array2(t: &Tensor) -> Array2<f64> {
     let n = t.size()[0] as usize;
     let v = values(t);
-    let d = if n == 0 { 0 } else { v.len() / n };
+    let d = v.len().checked_div(n).unwrap_or(0);
     Array2::from_shape_vec((n, d), v).expect("n·d values")
 }
 

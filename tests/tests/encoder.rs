@@ -213,7 +213,10 @@ fn invalid_data_std_is_an_error_on_both_sides() {
             SigmaSpec::Isotropic { s: bad }.tch().table(&s).is_err(),
             "tch accepted s = {bad}"
         );
-        assert!(SigmaSpec::Isotropic { s: bad }.reference().table(&r).is_err());
+        assert!(SigmaSpec::Isotropic { s: bad }
+            .reference()
+            .table(&r)
+            .is_err());
     }
 }
 

@@ -101,8 +101,14 @@ fn lamb_steps_agree(device: Device) {
                         adapt,
                     )
                     .unwrap();
-                    let r =
-                        ddpm_reference::lamb::lamb_update(&ref_config(&cfg), &mut w_ref, &g, &mut state, adapt).unwrap();
+                    let r = ddpm_reference::lamb::lamb_update(
+                        &ref_config(&cfg),
+                        &mut w_ref,
+                        &g,
+                        &mut state,
+                        adapt,
+                    )
+                    .unwrap();
                     prop_assert_eq!(state.step, step as u64);
                     let what =
                         format!("{kind:?}, step {step} of {k}, adapt {adapt}, trust ratio {r}");
@@ -242,7 +248,8 @@ fn optimiser_matches_reference(device: Device) {
             for ((name, _, _), ((w, state, adapt), (_, g))) in
                 VARIABLES.iter().zip(reference.iter_mut().zip(&grads))
             {
-                ddpm_reference::lamb::lamb_update(&ref_config(&cfg), w, &arrayd(g), state, *adapt).unwrap();
+                ddpm_reference::lamb::lamb_update(&ref_config(&cfg), w, &arrayd(g), state, *adapt)
+                    .unwrap();
                 let got = values(&vs.variables()[*name]);
                 close_in_norm(
                     &format!("{name} after step {step}"),

@@ -124,7 +124,9 @@ fn relative_error(
                 let tt = Tensor::full([x0.size()[0]], t, (Kind::Int64, x0.device()));
                 let x_t = marginal_sample(schedule, x0, &tt, &x0.randn_like()).unwrap();
                 let want = oracle.predict(&x_t, &tt).unwrap();
-                let diff = (model.predict(&x_t, &tt).unwrap() - &want).norm().double_value(&[]);
+                let diff = (model.predict(&x_t, &tt).unwrap() - &want)
+                    .norm()
+                    .double_value(&[]);
                 diff / want.norm().double_value(&[])
             })
             .collect();

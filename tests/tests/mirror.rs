@@ -50,9 +50,19 @@ fn public_items(source: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for line in source.lines() {
         let line = line.trim_start();
-        for kw in ["pub fn ", "pub struct ", "pub enum ", "pub trait ", "pub const ", "pub type "] {
+        for kw in [
+            "pub fn ",
+            "pub struct ",
+            "pub enum ",
+            "pub trait ",
+            "pub const ",
+            "pub type ",
+        ] {
             if let Some(rest) = line.strip_prefix(kw) {
-                let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
                 if !name.is_empty() {
                     names.insert(name);
                 }
@@ -73,7 +83,11 @@ struct Row {
 
 /// The backticked spans of a cell.
 fn code_spans(cell: &str) -> Vec<String> {
-    cell.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    cell.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
 
 /// Splits a Markdown table row at its unescaped `|`.
@@ -98,7 +112,9 @@ fn cells(line: &str) -> Vec<String> {
 
 /// The table's rows, parsed from the architecture page's text.
 fn table(doc: &str) -> Vec<Row> {
-    let start = doc.find(SECTION).expect("docs/architecture.md has the mirror section");
+    let start = doc
+        .find(SECTION)
+        .expect("docs/architecture.md has the mirror section");
     let mut rows = Vec::new();
     let mut in_table = false;
     for (i, line) in doc[start..].lines().enumerate() {
@@ -114,9 +130,17 @@ fn table(doc: &str) -> Vec<Row> {
             continue;
         }
         let c = cells(line);
-        assert_eq!(c.len(), 4, "docs/architecture.md:{line_no}: a row needs 4 cells: {line}");
+        assert_eq!(
+            c.len(),
+            4,
+            "docs/architecture.md:{line_no}: a row needs 4 cells: {line}"
+        );
         let reference = code_spans(&c[1]);
-        assert_eq!(reference.len(), 1, "docs/architecture.md:{line_no}: one reference item per row");
+        assert_eq!(
+            reference.len(),
+            1,
+            "docs/architecture.md:{line_no}: one reference item per row"
+        );
         let accelerated = if c[2].starts_with('—') {
             assert!(
                 c[2].contains('(') && c[2].contains(')'),
@@ -125,12 +149,23 @@ fn table(doc: &str) -> Vec<Row> {
             Vec::new()
         } else {
             let spans = code_spans(&c[2]);
-            assert!(!spans.is_empty(), "docs/architecture.md:{line_no}: name the accelerated item or write — (why)");
+            assert!(
+                !spans.is_empty(),
+                "docs/architecture.md:{line_no}: name the accelerated item or write — (why)"
+            );
             spans
         };
         let tests = code_spans(&c[3]);
-        assert!(!tests.is_empty(), "docs/architecture.md:{line_no}: name the test that holds the row");
-        rows.push(Row { line: line_no, reference: reference[0].clone(), accelerated, tests });
+        assert!(
+            !tests.is_empty(),
+            "docs/architecture.md:{line_no}: name the test that holds the row"
+        );
+        rows.push(Row {
+            line: line_no,
+            reference: reference[0].clone(),
+            accelerated,
+            tests,
+        });
     }
     assert!(!rows.is_empty(), "the mirror table has no rows");
     rows
@@ -142,7 +177,10 @@ fn resolve(src: &Path, path: &str) -> Option<(PathBuf, Vec<String>)> {
     let parts: Vec<&str> = path.split("::").collect();
     for split in (1..parts.len()).rev() {
         let dir: PathBuf = parts[..split].iter().collect();
-        for file in [src.join(&dir).with_extension("rs"), src.join(&dir).join("mod.rs")] {
+        for file in [
+            src.join(&dir).with_extension("rs"),
+            src.join(&dir).join("mod.rs"),
+        ] {
             if file.is_file() {
                 return Some((file, parts[split..].iter().map(|s| s.to_string()).collect()));
             }
@@ -155,13 +193,21 @@ fn resolve(src: &Path, path: &str) -> Option<(PathBuf, Vec<String>)> {
 /// define publicly.
 fn check_path(src: &Path, side: &str, path: &str, line: usize) -> Option<String> {
     let Some((file, items)) = resolve(src, path) else {
-        return Some(format!("docs/architecture.md:{line}: {side} `{path}`: no such module under {}", src.display()));
+        return Some(format!(
+            "docs/architecture.md:{line}: {side} `{path}`: no such module under {}",
+            src.display()
+        ));
     };
     let defined = public_items(&read(&file));
     items
         .iter()
         .find(|item| !defined.contains(*item))
-        .map(|item| format!("docs/architecture.md:{line}: {side} `{path}`: {} defines no public `{item}`", file.display()))
+        .map(|item| {
+            format!(
+                "docs/architecture.md:{line}: {side} `{path}`: {} defines no public `{item}`",
+                file.display()
+            )
+        })
 }
 
 #[test]
@@ -169,7 +215,8 @@ fn every_reference_item_has_a_mirror_row_and_every_row_is_true() {
     let root = root();
     let doc = read(&root.join("docs/architecture.md"));
     let rows = table(&doc);
-    let (reference_src, accelerated_src) = (root.join("reference/src"), root.join("accelerated/src"));
+    let (reference_src, accelerated_src) =
+        (root.join("reference/src"), root.join("accelerated/src"));
     let mut errors = Vec::new();
 
     // (a) every public item of every reference module has a row naming it.
@@ -196,7 +243,12 @@ fn every_reference_item_has_a_mirror_row_and_every_row_is_true() {
 
     // The rows' own paths: reference items exist, accelerated items exist.
     for row in &rows {
-        errors.extend(check_path(&reference_src, "reference", &row.reference, row.line));
+        errors.extend(check_path(
+            &reference_src,
+            "reference",
+            &row.reference,
+            row.line,
+        ));
         for path in &row.accelerated {
             errors.extend(check_path(&accelerated_src, "accelerated", path, row.line));
         }
@@ -213,22 +265,35 @@ fn every_reference_item_has_a_mirror_row_and_every_row_is_true() {
             let (stem, name) = test.rsplit_once("::").unwrap_or(("", test.as_str()));
             let needle = format!("fn {name}(");
             let found = test_files.iter().any(|f| {
-                (stem.is_empty() || f.file_stem().is_some_and(|s| s == stem)) && read(f).contains(&needle)
+                (stem.is_empty() || f.file_stem().is_some_and(|s| s == stem))
+                    && read(f).contains(&needle)
             });
             if !found {
-                errors.push(format!("docs/architecture.md:{}: test `{test}` does not exist", row.line));
+                errors.push(format!(
+                    "docs/architecture.md:{}: test `{test}` does not exist",
+                    row.line
+                ));
             }
         }
     }
 
-    assert!(errors.is_empty(), "the mirror table is out of date:\n  {}", errors.join("\n  "));
+    assert!(
+        errors.is_empty(),
+        "the mirror table is out of date:\n  {}",
+        errors.join("\n  ")
+    );
 }
 
 /// The scanner itself: it finds methods and types, skips `pub(crate)`, and splits escaped `|`.
 #[test]
 fn the_scanner_reads_items_and_cells() {
-    let items = public_items("pub fn a() {}\n    pub fn b(&self) {}\npub(crate) fn c() {}\npub struct D;\nfn e() {}\n");
-    assert_eq!(items, ["D", "a", "b"].iter().map(|s| s.to_string()).collect());
+    let items = public_items(
+        "pub fn a() {}\n    pub fn b(&self) {}\npub(crate) fn c() {}\npub struct D;\nfn e() {}\n",
+    );
+    assert_eq!(
+        items,
+        ["D", "a", "b"].iter().map(|s| s.to_string()).collect()
+    );
     assert_eq!(
         cells("| p(x\\|y) | `m::f` | — (why) | `t::u` |"),
         vec!["p(x|y)", "`m::f`", "— (why)", "`t::u`"]

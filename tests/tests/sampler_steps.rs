@@ -10,8 +10,8 @@ use ddpm_reference as reference;
 use ddpm_reference::sampler as rs;
 use ddpm_reference::timesteps as rt;
 use ddpm_tests::{
-    batch_shape, check, close_in_norm, close_scaled, eta, normal, round_f32, schedule, seed,
-    sigma, stride_len, tensor, test_device, values, ScheduleSpec, SigmaSpec,
+    batch_shape, check, close_in_norm, close_scaled, eta, normal, round_f32, schedule, seed, sigma,
+    stride_len, tensor, test_device, values, ScheduleSpec, SigmaSpec,
 };
 use ndarray::Array2;
 use proptest::prelude::*;
@@ -108,7 +108,15 @@ fn agrees(
 }
 
 /// (schedule, T, σ choice, strided length k, step index into the walk, batch [n, d], seed).
-type WalkCase = (ScheduleSpec, usize, SigmaSpec, usize, usize, (usize, usize), u64);
+type WalkCase = (
+    ScheduleSpec,
+    usize,
+    SigmaSpec,
+    usize,
+    usize,
+    (usize, usize),
+    u64,
+);
 
 /// A walk of k ∈ 1..=T steps (k = T: the full chain) and one step of it, the first (from T)
 /// and the last (to 0) often.
@@ -118,7 +126,15 @@ fn walk_case() -> impl Strategy<Value = WalkCase> {
         (Just(spec), Just(big_t), Just(sig), k, Just(nd), Just(sd)).prop_flat_map(
             |(spec, big_t, sig, k, nd, sd)| {
                 let i = prop_oneof![Just(0usize), Just(k - 1), 0..k];
-                (Just(spec), Just(big_t), Just(sig), Just(k), i, Just(nd), Just(sd))
+                (
+                    Just(spec),
+                    Just(big_t),
+                    Just(sig),
+                    Just(k),
+                    i,
+                    Just(nd),
+                    Just(sd),
+                )
             },
         )
     })
@@ -128,62 +144,73 @@ fn walk_case() -> impl Strategy<Value = WalkCase> {
 /// chain: the schedule itself for k = T, else `Schedule::respaced` over `timesteps::strided`,
 /// at chain index k − i with σ of that chain; plain and clipped, f64 and f32.
 fn ancestral_steps_agree(device: Device) {
-    check(192, walk_case(), |(spec, big_t, choice, k, i, (n, d), sd)| {
-        let r = spec.reference(big_t);
-        let s = spec.tch(big_t, device);
-        let visited = rt::strided(big_t, k).unwrap();
-        let chain = if k == big_t {
-            r.clone()
-        } else {
-            r.respaced(&visited).unwrap()
-        };
-        let kk = k - i;
-        let sigma_t = reference::sigma::sigma(&chain, choice.reference(), kk).unwrap();
-        let (a, b, bb, ab) = (
-            chain.alpha(kk).unwrap(),
-            chain.beta(kk).unwrap(),
-            chain.beta_bar(kk).unwrap(),
-            chain.alpha_bar(kk).unwrap(),
-        );
-        for clip in [false, true] {
-            let sam = sampler(&s, config(choice, Some(k), None, clip));
-            prop_assert_eq!(sam.steps()[i].0 as usize, visited[i]);
-            for (kind, tol) in TOL {
-                let nz = noise(n, d, sd, kind);
-                let (x, e, z) = (
-                    tensor(&nz.x, kind, device),
-                    tensor(&nz.eps_hat, kind, device),
-                    tensor(&nz.z, kind, device),
-                );
-                let got = values(&sam.step(i, &x, &e, Some(&z)).unwrap());
-                let what = format!(
-                    "{} step {i} of {k} (chain t = {kk}, T = {big_t}), {kind:?}, {choice:?}",
-                    if clip { "clipped" } else { "ancestral" }
-                );
-                let (xs, es, zs) = (
-                    nz.x.mapv(f64::abs),
-                    nz.eps_hat.mapv(f64::abs),
-                    nz.z.mapv(f64::abs) * sigma_t,
-                );
-                if clip {
-                    let want =
-                        rs::ancestral_step_clipped(&chain, &nz.x, kk, &nz.eps_hat, sigma_t, &nz.z)
-                            .unwrap();
-                    let c0 = chain.alpha_bar(kk - 1).unwrap() * b * b / (bb * bb);
-                    let ct = a * chain.beta_bar(kk - 1).unwrap().powi(2) / (bb * bb);
-                    let x0_scale = clipped_x0_scale(&nz.x, &nz.eps_hat, ab, bb, tol);
-                    let scale = x0_scale * c0 + &xs * ct + &zs;
-                    agrees(&what, kind, &got, &want, &scale, tol)?;
-                } else {
-                    let want =
-                        rs::ancestral_step(&chain, &nz.x, kk, &nz.eps_hat, sigma_t, &nz.z).unwrap();
-                    let scale = (&xs + &es * (b * b / bb)) / a + &zs;
-                    agrees(&what, kind, &got, &want, &scale, tol)?;
+    check(
+        192,
+        walk_case(),
+        |(spec, big_t, choice, k, i, (n, d), sd)| {
+            let r = spec.reference(big_t);
+            let s = spec.tch(big_t, device);
+            let visited = rt::strided(big_t, k).unwrap();
+            let chain = if k == big_t {
+                r.clone()
+            } else {
+                r.respaced(&visited).unwrap()
+            };
+            let kk = k - i;
+            let sigma_t = reference::sigma::sigma(&chain, choice.reference(), kk).unwrap();
+            let (a, b, bb, ab) = (
+                chain.alpha(kk).unwrap(),
+                chain.beta(kk).unwrap(),
+                chain.beta_bar(kk).unwrap(),
+                chain.alpha_bar(kk).unwrap(),
+            );
+            for clip in [false, true] {
+                let sam = sampler(&s, config(choice, Some(k), None, clip));
+                prop_assert_eq!(sam.steps()[i].0 as usize, visited[i]);
+                for (kind, tol) in TOL {
+                    let nz = noise(n, d, sd, kind);
+                    let (x, e, z) = (
+                        tensor(&nz.x, kind, device),
+                        tensor(&nz.eps_hat, kind, device),
+                        tensor(&nz.z, kind, device),
+                    );
+                    let got = values(&sam.step(i, &x, &e, Some(&z)).unwrap());
+                    let what = format!(
+                        "{} step {i} of {k} (chain t = {kk}, T = {big_t}), {kind:?}, {choice:?}",
+                        if clip { "clipped" } else { "ancestral" }
+                    );
+                    let (xs, es, zs) = (
+                        nz.x.mapv(f64::abs),
+                        nz.eps_hat.mapv(f64::abs),
+                        nz.z.mapv(f64::abs) * sigma_t,
+                    );
+                    if clip {
+                        let want = rs::ancestral_step_clipped(
+                            &chain,
+                            &nz.x,
+                            kk,
+                            &nz.eps_hat,
+                            sigma_t,
+                            &nz.z,
+                        )
+                        .unwrap();
+                        let c0 = chain.alpha_bar(kk - 1).unwrap() * b * b / (bb * bb);
+                        let ct = a * chain.beta_bar(kk - 1).unwrap().powi(2) / (bb * bb);
+                        let x0_scale = clipped_x0_scale(&nz.x, &nz.eps_hat, ab, bb, tol);
+                        let scale = x0_scale * c0 + &xs * ct + &zs;
+                        agrees(&what, kind, &got, &want, &scale, tol)?;
+                    } else {
+                        let want =
+                            rs::ancestral_step(&chain, &nz.x, kk, &nz.eps_hat, sigma_t, &nz.z)
+                                .unwrap();
+                        let scale = (&xs + &es * (b * b / bb)) / a + &zs;
+                        agrees(&what, kind, &got, &want, &scale, tol)?;
+                    }
                 }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
 test_device!(
     ancestral_steps_agree,
@@ -199,7 +226,15 @@ fn ddim_case() -> impl Strategy<Value = DdimCase> {
     (schedule(), eta(), batch_shape(), seed()).prop_flat_map(|((spec, big_t), eta, nd, sd)| {
         stride_len(big_t).prop_flat_map(move |k| {
             let i = prop_oneof![Just(0usize), Just(k - 1), 0..k];
-            (Just(spec.clone()), Just(big_t), Just(eta), Just(k), i, Just(nd), Just(sd))
+            (
+                Just(spec.clone()),
+                Just(big_t),
+                Just(eta),
+                Just(k),
+                i,
+                Just(nd),
+                Just(sd),
+            )
         })
     })
 }
@@ -238,14 +273,15 @@ fn ddim_steps_agree(device: Device) {
                     nz.z.mapv(f64::abs) * sigma,
                 );
                 if clip {
-                    let want =
-                        rs::ddim_step_clipped(&r, &nz.x, tau, next, &nz.eps_hat, eta, &nz.z).unwrap();
+                    let want = rs::ddim_step_clipped(&r, &nz.x, tau, next, &nz.eps_hat, eta, &nz.z)
+                        .unwrap();
                     // x′ = (ᾱ_τ′ − keep ᾱ_τ/β̄_τ) x̂_0 + (keep/β̄_τ) x + σ z, x̂_0 clipped.
                     let x0_scale = clipped_x0_scale(&nz.x, &nz.eps_hat, ab, bb, tol);
                     let scale = x0_scale * (ab_n + keep * ab / bb) + &xs * (keep / bb) + &zs;
                     agrees(&what, kind, &got, &want, &scale, tol)?;
                 } else {
-                    let want = rs::ddim_step(&r, &nz.x, tau, next, &nz.eps_hat, eta, &nz.z).unwrap();
+                    let want =
+                        rs::ddim_step(&r, &nz.x, tau, next, &nz.eps_hat, eta, &nz.z).unwrap();
                     let scale = (&xs + &es * bb) * (ab_n / ab) + &es * keep + &zs;
                     agrees(&what, kind, &got, &want, &scale, tol)?;
                 }
@@ -298,7 +334,8 @@ fn ddim_eta_one_is_the_posterior_step(device: Device) {
                 &flat(&scale),
                 1e-10,
             )?;
-            let want = rs::ancestral_step_clipped(&r, &nz.x, ti, &nz.eps_hat, sigma_t, &nz.z).unwrap();
+            let want =
+                rs::ancestral_step_clipped(&r, &nz.x, ti, &nz.eps_hat, sigma_t, &nz.z).unwrap();
             let scale = clipped_x0_scale(&nz.x, &nz.eps_hat, ab, bb, 1e-10) + &xs + &zs;
             close_scaled(
                 &format!("clipped DDIM η = 1, {ti} → {}", ti - 1),
@@ -330,11 +367,22 @@ enum Walk {
 type ChainCase = (ScheduleSpec, usize, Walk, usize, bool, (usize, usize), u64);
 
 fn chain_case() -> impl Strategy<Value = ChainCase> {
-    let walk = prop_oneof![sigma().prop_map(Walk::Ancestral), eta().prop_map(Walk::Ddim)];
+    let walk = prop_oneof![
+        sigma().prop_map(Walk::Ancestral),
+        eta().prop_map(Walk::Ddim)
+    ];
     (schedule(), walk, any::<bool>(), batch_shape(), seed()).prop_flat_map(
         |((spec, big_t), walk, clip, nd, sd)| {
             let k = prop_oneof![Just(big_t), stride_len(big_t)];
-            (Just(spec), Just(big_t), Just(walk), k, Just(clip), Just(nd), Just(sd))
+            (
+                Just(spec),
+                Just(big_t),
+                Just(walk),
+                k,
+                Just(clip),
+                Just(nd),
+                Just(sd),
+            )
         },
     )
 }
@@ -348,57 +396,63 @@ fn chain_case() -> impl Strategy<Value = ChainCase> {
 /// at k = 1000; clipping only removes error. 1e-9 (relative to the largest entry) leaves a
 /// factor 500, while one step with a wrong coefficient moves the result by far more.
 fn sampler_walks_agree(device: Device) {
-    check(48, chain_case(), |(spec, big_t, walk, k, clip, (n, d), sd)| {
-        let r = spec.reference(big_t);
-        let s = spec.tch(big_t, device);
-        let visited = rt::strided(big_t, k).unwrap();
-        let pairs = rt::step_pairs(&visited);
-        let chain = if k == big_t {
-            r.clone()
-        } else {
-            r.respaced(&visited).unwrap()
-        };
-        let cfg = match walk {
-            Walk::Ancestral(choice) => config(choice, Some(k), None, clip),
-            Walk::Ddim(eta) => config(SigmaSpec::Beta, Some(k), Some(eta), clip),
-        };
-        let sam = sampler(&s, cfg);
-        let predict_ref = |x: &Array2<f64>, t: usize| x * 0.3 + 0.1 * t as f64 / big_t as f64;
-        let predict = |x: &Tensor, t: i64| x * 0.3 + 0.1 * t as f64 / big_t as f64;
-        let mut want = normal(n, d, sd);
-        let mut got = tensor(&want, Kind::Double, device);
-        for (i, &(tau, next)) in pairs.iter().enumerate() {
-            let z = if next > 0 {
-                normal(n, d, sd ^ (i as u64 + 3))
+    check(
+        48,
+        chain_case(),
+        |(spec, big_t, walk, k, clip, (n, d), sd)| {
+            let r = spec.reference(big_t);
+            let s = spec.tch(big_t, device);
+            let visited = rt::strided(big_t, k).unwrap();
+            let pairs = rt::step_pairs(&visited);
+            let chain = if k == big_t {
+                r.clone()
             } else {
-                Array2::zeros((n, d))
+                r.respaced(&visited).unwrap()
             };
-            let eps_ref = predict_ref(&want, tau);
-            want = match walk {
-                Walk::Ancestral(choice) => {
-                    let kk = k - i;
-                    let sig = reference::sigma::sigma(&chain, choice.reference(), kk).unwrap();
-                    if clip {
-                        rs::ancestral_step_clipped(&chain, &want, kk, &eps_ref, sig, &z)
-                    } else {
-                        rs::ancestral_step(&chain, &want, kk, &eps_ref, sig, &z)
+            let cfg = match walk {
+                Walk::Ancestral(choice) => config(choice, Some(k), None, clip),
+                Walk::Ddim(eta) => config(SigmaSpec::Beta, Some(k), Some(eta), clip),
+            };
+            let sam = sampler(&s, cfg);
+            let predict_ref = |x: &Array2<f64>, t: usize| x * 0.3 + 0.1 * t as f64 / big_t as f64;
+            let predict = |x: &Tensor, t: i64| x * 0.3 + 0.1 * t as f64 / big_t as f64;
+            let mut want = normal(n, d, sd);
+            let mut got = tensor(&want, Kind::Double, device);
+            for (i, &(tau, next)) in pairs.iter().enumerate() {
+                let z = if next > 0 {
+                    normal(n, d, sd ^ (i as u64 + 3))
+                } else {
+                    Array2::zeros((n, d))
+                };
+                let eps_ref = predict_ref(&want, tau);
+                want = match walk {
+                    Walk::Ancestral(choice) => {
+                        let kk = k - i;
+                        let sig = reference::sigma::sigma(&chain, choice.reference(), kk).unwrap();
+                        if clip {
+                            rs::ancestral_step_clipped(&chain, &want, kk, &eps_ref, sig, &z)
+                        } else {
+                            rs::ancestral_step(&chain, &want, kk, &eps_ref, sig, &z)
+                        }
                     }
+                    Walk::Ddim(eta) if clip => {
+                        rs::ddim_step_clipped(&r, &want, tau, next, &eps_ref, eta, &z)
+                    }
+                    Walk::Ddim(eta) => rs::ddim_step(&r, &want, tau, next, &eps_ref, eta, &z),
                 }
-                Walk::Ddim(eta) if clip => rs::ddim_step_clipped(&r, &want, tau, next, &eps_ref, eta, &z),
-                Walk::Ddim(eta) => rs::ddim_step(&r, &want, tau, next, &eps_ref, eta, &z),
+                .unwrap();
+                let z = (next > 0).then(|| tensor(&z, Kind::Double, device));
+                let eps_hat = predict(&got, tau as i64);
+                got = sam.step(i, &got, &eps_hat, z.as_ref()).unwrap();
             }
-            .unwrap();
-            let z = (next > 0).then(|| tensor(&z, Kind::Double, device));
-            let eps_hat = predict(&got, tau as i64);
-            got = sam.step(i, &got, &eps_hat, z.as_ref()).unwrap();
-        }
-        close_in_norm(
-            &format!("{walk:?}, {k} of T = {big_t} steps, clip {clip}"),
-            &values(&got),
-            &flat(&want),
-            1e-9,
-        )
-    });
+            close_in_norm(
+                &format!("{walk:?}, {k} of T = {big_t} steps, clip {clip}"),
+                &values(&got),
+                &flat(&want),
+                1e-9,
+            )
+        },
+    );
 }
 test_device!(
     sampler_walks_agree,

@@ -9,16 +9,7 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// Colour channels the images are converted to.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Channels {
     /// One channel (luma).
@@ -197,9 +188,7 @@ mod tests {
 
     #[test]
     fn clear_errors_for_bad_folders_and_files() {
-        let bad_data = |err: &DdpmError, needle: &str| {
-            matches!(err, DdpmError::BadData { set, reason } if format!("{set} {reason}").contains(needle))
-        };
+        let bad_data = |err: &DdpmError, needle: &str| matches!(err, DdpmError::BadData { set, reason } if format!("{set} {reason}").contains(needle));
         let missing = load(Path::new("/nonexistent/celeba"), 8, Channels::Rgb).unwrap_err();
         assert!(bad_data(&missing, "does not exist"), "{missing}");
 

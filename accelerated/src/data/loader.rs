@@ -154,13 +154,10 @@ impl Loader {
 
     /// The next batch, waiting for it if the thread is behind.
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let rx = self
-            .rx
-            .as_ref()
-            .ok_or_else(|| DdpmError::BadData {
-                set: "the data loader".into(),
-                reason: "was stopped".into(),
-            })?;
+        let rx = self.rx.as_ref().ok_or_else(|| DdpmError::BadData {
+            set: "the data loader".into(),
+            reason: "was stopped".into(),
+        })?;
         rx.recv().map_err(|_| DdpmError::BadData {
             set: "the data loader".into(),
             reason: "its thread stopped unexpectedly".into(),

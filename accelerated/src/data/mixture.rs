@@ -67,11 +67,10 @@ impl GaussianMixture {
     /// `n` independent draws as a data set `[n, d]`, reproducible from `seed`.
     pub fn sample(&self, n: usize, seed: u64) -> Result<Dataset> {
         let mut rng = seeded_rng(seed, Stream::Synthetic, 0);
-        let pick = WeightedIndex::new(&self.weights)
-            .map_err(|e| DdpmError::BadData {
-                set: "Gaussian mixture".into(),
-                reason: format!("invalid weights: {e}"),
-            })?;
+        let pick = WeightedIndex::new(&self.weights).map_err(|e| DdpmError::BadData {
+            set: "Gaussian mixture".into(),
+            reason: format!("invalid weights: {e}"),
+        })?;
         let d = self.dim();
         let mut values = Vec::with_capacity(n * d);
         for _ in 0..n {

@@ -66,20 +66,20 @@ pub fn parse(reader: impl BufRead, origin: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| {
-            DdpmError::BadData {
-                set: origin.to_string(),
-                reason: format!("cannot read line {} (truncated or corrupt file?): {e}", i + 1),
-            }
+        let line = line.map_err(|e| DdpmError::BadData {
+            set: origin.to_string(),
+            reason: format!(
+                "cannot read line {} (truncated or corrupt file?): {e}",
+                i + 1
+            ),
         })?;
         if line.trim().is_empty() {
             continue;
         }
-        let row = parse_row(&line)
-            .map_err(|msg| DdpmError::BadData {
-                set: origin.to_string(),
-                reason: format!("line {}: {msg}", i + 1),
-            })?;
+        let row = parse_row(&line).map_err(|msg| DdpmError::BadData {
+            set: origin.to_string(),
+            reason: format!("line {}: {msg}", i + 1),
+        })?;
         pixels.extend_from_slice(&row[..PIXELS]);
         labels.push(row[PIXELS]);
     }
@@ -159,9 +159,7 @@ mod tests {
     #[test]
     fn malformed_rows_name_the_line() {
         let short = format!("{}\n1,2,3\n", row(0, 1));
-        let line = |err: &DdpmError, needle: &str| {
-            matches!(err, DdpmError::BadData { set, reason } if set == "x.csv" && reason.contains(needle))
-        };
+        let line = |err: &DdpmError, needle: &str| matches!(err, DdpmError::BadData { set, reason } if set == "x.csv" && reason.contains(needle));
         let err = parse(short.as_bytes(), "x.csv").unwrap_err();
         assert!(line(&err, "line 2") && line(&err, "785"), "{err}");
         let bad = row(0, 1).replacen("255", "256", 1);

@@ -13,11 +13,11 @@ pub mod sigma_hat;
 pub mod table;
 
 use crate::checkpoint;
+use crate::checkpoint::{LoadedModel, Weights};
 use crate::config::DataSource;
+use crate::data::{load_dataset, split};
 use crate::error::{DdpmError, Result};
 use crate::progress::Progress;
-use crate::checkpoint::{LoadedModel, Weights};
-use crate::data::{load_dataset, split};
 use classifier::{mnist_split, Classifier, ClassifierConfig};
 use sigma_hat::{eps_mse_table, EpsMseConfig};
 use std::path::{Path, PathBuf};

@@ -302,7 +302,11 @@ mod tests {
     /// A table with fixed numbers (no model): two columns, DDIM in the first only, one floor
     /// and one comparison missing, two classifiers; `bare` has no bound, one classifier.
     fn fixed_table(bare: bool) -> Table {
-        let interval = |lo: f64, hi: f64| Interval { lo, hi, level: 0.95 };
+        let interval = |lo: f64, hi: f64| Interval {
+            lo,
+            hi,
+            level: 0.95,
+        };
         let record = |seed| ClassifierRecord {
             format: 1,
             config: crate::quality::classifier::ClassifierConfig {

@@ -151,7 +151,10 @@ mod tests {
         tch::manual_seed(5);
         let x0 = Tensor::randn([2000, d], (Kind::Float, Device::Cpu)) * std + centre;
         let data = Dataset::from_values(x0, "N(c, s² I)").unwrap();
-        let (ab, bb) = (s.alpha_bars().shallow_clone(), s.beta_bars().shallow_clone());
+        let (ab, bb) = (
+            s.alpha_bars().shallow_clone(),
+            s.beta_bars().shallow_clone(),
+        );
         let oracle = |x: &Tensor, t: &Tensor| {
             let a = ab.index_select(0, t).view([-1, 1]);
             let b = bb.index_select(0, t).view([-1, 1]);
@@ -183,7 +186,10 @@ mod tests {
         let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
         assert!(matches!(
             sigma_from_eps_mse(&s, &Tensor::zeros([10], (Kind::Double, Device::Cpu))),
-            Err(DdpmError::ShapeMismatch { what: "eps_mse", .. })
+            Err(DdpmError::ShapeMismatch {
+                what: "eps_mse",
+                ..
+            })
         ));
     }
 }

@@ -6,7 +6,6 @@
 use super::classifier::{Classifier, ClassifierRecord, Embedding};
 use super::frechet::frechet_between;
 use super::nll::bits_per_dim_each;
-use crate::timesteps::Respaced;
 use super::scores::{bootstrap_ci, marginal_entropy, mean_entropy, Bootstrap, Interval};
 use crate::error::{DdpmError, Result};
 use crate::grid::save_grid;
@@ -14,6 +13,7 @@ use crate::progress::Progress;
 use crate::sampler::{NoisePredictor, Sampler, SamplerConfig};
 use crate::schedule::Schedule;
 use crate::sigma::SigmaChoice;
+use crate::timesteps::Respaced;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -797,7 +797,15 @@ mod tests {
         assert!(md.contains("under each of the 2 classifiers"), "{md}");
         // One record short: refused before any work.
         assert!(matches!(
-            measure(&ctx, &p, &dir, vec![record(0)], 0.0, &mut Silent, |_| Ok(())),
+            measure(
+                &ctx,
+                &p,
+                &dir,
+                vec![record(0)],
+                0.0,
+                &mut Silent,
+                |_| Ok(())
+            ),
             Err(DdpmError::Incompatible {
                 key: "classifiers",
                 ..

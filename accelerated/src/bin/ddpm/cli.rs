@@ -143,9 +143,7 @@ pub enum SigmaArg {
 
 /// The config value of a flag's choice: its name, as the config files spell it.
 fn name<E: ValueEnum>(choice: E) -> Value {
-    let value = choice
-        .to_possible_value()
-        .expect("no variant is skipped");
+    let value = choice.to_possible_value().expect("no variant is skipped");
     Value::from(value.get_name())
 }
 
@@ -213,7 +211,12 @@ fn name_the_flag(error: DdpmError, given: &[Given]) -> anyhow::Error {
     };
     match given.iter().find(|(_, k, _)| *k == key) {
         Some((flag, ..)) => {
-            anyhow::anyhow!("{}", error.to_string().replacen(key, &format!("{key} ({flag})"), 1))
+            anyhow::anyhow!(
+                "{}",
+                error
+                    .to_string()
+                    .replacen(key, &format!("{key} ({flag})"), 1)
+            )
         }
         None => error.into(),
     }
@@ -336,31 +339,71 @@ impl TrainArgs {
             .transpose()?;
         let path = |p: &PathBuf| Value::from(p.to_string_lossy().into_owned());
         let flags: Vec<(&'static str, &'static str, Option<Value>)> = vec![
-            ("--data", "data.source", self.data.as_ref().map(|_| Value::from("folder"))),
+            (
+                "--data",
+                "data.source",
+                self.data.as_ref().map(|_| Value::from("folder")),
+            ),
             ("--data", "data.path", self.data.as_ref().map(path)),
             ("--image-size", "model.image_size", self.image_size.map(int)),
-            ("--channels", "model.in_channels", self.channels.map(|c| int(c.count()))),
+            (
+                "--channels",
+                "model.in_channels",
+                self.channels.map(|c| int(c.count())),
+            ),
             ("--flip", "data.flip", yes(self.flip)),
             ("--holdout", "data.holdout", self.holdout.map(int)),
-            ("--base-channels", "model.base_channels", self.base_channels.map(int)),
-            ("--time-embedding", "model.time_embedding", self.time_embedding.map(name)),
+            (
+                "--base-channels",
+                "model.base_channels",
+                self.base_channels.map(int),
+            ),
+            (
+                "--time-embedding",
+                "model.time_embedding",
+                self.time_embedding.map(name),
+            ),
             ("--schedule", "diffusion.schedule", self.schedule.map(name)),
             ("--t-max", "diffusion.t_max", self.t_max.map(int)),
             ("--steps", "train.steps", self.steps.map(int)),
             ("--batch-size", "train.batch_size", self.batch_size.map(int)),
             ("--lr", "train.lr", self.lr.map(Value::from)),
             ("--warmup", "train.warmup_steps", self.warmup.map(int)),
-            ("--grad-clip", "train.grad_clip", self.grad_clip.map(Value::from)),
-            ("--ema-decay", "train.ema_decay", self.ema_decay.map(Value::from)),
-            ("--loss-weight", "train.loss_weight", self.loss_weight.map(name)),
+            (
+                "--grad-clip",
+                "train.grad_clip",
+                self.grad_clip.map(Value::from),
+            ),
+            (
+                "--ema-decay",
+                "train.ema_decay",
+                self.ema_decay.map(Value::from),
+            ),
+            (
+                "--loss-weight",
+                "train.loss_weight",
+                self.loss_weight.map(name),
+            ),
             ("--loss-sigma", "train.loss_sigma", loss_sigma),
             ("--bf16", "train.bf16", yes(self.bf16)),
             ("--seed", "train.seed", self.seed.map(int)),
-            ("--checkpoint-every", "train.checkpoint_every", self.checkpoint_every.map(int)),
+            (
+                "--checkpoint-every",
+                "train.checkpoint_every",
+                self.checkpoint_every.map(int),
+            ),
             ("--keep-last", "train.keep_last", self.keep_last.map(int)),
-            ("--sample-every", "train.sample_every", self.sample_every.map(int)),
+            (
+                "--sample-every",
+                "train.sample_every",
+                self.sample_every.map(int),
+            ),
             ("--grid-steps", "train.grid_steps", self.grid_steps.map(int)),
-            ("--skip-nonfinite", "train.skip_nonfinite", yes(self.skip_nonfinite)),
+            (
+                "--skip-nonfinite",
+                "train.skip_nonfinite",
+                yes(self.skip_nonfinite),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -567,7 +610,11 @@ impl SampleArgs {
             ("--sigma", "sample.sigma", sigma),
             ("--steps", "sample.steps", self.steps.map(int)),
             ("--eta", "sample.eta", self.eta.map(Value::from)),
-            ("--clip-each-step", "sample.clip_each_step", self.clip_each_step.map(Value::from)),
+            (
+                "--clip-each-step",
+                "sample.clip_each_step",
+                self.clip_each_step.map(Value::from),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -604,9 +651,10 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         model.checkpoint.dir.display(),
         model.checkpoint.manifest.step
     );
-    let images = sampler.sample_with(&model.net, &[args.n as i64, c, s, s], device, |done, _| {
-        bar.update(done as u64)
-    })?;
+    let images =
+        sampler.sample_with(&model.net, &[args.n as i64, c, s, s], device, |done, _| {
+            bar.update(done as u64)
+        })?;
     bar.finish();
     grid::save_grid(&images, &args.out, args.columns)?;
     println!("wrote {}", args.out.display());
@@ -649,7 +697,13 @@ mod tests {
             "the decay end follows --steps"
         );
         assert!(
-            train_args(&["--steps", "30"]).config().unwrap().0.train.lr_decay.is_empty(),
+            train_args(&["--steps", "30"])
+                .config()
+                .unwrap()
+                .0
+                .train
+                .lr_decay
+                .is_empty(),
             "a run inside the warm-up has no decay"
         );
         let flags: Vec<&str> = given.iter().map(|(f, ..)| *f).collect();
@@ -658,7 +712,10 @@ mod tests {
             .config()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("posterior") && err.contains("(--loss-sigma)"), "{err}");
+        assert!(
+            err.contains("posterior") && err.contains("(--loss-sigma)"),
+            "{err}"
+        );
         assert!(Cli::try_parse_from(["ddpm", "train", "--preset", "imagenet"]).is_err());
         assert!(Cli::try_parse_from([
             "ddpm",
@@ -673,19 +730,62 @@ mod tests {
     #[test]
     fn every_setting_flag_reaches_its_config_key() {
         let (cfg, given) = train_args(&[
-            "--data", "/faces", "--channels", "rgb", "--image-size", "32", "--flip",
-            "--holdout", "7", "--base-channels", "16", "--time-embedding", "learned",
-            "--schedule", "cosine", "--t-max", "50", "--batch-size", "3", "--warmup", "4",
-            "--grad-clip", "1.5", "--ema-decay", "0.5", "--loss-weight", "article",
-            "--loss-sigma", "isotropic", "--data-std", "0.25", "--seed", "9",
-            "--checkpoint-every", "11", "--keep-last", "2", "--sample-every", "13",
-            "--grid-steps", "5", "--skip-nonfinite", "--steps", "100", "--lr", "0.01", "--bf16",
+            "--data",
+            "/faces",
+            "--channels",
+            "rgb",
+            "--image-size",
+            "32",
+            "--flip",
+            "--holdout",
+            "7",
+            "--base-channels",
+            "16",
+            "--time-embedding",
+            "learned",
+            "--schedule",
+            "cosine",
+            "--t-max",
+            "50",
+            "--batch-size",
+            "3",
+            "--warmup",
+            "4",
+            "--grad-clip",
+            "1.5",
+            "--ema-decay",
+            "0.5",
+            "--loss-weight",
+            "article",
+            "--loss-sigma",
+            "isotropic",
+            "--data-std",
+            "0.25",
+            "--seed",
+            "9",
+            "--checkpoint-every",
+            "11",
+            "--keep-last",
+            "2",
+            "--sample-every",
+            "13",
+            "--grid-steps",
+            "5",
+            "--skip-nonfinite",
+            "--steps",
+            "100",
+            "--lr",
+            "0.01",
+            "--bf16",
         ])
         .config()
         .unwrap();
         // All 24 setting flags (--data-std goes with --loss-sigma); --data sets two keys.
         assert_eq!(given.len(), 25);
-        assert_eq!((cfg.train.steps, cfg.train.lr, cfg.train.bf16), (100, 0.01, true));
+        assert_eq!(
+            (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
+            (100, 0.01, true)
+        );
         assert_eq!(cfg.data.source, ddpm::config::DataSource::Folder);
         assert_eq!(cfg.data.path.as_deref(), Some(Path::new("/faces")));
         assert_eq!((cfg.model.in_channels, cfg.model.image_size), (3, 32));
@@ -697,7 +797,10 @@ mod tests {
         assert_eq!((cfg.train.batch_size, cfg.train.warmup_steps), (3, 4));
         assert_eq!((cfg.train.grad_clip, cfg.train.ema_decay), (Some(1.5), 0.5));
         assert_eq!(cfg.train.loss_weight, ddpm::config::LossWeight::Article);
-        assert_eq!(cfg.train.loss_sigma, SigmaChoice::Isotropic { data_std: 0.25 });
+        assert_eq!(
+            cfg.train.loss_sigma,
+            SigmaChoice::Isotropic { data_std: 0.25 }
+        );
         assert_eq!((cfg.train.seed, cfg.train.checkpoint_every), (9, 11));
         assert_eq!((cfg.train.keep_last, cfg.train.sample_every), (2, 13));
         assert_eq!(cfg.train.grid_steps, Some(5));

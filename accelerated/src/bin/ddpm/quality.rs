@@ -9,7 +9,6 @@ use ddpm::error::DdpmError;
 use ddpm::quality;
 use std::path::PathBuf;
 
-
 /// `ddpm quality`: the σ_t × steps table of FD-MNIST, entropies and bits/dim.
 #[derive(Debug, Clone, Args)]
 pub struct QualityArgs {
