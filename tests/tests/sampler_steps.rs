@@ -311,7 +311,7 @@ fn ddim_eta_one_is_the_posterior_step(device: Device) {
         );
         let plain = sampler(&s, config(SigmaSpec::Beta, None, Some(1.0), false));
         let clipped = sampler(&s, config(SigmaSpec::Beta, None, Some(1.0), true));
-        for ti in [1, big_t, (big_t + 1) / 2] {
+        for ti in [1, big_t, big_t.div_ceil(2)] {
             let i = big_t - ti;
             let sigma_t = reference::posterior::std(&r, ti).unwrap();
             let (a, b, bb, ab) = (
