@@ -6,15 +6,13 @@ use crate::progress::Bar;
 use crate::quality::{run_quality, QualityArgs};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ddpm::checkpoint::{self, Weights};
+use ddpm::checkpoint::Weights;
 use ddpm::config::{self, Config, PRESETS};
 use ddpm::data::mnist;
 use ddpm::device::{torch_info, DeviceChoice};
 use ddpm::error::DdpmError;
 use ddpm::eval::{evaluate, EvalOptions};
-use ddpm::grid;
-use ddpm::progress::Progress;
-use ddpm::sampler::Sampler;
+use ddpm::generate::{self, SampleOptions};
 use ddpm::sigma::SigmaChoice;
 use ddpm::train::{train, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -627,39 +625,29 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
-    grid::ensure_writable(&args.out)?;
-    if let Some(dir) = &args.each {
-        grid::ensure_dir(dir)?;
-    }
     let device = device.resolve()?;
-    let weights = if args.raw { Weights::Raw } else { Weights::Ema };
-    let model = checkpoint::load_model(&args.checkpoint, device, weights)?;
     let given = args.given()?;
-    let cfg = model
-        .config
-        .with_overrides(overrides(&given), "the command line")
-        .map_err(|e| name_the_flag(e, &given))?;
-    let mut sampler_cfg = cfg.sampler(Some(args.seed));
-    sampler_cfg.bf16 = args.bf16;
-    let sampler = Sampler::new(&model.schedule, sampler_cfg)?;
+    let opts = SampleOptions {
+        n: args.n,
+        seed: args.seed,
+        bf16: args.bf16,
+        weights: if args.raw { Weights::Raw } else { Weights::Ema },
+        columns: args.columns,
+        out: Some(args.out.clone()),
+        each: args.each.clone(),
+    };
     let mut bar = Bar::new(progress);
-    bar.start(sampler.steps().len() as u64, 0, "steps");
-    let [c, s, _] = cfg.image_shape();
-    tracing::info!(
-        "sampling {} images from {} (step {}) on {device:?}",
-        args.n,
-        model.checkpoint.dir.display(),
-        model.checkpoint.manifest.step
-    );
-    let images =
-        sampler.sample_with(&model.net, &[args.n as i64, c, s, s], device, |done, _| {
-            bar.update(done as u64)
-        })?;
-    bar.finish();
-    grid::save_grid(&images, &args.out, args.columns)?;
+    generate::run(
+        &args.checkpoint,
+        overrides(&given),
+        "the command line",
+        &opts,
+        device,
+        &mut bar,
+    )
+    .map_err(|e| name_the_flag(e, &given))?;
     println!("wrote {}", args.out.display());
     if let Some(dir) = &args.each {
-        grid::save_each(&images, dir)?;
         println!("wrote {} images to {}", args.n, dir.display());
     }
     Ok(())
