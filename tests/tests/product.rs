@@ -623,3 +623,162 @@ fn sample_uses_the_weights_asked_for() {
         "EMA and raw weights gave the same images"
     );
 }
+
+// # Data: pixels ↔ model space, and the held-out split
+
+/// All 256 levels, each once, as a 16×16 grey image (k at row k/16, column k%16).
+fn all_levels() -> Tensor {
+    Tensor::arange(256, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Uint8)
+        .view([1, 1, 16, 16])
+}
+
+/// x = 2k/255 − 1, computed here in f64 (independently of `pixels_to_model`).
+fn model_value(k: u8) -> f64 {
+    2.0 * f64::from(k) / 255.0 - 1.0
+}
+
+/// The round trip of one data set holding all 256 levels: model space equals 2k/255 − 1 to
+/// f32 rounding, and `grid::to_pixels` gives back every byte.
+fn check_round_trip(what: &str, data: &ddpm::data::Dataset, levels: &Tensor) {
+    assert!(data.is_8bit(), "{what}");
+    let raw = data.raw(&[0]).unwrap();
+    assert!(
+        raw.equal(levels),
+        "{what}: the stored bytes are not the image's"
+    );
+    let x = data.batch(&[0]).unwrap();
+    assert_eq!(x.kind(), Kind::Float, "{what}");
+    let bytes: Vec<u8> = Vec::<u8>::try_from(levels.flatten(0, -1)).unwrap();
+    let xs: Vec<f32> = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+    for (k, v) in bytes.iter().zip(&xs) {
+        // pixels_to_model rounds twice in f32 (k·2/255, then −1): each rounding is at most
+        // half an ulp of a value ≤ 2 in magnitude (2^-23 · 2 / 2 = 1.2e-7), so 2.4e-7 bounds
+        // the pair; a wrong scale (k/255, or 2k/256) is off by ≥ 4e-3 at most levels.
+        assert!(
+            (f64::from(*v) - model_value(*k)).abs() <= 2.4e-7,
+            "{what}: level {k} ↦ {v}, expected {}",
+            model_value(*k)
+        );
+    }
+    let back = ddpm::grid::to_pixels(&x).unwrap();
+    assert!(
+        back.equal(levels),
+        "{what}: to_pixels does not invert the data's map"
+    );
+}
+
+#[test]
+fn pixels_and_model_space_round_trip_for_all_256_levels() {
+    let levels = all_levels();
+    let direct = ddpm::data::Dataset::from_pixels(levels.copy(), "levels").unwrap();
+    check_round_trip("from_pixels", &direct, &levels);
+
+    // The folder source: a PNG written by the product's own writer, loaded at its own size.
+    let dir = tempfile::tempdir().unwrap();
+    ddpm::grid::write_png(&levels.get(0), &dir.path().join("levels.png")).unwrap();
+    let folder =
+        ddpm::data::folder::load(dir.path(), 16, ddpm::data::folder::Channels::Grey).unwrap();
+    check_round_trip("folder", &folder, &levels);
+
+    // The MNIST source: one CSV row of 784 pixels (the 256 levels, then zeros) and a label.
+    let mut row: Vec<String> = (0..784).map(|i| (i % 256).to_string()).collect();
+    row.push("7".into());
+    let csv = dir.path().join("one.csv");
+    std::fs::write(&csv, row.join(",") + "\n").unwrap();
+    let mnist = ddpm::data::mnist::load(&csv, false).unwrap();
+    let first = mnist.raw(&[0]).unwrap().flatten(0, -1).narrow(0, 0, 256);
+    let as_image = ddpm::data::Dataset::from_pixels(first.view([1, 1, 16, 16]), "mnist").unwrap();
+    check_round_trip("mnist", &as_image, &levels);
+    let x = mnist.batch(&[0]).unwrap().flatten(0, -1);
+    let back = ddpm::grid::to_pixels(&x).unwrap();
+    assert!(
+        back.equal(&mnist.raw(&[0]).unwrap().flatten(0, -1)),
+        "mnist: to_pixels does not invert the whole image"
+    );
+
+    // Model-space values off the grid round to the nearest level, and the outside clips.
+    let off = Tensor::from_slice(&[-1.5f32, model_value(10) as f32 + 0.003, 1.5]);
+    let px: Vec<u8> = Vec::<u8>::try_from(ddpm::grid::to_pixels(&off).unwrap()).unwrap();
+    assert_eq!(px, vec![0, 10, 255]);
+}
+
+/// Samples whose content is their index (so a split's parts say which samples they hold).
+fn indexed(n: usize) -> ddpm::data::Dataset {
+    ddpm::data::Dataset::from_values(
+        Tensor::arange(n as i64, (Kind::Float, Device::Cpu)).view([n as i64, 1]),
+        "indexed",
+    )
+    .unwrap()
+}
+
+fn contents(data: &ddpm::data::Dataset) -> Vec<i64> {
+    let idx: Vec<i64> = (0..data.len() as i64).collect();
+    let v: Vec<f32> = Vec::<f32>::try_from(data.raw(&idx).unwrap().flatten(0, -1)).unwrap();
+    v.into_iter().map(|x| x as i64).collect()
+}
+
+#[test]
+fn the_held_out_split_is_disjoint_from_training_and_they_cover_the_data() {
+    use proptest::prelude::*;
+    let strategy = (2usize..300).prop_flat_map(|n| (Just(n), 1..n, any::<u64>()));
+    ddpm_tests::check(64, strategy, |(n, holdout, seed)| {
+        let data = indexed(n);
+        let (train, held) = data.split(holdout, seed).unwrap();
+        let held = held.expect("a held-out part");
+        let (a, b) = (contents(&train), contents(&held));
+        prop_assert_eq!(b.len(), holdout);
+        prop_assert_eq!(a.len(), n - holdout);
+        let mut all: Vec<i64> = a.iter().chain(&b).copied().collect();
+        all.sort_unstable();
+        // Sorted, the union is 0..n exactly: no sample twice (disjoint) and none missing.
+        prop_assert_eq!(all, (0..n as i64).collect::<Vec<_>>());
+        // The same seed splits the same way (training and eval see the same split).
+        let (_, again) = data.split(holdout, seed).unwrap();
+        prop_assert_eq!(contents(&again.unwrap()), b);
+        Ok(())
+    });
+}
+
+#[test]
+fn training_batches_never_hold_a_held_out_sample() {
+    // A run's split as training and eval make it (`data::split` with the run's config), then
+    // every batch of three epochs as the trainer's loader yields them.
+    let mut cfg = net_config();
+    cfg.data.holdout = 13;
+    cfg.train.seed = 4;
+    let data = indexed(50);
+    let (train, held) = ddpm::data::split(&cfg, &data).unwrap();
+    let held: std::collections::BTreeSet<i64> = contents(&held.unwrap()).into_iter().collect();
+    assert_eq!(held.len(), 13);
+    let plan = ddpm::data::loader::BatchPlan {
+        batch_size: 5,
+        seed: 4,
+        t_max: CKPT_T,
+        flip: false,
+    };
+    let steps = 3 * plan.steps_per_epoch(train.len());
+    let mut loader = ddpm::data::loader::Loader::spawn(train.clone(), plan, 1, 2).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for step in 1..=steps {
+        let batch = loader.next_batch().unwrap();
+        assert_eq!(batch.step, step);
+        let v: Vec<f32> = Vec::<f32>::try_from(batch.x0.flatten(0, -1)).unwrap();
+        for x in v {
+            let i = x as i64;
+            assert!(
+                !held.contains(&i),
+                "step {step} trains on held-out sample {i}"
+            );
+            seen.insert(i);
+        }
+    }
+    // 37 training samples, 7 full batches an epoch: each epoch drops 2, so a sample is unseen
+    // only if all three epochs drop it — at most 2 are; and none of the 13 is ever seen.
+    assert!(
+        seen.len() >= 35,
+        "the loader saw only {} samples",
+        seen.len()
+    );
+    assert!(seen.iter().all(|i| (0..50).contains(i)));
+}
