@@ -782,3 +782,169 @@ fn training_batches_never_hold_a_held_out_sample() {
     );
     assert!(seen.iter().all(|i| (0..50).contains(i)));
 }
+
+// # Evaluation: `ddpm eval`'s bound against the reference's exact negative ELBO
+//
+// Data on the 8-bit grid drawn near N(m, s²I) (m = 0.2, s = 0.3, rounded to the grid), the
+// exact oracle of N(m, s²I) on both sides, 12 images of 1×4×4 in batches of 5 (so the last
+// batch is partial), T = 50 under the article's schedule (where L_T is large: ᾱ_T ≈ 0.77) and
+// the cosine one (L_T ≈ 0), for σ ∈ {posterior, β_t, isotropic}. `evaluate_model` seeds libtorch's generator with its seed and
+// draws ε for t = 1..T of each batch in turn; the test replays those draws and feeds them to
+// the reference's `negative_elbo_with_noise`, so both sides evaluate the same x_t.
+
+const EVAL_T: i64 = 50;
+const EVAL_N: i64 = 12;
+const EVAL_BATCH: usize = 5;
+const EVAL_SEED: u64 = 17;
+
+#[test]
+fn eval_of_the_oracle_equals_the_reference_negative_elbo() {
+    single_thread();
+    let _rng = rng_lock();
+    let (m, s) = (0.2, 0.3);
+    tch::manual_seed(23);
+    let x =
+        (Tensor::randn([EVAL_N, 1, 4, 4], (Kind::Double, Device::Cpu)) * s + m).clamp(-1.0, 1.0);
+    let pixels = ((x + 1.0) * (255.0 / 2.0)).round().to_kind(Kind::Uint8);
+    let data = ddpm::data::Dataset::from_pixels(pixels.copy(), "gaussian").unwrap();
+    for (kind, kind_ref) in [
+        (ScheduleKind::Article, ddpm_reference::ScheduleKind::Article),
+        (ScheduleKind::Cosine, ddpm_reference::ScheduleKind::Cosine),
+    ] {
+        let schedule = Schedule::new(kind, EVAL_T, Device::Cpu).unwrap();
+        let r = ddpm_reference::Schedule::new(kind_ref, EVAL_T as usize).unwrap();
+        let law = DataLaw::mixture(
+            &Tensor::from_slice(&[1.0]),
+            &Tensor::full([1, 16], m, (Kind::Double, Device::Cpu)),
+            &Tensor::from_slice(&[s]),
+        )
+        .unwrap();
+        let oracle = Oracle::new(law, &schedule);
+        let law_ref = ddpm_reference::oracle::DataLaw::mixture(
+            Array1::from(vec![1.0]),
+            Array2::from_elem((1, 16), m),
+            Array1::from(vec![s]),
+        )
+        .unwrap();
+        let opts = ddpm::eval::EvalOptions {
+            checkpoint: std::path::PathBuf::new(),
+            device: Device::Cpu,
+            weights: Weights::Ema,
+            limit: None,
+            batch_size: EVAL_BATCH,
+            quick: None,
+            sigma: None,
+            seed: EVAL_SEED,
+        };
+        let choices = [
+            (
+                SigmaChoice::Posterior,
+                ddpm_reference::SigmaChoice::Posterior,
+            ),
+            (SigmaChoice::Beta, ddpm_reference::SigmaChoice::Beta),
+            (
+                SigmaChoice::Isotropic { data_std: s },
+                ddpm_reference::SigmaChoice::Isotropic { data_std: s },
+            ),
+        ];
+        let d = 16.0;
+        for (choice, choice_ref) in choices {
+            let sigma = choice.table(&schedule).unwrap();
+            let report =
+                ddpm::eval::evaluate_model(&oracle, &schedule, &sigma, &data, &opts, &mut Silent)
+                    .unwrap();
+            // Replay the noise: per batch, one [b, 1, 4, 4] draw per t = 1..T, in that order.
+            tch::manual_seed(EVAL_SEED as i64);
+            let mut per_image: Vec<ddpm_reference::bound::BoundTerms> = Vec::new();
+            for start in (0..EVAL_N as usize).step_by(EVAL_BATCH) {
+                let b = EVAL_BATCH.min(EVAL_N as usize - start) as i64;
+                let draws: Vec<Tensor> = (0..EVAL_T)
+                    .map(|_| Tensor::randn([b, 1, 4, 4], (Kind::Float, Device::Cpu)))
+                    .collect();
+                for i in 0..b {
+                    let eps = Tensor::stack(
+                        &draws
+                            .iter()
+                            .map(|e| e.get(i).flatten(0, -1))
+                            .collect::<Vec<_>>(),
+                        0,
+                    );
+                    // x_0 on the grid in f64, from the stored bytes (the reference checks the grid).
+                    let bytes =
+                        Vec::<u8>::try_from(data.raw(&[start as i64 + i]).unwrap().flatten(0, -1))
+                            .unwrap();
+                    let x0 = Array1::from_iter(bytes.into_iter().map(model_value));
+                    let predictor =
+                        |x: &Array2<f64>, t: usize| law_ref.optimal_eps(&r, x, t).unwrap();
+                    per_image.push(
+                        ddpm_reference::bound::negative_elbo_with_noise(
+                            &r,
+                            &x0,
+                            choice_ref,
+                            &array2(&eps),
+                            predictor,
+                        )
+                        .unwrap(),
+                    );
+                }
+            }
+            let n = per_image.len() as f64;
+            // Bits/dim computed here: nats · log2(e) / d, averaged over images.
+            let bits = |f: &dyn Fn(&ddpm_reference::bound::BoundTerms) -> f64| {
+                per_image
+                    .iter()
+                    .map(|b| f(b) * std::f64::consts::LOG2_E / d)
+                    .sum::<f64>()
+                    / n
+            };
+            let t = EVAL_T as usize;
+            let want = [
+                ("L_T", bits(&|b| b.terms[t]), report.prior),
+                (
+                    "Σ L_(t-1)",
+                    bits(&|b| b.terms.slice(ndarray::s![1..t]).sum()),
+                    report.diffusion,
+                ),
+                ("L_0", bits(&|b| b.terms[0]), report.decoder),
+                ("total", bits(&|b| b.total()), report.bits_per_dim),
+            ];
+            for (what, reference, got) in want {
+                // f32 against f64: each term is a sum over 16 dimensions (and, for Σ L_(t-1),
+                // 49 steps) of values computed to a few f32 ulps (u = 6e-8), so 2e-6 relative
+                // (≈ 30 ulps; measured ≤ 2e-7) bounds the rounding; 1e-6 bits/dim absolute covers
+                // terms near 0 (L_T under the cosine schedule, ~1e-7 bits/dim, where f32 leaves
+                // ~2e-8 absolute). A wrong decoder std, a dropped or doubled term, or nats for
+                // bits miss by more than 1e-3.
+                let tol = 2e-6 * reference.abs() + 1e-6;
+                assert!(
+                (got - reference).abs() <= tol,
+                "{kind:?}, {choice:?}: {what} is {got} bits/dim, the reference {reference} (tolerance {tol:.1e})"
+            );
+            }
+            // The reference's own conversion agrees with the one computed here.
+            let total_nats: f64 = per_image.iter().map(|b| b.total()).sum::<f64>() / n;
+            let here = total_nats * std::f64::consts::LOG2_E / d;
+            let theirs = ddpm_reference::bound::bits_per_dim(total_nats, 16);
+            assert!(
+                (here - theirs).abs() <= 1e-12 * here.abs(),
+                "{here} vs {theirs}"
+            );
+            // The standard error is that of the per-image totals' mean (the totals agree to
+            // ~1e-6 relative, their spread is ~0.1 bits/dim, so 1e-4 relative is ample; a
+            // population instead of a sample std is off by sqrt(12/11) − 1 = 4%).
+            let totals: Vec<f64> = per_image
+                .iter()
+                .map(|b| b.total() * std::f64::consts::LOG2_E / d)
+                .collect();
+            let mean = totals.iter().sum::<f64>() / n;
+            let var = totals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+            let se = (var / n).sqrt();
+            assert!(
+                (report.std_error - se).abs() <= 1e-4 * se + 1e-6,
+                "{kind:?}, {choice:?}: standard error {} vs {se}",
+                report.std_error
+            );
+            assert_eq!((report.images, report.quick), (EVAL_N as usize, false));
+        }
+    }
+}
