@@ -16,8 +16,8 @@ pub mod sigma;
 pub mod timesteps;
 pub mod unet;
 
-// The product: devices, data, checkpoints, training, evaluation (the CLI is the `ddpm`
-// binary's, in src/bin/ddpm/).
+// The product: devices, data, checkpoints, training, sampling (`generate`), evaluation (the
+// CLI is the `ddpm` binary's, in src/bin/ddpm/).
 pub mod autocast;
 pub mod checkpoint;
 pub mod config;
