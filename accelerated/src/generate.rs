@@ -6,7 +6,7 @@
 
 use crate::checkpoint::{self, Weights};
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{DdpmError, Result};
 use crate::grid;
 use crate::progress::Progress;
 use crate::sampler::{NoisePredictor, Sampler};
@@ -77,6 +77,13 @@ pub fn generate<M: NoisePredictor + ?Sized>(
     device: Device,
     progress: &mut dyn Progress,
 ) -> Result<Tensor> {
+    if opts.n == 0 {
+        return Err(DdpmError::OutOfRange {
+            key: "n",
+            value: "0".into(),
+            expected: "at least 1 image".into(),
+        });
+    }
     let mut sampler_cfg = cfg.sampler(Some(opts.seed));
     sampler_cfg.bf16 = opts.bf16;
     let sampler = Sampler::new(schedule, sampler_cfg)?;

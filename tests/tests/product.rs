@@ -393,6 +393,15 @@ fn the_pipeline_runs_the_sampler_its_settings_ask_for() {
         let want = by_hand.sample(&oracle, &[8, 1, 4, 4], Device::Cpu).unwrap();
         assert!(images.equal(&want), "{}: not the sampler asked for", s.name);
         let walked = s.expected.steps.unwrap_or(T as usize) as u64;
+        let none = SampleOptions {
+            n: 0,
+            ..SampleOptions::default()
+        };
+        let cfg = generate::settings(&law_config(), s.overrides.clone(), "the test").unwrap();
+        assert!(matches!(
+            generate::generate(&oracle, &schedule, &cfg, &none, Device::Cpu, &mut Silent),
+            Err(ddpm::error::DdpmError::OutOfRange { key: "n", .. })
+        ));
         assert_eq!(
             (rec.total, rec.last, rec.finished),
             (walked, walked, true),
