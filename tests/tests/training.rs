@@ -137,6 +137,24 @@ fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
         !adapted.is_empty() && !excluded.is_empty(),
         "the U-Net has both adapted and excluded parameters"
     );
+    // The classification is the documented one (docs/architecture.md, LAMB step: "excluded
+    // params (norm weights, biases)"): a variable is excluded exactly when it is a bias or
+    // belongs to a normalisation layer; the rest (conv and linear weights) are adapted.
+    for (name, w) in trainer.var_store().variables() {
+        let is_bias = name.rsplit('.').next() == Some("bias");
+        let in_norm = name.split('.').any(|c| c.starts_with("norm"));
+        assert_eq!(
+            adapted.contains(&name),
+            !(is_bias || in_norm),
+            "{name} (shape {:?}) is {} by the trainer's LAMB",
+            w.size(),
+            if adapted.contains(&name) {
+                "adapted"
+            } else {
+                "excluded"
+            }
+        );
+    }
     let (b, d) = (4usize, 64usize);
     for k in 1..=3u64 {
         // The batch of step k, on the f32 grid so both sides see the same numbers.
