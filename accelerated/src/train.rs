@@ -124,6 +124,12 @@ impl Trainer {
         &self.vs
     }
 
+    /// The optimiser: its moments, step count and which variables it adapts
+    /// ([`Lamb::partition`]).
+    pub fn optimizer(&self) -> &Lamb {
+        &self.lamb
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
