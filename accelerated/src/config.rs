@@ -312,7 +312,18 @@ impl Config {
             Some("toml") => Config::from_toml_str(&text, &origin),
             Some("json") => {
                 let table: toml::Table = serde_json::from_str(&text).map_err(|e| {
-                    parse_error(format!("{e} (JSON null is not allowed: leave the key out)"))
+                    let message = e.to_string();
+                    // The null hint only where the error is about a null (or an unknown
+                    // value type); a recursion-limit or syntax error keeps serde's words.
+                    if message.contains("null") || message.contains("unsupported unit") {
+                        parse_error(format!("{e} (JSON null is not allowed: leave the key out)"))
+                    } else if message.contains("recursion limit") {
+                        parse_error(format!(
+                            "{e} (settings nest at most three levels: a section, its keys, and tables such as sample.sigma)"
+                        ))
+                    } else {
+                        parse_error(message)
+                    }
                 })?;
                 Config::from_table(table, &origin)
             }
@@ -503,6 +514,27 @@ impl Config {
         if let Some(c) = t.grad_clip.filter(|c| !(c.is_finite() && *c > 0.0)) {
             return out_of_range("train.grad_clip", c.to_string(), "positive".into());
         }
+        // LAMB's own settings, under their config keys.
+        self.lamb().validate().map_err(|e| match e {
+            DdpmError::OutOfRange {
+                key,
+                value,
+                expected,
+            } => DdpmError::OutOfRange {
+                key: match key {
+                    "lr" => "train.lr",
+                    "beta1" => "train.beta1",
+                    "beta2" => "train.beta2",
+                    "eps" => "train.eps",
+                    "weight_decay" => "train.weight_decay",
+                    "max_grad_norm" => "train.grad_clip",
+                    other => other,
+                },
+                value,
+                expected,
+            },
+            e => e,
+        })?;
         if t.loss_weight == LossWeight::Article && t.loss_sigma == SigmaChoice::Posterior {
             return Err(DdpmError::Incompatible {
                 key: "train.loss_sigma",
@@ -568,7 +600,11 @@ fn locate(e: &toml::de::Error, merged: &str) -> String {
     let before = &merged[..span.start.min(merged.len())];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = merged[line_start..].lines().next().unwrap_or("").trim();
-    let section = before
+    if line.starts_with('[') {
+        // A table header where a value was expected (a nested table in a JSON file).
+        return format!("`{line}`: {}", e.message().trim());
+    }
+    let section = merged[..line_start]
         .lines()
         .rev()
         .map(str::trim)

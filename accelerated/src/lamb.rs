@@ -60,12 +60,17 @@ impl LambConfig {
                 (0.0..1.0).contains(&self.beta2),
                 "in [0, 1)",
             ),
-            ("eps", self.eps, self.eps > 0.0, "positive"),
+            (
+                "eps",
+                self.eps,
+                self.eps.is_finite() && self.eps > 0.0,
+                "finite and positive",
+            ),
             (
                 "weight_decay",
                 self.weight_decay,
-                self.weight_decay >= 0.0,
-                "non-negative",
+                self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+                "finite and non-negative",
             ),
             (
                 "max_grad_norm",
