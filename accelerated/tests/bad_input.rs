@@ -239,7 +239,7 @@ fn a_checkpoint_of_another_preset_or_schedule() {
     fails(
         &mut resume(&run, &["--schedule", "linear"]),
         1,
-        &["--schedule cannot change them"],
+        &["--schedule: diffusion.schedule = \"linear\" here, \"article\" in the run"],
     );
     // The same config file, only longer, continues.
     succeeds(
@@ -431,4 +431,352 @@ fn cuda_requested_is_used_where_present_and_refused_where_not() {
     } else {
         fails(&mut cmd, 1, &["CUDA was requested", "--device cpu"]);
     }
+}
+
+/// The numeric flags of every subcommand, with whether each holds a whole number or a real;
+/// `--threads` is global.
+const NUMERIC_FLAGS: [(&str, &[(&str, bool)]); 5] = [
+    (
+        "train",
+        &[
+            ("--image-size", true),
+            ("--holdout", true),
+            ("--base-channels", true),
+            ("--t-max", true),
+            ("--steps", true),
+            ("--batch-size", true),
+            ("--lr", false),
+            ("--warmup", true),
+            ("--grad-clip", false),
+            ("--ema-decay", false),
+            ("--data-std", false),
+            ("--seed", true),
+            ("--checkpoint-every", true),
+            ("--keep-last", true),
+            ("--sample-every", true),
+            ("--grid-steps", true),
+        ],
+    ),
+    (
+        "sample",
+        &[
+            ("--n", true),
+            ("--data-std", false),
+            ("--steps", true),
+            ("--eta", false),
+            ("--seed", true),
+            ("--columns", true),
+        ],
+    ),
+    (
+        "eval",
+        &[
+            ("--limit", true),
+            ("--batch-size", true),
+            ("--quick", true),
+            ("--data-std", false),
+            ("--seed", true),
+        ],
+    ),
+    (
+        "quality",
+        &[
+            ("--classifiers", true),
+            ("--steps", true),
+            ("--samples", true),
+            ("--ddim-steps", true),
+            ("--bpd-images", true),
+            ("--eps-mse-per-t", true),
+            ("--bootstrap", true),
+            ("--batch", true),
+            ("--grid", true),
+            ("--seed", true),
+        ],
+    ),
+    ("info", &[("--threads", true)]),
+];
+
+/// Every numeric flag of train, sample, eval, quality (and the global --threads) given a
+/// value no flag can hold — a negative or 2^64 for a whole number, NaN, ±inf or 1e400 for a
+/// real — ends with status 2 and clap's "invalid value … for '--flag …'" carrying the range,
+/// never "unexpected argument '-1'" (a negative read as a flag) and never a panic. The values
+/// rotate over the flags so each appears several times; the command-line unit tests in
+/// bin/ddpm/cli.rs try every flag with every value in-process.
+#[test]
+fn every_numeric_flag_refuses_values_its_type_cannot_hold() {
+    let wholes = ["-1", "18446744073709551616", "-99999999999999999999", "1.5"];
+    let reals = ["NaN", "inf", "1e400", "-inf"];
+    let (mut i, mut cases) = (0, 0);
+    for (command, flags) in NUMERIC_FLAGS {
+        for &(flag, whole) in flags {
+            let value = if whole {
+                wholes[i % wholes.len()]
+            } else {
+                reals[i % reals.len()]
+            };
+            i += 1;
+            // --seed of `sample` and the signed model sizes hold -1: give them 2^64.
+            let signed = matches!(
+                (command, flag),
+                ("sample", "--seed" | "--columns")
+                    | ("train", "--image-size" | "--base-channels" | "--t-max")
+            );
+            let value = if signed && value == "-1" {
+                "18446744073709551616"
+            } else {
+                value
+            };
+            let mut cmd = ddpm();
+            cmd.args([command, "--checkpoint", "nowhere", flag, value]);
+            if command == "train" || command == "info" {
+                cmd = ddpm();
+                cmd.args([command, flag, value]);
+            }
+            let needle = format!("invalid value '{value}' for '{flag}");
+            let message = fails(&mut cmd, 2, &[&needle]);
+            assert!(
+                message.contains("whole number") || message.contains("finite number"),
+                "{command} {flag} {value}: the range is not said: {message}"
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 38);
+}
+
+/// Zero, and -1 where the type holds it, reach the settings' own checks, which name the
+/// flag beside the config key.
+#[test]
+fn zero_and_negative_settings_are_refused_naming_the_flag() {
+    let setup = Setup::new(2, 2);
+    let run = setup.path("run");
+    let cases: [(&[&str], &str); 7] = [
+        (&["--steps", "0"], "train.steps (--steps) = 0"),
+        (
+            &["--batch-size", "0"],
+            "train.batch_size (--batch-size) = 0",
+        ),
+        (&["--keep-last", "0"], "train.keep_last (--keep-last) = 0"),
+        (&["--checkpoint-every", "0"], "(--checkpoint-every) = 0"),
+        (&["--image-size", "-1"], "(--image-size)"),
+        (&["--t-max", "-1"], "(--t-max)"),
+        (&["--grid-steps", "0"], "(--grid-steps) = 0"),
+    ];
+    for (flags, needle) in cases {
+        fails(&mut setup.train(&run, flags), 1, &[needle]);
+    }
+    fails(
+        &mut sample(&run, &setup.path("s.png"), &["--n", "0"]),
+        1,
+        &["--n must be at least 1"],
+    );
+    let mut cmd = ddpm();
+    cmd.args(["--threads", "0", "info"]);
+    fails(&mut cmd, 1, &["--threads must be at least 1, got 0"]);
+}
+
+/// `--resume` accepts setting flags equal to the run's saved values, refuses different ones
+/// naming each flag and key, and refuses a target at or below the step reached (before: exit
+/// 0 with "trained 4 steps (last loss NaN)").
+#[test]
+fn resume_with_equal_or_different_flags_and_with_nothing_left_to_train() {
+    let setup = Setup::new(4, 4);
+    let run = setup.path("run");
+    succeeds(&mut setup.train(&run, &[]));
+    fails(
+        &mut resume(&run, &["--steps", "4"]),
+        1,
+        &["--steps 4 leaves nothing to train", "already at step 4"],
+    );
+    fails(
+        &mut resume(&run, &["--steps", "2"]),
+        1,
+        &["--steps 2 leaves nothing to train"],
+    );
+    fails(
+        &mut resume(&run, &[]),
+        1,
+        &["the run has finished", "step 4 of its 4", "--steps above 4"],
+    );
+    fails(
+        &mut resume(&run, &["--batch-size", "2", "--lr", "0.1", "--steps", "6"]),
+        1,
+        &[
+            "--batch-size: train.batch_size = 2 here, 4 in the run",
+            "--lr: train.lr = 0.1 here",
+        ],
+    );
+    succeeds(&mut resume(
+        &run,
+        &[
+            "--batch-size",
+            "4",
+            "--image-size",
+            "8",
+            "--t-max",
+            "20",
+            "--steps",
+            "6",
+        ],
+    ));
+    assert_eq!(checkpoint_steps(&run).last(), Some(&6));
+    let last = logged_steps(&run);
+    assert_eq!(last.last(), Some(&6), "the resumed run trained to step 6");
+}
+
+/// LAMB's settings are named by their config keys; JSON errors get a hint that fits them.
+#[test]
+fn lamb_settings_and_json_config_errors_name_the_setting() {
+    let setup = Setup::new(2, 2);
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    for (line, needle) in [
+        (
+            "beta1 = 1.5",
+            "train.beta1 = 1.5 is out of range: it must be in [0, 1)",
+        ),
+        ("beta2 = -0.5", "train.beta2 = -0.5 is out of range"),
+        (
+            "eps = 0.0",
+            "train.eps = 0 is out of range: it must be finite and positive",
+        ),
+        (
+            "weight_decay = -1.0",
+            "train.weight_decay = -1 is out of range",
+        ),
+    ] {
+        let config = setup.path("lamb.toml");
+        std::fs::write(
+            &config,
+            text.replace("[train]\n", &format!("[train]\n{line}\n")),
+        )
+        .unwrap();
+        let mut cmd = ddpm();
+        cmd.args(["train", "--config"])
+            .arg(&config)
+            .arg("--out")
+            .arg(setup.path("run"));
+        fails(&mut cmd, 1, &[needle]);
+    }
+    let json = |name: &str, text: String| {
+        let path = setup.path(name);
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = ddpm();
+        cmd.args(["train", "--config"])
+            .arg(&path)
+            .arg("--out")
+            .arg(setup.path("run"));
+        cmd
+    };
+    let deep = format!("{}1{}", r#"{"train":"#.repeat(200), "}".repeat(200));
+    let message = fails(
+        &mut json("deep.json", deep),
+        1,
+        &[
+            "recursion limit exceeded",
+            "settings nest at most three levels",
+        ],
+    );
+    assert!(!message.contains("null"), "{message}");
+    let message = fails(
+        &mut json("cut.json", r#"{"train": {"steps": "#.into()),
+        1,
+        &["EOF while parsing"],
+    );
+    assert!(!message.contains("null"), "{message}");
+    fails(
+        &mut json("null.json", r#"{"train": {"steps": null}}"#.into()),
+        1,
+        &["JSON null is not allowed: leave the key out"],
+    );
+    let message = fails(
+        &mut json(
+            "nested.json",
+            r#"{"train": {"steps": {"a": {"b": 1}}}}"#.into(),
+        ),
+        1,
+        &["`[train.steps.a]`: invalid type: map, expected u64"],
+    );
+    assert!(!message.contains("in [train.:"), "{message}");
+}
+
+/// Every output of `ddpm quality` is checked before the checkpoint is read or a model
+/// built: an unwritable --out, --doc or --cache fails within a second.
+#[test]
+fn quality_outputs_are_checked_before_any_model_work() {
+    let setup = Setup::new(2, 2);
+    let file = setup.path("a_file");
+    std::fs::write(&file, "in the way").unwrap();
+    let quality = |extra: &[&std::ffi::OsStr]| {
+        let mut cmd = ddpm();
+        // A checkpoint that does not exist: an output error must come first.
+        cmd.args(["quality", "--checkpoint"])
+            .arg(setup.path("nowhere"))
+            .args(extra);
+        cmd
+    };
+    let started = std::time::Instant::now();
+    let out = file.join("q");
+    fails(
+        &mut quality(&["--out".as_ref(), out.as_os_str()]),
+        1,
+        &["--out", "a file stands where a directory is needed"],
+    );
+    let doc = setup.path("doc.md");
+    std::fs::write(
+        &doc,
+        "<!-- quality-table:begin -->\n<!-- quality-table:end -->\n",
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&doc).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&doc, perms).unwrap();
+    let q = setup.path("q");
+    let root = nix_is_root();
+    if !root {
+        fails(
+            &mut quality(&[
+                "--out".as_ref(),
+                q.as_os_str(),
+                "--doc".as_ref(),
+                doc.as_os_str(),
+            ]),
+            1,
+            &["--doc", "cannot write"],
+        );
+    }
+    let cache = file.join("cache");
+    fails(
+        &mut quality(&[
+            "--out".as_ref(),
+            q.as_os_str(),
+            "--cache".as_ref(),
+            cache.as_os_str(),
+        ]),
+        1,
+        &["--cache", "a file stands where a directory is needed"],
+    );
+    let table = q.join("table.md");
+    std::fs::create_dir_all(&table).unwrap();
+    fails(
+        &mut quality(&["--out".as_ref(), q.as_os_str()]),
+        1,
+        &["--out", "table.md", "is a directory"],
+    );
+    // The checkpoint does not exist, so an output error at all shows it came first; the time
+    // bound (generous: starting the binary alone takes over a second on 2 busy cores) would
+    // catch one that went on to measure (minutes).
+    let per_call = started.elapsed().as_secs_f64() / if root { 3.0 } else { 4.0 };
+    assert!(per_call < 5.0, "{per_call:.2} s per refused call");
+}
+
+/// Whether the tests run as root (who may write a read-only file).
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
 }

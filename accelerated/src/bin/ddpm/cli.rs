@@ -28,6 +28,10 @@ pub struct Cli {
     /// Hide progress bars.
     #[arg(long, global = true)]
     pub no_progress: bool,
+    /// libtorch's CPU threads (intra-op) [default: the cores not busy by
+    /// the load average, at least 1; OMP_NUM_THREADS when set]. A runtime option, not a setting of the run.
+    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
+    pub threads: Option<usize>,
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -207,7 +211,9 @@ fn name_the_flag(error: DdpmError, given: &[Given]) -> anyhow::Error {
         }
         _ => return error.into(),
     };
-    match given.iter().find(|(_, k, _)| *k == key) {
+    // T is one setting at two keys: --t-max sets diffusion.t_max, the network checks model.t_max.
+    let set_by = |k: &str| k == key || (key == "model.t_max" && k == "diffusion.t_max");
+    match given.iter().find(|(_, k, _)| set_by(k)) {
         Some((flag, ..)) => {
             anyhow::anyhow!(
                 "{}",
@@ -242,7 +248,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Image side; MNIST allows 28 (default) or 32 (padded) [default: the preset's].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub image_size: Option<i64>,
     /// Image colours for --data [default: the preset's].
     #[arg(long, value_enum)]
@@ -251,10 +257,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub flip: bool,
     /// Images held out of training for `ddpm eval` [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub holdout: Option<usize>,
     /// Channels of the first U-Net level [default: the preset's].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub base_channels: Option<i64>,
     /// How t enters the network [default: the preset's].
     #[arg(long, value_enum)]
@@ -263,28 +269,28 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleKind>,
     /// Number of diffusion steps T [default: 1000].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub t_max: Option<i64>,
     /// Optimiser updates [default: the preset's]. The learning-rate decay is fixed at steps,
     /// not fractions of the run, so a run extended with `--resume --steps N` past its last
     /// decay point goes on at its final rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub steps: Option<u64>,
     /// Images per update [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub batch_size: Option<usize>,
     /// LAMB's base learning rate [default: the preset's: 5e-3 for mnist, the article's 1e-3
     /// for the others].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub lr: Option<f64>,
     /// Updates of linear learning-rate warm-up [default: the preset's].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub warmup: Option<u64>,
     /// Clip the global gradient norm to this [default: no clipping].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub grad_clip: Option<f64>,
     /// EMA decay of the weights [default: the preset's].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub ema_decay: Option<f64>,
     /// `none`: mean_B ‖ε − ε̂‖² (the article's training loss); `article`: loss (8) with its
     /// exact weight for --loss-sigma [default: none].
@@ -294,27 +300,27 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub loss_sigma: Option<SigmaArg>,
     /// s for --loss-sigma isotropic.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub data_std: Option<f64>,
     /// bfloat16 autocast on CUDA (ignored on the CPU).
     #[arg(long)]
     pub bf16: bool,
     /// Seed of everything random [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub seed: Option<u64>,
     /// Checkpoint every N updates (and at the end) [default: the preset's].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub checkpoint_every: Option<u64>,
     /// Keep the last K checkpoints [default: 3].
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub keep_last: Option<usize>,
     /// Write a sample grid every N updates (and at the end; 0 = only at the end) [default:
     /// the preset's].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub sample_every: Option<u64>,
     /// Sampler steps of the grids drawn during training (strided; `ddpm sample` is not
     /// affected) [default: the preset's, 100].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub grid_steps: Option<usize>,
     /// Skip batches whose loss is NaN or infinite instead of stopping.
     #[arg(long)]
@@ -431,7 +437,7 @@ pub struct SampleArgs {
     #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
     pub checkpoint: PathBuf,
     /// Number of images.
-    #[arg(long, default_value_t = 36)]
+    #[arg(long, default_value_t = 36, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub n: usize,
     /// The PNG grid to write.
     #[arg(long, default_value = "samples.png", value_name = "FILE")]
@@ -443,20 +449,20 @@ pub struct SampleArgs {
     #[arg(long, value_enum)]
     pub sigma: Option<SigmaArg>,
     /// s for --sigma isotropic (the data's per-dimension standard deviation).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub data_std: Option<f64>,
     /// Visit only N of the T steps, evenly strided (ancestral on the respaced chain, or DDIM
     /// with --eta) [default: the run's sample.steps, else all T].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub steps: Option<usize>,
     /// Use DDIM with this η (0 deterministic, 1 strided DDPM) [default: the ancestral sampler].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub eta: Option<f64>,
     /// Clip x̂_0 to [−1, 1] at every step (true/false) [default: the run's sample.clip_each_step].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub clip_each_step: Option<bool>,
     /// Seed of the sampler's noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub seed: i64,
     /// Use the raw weights instead of their EMA.
     #[arg(long)]
@@ -466,7 +472,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub bf16: bool,
     /// Images per grid row [default: ceil(sqrt(n))].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub columns: Option<i64>,
 }
 
@@ -477,32 +483,33 @@ pub struct EvalArgs {
     #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
     pub checkpoint: PathBuf,
     /// Evaluate only the first N held-out images [default: all].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub limit: Option<usize>,
     /// Images per batch.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub batch_size: usize,
     /// A quick estimate from K random t per image instead of all T (unbiased, noisier; the
     /// output says so).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub quick: Option<usize>,
     /// σ_t of the generator [default: the run's sample.sigma].
     #[arg(long, value_enum)]
     pub sigma: Option<SigmaArg>,
     /// s for --sigma isotropic.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub data_std: Option<f64>,
     /// Use the raw weights instead of their EMA.
     #[arg(long)]
     pub raw: bool,
     /// Seed of the noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub seed: u64,
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let progress = !cli.no_progress;
+    set_threads(cli.threads)?;
     match cli.command {
         Command::Info => info(cli.device),
         Command::Train(args) => run_train(&args, cli.device, progress),
@@ -532,6 +539,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Sets libtorch's CPU threads: `--threads N`, else OMP_NUM_THREADS when set (libtorch reads
+/// it), else [`default_threads`].
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let n = match threads {
+        Some(0) => bail!("--threads must be at least 1, got 0"),
+        Some(n) => n,
+        None if std::env::var_os("OMP_NUM_THREADS").is_some() => return Ok(()),
+        None => default_threads(),
+    };
+    let n = i32::try_from(n).unwrap_or(i32::MAX);
+    tch::set_num_threads(n);
+    tracing::debug!("libtorch threads: {n}");
+    Ok(())
+}
+
+/// The default number of libtorch threads: the cores not already busy, by the one-minute
+/// load average (cores − load, rounded, at least 1). libtorch's own default, every core,
+/// collapses when others use them (its threads spin waiting for each other): on 2 busy
+/// cores `ddpm sample --n 2 --steps 20` took 10 s with 2 threads against 0.9 s with one
+/// (docs/performance.md, "Threads").
+fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+    match load {
+        Some(load) if load.is_finite() && load >= 0.0 => {
+            let free = (cores as f64 - load).round();
+            (free.max(1.0) as usize).min(cores)
+        }
+        _ => cores,
+    }
+}
+
 fn info(choice: DeviceArg) -> anyhow::Result<()> {
     println!("ddpm {}", env!("CARGO_PKG_VERSION"));
     println!("{}", torch_info());
@@ -550,16 +591,20 @@ fn info(choice: DeviceArg) -> anyhow::Result<()> {
 }
 
 fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
-    let (cfg, given) = args.config()?;
-    if args.resume {
-        if let Some((flag, ..)) = given.iter().find(|(_, key, _)| *key != "train.steps") {
-            bail!("--resume continues with the run's saved settings; {flag} cannot change them (only --steps can)");
-        }
-    }
+    let (cfg, given) = if args.resume && args.preset.is_none() && args.config.is_none() {
+        // The run's saved settings are used; the flags are checked against them below.
+        (Config::preset(args.preset_name())?, args.given()?)
+    } else {
+        args.config()?
+    };
     let run_dir = args
         .out
         .clone()
         .unwrap_or_else(|| Path::new("runs").join(args.preset_name()));
+    if args.resume {
+        let must_match = (args.preset.is_some() || args.config.is_some()).then_some(&cfg);
+        check_resume_flags(&run_dir, &given, args.steps, must_match)?;
+    }
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
         device: device.resolve()?,
@@ -594,6 +639,72 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         summary.checkpoint.display(),
         summary.grid.display()
     );
+    Ok(())
+}
+
+/// `--resume` with flags: each setting flag must equal the value saved with the run (all
+/// that differ are named, flag and key), and the run must have steps left to train: the
+/// target (`--steps`, else the saved `train.steps`) must lie above the step of the
+/// checkpoint resumed from. A run without a checkpoint is left to the library's error.
+fn check_resume_flags(
+    run_dir: &Path,
+    given: &[Given],
+    steps: Option<u64>,
+    must_match: Option<&Config>,
+) -> anyhow::Result<()> {
+    let root = ddpm::train::checkpoints_dir(run_dir);
+    let Some(ckpt) = ddpm::checkpoint::latest_good(&root)? else {
+        return Ok(());
+    };
+    let saved = &ckpt.manifest.config;
+    let settings: Vec<Given> = given
+        .iter()
+        .filter(|(_, key, _)| *key != "train.steps")
+        .cloned()
+        .collect();
+    if !settings.is_empty() {
+        let here = saved
+            .with_overrides(overrides(&settings), "the command line")
+            .map_err(|e| name_the_flag(e, &settings))?;
+        let differences = here.differences(saved)?;
+        if !differences.is_empty() {
+            let list = differences
+                .iter()
+                .map(|(key, here, saved)| {
+                    let flag = settings
+                        .iter()
+                        .find(|(_, k, _)| k == key)
+                        .map_or(String::new(), |(f, ..)| format!("{f}: "));
+                    format!("{flag}{key} = {here} here, {saved} in the run")
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            bail!(
+                "--resume continues with the run's saved settings, and {} given differ from them ({list}); leave them out or give the saved values (only --steps can change)",
+                if differences.len() == 1 { "a flag" } else { "flags" }
+            );
+        }
+    }
+    if let Some(cfg) = must_match {
+        if !cfg.differences(saved)?.is_empty() {
+            // The library refuses other settings, naming each; that comes first.
+            return Ok(());
+        }
+    }
+    let at = ckpt.manifest.step;
+    let target = steps.unwrap_or(saved.train.steps);
+    if target <= at {
+        match steps {
+            Some(n) => bail!(
+                "--steps {n} leaves nothing to train: the run is already at step {at} ({}); give --steps above {at} to extend it",
+                ckpt.dir.display()
+            ),
+            None => bail!(
+                "the run has finished: it is at step {at} of its {target} ({}); give --steps above {at} to extend it",
+                ckpt.dir.display()
+            ),
+        }
+    }
     Ok(())
 }
 
@@ -651,6 +762,58 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         println!("wrote {} images to {}", args.n, dir.display());
     }
     Ok(())
+}
+
+/// An integer type a flag holds, with its range.
+pub trait Whole: Sized {
+    /// The smallest value.
+    const MIN: i128;
+    /// The largest value.
+    const MAX: i128;
+    /// `value`, known to lie in [MIN, MAX].
+    fn from_i128(value: i128) -> Self;
+}
+
+macro_rules! whole_type {
+    ($($t:ty),*) => {$(
+        impl Whole for $t {
+            const MIN: i128 = <$t>::MIN as i128;
+            const MAX: i128 = <$t>::MAX as i128;
+            fn from_i128(value: i128) -> Self {
+                value as $t
+            }
+        }
+    )*};
+}
+whole_type!(u64, usize, i64);
+
+/// The value parser of every integer flag: a whole number in `T`'s range, or an error that
+/// says the range (clap prefixes the flag: "invalid value '-1' for '--steps <STEPS>': …").
+/// Negative numbers reach it (`allow_negative_numbers`) instead of being read as flags.
+pub fn whole<T: Whole>(text: &str) -> Result<T, String> {
+    let range = || format!("it must be a whole number from {} to {}", T::MIN, T::MAX);
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("not a whole number; {}", range()));
+    }
+    match text.parse::<i128>() {
+        Ok(v) if (T::MIN..=T::MAX).contains(&v) => Ok(T::from_i128(v)),
+        Ok(v) if v < T::MIN => Err(format!("too small; {}", range())),
+        _ => Err(format!("too large; {}", range())),
+    }
+}
+
+/// The value parser of every real-valued flag: a finite number (NaN, infinities and values
+/// beyond f64's range such as 1e400 are refused here; the setting's own range is checked by
+/// the library, which names its config key).
+pub fn finite(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(
+            "not a finite number (NaN, infinities and values beyond ±1.8e308 are refused)".into(),
+        ),
+        Err(_) => Err("not a number".into()),
+    }
 }
 
 #[cfg(test)]
@@ -794,5 +957,78 @@ mod tests {
         assert_eq!(cfg.train.grid_steps, Some(5));
         let err = train_args(&["--lr", "0"]).config().unwrap_err().to_string();
         assert!(err.contains("train.lr (--lr)"), "{err}");
+    }
+
+    /// Every numeric flag of every subcommand with -1, 0, 2^64, ±2^64·10, 1.5, NaN, ±inf and
+    /// 1e400: refused by its value parser naming the flag and the range, or accepted as the
+    /// number given. `NUMERIC` is checked against the parser's own list of flags.
+    #[test]
+    fn every_numeric_flag_parses_or_refuses_every_value() {
+        let wholes = [
+            "-1",
+            "0",
+            "18446744073709551616",
+            "-184467440737095516160",
+            "1.5",
+            "x",
+        ];
+        let real = ["-1", "0", "NaN", "inf", "-inf", "1e400", "1e-400", "x"];
+        let mut tried = 0;
+        let mut cli = Cli::command();
+        cli.build();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.get_long().is_some()) {
+                let long = format!("--{}", arg.get_long().unwrap());
+                let argv = |v: &str| {
+                    let mut argv = vec!["ddpm".to_string(), sub.get_name().to_string()];
+                    if sub.get_name() == "quality" {
+                        argv.extend(["--checkpoint".into(), "c".into()]);
+                    }
+                    argv.extend([long.clone(), v.to_string()]);
+                    argv
+                };
+                // Only flags whose value parser is numeric: 0 parses and "x" is refused as
+                // "not a whole number" or "not a number".
+                let Err(e) = Cli::try_parse_from(argv("x")) else {
+                    continue;
+                };
+                let text = e.to_string();
+                let is_real = text.contains("not a number");
+                if !(text.contains("not a whole number") || is_real) {
+                    continue;
+                }
+                for &v in if is_real { &real[..] } else { &wholes[..] } {
+                    tried += 1;
+                    match Cli::try_parse_from(argv(v)) {
+                        Ok(_) => {
+                            if is_real {
+                                assert!(v.parse::<f64>().unwrap().is_finite(), "{long} {v}");
+                            } else {
+                                assert!(v.parse::<i128>().is_ok(), "{long} {v}");
+                            }
+                        }
+                        Err(e) => {
+                            let text = e.to_string();
+                            assert!(text.contains(&format!("'{long}")), "{long} {v}: {text}");
+                            assert!(
+                                text.contains("whole number") || text.contains("number"),
+                                "{long} {v}: {text}"
+                            );
+                            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+                        }
+                    }
+                }
+            }
+        }
+        // 16 train, 6 sample, 5 eval, 10 quality numeric flags, and the global --threads on
+        // each of the 5 subcommands.
+        assert!(tried >= 37 * 6, "{tried}");
+        assert_eq!(
+            whole::<u64>("-1").unwrap_err(),
+            "too small; it must be a whole number from 0 to 18446744073709551615"
+        );
+        assert_eq!(whole::<i64>("-1"), Ok(-1));
+        assert_eq!(whole::<usize>("+7"), Ok(7));
+        assert!(finite("1e400").is_err() && finite("NaN").is_err());
     }
 }

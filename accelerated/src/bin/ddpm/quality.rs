@@ -1,12 +1,12 @@
 //! `ddpm quality`: its flags, their mapping onto `ddpm::quality::Options`, and the run with
 //! the binary's progress bar.
 
-use crate::cli::DeviceArg;
+use crate::cli::{whole, DeviceArg};
 use crate::progress::Bar;
 use anyhow::{bail, Context};
 use clap::Args;
 use ddpm::error::DdpmError;
-use ddpm::quality;
+use ddpm::{grid, quality};
 use std::path::PathBuf;
 
 /// `ddpm quality`: the σ_t × steps table of FD-MNIST, entropies and bits/dim.
@@ -27,35 +27,35 @@ pub struct QualityArgs {
     pub cache: Option<PathBuf>,
     /// Feature classifiers, seeds 0..N: seed 0 scores the main table, every one gets its own FD
     /// and paired differences, to show how far a verdict depends on the feature extractor.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub classifiers: usize,
     /// The columns: numbers of sampling steps (strided below T).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![50, 100, 250, 1000])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![50, 100, 250, 1000], allow_hyphen_values = true, value_parser = whole::<usize>)]
     pub steps: Vec<usize>,
     /// Images sampled per cell, one count per column. The defaults put 0.88 M images through
     /// the network in all: 20 minutes on 2 idle CPU cores (docs/quality.md).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![500, 400, 160, 80])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![500, 400, 160, 80], allow_hyphen_values = true, value_parser = whole::<usize>)]
     pub samples: Vec<usize>,
     /// Step counts of the DDIM η = 0 row (each also a column; none: no DDIM row).
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![50, 100])]
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![50, 100], allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub ddim_steps: Vec<usize>,
     /// Held-out images the bound is averaged over (0 skips it).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub bpd_images: usize,
     /// Training images per t for m_t = E‖ε − ε̂‖²/d.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub eps_mse_per_t: usize,
     /// Bootstrap resamples per cell.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub bootstrap: usize,
     /// Images per network batch.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 250, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub batch: usize,
     /// Images in each grid.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub grid: usize,
     /// Seed of sampling, m_t and the bootstrap.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub seed: u64,
 }
 
@@ -121,13 +121,35 @@ fn quality_error(e: DdpmError) -> anyhow::Error {
     }
 }
 
+/// Every output of `ddpm quality` can be written, checked before any model work (the
+/// default run takes 20 minutes): the --out directory, its table files and grids/, the
+/// --doc file and the --cache directory; nothing existing is changed.
+fn check_outputs(opts: &quality::Options) -> anyhow::Result<()> {
+    let out = |e: DdpmError| anyhow::Error::new(e).context("--out");
+    grid::ensure_dir(&opts.out).map_err(out)?;
+    grid::ensure_dir(&opts.out.join("grids")).map_err(out)?;
+    for name in ["table.md", "table.json"] {
+        grid::ensure_writable(&opts.out.join(name)).map_err(out)?;
+    }
+    if let Some(doc) = opts.doc.as_deref().filter(|d| d.exists()) {
+        grid::ensure_writable(doc).map_err(|e| anyhow::Error::new(e).context("--doc"))?;
+    }
+    if let Some(cache) = &opts.cache {
+        grid::ensure_dir(cache).map_err(|e| anyhow::Error::new(e).context("--cache"))?;
+    }
+    Ok(())
+}
+
 /// `ddpm quality`: measures and writes the table, drawing a bar when `progress`.
 pub fn run_quality(args: &QualityArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
     let device = device.resolve()?;
     let mut bar = Bar::new(progress);
     let table = args
         .options()
-        .and_then(|opts| quality::run(&opts, device, &mut bar).map_err(quality_error))
+        .and_then(|opts| {
+            check_outputs(&opts)?;
+            quality::run(&opts, device, &mut bar).map_err(quality_error)
+        })
         .with_context(|| format!("measuring quality of {}", args.checkpoint.display()))?;
     println!(
         "{} cells in {:.0} s; table in {}",
