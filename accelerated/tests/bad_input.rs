@@ -780,3 +780,26 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// `sample` checks --out and --each before the checkpoint is read (already so before round
+/// two; kept by this test): an unwritable one is reported even when the checkpoint is missing.
+#[test]
+fn sample_outputs_are_checked_before_the_checkpoint_is_read() {
+    let setup = Setup::new(2, 2);
+    let file = setup.path("a_file");
+    std::fs::write(&file, "in the way").unwrap();
+    let nowhere = setup.path("nowhere");
+    fails(
+        &mut sample(&nowhere, &file.join("s.png"), &[]),
+        1,
+        &["a file stands where a directory is needed"],
+    );
+    let mut cmd = sample(&nowhere, &setup.path("s.png"), &["--each"]);
+    cmd.arg(file.join("each"));
+    fails(&mut cmd, 1, &["a file stands where a directory is needed"]);
+    fails(
+        &mut sample(&nowhere, setup.dir.path(), &[]),
+        1,
+        &["is a directory"],
+    );
+}
