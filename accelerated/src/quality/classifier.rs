@@ -251,8 +251,7 @@ impl Classifier {
             what: "the classifier record",
             cause: e.to_string(),
         })?;
-        std::fs::write(&record_path, text)
-            .map_err(|e| DdpmError::io(format!("cannot write {}", record_path.display()), e))?;
+        crate::fsio::write_bytes_atomic(&record_path, text.as_bytes())?;
         Ok((c, record))
     }
 }
