@@ -75,6 +75,32 @@ pub fn write_atomic(
     })
 }
 
+/// [`write_atomic`] for a writer that wants a path (libtorch's `VarStore::save`): `save` writes
+/// a temporary file beside `path` (`.tmp-PID-NAME`: it keeps the extension, from which
+/// libtorch picks the format), which is then fsynced and renamed over `path`; on any error
+/// the temporary file is removed and `path` left as it was.
+pub fn write_via(path: &Path, save: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::grid::ensure_dir(dir)?;
+    }
+    let target = resolve(path);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = target.with_file_name(format!(".tmp-{}-{name}", std::process::id()));
+    let done = save(&tmp).and_then(|()| {
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::rename(&tmp, &target))
+            .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
+    });
+    if done.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    done
+}
+
 /// [`write_atomic`] of `bytes`.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes))
@@ -268,7 +294,24 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_append_is_cut_back() {
+    fn a_path_writer_publishes_whole_files_only() {
+        let dir = test_dir("fsio_via");
+        let path = dir.join("w.bin");
+        write_via(&path, |tmp| {
+            fs::write(tmp, b"whole").map_err(|e| DdpmError::io("test", e))
+        })
+        .unwrap();
+        let err = write_via(&path, |tmp| {
+            fs::write(tmp, b"part").unwrap();
+            Err(DdpmError::io("test", io::Error::other("boom")))
+        });
+        assert!(err.is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"whole");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn appends_whole_lines() {
         let dir = test_dir("fsio_append");
         let path = dir.join("log");
         let mut file = fs::OpenOptions::new()

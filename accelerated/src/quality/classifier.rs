@@ -235,7 +235,7 @@ impl Classifier {
         let c = Classifier::train(train, cfg, device)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| DdpmError::io(format!("cannot create {}", dir.display()), e))?;
-        c.vs.save(&weights)?;
+        crate::fsio::write_via(&weights, |tmp| Ok(c.vs.save(tmp)?))?;
         let bytes = std::fs::read(&weights)
             .map_err(|e| DdpmError::io(format!("cannot read {}", weights.display()), e))?;
         let record = ClassifierRecord {
