@@ -340,14 +340,19 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         path: dir.to_path_buf(),
         reason,
     };
-    let text = fs::read(dir.join(MANIFEST_FILE)).map_err(|e| {
+    // Every file is read bounded (see [`crate::fsio::read_bounded`]): regular files only, and
+    // none longer than its format allows, so a symlink to /dev/zero or a FIFO fails at once.
+    let text = read_part(dir, MANIFEST_FILE, MAX_MANIFEST_BYTES).map_err(|e| {
         fail(format!(
-            "cannot read {MANIFEST_FILE} ({e}); an interrupted write?"
+            "cannot read {MANIFEST_FILE} ({}); an interrupted write?",
+            cause_of(&e)
         ))
     })?;
     // Checkpoints written before the sidecar existed have none; their manifest is still
     // held to the data files' checksums and to the directory's step below.
-    match fs::read_to_string(dir.join(MANIFEST_SUM_FILE)) {
+    match read_part(dir, MANIFEST_SUM_FILE, MAX_SUM_BYTES)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    {
         Ok(expected) => {
             let actual = sha256_hex(&text);
             if actual != expected.trim() {
@@ -357,8 +362,13 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
                 )));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("cannot read {MANIFEST_SUM_FILE}: {e}"))),
+        Err(DdpmError::Io { cause, .. }) if cause.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot read {MANIFEST_SUM_FILE}: {}",
+                cause_of(&e)
+            )))
+        }
     }
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| fail(format!("{MANIFEST_FILE} is unreadable: {e}")))?;
@@ -384,8 +394,8 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             .files
             .get(file)
             .ok_or_else(|| fail(format!("the manifest lists no {file}")))?;
-        let bytes =
-            fs::read(dir.join(file)).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
+        let bytes = read_part(dir, file, size_limit(&manifest, file))
+            .map_err(|e| fail(format!("cannot read {file}: {}", cause_of(&e))))?;
         let actual = sha256_hex(&bytes);
         if &actual != expected {
             return Err(fail(format!(
@@ -420,6 +430,50 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         manifest,
         state,
     })
+}
+
+/// The most bytes `manifest.json` may hold (its tensor list for a model of millions of
+/// tensors fits in far less).
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// The most bytes `manifest.sha256` may hold (64 hex digits and a newline or two).
+const MAX_SUM_BYTES: u64 = 1024;
+/// The most bytes a checkpoint's `config.toml` may hold.
+const MAX_CONFIG_BYTES: u64 = crate::config::MAX_CONFIG_FILE_BYTES;
+
+/// The most bytes `file` of a checkpoint with `manifest` can hold: a safetensors file is an
+/// 8-byte length, a JSON header with one entry a tensor (its name, dtype, shape and offsets)
+/// and the tensors' data. The bound counts 8 bytes an element (the widest dtype) and a
+/// generous header; LAMB's state holds two moments a model tensor and its step.
+fn size_limit(manifest: &Manifest, file: &str) -> u64 {
+    let per_copy = |prefix: u64| {
+        manifest.tensors.iter().fold(4096u64, |sum, (name, shape)| {
+            let numel = shape
+                .iter()
+                .map(|&d| u64::try_from(d).unwrap_or(0))
+                .fold(1u64, u64::saturating_mul);
+            let header = name.len() as u64 + prefix + 128 + 24 * shape.len() as u64;
+            sum.saturating_add(numel.saturating_mul(8))
+                .saturating_add(header)
+        })
+    };
+    match file {
+        MODEL_FILE | EMA_FILE => per_copy(0),
+        OPTIM_FILE => per_copy(2).saturating_mul(2).saturating_add(4096),
+        CONFIG_FILE => MAX_CONFIG_BYTES,
+        _ => MAX_MANIFEST_BYTES,
+    }
+}
+
+fn read_part(dir: &Path, file: &str, max: u64) -> Result<Vec<u8>> {
+    crate::fsio::read_bounded(&dir.join(file), max, file)
+}
+
+/// The operating system's part of an I/O error (the checkpoint's message names the file).
+fn cause_of(e: &DdpmError) -> String {
+    match e {
+        DdpmError::Io { cause, .. } => cause.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// The newest checkpoint under `root` that reads back intact; corrupt newer ones are skipped

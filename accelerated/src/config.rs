@@ -162,6 +162,10 @@ pub struct SampleConfig {
 /// The names of the presets.
 pub const PRESETS: [&str; 3] = ["mnist", "cifar32", "celeba128"];
 
+/// The most bytes a config file may hold (a whole configuration is a few KiB); a longer file,
+/// or anything but a regular file (a FIFO, a link to /dev/zero), is refused before reading.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
+
 impl Config {
     /// `mnist` (the default): the embedded digits at 28×28 with the choices that make a
     /// ~20-minute CPU run give recognisable digits (sinusoidal t, EMA 0.999, warm-up,
@@ -300,9 +304,7 @@ impl Config {
     /// Reads a TOML (`.toml`) or JSON (`.json`) file. Its optional top-level `preset` key
     /// (default `mnist`) picks the base; every other key replaces the base's value.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            DdpmError::io(format!("cannot read the config file {}", path.display()), e)
-        })?;
+        let text = crate::fsio::read_text_bounded(path, MAX_CONFIG_FILE_BYTES, "the config file")?;
         let origin = path.display().to_string();
         let parse_error = |reason: String| DdpmError::ConfigParse {
             origin: origin.clone(),

@@ -84,19 +84,22 @@ pub fn write_png(pixels: &Tensor, path: &Path) -> Result<()> {
     };
     let hwc = pixels.f_permute([1, 2, 0])?.f_contiguous()?;
     let bytes = Vec::<u8>::try_from(hwc.f_reshape([-1])?)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        ensure_dir(dir)?;
-    }
-    image::save_buffer_with_format(path, &bytes, w as u32, h as u32, color, ImageFormat::Png)
-        .map_err(|e| match e {
-            image::ImageError::IoError(e) => {
-                DdpmError::io(format!("cannot write {}", path.display()), e)
-            }
-            other => DdpmError::Image {
-                path: path.to_path_buf(),
-                cause: other,
-            },
-        })
+    // Encoded in memory, then written by the one checked, atomic writer: a full disk or a
+    // kill never leaves a 0-byte or truncated PNG under `path`.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::write_buffer_with_format(
+        &mut png,
+        &bytes,
+        w as u32,
+        h as u32,
+        color,
+        ImageFormat::Png,
+    )
+    .map_err(|e| DdpmError::Encode {
+        what: "a PNG",
+        cause: e.to_string(),
+    })?;
+    crate::fsio::write_bytes_atomic(path, png.get_ref())
 }
 
 /// Errors now, before minutes of sampling, unless a file can be written at `path`; creates

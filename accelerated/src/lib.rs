@@ -24,6 +24,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fsio;
 pub mod generate;
 pub mod grid;
 pub mod metrics;

@@ -2,7 +2,6 @@
 //! steps_per_s, elapsed_s, skipped), appended as training goes and trimmed on resume.
 
 use crate::error::{DdpmError, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One line of `metrics.jsonl`.
@@ -24,7 +23,9 @@ pub struct Record {
     pub skipped: u64,
 }
 
-/// `metrics.jsonl`, open for appending.
+/// `metrics.jsonl`, open for appending. Each line is appended in one write, checked, and cut
+/// back if it fails (see [`crate::fsio::append_line`]); a kill can still leave a partial last
+/// line, which [`MetricsLog::open`] drops and a reader must skip.
 #[derive(Debug)]
 pub struct MetricsLog {
     path: PathBuf,
@@ -36,6 +37,18 @@ impl MetricsLog {
     /// stopped after its last checkpoint logged steps that the resumed run repeats) and a
     /// partial last line (a run killed while writing it).
     pub fn open(path: &Path, step: u64) -> Result<MetricsLog> {
+        // A link to a device or a FIFO under this name would be read without end (or block).
+        if let Ok(meta) = std::fs::metadata(path) {
+            if !meta.is_file() {
+                return Err(DdpmError::io(
+                    format!("cannot open {}", path.display()),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "it is not a regular file",
+                    ),
+                ));
+            }
+        }
         let old = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -46,11 +59,7 @@ impl MetricsLog {
             .filter(|line| line.ends_with('\n') && logged_step(line).is_some_and(|s| s <= step))
             .collect();
         if kept.len() != old.len() {
-            let tmp = path.with_extension("jsonl.tmp");
-            std::fs::write(&tmp, &kept)
-                .map_err(|e| DdpmError::io(format!("cannot write {}", tmp.display()), e))?;
-            std::fs::rename(&tmp, path)
-                .map_err(|e| DdpmError::io(format!("cannot replace {}", path.display()), e))?;
+            crate::fsio::write_bytes_atomic(path, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -74,8 +83,7 @@ impl MetricsLog {
             "elapsed_s": record.elapsed_s,
             "skipped": record.skipped,
         });
-        writeln!(self.file, "{line}")
-            .map_err(|e| DdpmError::io(format!("cannot append to {}", self.path.display()), e))
+        crate::fsio::append_line(&mut self.file, &self.path, &format!("{line}\n"))
     }
 }
 

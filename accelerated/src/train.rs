@@ -599,8 +599,7 @@ fn create_run_dir(dir: &Path) -> Result<()> {
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text)
-        .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
+    crate::fsio::write_bytes_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

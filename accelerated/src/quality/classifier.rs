@@ -235,7 +235,7 @@ impl Classifier {
         let c = Classifier::train(train, cfg, device)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| DdpmError::io(format!("cannot create {}", dir.display()), e))?;
-        c.vs.save(&weights)?;
+        crate::fsio::write_via(&weights, |tmp| Ok(c.vs.save(tmp)?))?;
         let bytes = std::fs::read(&weights)
             .map_err(|e| DdpmError::io(format!("cannot read {}", weights.display()), e))?;
         let record = ClassifierRecord {
@@ -251,8 +251,7 @@ impl Classifier {
             what: "the classifier record",
             cause: e.to_string(),
         })?;
-        std::fs::write(&record_path, text)
-            .map_err(|e| DdpmError::io(format!("cannot write {}", record_path.display()), e))?;
+        crate::fsio::write_bytes_atomic(&record_path, text.as_bytes())?;
         Ok((c, record))
     }
 }

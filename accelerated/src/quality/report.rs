@@ -255,12 +255,7 @@ fn link_prefix(doc: &Path, out: &Path) -> String {
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| DdpmError::io(format!("cannot create {}", dir.display()), e))?;
-    }
-    std::fs::write(path, text)
-        .map_err(|e| DdpmError::io(format!("cannot write {}", path.display()), e))
+    crate::fsio::write_bytes_atomic(path, text.as_bytes())
 }
 
 /// Replaces the text between the markers of `doc` by `table`.
