@@ -49,14 +49,41 @@ fn assert_checkpoints_whole(run: &Path) {
     }
 }
 
+/// A child process that is killed when dropped, so that a failing test leaves no run of
+/// [`FOREVER`] steps behind.
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts `cmd` with stdout and stderr in files `name.out` / `name.err` beside `run`.
-fn spawn_logged(mut cmd: Command, run: &Path, name: &str) -> Child {
+fn spawn_logged(mut cmd: Command, run: &Path, name: &str) -> Running {
     let base = run.parent().unwrap();
     let out = std::fs::File::create(base.join(format!("{name}.out"))).unwrap();
     let err = std::fs::File::create(base.join(format!("{name}.err"))).unwrap();
     cmd.stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .spawn()
+        .map(Running)
         .expect("cannot start ddpm")
 }
 
@@ -132,14 +159,11 @@ fn a_second_writer_is_refused_naming_the_holder_readers_work_and_a_kill_leaves_n
     let run = setup.path("run");
     let mut holder = spawn_logged(setup.train(&run, &[]), &run, "holder");
     let pid = holder.id();
-    wait_until(&mut holder, "a logged step", || last_logged(&run) >= 1);
-    // A fresh run in the same directory (the holder may not have checkpointed yet), then a
-    // resume once it has.
-    refused(setup.train(&run, &["--seed", "9"]), &run, "fresh", pid);
     wait_until(&mut holder, "a checkpoint", || {
         !checkpoint_steps(&run).is_empty()
     });
     refused(resume(&run, &[]), &run, "resume", pid);
+    refused(setup.train(&run, &["--seed", "9"]), &run, "fresh", pid);
     assert!(holder.try_wait().unwrap().is_none(), "the holder ended");
     // Readers take no lock: sampling the run directory (its newest checkpoint) works now.
     let png = setup.path("while.png");
@@ -157,6 +181,26 @@ fn a_second_writer_is_refused_naming_the_holder_readers_work_and_a_kill_leaves_n
     assert_checkpoints_whole(&run);
     let lock = std::fs::read_to_string(run.join(".lock")).unwrap();
     assert!(lock.trim().parse::<u32>().is_ok(), "lock file {lock:?}");
+}
+
+/// Two fresh runs in one directory before either has checkpointed (the case that used to
+/// interleave metrics.jsonl and share `step-N.tmp/`): the second is refused naming the first.
+#[test]
+fn a_second_fresh_run_is_refused_before_any_checkpoint() {
+    let setup = Setup::new(FOREVER, 1000);
+    let run = setup.path("run");
+    let mut holder = spawn_logged(setup.train(&run, &[]), &run, "holder");
+    wait_until(&mut holder, "a logged step", || last_logged(&run) >= 1);
+    refused(
+        setup.train(&run, &["--seed", "9"]),
+        &run,
+        "fresh",
+        holder.id(),
+    );
+    assert!(holder.try_wait().unwrap().is_none(), "the holder ended");
+    assert!(checkpoint_steps(&run).is_empty());
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }
 
 /// Sends `name` (signal number `number`) to a run after a few steps and checks the graceful
@@ -231,8 +275,11 @@ fn a_second_signal_exits_at_once_and_committed_checkpoints_stay_whole() {
     let run = setup.path("run");
     // A wider network: each step and checkpoint takes a few milliseconds or more.
     let mut child = spawn_logged(setup.train(&run, &["--base-channels", "32"]), &run, "train");
+    // Two checkpoints committed, and the last step logged not one of them, so the stop has a
+    // step to finish and a checkpoint to write when the first signal comes.
     wait_until(&mut child, "two checkpoints", || {
-        checkpoint_steps(&run).len() >= 2
+        let logged = last_logged(&run);
+        checkpoint_steps(&run).len() >= 2 && matches!(logged % 4, 1 | 2)
     });
     signal(&child, "TERM");
     let start = Instant::now();
