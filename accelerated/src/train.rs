@@ -861,6 +861,35 @@ mod tests {
     }
 
     #[test]
+    fn a_raised_stop_ends_the_run_after_its_step_with_a_checkpoint_and_the_lock_is_exclusive() {
+        let _guard = crate::sampler::rng_lock();
+        let cfg = tiny(7);
+        let dir = test_dir("train_stop");
+        let o = opts(&dir, false);
+        o.stop.raise();
+        let summary = train_on(&cfg, pictures(10), &o, None, &mut Silent).unwrap();
+        assert!(summary.stopped);
+        assert_eq!(summary.steps, 1);
+        assert_eq!(
+            summary.checkpoint,
+            checkpoints_dir(&dir).join("step-0000001")
+        );
+        assert_eq!(
+            checkpoint::load(&summary.checkpoint).unwrap().manifest.step,
+            1
+        );
+
+        let held = RunLock::acquire(&dir).unwrap();
+        let err = train_on(&cfg, pictures(10), &opts(&dir, true), None, &mut Silent).unwrap_err();
+        let DdpmError::RunLocked { pid, .. } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(pid, Some(std::process::id()));
+        drop(held);
+        RunLock::acquire(&dir).unwrap();
+    }
+
+    #[test]
     fn a_non_finite_loss_stops_or_skips_without_writing_a_bad_checkpoint() {
         let _guard = crate::sampler::rng_lock();
         // Eight pictures, one of them NaN: each epoch has one bad batch of the two.
