@@ -121,6 +121,14 @@ pub enum DdpmError {
         /// The run directory.
         dir: std::path::PathBuf,
     },
+    /// Another process holds the run directory's lock: it is training in that directory.
+    #[error("{} is in use: another training (pid {}) is writing to it; wait for it to end, or choose another run directory", dir.display(), pid.map_or_else(|| "unknown".to_string(), |p| p.to_string()))]
+    RunLocked {
+        /// The run directory.
+        dir: std::path::PathBuf,
+        /// The holder's process id, as it wrote it into the lock file (`None` if unreadable).
+        pid: Option<u32>,
+    },
     /// Training produced a NaN or infinite loss.
     #[error("the loss is not finite ({loss}) at step {step}; no checkpoint was written for this step (lower train.lr, set train.grad_clip, or set train.skip_nonfinite)")]
     NonFinite {

@@ -24,8 +24,11 @@ use crate::progress::Progress;
 use crate::sampler::Sampler;
 use crate::schedule::Schedule;
 use crate::unet::UNet;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -331,6 +334,97 @@ pub struct TrainOptions {
     /// On resume, refuse a checkpoint whose settings differ from the `cfg` given to [`train`]
     /// in anything but the length of the run (the user named a preset or config file).
     pub resume_must_match: bool,
+    /// Asks the run to stop: checked after every step; once raised, the run writes a
+    /// checkpoint of the step it reached and returns (see [`TrainSummary::stopped`]).
+    pub stop: StopFlag,
+}
+
+/// A request to stop a run early, shared with whoever raises it (a signal handler, another
+/// thread). Cloning shares the flag.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    /// A flag that is not raised.
+    pub fn new() -> StopFlag {
+        StopFlag::default()
+    }
+
+    /// A flag backed by `flag` (for handlers that set an `AtomicBool` themselves).
+    pub fn from_arc(flag: Arc<AtomicBool>) -> StopFlag {
+        StopFlag(flag)
+    }
+
+    /// Asks the run to stop after its current step.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The lock file of a run directory: [`RunLock`] holds an exclusive advisory lock on it.
+pub const LOCK_FILE: &str = ".lock";
+
+/// One writer per run directory: an exclusive OS advisory lock (`flock`) on `<run>/.lock`,
+/// which holds the holder's pid. The kernel releases the lock when the process ends, however
+/// it ends, so a killed run leaves no stale lock; the file itself stays (removing it could
+/// race with a process that has just opened it). Readers (sample, eval, quality) take no lock.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir` (which must exist) or fails at once with
+    /// [`DdpmError::RunLocked`] naming the holder's pid.
+    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        let path = run_dir.join(LOCK_FILE);
+        let io = |what: &str, e| {
+            DdpmError::io(format!("cannot {what} the lock file {}", path.display()), e)
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("open", e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(DdpmError::RunLocked {
+                    dir: run_dir.to_path_buf(),
+                    pid: holder_pid(&mut file),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", e)),
+        }
+        file.set_len(0).map_err(|e| io("write", e))?;
+        file.rewind().map_err(|e| io("write", e))?;
+        writeln!(file, "{}", std::process::id())
+            .and_then(|()| file.flush())
+            .map_err(|e| io("write", e))?;
+        Ok(RunLock { _file: file })
+    }
+}
+
+/// The pid the lock's holder wrote, waiting briefly for a holder that has just taken the
+/// lock and not yet written it.
+fn holder_pid(file: &mut std::fs::File) -> Option<u32> {
+    for _ in 0..20 {
+        let mut text = String::new();
+        if file.rewind().is_ok() && file.read_to_string(&mut text).is_ok() {
+            if let Ok(pid) = text.trim().parse() {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }
 
 /// What a finished run produced.
@@ -346,6 +440,9 @@ pub struct TrainSummary {
     pub grid: PathBuf,
     /// Batches skipped for a non-finite loss.
     pub skipped: u64,
+    /// The run was stopped through [`TrainOptions::stop`] before `train.steps`; `checkpoint`
+    /// holds the step it reached (`steps`), and `grid` was not drawn.
+    pub stopped: bool,
 }
 
 /// The checkpoints directory of a run.
@@ -372,6 +469,13 @@ pub fn train(
         // Before the data are read, so an unwritable run directory fails at once.
         create_run_dir(&opts.run_dir)?;
     }
+    // Before anything is read or written; a resume of a directory that does not exist
+    // fails below as it always did, having written nothing.
+    let lock = if opts.resume && !opts.run_dir.is_dir() {
+        None
+    } else {
+        Some(RunLock::acquire(&opts.run_dir)?)
+    };
     let (cfg, resume_from) = if opts.resume {
         let ckpt = resume_point(cfg, opts)?;
         let mut cfg = ckpt.manifest.config.clone();
@@ -381,7 +485,14 @@ pub fn train(
         (cfg.clone(), None)
     };
     let (train_set, _) = crate::data::load_split(&cfg)?;
-    train_on(&cfg, train_set, opts, resume_from, progress)
+    let lock = match lock {
+        Some(lock) => lock,
+        None => {
+            create_run_dir(&opts.run_dir)?;
+            RunLock::acquire(&opts.run_dir)?
+        }
+    };
+    train_locked(&cfg, train_set, opts, resume_from, progress, lock)
 }
 
 /// The newest good checkpoint of the run to resume, held to `cfg` when
@@ -408,13 +519,27 @@ fn resume_point(cfg: &Config, opts: &TrainOptions) -> Result<Checkpoint> {
 /// the step's batch; every `log_every` steps a metrics line is appended, every
 /// `checkpoint_every` a checkpoint written, every `sample_every` a sample grid drawn, and
 /// all three at the end. `progress` counts steps, shows the last loss and notes each file
-/// written.
+/// written. The run directory's [`RunLock`] is held throughout. When `opts.stop` is raised
+/// the run ends after the current step with a checkpoint of it (no grid).
 pub fn train_on(
     cfg: &Config,
     data: Dataset,
     opts: &TrainOptions,
     resume_from: Option<Checkpoint>,
     progress: &mut dyn Progress,
+) -> Result<TrainSummary> {
+    create_run_dir(&opts.run_dir)?;
+    let lock = RunLock::acquire(&opts.run_dir)?;
+    train_locked(cfg, data, opts, resume_from, progress, lock)
+}
+
+fn train_locked(
+    cfg: &Config,
+    data: Dataset,
+    opts: &TrainOptions,
+    resume_from: Option<Checkpoint>,
+    progress: &mut dyn Progress,
+    _lock: RunLock,
 ) -> Result<TrainSummary> {
     let mut run = Run::start(cfg, &data, opts, resume_from.as_ref())?;
     let mut loader = Loader::spawn(data, run.trainer.plan(), run.trainer.step() + 1, PREFETCH)?;
@@ -424,6 +549,10 @@ pub fn train_on(
         run.update(&batch, progress)?;
         progress.update(batch.step);
         run.write_due(batch.step, progress)?;
+        if opts.stop.is_raised() && batch.step < cfg.train.steps {
+            run.stop(batch.step, progress)?;
+            break;
+        }
     }
     progress.finish();
     Ok(run.summary())
@@ -443,6 +572,8 @@ struct Run<'a> {
     consecutive_skips: u64,
     last_checkpoint: Option<PathBuf>,
     last_grid: Option<PathBuf>,
+    /// Stopped early through [`TrainOptions::stop`].
+    stopped: bool,
 }
 
 impl<'a> Run<'a> {
@@ -487,7 +618,19 @@ impl<'a> Run<'a> {
             consecutive_skips: 0,
             last_checkpoint: None,
             last_grid: None,
+            stopped: false,
         })
+    }
+
+    /// Ends the run early after step `k`: a checkpoint of `k` unless one was just written.
+    fn stop(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
+        let saved = checkpoints_dir(self.run_dir).join(checkpoint::dir_name(k));
+        if self.last_checkpoint.as_ref() != Some(&saved) {
+            self.trainer.check_loss()?;
+            self.save_checkpoint(k, progress)?;
+        }
+        self.stopped = true;
+        Ok(())
     }
 
     /// One update; a skipped batch is reported, and too many in a row end the run.
@@ -585,6 +728,7 @@ impl<'a> Run<'a> {
                 .last_grid
                 .unwrap_or_else(|| grid_path(self.run_dir, step)),
             skipped: self.trainer.skipped(),
+            stopped: self.stopped,
         }
     }
 }
@@ -650,6 +794,7 @@ mod tests {
             device: Device::Cpu,
             resume,
             resume_must_match: false,
+            stop: StopFlag::new(),
         }
     }
 
@@ -712,6 +857,35 @@ mod tests {
         let err =
             train_on(&cfg, pictures(10), &opts(&whole, false), None, &mut Silent).unwrap_err();
         assert!(matches!(err, DdpmError::RunExists { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_raised_stop_ends_the_run_after_its_step_with_a_checkpoint_and_the_lock_is_exclusive() {
+        let _guard = crate::sampler::rng_lock();
+        let cfg = tiny(7);
+        let dir = test_dir("train_stop");
+        let o = opts(&dir, false);
+        o.stop.raise();
+        let summary = train_on(&cfg, pictures(10), &o, None, &mut Silent).unwrap();
+        assert!(summary.stopped);
+        assert_eq!(summary.steps, 1);
+        assert_eq!(
+            summary.checkpoint,
+            checkpoints_dir(&dir).join("step-0000001")
+        );
+        assert_eq!(
+            checkpoint::load(&summary.checkpoint).unwrap().manifest.step,
+            1
+        );
+
+        let held = RunLock::acquire(&dir).unwrap();
+        let err = train_on(&cfg, pictures(10), &opts(&dir, true), None, &mut Silent).unwrap_err();
+        let DdpmError::RunLocked { pid, .. } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(pid, Some(std::process::id()));
+        drop(held);
+        RunLock::acquire(&dir).unwrap();
     }
 
     #[test]

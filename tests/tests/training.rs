@@ -52,6 +52,7 @@ fn opts(dir: PathBuf) -> TrainOptions {
         device: Device::Cpu,
         resume: false,
         resume_must_match: false,
+        stop: Default::default(),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use crate::progress::Bar;
 use crate::quality::{run_quality, QualityArgs};
+use crate::signals::StopSignals;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ddpm::checkpoint::Weights;
@@ -605,11 +606,13 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         let must_match = (args.preset.is_some() || args.config.is_some()).then_some(&cfg);
         check_resume_flags(&run_dir, &given, args.steps, must_match)?;
     }
+    let signals = StopSignals::install().context("cannot install the signal handlers")?;
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
         device: device.resolve()?,
         resume: args.resume,
         resume_must_match: args.preset.is_some() || args.config.is_some(),
+        stop: signals.stop_flag(),
     };
     tracing::info!(
         "training on {:?}, run directory {}",
@@ -627,6 +630,9 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
             e => name_the_flag(e, &given),
         })
         .with_context(|| format!("training in {}", run_dir.display()))?;
+    if summary.stopped {
+        return Err(stopped_message(&signals, &summary, &run_dir));
+    }
     println!(
         "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}",
         summary.steps,
@@ -706,6 +712,26 @@ fn check_resume_flags(
         }
     }
     Ok(())
+/// Says where a run stopped by a signal stands and how to resume it (to stderr, ignoring a
+/// terminal that hung up), and returns the error that makes `main` exit with 128 + signal.
+fn stopped_message(
+    signals: &StopSignals,
+    summary: &ddpm::train::TrainSummary,
+    run_dir: &Path,
+) -> anyhow::Error {
+    use std::io::Write;
+    let stopped = signals.received().unwrap_or(crate::signals::Stopped {
+        signal: signal_hook::consts::SIGINT,
+        name: "SIGINT",
+    });
+    let _ = writeln!(
+        std::io::stderr(),
+        "{stopped}: stopped at step {}; checkpoint {}; resume with: ddpm train --resume --out {}",
+        summary.steps,
+        summary.checkpoint.display(),
+        run_dir.display()
+    );
+    anyhow::Error::new(stopped)
 }
 
 impl SampleArgs {

@@ -4,6 +4,7 @@
 mod cli;
 mod progress;
 mod quality;
+mod signals;
 
 use clap::Parser;
 use cli::{run, Cli};
@@ -26,6 +27,11 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A run stopped by a signal said so, and how to resume, where it stopped.
+        Err(e) if e.downcast_ref::<signals::Stopped>().is_some() => {
+            let stopped = e.downcast_ref::<signals::Stopped>().copied();
+            ExitCode::from(stopped.map_or(1, |s| s.status()))
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
