@@ -712,6 +712,8 @@ fn check_resume_flags(
         }
     }
     Ok(())
+}
+
 /// Says where a run stopped by a signal stands and how to resume it (to stderr, ignoring a
 /// terminal that hung up), and returns the error that makes `main` exit with 128 + signal.
 fn stopped_message(
