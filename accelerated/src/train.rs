@@ -403,11 +403,16 @@ impl RunLock {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", e)),
         }
-        file.set_len(0).map_err(|e| io("write", e))?;
-        file.rewind().map_err(|e| io("write", e))?;
-        writeln!(file, "{}", std::process::id())
-            .and_then(|()| file.flush())
-            .map_err(|e| io("write", e))?;
+        // The pid only names the holder in a second writer's message; the lock is the flock.
+        // A disk too full for it is reported by the run's first real write instead.
+        let pid = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.flush());
+        if let Err(e) = pid {
+            tracing::warn!("cannot write the pid into {}: {e}", path.display());
+        }
         Ok(RunLock { _file: file })
     }
 }

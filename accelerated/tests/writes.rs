@@ -159,7 +159,10 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
         let meta = std::fs::symlink_metadata(&path).unwrap();
         if meta.is_dir() {
             found.extend(files_under(&path));
-        } else if path.file_name().is_some_and(|n| n != ".filler") {
+        } else if path
+            .file_name()
+            .is_some_and(|n| n != ".filler" && n != ddpm::train::LOCK_FILE)
+        {
             found.push((path, meta.len()));
         }
     }
@@ -241,11 +244,11 @@ fn the_runs_config_on_a_full_disk_fails_and_leaves_no_file() {
 
 #[test]
 fn metrics_on_a_full_disk_fail_and_leave_only_whole_lines() {
-    // Two pages: one for config.toml, one for metrics.jsonl, which fills after a few dozen
-    // lines; no checkpoint is due before.
+    // Three pages: the lock file's pid, config.toml, and metrics.jsonl, which fills after a
+    // few dozen lines; no checkpoint is due before.
     let setup = Setup::new(400, 400);
     let disk = setup.path("disk");
-    let Some(_mount) = tmpfs(&disk, 2, false) else {
+    let Some(_mount) = tmpfs(&disk, 3, false) else {
         return;
     };
     let run = disk.join("run");
