@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -23,19 +22,6 @@ const EVERY: u64 = 4;
 const WIDE: [&str; 2] = ["--base-channels", "32"];
 /// `ddpm sample` flags that only prove a checkpoint loads: one image, two steps.
 const ONE_QUICK_IMAGE: [&str; 4] = ["--n", "1", "--steps", "2"];
-
-/// The sha256 of the weights, EMA and optimiser files of checkpoint `step`, read from the
-/// files themselves.
-fn file_sums(run: &Path, step: u64) -> [String; 3] {
-    let dir = checkpoint_dir(run, step);
-    ["model.safetensors", "ema.safetensors", "optim.safetensors"].map(|f| {
-        let bytes = std::fs::read(dir.join(f)).unwrap();
-        Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    })
-}
 
 /// The final state of an uninterrupted run of [`STEPS`] steps (the checkpoint interval does
 /// not change the arithmetic), computed once per test binary.
@@ -55,17 +41,6 @@ fn spawn_quiet(mut cmd: std::process::Command) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("cannot start ddpm")
-}
-
-/// The last step in metrics.jsonl, ignoring a partial last line (0 when none).
-fn last_logged(run: &Path) -> u64 {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
 
 /// Polls until `ready` holds, then SIGKILLs `child`; `None` if it ended first or took longer
@@ -264,24 +239,6 @@ fn a_corrupt_checkpoint_is_detected_and_resume_falls_back() {
     }
 }
 
-/// Unmounts a tmpfs when dropped, even when the test fails.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = std::process::Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-}
-
 /// Training into a tmpfs with room for one checkpoint and a half: the second checkpoint's
 /// write fails with a clear error, leaves no partial directory, and the first checkpoint still
 /// loads. Needs root (mount); skipped with the reason printed otherwise.
@@ -295,28 +252,10 @@ fn a_full_disk_stops_with_a_clear_error_and_keeps_the_previous_checkpoint() {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096))
         .sum();
-    let size = (pages + pages / 2 + 16) * 4096;
     let disk = setup.path("disk");
-    std::fs::create_dir_all(&disk).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(&disk)
-        .output();
-    match mounted {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            eprintln!(
-                "SKIPPED the full-disk test: mount -t tmpfs failed (needs root): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!("SKIPPED the full-disk test: cannot run mount: {e}");
-            return;
-        }
-    }
-    let _unmount = Mount(disk.clone());
+    let Some(_unmount) = tmpfs(&disk, pages + pages / 2 + 16, false) else {
+        return;
+    };
     let run = disk.join("run");
     fails(
         &mut setup.train(&run, &[]),

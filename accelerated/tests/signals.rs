@@ -7,36 +7,12 @@
 mod common;
 
 use common::*;
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Long enough never to finish while a test watches it.
 const FOREVER: u64 = 100_000;
-
-/// The last step in metrics.jsonl, ignoring a partial last line (0 when none).
-fn last_logged(run: &Path) -> u64 {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
-/// The sha256 of the weights, EMA and optimiser files of checkpoint `step`, from the files.
-fn file_sums(run: &Path, step: u64) -> [String; 3] {
-    let dir = checkpoint_dir(run, step);
-    ["model.safetensors", "ema.safetensors", "optim.safetensors"].map(|f| {
-        let bytes = std::fs::read(dir.join(f)).unwrap();
-        Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    })
-}
 
 /// Every committed checkpoint of `run` holds the files its manifest records.
 fn assert_checkpoints_whole(run: &Path) {

@@ -11,7 +11,6 @@
 mod common;
 
 use common::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,59 +92,6 @@ fn fails_bounded(cmd: &mut Command, dir: &Path, needles: &[&str]) -> Ended {
         );
     }
     ended
-}
-
-/// Unmounts a tmpfs when dropped, even when the test fails.
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
-/// A tmpfs of `pages` 4 KiB pages at `dir` (created), filled up to the last byte when `fill`;
-/// `None` (with the reason printed) when it cannot be mounted (not root).
-fn tmpfs(dir: &Path, pages: u64, fill: bool) -> Option<Mount> {
-    std::fs::create_dir_all(dir).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={}", pages * 4096)])
-        .arg("tmpfs")
-        .arg(dir)
-        .output();
-    match mounted {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            eprintln!(
-                "SKIPPED: mount -t tmpfs failed (needs root): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: cannot run mount: {e}");
-            return None;
-        }
-    }
-    let mount = Mount(dir.to_path_buf());
-    if fill {
-        let mut filler = std::fs::File::create(dir.join(".filler")).unwrap();
-        let chunk = [0u8; 512];
-        while filler.write_all(&chunk).is_ok() {}
-        while filler.write_all(&chunk[..1]).is_ok() {}
-        assert!(
-            std::fs::write(dir.join(".probe"), b"x").is_err(),
-            "the tmpfs is not full"
-        );
-        let _ = std::fs::remove_file(dir.join(".probe"));
-    }
-    Some(mount)
 }
 
 /// The regular files under `dir` (recursively), except the filler, as (path, length).

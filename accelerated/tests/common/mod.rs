@@ -8,6 +8,8 @@
 use image::{GrayImage, Luma};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -262,4 +264,81 @@ pub fn logged_steps(run: &Path) -> Vec<u64> {
                 .unwrap()
         })
         .collect()
+}
+
+/// The last step in metrics.jsonl, ignoring a partial last line (0 when none).
+pub fn last_logged(run: &Path) -> u64 {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The sha256 of the weights, EMA and optimiser files of checkpoint `step`, read from the
+/// files themselves.
+pub fn file_sums(run: &Path, step: u64) -> [String; 3] {
+    let dir = checkpoint_dir(run, step);
+    ["model.safetensors", "ema.safetensors", "optim.safetensors"].map(|f| {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    })
+}
+
+/// Unmounts a tmpfs when dropped, even when the test fails.
+pub struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// A tmpfs of `pages` 4 KiB pages at `dir` (created), filled up to the last byte when `fill`;
+/// `None` (with the reason printed) when it cannot be mounted (not root).
+pub fn tmpfs(dir: &Path, pages: u64, fill: bool) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={}", pages * 4096)])
+        .arg("tmpfs")
+        .arg(dir)
+        .output();
+    match mounted {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "SKIPPED the full-disk test: mount -t tmpfs failed (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Err(e) => {
+            eprintln!("SKIPPED the full-disk test: cannot run mount: {e}");
+            return None;
+        }
+    }
+    let mount = Mount(dir.to_path_buf());
+    if fill {
+        let mut filler = std::fs::File::create(dir.join(".filler")).unwrap();
+        let chunk = [0u8; 512];
+        while filler.write_all(&chunk).is_ok() {}
+        while filler.write_all(&chunk[..1]).is_ok() {}
+        assert!(
+            std::fs::write(dir.join(".probe"), b"x").is_err(),
+            "the tmpfs is not full"
+        );
+        let _ = std::fs::remove_file(dir.join(".probe"));
+    }
+    Some(mount)
 }
