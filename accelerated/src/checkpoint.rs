@@ -77,6 +77,24 @@ pub struct Manifest {
     pub tensors: BTreeMap<String, Vec<i64>>,
     /// File name → sha256 (hex) of the other files.
     pub files: BTreeMap<String, String>,
+    /// The data the run was trained on: its place as given and its fingerprint. Absent in
+    /// checkpoints written before it was recorded (they still load and resume, unchecked)
+    /// and in runs trained on data handed to `train::train_on` directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataRecord>,
+}
+
+/// What a checkpoint records of its run's data (the absolute path is the configuration's
+/// `data.path`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataRecord {
+    /// `data.path` as the user gave it (relative to the working directory of that command, or
+    /// absolute); absent for the embedded MNIST-5k. For people: readers use `data.path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_given: Option<PathBuf>,
+    /// What the whole data set held (before the held-out split), checked on resume.
+    pub fingerprint: crate::data::DataFingerprint,
 }
 
 /// The tensors of a training state, each as (name, tensor).
@@ -718,6 +736,7 @@ mod tests {
             config: Config::mnist(),
             tensors: BTreeMap::new(),
             files: BTreeMap::new(),
+            data: None,
         }
     }
 

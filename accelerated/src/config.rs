@@ -426,13 +426,15 @@ impl Config {
 
     /// The settings in which `self` (wanted) and `saved` differ, as (key, value here, value
     /// in the run) in key order, leaving out those a resumed run may change: its length and
-    /// the decay point that follows it.
+    /// the decay point that follows it, and where its data are (`data.path`: a resumed run
+    /// may read them from another place, held to the checkpoint's fingerprint instead).
     pub fn differences(&self, saved: &Config) -> Result<Vec<(String, String, String)>> {
         let flat = |cfg: &Config| -> Result<BTreeMap<String, String>> {
             let mut flat = BTreeMap::new();
             flatten("", &cfg.to_table()?, &mut flat);
             flat.remove("train.steps");
             flat.remove("train.lr_decay");
+            flat.remove("data.path");
             Ok(flat)
         };
         let (a, b) = (flat(self)?, flat(saved)?);

@@ -153,6 +153,22 @@ pub enum DdpmError {
         /// What is wrong with its markers ("has no … region").
         reason: String,
     },
+    /// A resumed run's data do not hold what the run was trained on (its checkpoint's
+    /// fingerprint): images added, removed or changed, which would silently change the epoch
+    /// length and the held-out split. Nothing was written.
+    #[error("{} does not hold the data the run was trained on ({change}); a resumed run must read the same images (the checkpoint {} records them)", data.display(), run.display())]
+    DataChanged {
+        /// The checkpoint resumed from.
+        run: std::path::PathBuf,
+        /// Where the data were read now (absolute).
+        data: std::path::PathBuf,
+        /// What the checkpoint records.
+        saved: Box<crate::data::DataFingerprint>,
+        /// What the data hold now.
+        found: Box<crate::data::DataFingerprint>,
+        /// What changed, in words (counts, shapes, or "same count, different content").
+        change: String,
+    },
 }
 
 impl DdpmError {

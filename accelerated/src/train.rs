@@ -9,10 +9,10 @@
 //! uninterrupted one.
 
 use crate::autocast::autocast_bf16;
-use crate::checkpoint::{self, Checkpoint, DataPosition, Manifest, TrainingState};
+use crate::checkpoint::{self, Checkpoint, DataPosition, DataRecord, Manifest, TrainingState};
 use crate::config::{Config, LossWeight};
 use crate::data::loader::{Batch, BatchPlan, Loader};
-use crate::data::Dataset;
+use crate::data::{DataFingerprint, Dataset};
 use crate::ema::Ema;
 use crate::error::{DdpmError, Result};
 use crate::lamb::Lamb;
@@ -286,6 +286,7 @@ impl Trainer {
             config: self.cfg.clone(),
             tensors: Default::default(),
             files: Default::default(),
+            data: None,
         }
     }
 
@@ -337,6 +338,21 @@ pub struct TrainOptions {
     /// Asks the run to stop: checked after every step; once raised, the run writes a
     /// checkpoint of the step it reached and returns (see [`TrainSummary::stopped`]).
     pub stop: StopFlag,
+    /// On resume: where the data are now, and whether other data than the run's may be used.
+    pub resume_data: ResumeData,
+}
+
+/// Where a resumed run reads its data, and whether they may differ from the run's own
+/// (see [`train`]).
+#[derive(Debug, Clone, Default)]
+pub struct ResumeData {
+    /// The data's place now (a folder that moved, a copy): used instead of the run's saved
+    /// `data.path`, and held to the checkpoint's fingerprint like any place.
+    pub path: Option<PathBuf>,
+    /// Continue even when the data do not match the checkpoint's fingerprint (images added,
+    /// removed or changed): the epoch length and the held-out split then change, and the
+    /// checkpoints written from then on record the new fingerprint.
+    pub allow_change: bool,
 }
 
 /// A request to stop a run early, shared with whoever raises it (a signal handler, another
@@ -464,6 +480,15 @@ fn grid_path(run_dir: &Path, step: u64) -> PathBuf {
 
 /// Trains on the data `cfg` names (see [`train_on`]). With `resume`, the configuration
 /// saved in the checkpoint is used, except `train.steps` which `steps` may raise.
+///
+/// The data: `data.path` is made absolute ([`crate::data::absolute_path`]) before anything
+/// is read, so the run's config and checkpoints find the data from any working directory,
+/// and each checkpoint records the path as given and the whole set's [`DataFingerprint`].
+/// A resumed run reads its data from `opts.resume_data.path`, else the `data.path` of `cfg`
+/// when the run is held to it (`resume_must_match`) and it names one, else its saved
+/// `data.path`; wherever they are, they must hold what the checkpoint's fingerprint records
+/// ([`DdpmError::DataChanged`], before anything is written) unless
+/// `opts.resume_data.allow_change`. A checkpoint without a fingerprint resumes with a warning.
 pub fn train(
     cfg: &Config,
     opts: &TrainOptions,
@@ -481,15 +506,42 @@ pub fn train(
     } else {
         Some(RunLock::acquire(&opts.run_dir)?)
     };
-    let (cfg, resume_from) = if opts.resume {
+    let (mut cfg, resume_from, path_given) = if opts.resume {
         let ckpt = resume_point(cfg, opts)?;
-        let mut cfg = ckpt.manifest.config.clone();
-        cfg.train.steps = steps.unwrap_or(cfg.train.steps);
-        (cfg, Some(ckpt))
+        let mut run_cfg = ckpt.manifest.config.clone();
+        run_cfg.train.steps = steps.unwrap_or(run_cfg.train.steps);
+        let named = opts.resume_data.path.clone().or_else(|| {
+            opts.resume_must_match
+                .then(|| cfg.data.path.clone())
+                .flatten()
+        });
+        let given = match named {
+            Some(path) => {
+                run_cfg.data.path = Some(path.clone());
+                Some(path)
+            }
+            None => ckpt
+                .manifest
+                .data
+                .as_ref()
+                .map_or(run_cfg.data.path.clone(), |d| d.path_given.clone()),
+        };
+        (run_cfg, Some(ckpt), given)
     } else {
-        (cfg.clone(), None)
+        (cfg.clone(), None, cfg.data.path.clone())
     };
-    let (train_set, _) = crate::data::load_split(&cfg)?;
+    cfg.data.path = cfg.data.path.as_deref().map(crate::data::absolute_path);
+    let data = crate::data::load_dataset(&cfg)?;
+    let fingerprint = data.fingerprint()?;
+    if let Some(ckpt) = &resume_from {
+        check_data(ckpt, &cfg, &fingerprint, opts, progress)?;
+    }
+    let (train_set, _) = crate::data::split(&cfg, &data)?;
+    drop(data);
+    let record = DataRecord {
+        path_given,
+        fingerprint,
+    };
     let lock = match lock {
         Some(lock) => lock,
         None => {
@@ -497,7 +549,56 @@ pub fn train(
             RunLock::acquire(&opts.run_dir)?
         }
     };
-    train_locked(&cfg, train_set, opts, resume_from, progress, lock)
+    train_locked(
+        &cfg,
+        train_set,
+        opts,
+        resume_from,
+        progress,
+        lock,
+        Some(record),
+    )
+}
+
+/// Holds a resumed run's data (`found`, read from `cfg.data.path`) to its checkpoint's
+/// fingerprint; see [`train`].
+fn check_data(
+    ckpt: &Checkpoint,
+    cfg: &Config,
+    found: &DataFingerprint,
+    opts: &TrainOptions,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let place = cfg
+        .data
+        .path
+        .clone()
+        .unwrap_or_else(crate::data::mnist::default_path);
+    let Some(saved) = ckpt.manifest.data.as_ref().map(|d| &d.fingerprint) else {
+        progress.warn(&format!(
+            "the checkpoint {} records no fingerprint of its data (it was written before they were recorded), so {} is used unchecked; the checkpoints written from now on record it",
+            ckpt.dir.display(),
+            place.display()
+        ));
+        return Ok(());
+    };
+    let Some(change) = saved.change_to(found) else {
+        return Ok(());
+    };
+    if opts.resume_data.allow_change {
+        progress.warn(&format!(
+            "{} does not hold the data the run was trained on ({change}); continuing on them as asked: the epoch length and the held-out split may differ from the run's so far, and the checkpoints written from now on record the new data",
+            place.display()
+        ));
+        return Ok(());
+    }
+    Err(DdpmError::DataChanged {
+        run: ckpt.dir.clone(),
+        data: place,
+        saved: Box::new(saved.clone()),
+        found: Box::new(found.clone()),
+        change,
+    })
 }
 
 /// The newest good checkpoint of the run to resume, held to `cfg` when
@@ -535,7 +636,7 @@ pub fn train_on(
 ) -> Result<TrainSummary> {
     create_run_dir(&opts.run_dir)?;
     let lock = RunLock::acquire(&opts.run_dir)?;
-    train_locked(cfg, data, opts, resume_from, progress, lock)
+    train_locked(cfg, data, opts, resume_from, progress, lock, None)
 }
 
 fn train_locked(
@@ -545,8 +646,10 @@ fn train_locked(
     resume_from: Option<Checkpoint>,
     progress: &mut dyn Progress,
     _lock: RunLock,
+    data_record: Option<DataRecord>,
 ) -> Result<TrainSummary> {
     let mut run = Run::start(cfg, &data, opts, resume_from.as_ref())?;
+    run.data_record = data_record;
     let mut loader = Loader::spawn(data, run.trainer.plan(), run.trainer.step() + 1, PREFETCH)?;
     progress.start(cfg.train.steps, run.trainer.step(), "steps");
     while run.trainer.step() < cfg.train.steps {
@@ -579,6 +682,8 @@ struct Run<'a> {
     last_grid: Option<PathBuf>,
     /// Stopped early through [`TrainOptions::stop`].
     stopped: bool,
+    /// The data's place as given and fingerprint, recorded in every checkpoint.
+    data_record: Option<DataRecord>,
 }
 
 impl<'a> Run<'a> {
@@ -624,6 +729,7 @@ impl<'a> Run<'a> {
             last_checkpoint: None,
             last_grid: None,
             stopped: false,
+            data_record: None,
         })
     }
 
@@ -701,9 +807,11 @@ impl<'a> Run<'a> {
 
     fn save_checkpoint(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
         self.trainer.check_finite()?;
+        let mut manifest = self.trainer.manifest(self.n);
+        manifest.data = self.data_record.clone();
         let dir = checkpoint::save(
             &checkpoints_dir(self.run_dir),
-            self.trainer.manifest(self.n),
+            manifest,
             &self.trainer.state(),
             self.cfg.train.keep_last,
         )?;
@@ -800,6 +908,7 @@ mod tests {
             resume,
             resume_must_match: false,
             stop: StopFlag::new(),
+            resume_data: ResumeData::default(),
         }
     }
 
@@ -891,6 +1000,51 @@ mod tests {
         assert_eq!(pid, Some(std::process::id()));
         drop(held);
         RunLock::acquire(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_resume_on_other_data_is_a_typed_error_unless_allowed() {
+        let _guard = crate::sampler::rng_lock();
+        let images = test_dir("train_data_images");
+        for i in 0..8u8 {
+            image::GrayImage::from_fn(8, 8, |x, y| image::Luma([i * 30 + (x + y) as u8]))
+                .save(images.join(format!("{i}.png")))
+                .unwrap();
+        }
+        let mut cfg = tiny(3);
+        cfg.data.path = Some(images.clone());
+        cfg.data.holdout = 2;
+        let dir = test_dir("train_data_run");
+        train(&cfg, &opts(&dir, false), None, &mut Silent).unwrap();
+        let first = checkpoint::load(&checkpoints_dir(&dir).join("step-0000003")).unwrap();
+        let record = first.manifest.data.clone().unwrap();
+        assert_eq!(record.path_given.as_deref(), Some(images.as_path()));
+        assert_eq!(
+            first.manifest.config.data.path,
+            Some(std::fs::canonicalize(&images).unwrap())
+        );
+
+        std::fs::copy(images.join("0.png"), images.join("9.png")).unwrap();
+        let err = train(&cfg, &opts(&dir, true), Some(5), &mut Silent).unwrap_err();
+        let DdpmError::DataChanged {
+            saved,
+            found,
+            change,
+            ..
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!((saved.count, found.count), (8, 9));
+        assert_eq!(**saved, record.fingerprint);
+        assert!(change.contains("1 added"), "{err}");
+        assert!(checkpoint::list(&checkpoints_dir(&dir)).unwrap().len() == 1);
+
+        let mut allowed = opts(&dir, true);
+        allowed.resume_data.allow_change = true;
+        train(&cfg, &allowed, Some(5), &mut Silent).unwrap();
+        let last = checkpoint::load(&checkpoints_dir(&dir).join("step-0000005")).unwrap();
+        assert_eq!(last.manifest.data.unwrap().fingerprint.count, 9);
     }
 
     #[test]

@@ -555,6 +555,7 @@ fn saved_checkpoint(
         config: cfg,
         tensors: BTreeMap::new(),
         files: BTreeMap::new(),
+        data: None,
     };
     let dir = checkpoint::save(root, manifest, &state, 3).unwrap();
     (dir, raw, ema)

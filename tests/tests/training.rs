@@ -53,6 +53,7 @@ fn opts(dir: PathBuf) -> TrainOptions {
         resume: false,
         resume_must_match: false,
         stop: Default::default(),
+        resume_data: Default::default(),
     }
 }
 

@@ -15,7 +15,7 @@ use ddpm::error::DdpmError;
 use ddpm::eval::{evaluate, EvalOptions};
 use ddpm::generate::{self, SampleOptions};
 use ddpm::sigma::SigmaChoice;
-use ddpm::train::{train, TrainOptions};
+use ddpm::train::{train, ResumeData, TrainOptions};
 use std::path::{Path, PathBuf};
 use toml::Value;
 
@@ -246,6 +246,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Train on this folder of PNG/JPEG images (centre-cropped and resized) instead of MNIST.
+    /// With --resume: where the run's images are now (a folder that moved, a copy); they
+    /// must hold the images the run was trained on (see --allow-data-change).
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Image side; MNIST allows 28 (default) or 32 (padded) [default: the preset's].
@@ -326,6 +328,11 @@ pub struct TrainArgs {
     /// Skip batches whose loss is NaN or infinite instead of stopping.
     #[arg(long)]
     pub skip_nonfinite: bool,
+    /// With --resume: continue even when the data no longer hold what the run was trained on
+    /// (images added, removed or changed; the epoch length and the held-out split change).
+    /// The checkpoints written from then on record the new data.
+    #[arg(long, requires = "resume")]
+    pub allow_data_change: bool,
 }
 
 impl TrainArgs {
@@ -613,6 +620,11 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         resume: args.resume,
         resume_must_match: args.preset.is_some() || args.config.is_some(),
         stop: signals.stop_flag(),
+        // On resume, --data names where the run's images are now (held to its fingerprint).
+        resume_data: ResumeData {
+            path: args.data.clone().filter(|_| args.resume),
+            allow_change: args.allow_data_change,
+        },
     };
     tracing::info!(
         "training on {:?}, run directory {}",
@@ -627,6 +639,9 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
             ),
             DdpmError::RunExists { .. } => anyhow::Error::from(e)
                 .context("pass --resume to continue that run, or choose another --out"),
+            DdpmError::DataChanged { .. } => anyhow::anyhow!(
+                "{e}; give the run's own images with --data DIR, or pass --allow-data-change to continue on these"
+            ),
             e => name_the_flag(e, &given),
         })
         .with_context(|| format!("training in {}", run_dir.display()))?;
