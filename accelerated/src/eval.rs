@@ -78,7 +78,9 @@ impl std::fmt::Display for EvalReport {
 /// model calls.
 pub fn evaluate(opts: &EvalOptions, progress: &mut dyn Progress) -> Result<EvalReport> {
     let model = checkpoint::load_model(&opts.checkpoint, opts.device, opts.weights)?;
-    let (_, held_out) = crate::data::load_split(&model.config)?;
+    let data = crate::data::load_dataset(&model.config)?;
+    warn_if_data_changed(&model, &data, progress)?;
+    let (_, held_out) = crate::data::split(&model.config, &data)?;
     let held_out = held_out.ok_or_else(|| DdpmError::BadData {
         set: "the held-out split".into(),
         reason:
@@ -86,6 +88,24 @@ pub fn evaluate(opts: &EvalOptions, progress: &mut dyn Progress) -> Result<EvalR
                 .into(),
     })?;
     evaluate_loaded(&model, &held_out, opts, progress)
+}
+
+/// A warning when the run's data no longer hold what its checkpoint's fingerprint records:
+/// the held-out split is then not the one the run held out.
+fn warn_if_data_changed(
+    model: &LoadedModel,
+    data: &Dataset,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    if let Some(record) = &model.checkpoint.manifest.data {
+        if let Some(change) = record.fingerprint.change_to(&data.fingerprint()?) {
+            progress.warn(&format!(
+                "{} does not hold the data the run was trained on ({change}): the held-out images are not the ones the run held out",
+                data.name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Evaluates a loaded checkpoint on `data` (8-bit images).

@@ -60,6 +60,7 @@ fn change_one_pixel(path: &Path) {
 /// Trained from the scratch directory with relative `--data images` and `--out run`; then,
 /// from another working directory, resumed, evaluated and sampled (before: the saved
 /// `data.path = "images"` was looked up in the new working directory, "does not exist").
+/// Eval of a run whose images changed warns that its held-out split is another.
 #[test]
 fn a_run_given_relative_paths_resumes_evaluates_and_samples_from_another_directory() {
     let setup = Setup::new(4, 2);
@@ -122,6 +123,19 @@ fn a_run_given_relative_paths_resumes_evaluates_and_samples_from_another_directo
         manifest(&run, 6)["data"]["path_given"],
         "images",
         "a resume without --data keeps the place as first given"
+    );
+    // An image added since: eval still runs, and warns that the held-out split moved.
+    std::fs::copy(setup.path("images/000.png"), setup.path("images/016.png")).unwrap();
+    let said = succeeds(
+        ddpm()
+            .current_dir(&elsewhere)
+            .args(["eval", "--quick", "1", "--checkpoint"])
+            .arg(&run),
+    );
+    assert!(
+        said.contains("16 images in the run, 17 now, 1 added")
+            && said.contains("not the ones the run held out"),
+        "{said}"
     );
 }
 
