@@ -2,7 +2,7 @@
 //! `ema.safetensors` (averaged weights), `optim.safetensors` (LAMB's moments and step),
 //! `config.toml` (the run's configuration), `manifest.json` (step, seed, data position,
 //! configuration, the model's tensor names and shapes, the sha256 of every other file, the
-//! format version) and `manifest.sha256` (the manifest's own sha256, so that a damaged
+//! format version, the data's place as given and fingerprint) and `manifest.sha256` (the manifest's own sha256, so that a damaged
 //! manifest is caught too).
 //!
 //! Written atomically: everything goes into `step-NNNNNNN.tmp/`, each file and the directory
