@@ -242,7 +242,8 @@ pub struct TrainArgs {
     #[arg(long, visible_alias = "run-dir", value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Continue the run in --out from its newest intact checkpoint, exactly as if never
-    /// stopped; its saved settings are used, only --steps may change.
+    /// stopped; its saved settings are used, only --steps may change (and --data: where its
+    /// images are now).
     #[arg(long)]
     pub resume: bool,
     /// Train on this folder of PNG/JPEG images (centre-cropped and resized) instead of MNIST.
