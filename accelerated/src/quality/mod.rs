@@ -8,17 +8,19 @@ pub mod classifier;
 pub mod frechet;
 pub mod nll;
 pub mod report;
+pub mod score;
 pub mod scores;
 pub mod sigma_hat;
 pub mod table;
 
 use crate::checkpoint;
 use crate::checkpoint::{LoadedModel, Weights};
+use crate::config::Config;
 use crate::config::DataSource;
 use crate::data::{load_dataset, split};
 use crate::error::{DdpmError, Result};
 use crate::progress::Progress;
-use classifier::{mnist_split, Classifier, ClassifierConfig};
+use classifier::{mnist_split, Classifier, ClassifierConfig, ClassifierRecord, Labelled};
 use sigma_hat::{eps_mse_table, EpsMseConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -131,19 +133,8 @@ impl Options {
 /// the table's cells as [`measure`] reports them.
 pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Result<table::Table> {
     opts.check()?;
-    let ckpt = checkpoint::open(&opts.checkpoint)?;
+    let ckpt = open_mnist(&opts.checkpoint, "the quality table")?;
     let cfg = ckpt.manifest.config.clone();
-    if cfg.data.source != DataSource::Mnist {
-        return Err(DdpmError::Incompatible {
-            key: "data.source",
-            other: "the quality table".into(),
-            reason: format!(
-                "{} was trained on a folder of images; the quality table needs an mnist run \
-                 (its classifier is trained on the digits' labels)",
-                ckpt.dir.display()
-            ),
-        });
-    }
     let plan = Plan {
         columns: opts.columns.clone(),
         ddim_steps: opts.ddim_steps.clone(),
@@ -155,39 +146,18 @@ pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Resul
         clip_each_step: cfg.sample.clip_each_step,
     };
     plan.check(cfg.diffusion.t_max)?;
-    let weights = if cfg.sample.ema {
-        Weights::Ema
-    } else {
-        Weights::Raw
-    };
     let LoadedModel {
         checkpoint: ckpt,
         net,
         schedule,
         ..
-    } = ckpt.into_model(device, weights)?;
+    } = ckpt.into_model(device, sampling_weights(&cfg))?;
     let data = load_dataset(&cfg)?;
     let (train_set, _) = split(&cfg, &data)?;
     let (train, heldout) = mnist_split(&cfg, &data)?;
-    let cache = opts
-        .cache
-        .clone()
-        .unwrap_or_else(|| run_dir(&ckpt.dir).join("quality"));
-    let mut classifiers = Vec::new();
-    let mut records = Vec::new();
-    for seed in 0..opts.classifiers as u64 {
-        let cfg = ClassifierConfig {
-            seed,
-            ..ClassifierConfig::default()
-        };
-        let (clf, record) = Classifier::load_or_train(&cache, &train, &heldout, cfg, device)?;
-        progress.note(&format!(
-            "classifier {seed}: {:.1} % held-out accuracy",
-            100.0 * record.heldout_accuracy
-        ));
-        classifiers.push(clf);
-        records.push(record);
-    }
+    let cache = cache_dir(opts.cache.as_deref(), &ckpt.dir);
+    let (classifiers, records) =
+        load_classifiers(&cache, opts.classifiers, &train, &heldout, device, progress)?;
     let t0 = Instant::now();
     let eps_cfg = EpsMseConfig {
         per_t: opts.eps_mse_per_t,
@@ -218,6 +188,68 @@ pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Resul
         progress,
         |table| report::write_all(table, &opts.out, opts.doc.as_deref()),
     )
+}
+
+/// The checkpoint at `path` (a checkpoint or run directory), refused unless its run was
+/// trained on MNIST: `what` ("the quality table") names the measurement in the error.
+pub(crate) fn open_mnist(path: &Path, what: &str) -> Result<checkpoint::Checkpoint> {
+    let ckpt = checkpoint::open(path)?;
+    if ckpt.manifest.config.data.source != DataSource::Mnist {
+        return Err(DdpmError::Incompatible {
+            key: "data.source",
+            other: what.into(),
+            reason: format!(
+                "{} was trained on a folder of images; {what} needs an mnist run \
+                 (its classifier is trained on the digits' labels)",
+                ckpt.dir.display()
+            ),
+        });
+    }
+    Ok(ckpt)
+}
+
+/// The weights a run samples with: its EMA when `sample.ema`, else the raw ones.
+pub(crate) fn sampling_weights(cfg: &Config) -> Weights {
+    if cfg.sample.ema {
+        Weights::Ema
+    } else {
+        Weights::Raw
+    }
+}
+
+/// Where the classifiers are cached: `cache` if given, else quality/ in the run directory of
+/// the checkpoint `ckpt_dir` (so `ddpm quality` and `ddpm score` share them).
+pub(crate) fn cache_dir(cache: Option<&Path>, ckpt_dir: &Path) -> PathBuf {
+    cache.map_or_else(|| run_dir(ckpt_dir).join("quality"), Path::to_path_buf)
+}
+
+/// The classifiers of seeds 0..n, each loaded from `cache` or trained on `train` (and
+/// measured on `heldout`) and cached there, with their records; each one's accuracy is a
+/// note to `progress`.
+pub(crate) fn load_classifiers(
+    cache: &Path,
+    n: usize,
+    train: &Labelled,
+    heldout: &Labelled,
+    device: Device,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<Classifier>, Vec<ClassifierRecord>)> {
+    let mut classifiers = Vec::new();
+    let mut records = Vec::new();
+    for seed in 0..n as u64 {
+        let cfg = ClassifierConfig {
+            seed,
+            ..ClassifierConfig::default()
+        };
+        let (clf, record) = Classifier::load_or_train(cache, train, heldout, cfg, device)?;
+        progress.note(&format!(
+            "classifier {seed}: {:.1} % held-out accuracy",
+            100.0 * record.heldout_accuracy
+        ));
+        classifiers.push(clf);
+        records.push(record);
+    }
+    Ok((classifiers, records))
 }
 
 /// The run directory of a checkpoint `run/checkpoints/step-N`.

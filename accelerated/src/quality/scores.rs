@@ -29,6 +29,33 @@ pub fn marginal_entropy(logits: &Tensor) -> Result<f64> {
     Ok(-f64::try_from(terms.sum(Kind::Double))?)
 }
 
+/// The fraction of samples whose most likely class has probability at least `threshold`
+/// (max_y p(y|x) ≥ threshold), from logits [N, classes]: the share of images the classifier
+/// names with confidence. `threshold` must lie in (0, 1]; N ≥ 1.
+pub fn confident_share(logits: &Tensor, threshold: f64) -> Result<f64> {
+    if !(threshold > 0.0 && threshold <= 1.0) {
+        return Err(DdpmError::OutOfRange {
+            key: "threshold",
+            value: threshold.to_string(),
+            expected: "in (0, 1]".into(),
+        });
+    }
+    let size = logits.size();
+    if size.len() != 2 || size[0] == 0 {
+        return Err(DdpmError::ShapeMismatch {
+            what: "logits of a confident share",
+            expected: "[N ≥ 1, classes]".into(),
+            got: size,
+        });
+    }
+    let top = logits
+        .f_to_kind(Kind::Double)?
+        .f_softmax(-1, Kind::Double)?
+        .amax(-1, false);
+    let confident = top.ge(threshold).to_kind(Kind::Double);
+    Ok(f64::try_from(confident.mean(Kind::Double))?)
+}
+
 /// A confidence interval [lo, hi] with its level.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Interval {
@@ -123,6 +150,40 @@ mod tests {
         let sure = Tensor::from_slice(&[50.0f64, 0.0, 0.0, 50.0]).view([2, 2]);
         assert!(mean_entropy(&sure).unwrap() < 1e-18);
         assert!((marginal_entropy(&sure).unwrap() - 2f64.ln()).abs() < 1e-12);
+    }
+
+    /// Hand-made logits with known top probabilities: softmax of [ln 9, 0] is [0.9, 0.1]
+    /// (at the threshold), of [ln 8, 0] is [8/9, 1/9] (below it), then a certain one and a
+    /// uniform one (top 0.5): 2 of 4 are confident at 0.9, 3 of 4 at 0.6, all 4 at 0.5 (a
+    /// probability equal to the threshold counts), 1 of 4 at 1.
+    #[test]
+    fn confident_share_of_known_predictions() {
+        let rows = [[9f64.ln(), 0.0], [8f64.ln(), 0.0], [0.0, 60.0], [0.0, 0.0]];
+        let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+        let logits = Tensor::from_slice(&flat).view([4, 2]);
+        // ln 9 in f64 rounds: the top probability is 0.9 to within 1e-16, on either side;
+        // nudge the threshold by 1e-12 so the count does not depend on that rounding.
+        assert_eq!(confident_share(&logits, 0.9 - 1e-12).unwrap(), 0.5);
+        assert_eq!(confident_share(&logits, 0.9 + 1e-12).unwrap(), 0.25);
+        assert_eq!(confident_share(&logits, 0.6).unwrap(), 0.75);
+        assert_eq!(confident_share(&logits, 0.5).unwrap(), 1.0);
+        assert_eq!(confident_share(&logits, 1.0).unwrap(), 0.25);
+        // f32 logits (the classifier's) give the same count.
+        let f32_logits = logits.to_kind(Kind::Float);
+        assert_eq!(confident_share(&f32_logits, 0.6).unwrap(), 0.75);
+        for bad in [0.0, 1.5, f64::NAN] {
+            assert!(matches!(
+                confident_share(&logits, bad),
+                Err(DdpmError::OutOfRange {
+                    key: "threshold",
+                    ..
+                })
+            ));
+        }
+        assert!(matches!(
+            confident_share(&Tensor::zeros([0, 2], (Kind::Float, Device::Cpu)), 0.9),
+            Err(DdpmError::ShapeMismatch { .. })
+        ));
     }
 
     /// Coverage of the interval for a mean of N(μ, 1) samples: 200 seeded trials of n = 100

@@ -252,42 +252,47 @@ fn sampler_config(plan: &Plan, k: usize) -> SamplerConfig {
     }
 }
 
-/// `n` images in batches, batch k seeded with seed + k.
-fn draw(
+/// `n` images in batches of at most `batch`, drawn by `one(k, shape)` for batch k = 0, 1, …
+/// (callers seed batch k with seed + k), gathered on the CPU.
+pub(super) fn draw(
     n: usize,
-    plan: &Plan,
+    batch: usize,
     shape: &[i64],
-    mut one: impl FnMut(SamplerConfig, &[i64]) -> Result<Tensor>,
+    mut one: impl FnMut(usize, &[i64]) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let mut parts = Vec::new();
     let mut done = 0;
     while done < n {
-        let b = plan.batch.min(n - done);
+        let b = batch.min(n - done);
         let mut s = shape.to_vec();
         s[0] = b as i64;
-        parts.push(one(sampler_config(plan, parts.len()), &s)?.to_device(Device::Cpu));
+        parts.push(one(parts.len(), &s)?.to_device(Device::Cpu));
         done += b;
     }
     Ok(Tensor::f_cat(&parts, 0)?)
 }
 
 /// How generated images score: FD-MNIST under the first classifier with its interval, the
-/// entropies of its predictions, and the FD and features under every classifier.
-struct Score {
-    fd: f64,
-    fd_ci: Interval,
-    entropy: f64,
-    marginal_entropy: f64,
-    fd_by_classifier: Vec<f64>,
-    features: Vec<Tensor>,
+/// entropies of its predictions and its confident share, and the FD and features under every
+/// classifier.
+pub(super) struct Score {
+    pub(super) fd: f64,
+    pub(super) fd_ci: Interval,
+    pub(super) entropy: f64,
+    pub(super) marginal_entropy: f64,
+    /// The first classifier's logits (for shares such as [`confident_share`]).
+    pub(super) logits: Tensor,
+    pub(super) fd_by_classifier: Vec<f64>,
+    pub(super) features: Vec<Tensor>,
 }
 
-/// Scores `images` under `classifiers` against their held-out embeddings `real` (one each).
-fn score(
+/// Scores `images` under `classifiers` against their held-out embeddings `real` (one each),
+/// the first classifier's FD with a bootstrap interval as `boot` says.
+pub(super) fn score(
     classifiers: &[Classifier],
     real: &[Embedding],
     images: &Tensor,
-    plan: &Plan,
+    boot: Bootstrap,
 ) -> Result<Score> {
     let embedded = classifiers
         .iter()
@@ -298,20 +303,27 @@ fn score(
         .zip(real)
         .map(|(e, r)| frechet_between(&e.features, &r.features))
         .collect::<Result<Vec<_>>>()?;
-    let cfg = Bootstrap {
-        reps: plan.bootstrap_reps,
-        level: CONFIDENCE,
-        seed: plan.seed,
-    };
     let first = &embedded[0];
     Ok(Score {
         fd: fd_by_classifier[0],
-        fd_ci: bootstrap_ci(&first.features, &real[0].features, cfg, frechet_between)?,
+        fd_ci: bootstrap_ci(&first.features, &real[0].features, boot, frechet_between)?,
         entropy: mean_entropy(&first.logits)?,
         marginal_entropy: marginal_entropy(&first.logits)?,
+        logits: first.logits.shallow_clone(),
         fd_by_classifier,
         features: embedded.into_iter().map(|e| e.features).collect(),
     })
+}
+
+impl Plan {
+    /// The bootstrap of every interval in the table.
+    fn bootstrap(&self) -> Bootstrap {
+        Bootstrap {
+            reps: self.bootstrap_reps,
+            level: CONFIDENCE,
+            seed: self.seed,
+        }
+    }
 }
 
 /// FD(a) − FD(b) against the real features, with a paired bootstrap interval: image i of both
@@ -327,12 +339,10 @@ fn paired_difference(
     let diff = |ab: &Tensor, r: &Tensor| -> Result<f64> {
         Ok(frechet_between(&ab.narrow(1, 0, k), r)? - frechet_between(&ab.narrow(1, k, k), r)?)
     };
-    let cfg = Bootstrap {
-        reps: plan.bootstrap_reps,
-        level: CONFIDENCE,
-        seed: plan.seed,
-    };
-    Ok((diff(&both, real)?, bootstrap_ci(&both, real, cfg, diff)?))
+    Ok((
+        diff(&both, real)?,
+        bootstrap_ci(&both, real, plan.bootstrap(), diff)?,
+    ))
 }
 
 /// Mean and standard error of the per-image bits/dim.
@@ -546,10 +556,10 @@ fn measure_columns<M: NoisePredictor + ?Sized>(
             counter
                 .progress
                 .status(&format!("{} at {} steps", row.name(), col.steps));
-            let images = draw(col.samples, plan, &shape, |cfg, s| {
+            let images = draw(col.samples, plan.batch, &shape, |k, s| {
                 let cfg = SamplerConfig {
                     steps: Some(col.steps),
-                    ..cfg
+                    ..sampler_config(plan, k)
                 };
                 Sampler::with_sigma_table(ctx.schedule, cfg, sigma)?.sample_with(
                     ctx.model,
@@ -588,11 +598,11 @@ fn measure_columns<M: NoisePredictor + ?Sized>(
             counter
                 .progress
                 .status(&format!("{} at {} steps", Row::Ddim.name(), col.steps));
-            let images = draw(col.samples, plan, &shape, |cfg, s| {
+            let images = draw(col.samples, plan.batch, &shape, |k, s| {
                 let cfg = SamplerConfig {
                     steps: Some(col.steps),
                     eta: Some(0.0),
-                    ..cfg
+                    ..sampler_config(plan, k)
                 };
                 Sampler::new(ctx.schedule, cfg)?
                     .sample_with(ctx.model, s, ctx.device, |_, _| counter.add(s[0] as u64))
@@ -616,18 +626,13 @@ fn floors<M: NoisePredictor + ?Sized>(
     let mut counts: Vec<usize> = plan.columns.iter().map(|c| c.samples).collect();
     counts.sort_unstable();
     counts.dedup();
-    let n_train = ctx.train.size()[0] as usize;
     let mut rng = StdRng::seed_from_u64(plan.seed);
     counts
         .into_iter()
         .map(|n| {
-            let idx: Vec<i64> = sample(&mut rng, n_train, n.min(n_train))
-                .into_iter()
-                .map(|i| i as i64)
-                .collect();
-            let images = ctx.train.index_select(0, &Tensor::from_slice(&idx));
+            let images = train_subset(ctx.train, n, &mut rng);
             // A floor is reported for the main table's classifier only.
-            let sc = score(&ctx.classifiers[..1], &real[..1], &images, plan)?;
+            let sc = score(&ctx.classifiers[..1], &real[..1], &images, plan.bootstrap())?;
             Ok(Floor {
                 samples: n,
                 fd: sc.fd,
@@ -635,6 +640,17 @@ fn floors<M: NoisePredictor + ?Sized>(
             })
         })
         .collect()
+}
+
+/// min(n, N) of the training images [N, …], drawn without replacement by `rng`: the real
+/// images a floor scores.
+pub(super) fn train_subset(train: &Tensor, n: usize, rng: &mut StdRng) -> Tensor {
+    let n_train = train.size()[0] as usize;
+    let idx: Vec<i64> = sample(rng, n_train, n.min(n_train))
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    train.index_select(0, &Tensor::from_slice(&idx))
 }
 
 /// The cell of `images` sampled in `row` and `col`: its grid written under `out`, its scores,
@@ -658,7 +674,7 @@ fn finish<M: NoisePredictor + ?Sized>(
         &out.join(&grid),
         Some(GRID_COLUMNS),
     )?;
-    let sc = score(ctx.classifiers, real, images, plan)?;
+    let sc = score(ctx.classifiers, real, images, plan.bootstrap())?;
     let cell = Cell {
         row,
         steps: col.steps,

@@ -4,6 +4,7 @@
 
 use crate::progress::Bar;
 use crate::quality::{run_quality, QualityArgs};
+use crate::score::{run_score, ScoreArgs};
 use crate::signals::StopSignals;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -55,6 +56,9 @@ pub enum Command {
     Quality(QualityArgs),
     /// Show the libtorch version, CUDA availability, the device --device picks, and the data.
     Info,
+    /// Score one mnist checkpoint with its run's sampler: FD-MNIST with its interval, the
+    /// share of samples classified with confidence ≥ 0.9, H(y|x), H(ȳ), against real digits.
+    Score(ScoreArgs),
 }
 
 /// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
@@ -524,6 +528,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => run_train(&args, cli.device, progress),
         Command::Sample(args) => run_sample(&args, cli.device, progress),
         Command::Quality(args) => run_quality(&args, cli.device, progress),
+        Command::Score(args) => run_score(&args, cli.device, progress),
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {

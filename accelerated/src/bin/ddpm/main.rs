@@ -4,6 +4,7 @@
 mod cli;
 mod progress;
 mod quality;
+mod score;
 mod signals;
 
 use clap::Parser;
