@@ -326,6 +326,10 @@ pub struct TrainArgs {
     /// Skip batches whose loss is NaN or infinite instead of stopping.
     #[arg(long)]
     pub skip_nonfinite: bool,
+    /// Scale the sample grids up S times, nearest neighbour (1 = raw pixels) [default: the
+    /// preset's, 4 for mnist].
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
+    pub grid_scale: Option<u64>,
 }
 
 impl TrainArgs {
@@ -409,6 +413,11 @@ impl TrainArgs {
                 "train.skip_nonfinite",
                 yes(self.skip_nonfinite),
             ),
+            (
+                "--grid-scale",
+                "sample.grid_scale",
+                self.grid_scale.map(int),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -475,6 +484,10 @@ pub struct SampleArgs {
     /// Images per grid row [default: ceil(sqrt(n))].
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub columns: Option<i64>,
+    /// Scale the grid up S times, nearest neighbour (1 = raw pixels; --each files stay raw)
+    /// [default: the run's sample.grid_scale].
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
+    pub grid_scale: Option<u64>,
 }
 
 /// `ddpm eval`.
@@ -634,7 +647,7 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         return Err(stopped_message(&signals, &summary, &run_dir));
     }
     println!(
-        "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}",
+        "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}{}",
         summary.steps,
         summary.last_loss,
         if summary.skipped > 0 {
@@ -643,9 +656,18 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
             String::new()
         },
         summary.checkpoint.display(),
-        summary.grid.display()
+        summary.grid.display(),
+        loss_curve_note(&summary)
     );
     Ok(())
+}
+
+/// ", loss curve PATH" for the last line of a run, when it drew one.
+fn loss_curve_note(summary: &ddpm::train::TrainSummary) -> String {
+    summary
+        .loss_curve
+        .as_ref()
+        .map_or(String::new(), |p| format!(", loss curve {}", p.display()))
 }
 
 /// `--resume` with flags: each setting flag must equal the value saved with the run (all
@@ -751,6 +773,11 @@ impl SampleArgs {
                 "--clip-each-step",
                 "sample.clip_each_step",
                 self.clip_each_step.map(Value::from),
+            ),
+            (
+                "--grid-scale",
+                "sample.grid_scale",
+                self.grid_scale.map(int),
             ),
         ];
         Ok(flags
