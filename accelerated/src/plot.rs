@@ -118,8 +118,10 @@ pub fn render(points: &[(u64, f64)]) -> Result<Option<Vec<u8>>> {
                     .y_label_formatter(&|y| short(*y))
                     .label_style((FAMILY, 13))
                     .axis_desc_style((FAMILY, 15))
-                    .light_line_style(RGBColor(235, 235, 235))
-                    .bold_line_style(RGBColor(210, 210, 210))
+                    .x_labels(10)
+                    .y_labels(12)
+                    .light_line_style(WHITE)
+                    .bold_line_style(RGBColor(220, 220, 220))
                     .draw()
                     .map_err(encode_error)?;
                 chart
@@ -128,7 +130,11 @@ pub fn render(points: &[(u64, f64)]) -> Result<Option<Vec<u8>>> {
             }};
         }
         if log_y {
-            draw!((lo / 1.25..hi * 1.25).log_scale(), "loss (log scale)");
+            let (y0, y1) = (lo / 1.25, hi * 1.25);
+            draw!(
+                (y0..y1).log_scale().with_key_points(log_ticks(y0, y1)),
+                "loss (log scale)"
+            );
         } else {
             let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.02).max(1e-12);
             draw!((lo - pad).max(0.0)..hi + pad, "loss");
@@ -136,6 +142,16 @@ pub fn render(points: &[(u64, f64)]) -> Result<Option<Vec<u8>>> {
         root.present().map_err(encode_error)?;
     }
     Ok(Some(buf))
+}
+
+/// 1, 2 and 5 times the powers of ten in [lo, hi] (lo > 0): the labels of a log axis, which
+/// plotters' own choice leaves out below the top decade.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    (first..=last)
+        .flat_map(|k| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(k)))
+        .filter(|v| (lo..=hi).contains(v))
+        .collect()
 }
 
 /// `x` with three significant digits, without a long tail of zeros (1.23e4 as 12300).
@@ -283,6 +299,11 @@ mod tests {
     fn a_target_that_fails_every_write_is_an_error() {
         let err = write_loss_curve(&[(1, 3.0), (2, 2.0)], Path::new("/dev/full")).unwrap_err();
         assert!(err.to_string().contains("/dev/full"), "{err}");
+    }
+
+    #[test]
+    fn a_log_axis_is_labelled_at_one_two_and_five() {
+        assert_eq!(log_ticks(150.0, 3300.0), [200.0, 500.0, 1000.0, 2000.0]);
     }
 
     #[test]

@@ -1086,4 +1086,29 @@ mod tests {
         assert_eq!(whole::<usize>("+7"), Ok(7));
         assert!(finite("1e400").is_err() && finite("NaN").is_err());
     }
+
+    #[test]
+    fn grid_scale_is_a_flag_of_train_and_sample_at_sample_grid_scale() {
+        let (cfg, given) = train_args(&["--grid-scale", "2"]).config().unwrap();
+        assert_eq!(cfg.sample.grid_scale, 2);
+        assert_eq!(given.len(), 1);
+        assert_eq!(
+            (given[0].0, given[0].1),
+            ("--grid-scale", "sample.grid_scale")
+        );
+        assert_eq!(
+            train_args(&[]).config().unwrap().0.sample.grid_scale,
+            4,
+            "the mnist preset's"
+        );
+        let cli = Cli::try_parse_from(["ddpm", "sample", "--grid-scale", "1"]).unwrap();
+        let Command::Sample(args) = cli.command else {
+            panic!("not sample")
+        };
+        let given = args.given().unwrap();
+        assert_eq!(
+            (given[0].0, given[0].1, given[0].2.as_integer()),
+            ("--grid-scale", "sample.grid_scale", Some(1))
+        );
+    }
 }
