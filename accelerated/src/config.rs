@@ -135,6 +135,9 @@ pub struct TrainConfig {
     /// `ddpm sample` always uses the `sample` settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grid_steps: Option<usize>,
+    /// Redraw `loss.png` (the loss curve, beside `metrics.jsonl`) at every log interval.
+    #[serde(default = "yes")]
+    pub plot_loss: bool,
 }
 
 /// The sampling section.
@@ -157,6 +160,20 @@ pub struct SampleConfig {
     pub n: usize,
     /// Sample with the EMA weights (else the raw weights).
     pub ema: bool,
+    /// Grids (the trainer's and `ddpm sample --out`) are scaled up this many times by nearest
+    /// neighbour, gaps included (1 = raw pixels; `--each` files stay raw); 1 to 16.
+    #[serde(default = "default_grid_scale")]
+    pub grid_scale: u32,
+}
+
+/// `sample.grid_scale` of a saved configuration that predates it.
+fn default_grid_scale() -> u32 {
+    4
+}
+
+/// `true`, the serde default of switches that predate their key.
+fn yes() -> bool {
+    true
 }
 
 /// The names of the presets.
@@ -211,6 +228,7 @@ impl Config {
                 log_every: 10,
                 skip_nonfinite: false,
                 grid_steps: Some(100),
+                plot_loss: true,
             },
             sample: SampleConfig {
                 sigma: SigmaChoice::Beta,
@@ -219,6 +237,7 @@ impl Config {
                 clip_each_step: true,
                 n: 36,
                 ema: true,
+                grid_scale: 4,
             },
         }
     }
@@ -281,6 +300,7 @@ impl Config {
             sample: SampleConfig {
                 clip_each_step: false,
                 n: 16,
+                grid_scale: 1,
                 ..cifar.sample
             },
             ..cifar
@@ -555,6 +575,13 @@ impl Config {
             }
         }
         self.lr_schedule()?;
+        if !(1..=crate::grid::MAX_SCALE).contains(&s.grid_scale) {
+            return out_of_range(
+                "sample.grid_scale",
+                s.grid_scale.to_string(),
+                format!("between 1 and {}", crate::grid::MAX_SCALE),
+            );
+        }
         Ok(())
     }
 

@@ -94,7 +94,7 @@ pub fn generate<M: NoisePredictor + ?Sized>(
     });
     progress.finish();
     let images = images?;
-    write(&images, opts)?;
+    write_scaled(&images, opts, cfg.sample.grid_scale)?;
     Ok(images)
 }
 
@@ -102,6 +102,18 @@ pub fn generate<M: NoisePredictor + ?Sized>(
 pub fn write(images: &Tensor, opts: &SampleOptions) -> Result<()> {
     if let Some(out) = &opts.out {
         grid::save_grid(images, out, opts.columns)?;
+    }
+    if let Some(dir) = &opts.each {
+        grid::save_each(images, dir)?;
+    }
+    Ok(())
+}
+
+/// [`write`] with the grid scaled up `grid_scale` times (`sample.grid_scale`, see
+/// [`grid::scale_up`]); the single images stay at their own size.
+pub fn write_scaled(images: &Tensor, opts: &SampleOptions, grid_scale: u32) -> Result<()> {
+    if let Some(out) = &opts.out {
+        grid::save_grid_scaled(images, out, opts.columns, grid_scale)?;
     }
     if let Some(dir) = &opts.each {
         grid::save_each(images, dir)?;

@@ -61,6 +61,38 @@ pub fn tile(images: &Tensor, columns: Option<i64>) -> Result<Tensor> {
     Ok(grid.f_constant_pad_nd([0, GAP, 0, GAP])?)
 }
 
+/// The most a grid is scaled up (`sample.grid_scale`): 16 makes a 128-pixel image 2048 pixels
+/// wide, past which a grid stops fitting a screen and grows to hundreds of MB.
+pub const MAX_SCALE: u32 = 16;
+
+/// `[C, H, W]` pixels scaled up `s` times by nearest neighbour: each pixel becomes an `s`×`s`
+/// block, so pixel (i, j) of the result is pixel (i / s, j / s) of `pixels`, exactly (the
+/// gaps of a grid scale too). `s` = 1 returns the pixels as they are.
+pub fn scale_up(pixels: &Tensor, s: u32) -> Result<Tensor> {
+    if !(1..=MAX_SCALE).contains(&s) {
+        return Err(DdpmError::OutOfRange {
+            key: "scale",
+            value: s.to_string(),
+            expected: format!("between 1 and {MAX_SCALE}"),
+        });
+    }
+    let size = pixels.size();
+    if size.len() != 3 {
+        return Err(DdpmError::ShapeMismatch {
+            what: "the pixels to scale up",
+            expected: "[C, H, W]".into(),
+            got: size,
+        });
+    }
+    if s == 1 {
+        return Ok(pixels.shallow_clone());
+    }
+    let s = i64::from(s);
+    Ok(pixels
+        .f_repeat_interleave_self_int(s, Some(1), None)?
+        .f_repeat_interleave_self_int(s, Some(2), None)?)
+}
+
 /// Writes `[C, H, W]` Uint8 pixels (C = 1 or 3) as a PNG file.
 pub fn write_png(pixels: &Tensor, path: &Path) -> Result<()> {
     let size = pixels.size();
@@ -147,6 +179,17 @@ pub fn save_grid(images: &Tensor, path: &Path, columns: Option<i64>) -> Result<(
     write_png(&tile(images, columns)?, path)
 }
 
+/// [`save_grid`] scaled up `scale` times by nearest neighbour (see [`scale_up`]): at 4, a
+/// 28-pixel digit is 112 pixels and the 2-pixel gaps between cells are 8.
+pub fn save_grid_scaled(
+    images: &Tensor,
+    path: &Path,
+    columns: Option<i64>,
+    scale: u32,
+) -> Result<()> {
+    write_png(&scale_up(&tile(images, columns)?, scale)?, path)
+}
+
 /// Writes each of `[N, C, H, W]` images in [−1, 1] as `dir/NNNNN.png`.
 pub fn save_each(images: &Tensor, dir: &Path) -> Result<()> {
     let px = to_pixels(images)?;
@@ -198,5 +241,66 @@ mod tests {
             None
         )
         .is_err());
+    }
+    /// Row-major bytes of `[C, H, W]` Uint8 pixels.
+    fn bytes(px: &Tensor) -> Vec<u8> {
+        Vec::<u8>::try_from(px.contiguous().view([-1])).unwrap()
+    }
+
+    #[test]
+    fn a_scaled_grid_is_the_raw_grid_in_blocks_of_s_by_s_pixels() {
+        // Sizes (n, c, h, w) and scales over a small lattice; deterministic pixel values.
+        for (n, c, h, w) in [(1, 1, 3, 5), (5, 3, 2, 3), (7, 1, 4, 4), (4, 3, 1, 6)] {
+            let count = n * c * h * w;
+            let imgs = Tensor::linspace(-1.0, 1.0, count, (Kind::Float, Device::Cpu))
+                .view([n, c, h, w])
+                .index_select(0, &Tensor::from_slice(&(0..n).rev().collect::<Vec<i64>>()));
+            let raw = tile(&imgs, None).unwrap();
+            let [_, rh, rw] = raw.size()[..] else {
+                unreachable!()
+            };
+            let raw_bytes = bytes(&raw);
+            for s in [1u32, 2, 3, 4, 7] {
+                let big = scale_up(&raw, s).unwrap();
+                let s = i64::from(s);
+                assert_eq!(big.size(), vec![c, rh * s, rw * s]);
+                let big_bytes = bytes(&big);
+                for ch in 0..c {
+                    for i in 0..rh * s {
+                        for j in 0..rw * s {
+                            let got = big_bytes[((ch * rh * s + i) * rw * s + j) as usize];
+                            let want = raw_bytes[((ch * rh + i / s) * rw + j / s) as usize];
+                            assert_eq!(got, want, "n {n} c {c} s {s} at ({ch}, {i}, {j})");
+                        }
+                    }
+                }
+            }
+        }
+        for s in [0, MAX_SCALE + 1] {
+            let raw = Tensor::zeros([1, 2, 2], (Kind::Uint8, Device::Cpu));
+            assert!(matches!(
+                scale_up(&raw, s),
+                Err(DdpmError::OutOfRange { key: "scale", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_scaled_grid_png_has_the_scaled_size() {
+        let dir = test_dir("grid_scaled_png");
+        let grey = Tensor::linspace(-1.0, 1.0, 6 * 28 * 28, (Kind::Float, Device::Cpu))
+            .view([6, 1, 28, 28]);
+        save_grid_scaled(&grey, &dir.join("g.png"), Some(3), 4).unwrap();
+        let back = image::open(dir.join("g.png")).unwrap().to_luma8();
+        let (w, h) = (3 * (28 + GAP) + GAP, 2 * (28 + GAP) + GAP);
+        assert_eq!((back.width(), back.height()), (4 * w as u32, 4 * h as u32));
+        // The last image's last pixel (x = 1, so 255) fills a 4×4 block, then the 8-pixel gap.
+        let x = 4 * (GAP + 2 * (28 + GAP) + 27) as u32;
+        let y = 4 * (GAP + (28 + GAP) + 27) as u32;
+        for (dx, dy) in [(0, 0), (3, 0), (0, 3), (3, 3)] {
+            assert_eq!(back.get_pixel(x + dx, y + dy).0, [255]);
+        }
+        assert_eq!(back.get_pixel(x + 4, y).0, [0]);
+        assert_eq!(back.get_pixel(x, y + 4).0, [0]);
     }
 }

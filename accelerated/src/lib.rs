@@ -28,6 +28,7 @@ pub mod fsio;
 pub mod generate;
 pub mod grid;
 pub mod metrics;
+pub mod plot;
 pub mod progress;
 pub mod train;
 

@@ -30,6 +30,8 @@ pub struct Record {
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
+    /// (step, loss) of every line, those kept from before a resume included (NaN for null).
+    losses: Vec<(u64, f64)>,
 }
 
 impl MetricsLog {
@@ -69,6 +71,7 @@ impl MetricsLog {
         Ok(MetricsLog {
             path: path.to_path_buf(),
             file,
+            losses: kept.lines().filter_map(logged_loss).collect(),
         })
     }
 
@@ -83,8 +86,27 @@ impl MetricsLog {
             "elapsed_s": record.elapsed_s,
             "skipped": record.skipped,
         });
-        crate::fsio::append_line(&mut self.file, &self.path, &format!("{line}\n"))
+        crate::fsio::append_line(&mut self.file, &self.path, &format!("{line}\n"))?;
+        self.losses.push((record.step, record.loss));
+        Ok(())
     }
+
+    /// (step, loss) of every line in the log, in order (NaN where the loss was not finite):
+    /// what the loss curve draws.
+    pub fn losses(&self) -> &[(u64, f64)] {
+        &self.losses
+    }
+}
+
+/// The step and loss of a line of `metrics.jsonl` (NaN for a null loss), if it is one.
+fn logged_loss(line: &str) -> Option<(u64, f64)> {
+    let value = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    let step = value.get("step")?.as_u64()?;
+    let loss = value
+        .get("loss")
+        .and_then(|l| l.as_f64())
+        .unwrap_or(f64::NAN);
+    Some((step, loss))
 }
 
 /// The step of a line of `metrics.jsonl`, if it is one.
@@ -132,5 +154,31 @@ mod tests {
             .filter_map(logged_step)
             .collect();
         assert_eq!(steps, [1, 2, 3]);
+    }
+
+    #[test]
+    fn the_losses_of_kept_and_appended_lines_are_known() {
+        let path = test_dir("metrics_losses").join("metrics.jsonl");
+        let record = |step, loss| Record {
+            step,
+            loss,
+            lr: 0.1,
+            grad_norm: None,
+            steps_per_s: 1.0,
+            elapsed_s: 1.0,
+            skipped: 0,
+        };
+        let mut log = MetricsLog::open(&path, 0).unwrap();
+        for (step, loss) in [(1, 4.0), (2, f64::NAN), (3, 2.0)] {
+            log.append(&record(step, loss)).unwrap();
+        }
+        drop(log);
+        // A resume from step 2 keeps lines 1 and 2, then appends 3 again.
+        let mut log = MetricsLog::open(&path, 2).unwrap();
+        log.append(&record(3, 1.5)).unwrap();
+        let losses = log.losses();
+        assert_eq!(losses.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!((losses[0].1, losses[2].1), (4.0, 1.5));
+        assert!(losses[1].1.is_nan());
     }
 }

@@ -309,7 +309,7 @@ impl Trainer {
         } else {
             self.sample(&self.net)?
         };
-        crate::grid::save_grid(&images, path, None)
+        crate::grid::save_grid_scaled(&images, path, None, self.cfg.sample.grid_scale)
     }
 
     fn sample(&self, net: &UNet) -> Result<Tensor> {
@@ -464,6 +464,9 @@ pub struct TrainSummary {
     /// The run was stopped through [`TrainOptions::stop`] before `train.steps`; `checkpoint`
     /// holds the step it reached (`steps`), and `grid` was not drawn.
     pub stopped: bool,
+    /// The loss curve (`loss.png` beside `metrics.jsonl`), when one was drawn: not with
+    /// `train.plot_loss = false` or fewer than 2 finite logged losses.
+    pub loss_curve: Option<PathBuf>,
 }
 
 /// The checkpoints directory of a run.
@@ -684,6 +687,7 @@ struct Run<'a> {
     stopped: bool,
     /// The data's place as given and fingerprint, recorded in every checkpoint.
     data_record: Option<DataRecord>,
+    last_loss_curve: Option<PathBuf>,
 }
 
 impl<'a> Run<'a> {
@@ -730,6 +734,7 @@ impl<'a> Run<'a> {
             last_grid: None,
             stopped: false,
             data_record: None,
+            last_loss_curve: None,
         })
     }
 
@@ -778,6 +783,7 @@ impl<'a> Run<'a> {
         }
         if log {
             self.log_metrics(k, progress)?;
+            self.draw_loss_curve()?;
         }
         if save {
             self.save_checkpoint(k, progress)?;
@@ -842,7 +848,22 @@ impl<'a> Run<'a> {
                 .unwrap_or_else(|| grid_path(self.run_dir, step)),
             skipped: self.trainer.skipped(),
             stopped: self.stopped,
+            loss_curve: self.last_loss_curve,
         }
+    }
+
+    /// Redraws the loss curve from every line of `metrics.jsonl` (once there are 2 to draw),
+    /// unless `train.plot_loss` is off; a failed write ends the run as a failed metrics line
+    /// does.
+    fn draw_loss_curve(&mut self) -> Result<()> {
+        if !self.cfg.train.plot_loss {
+            return Ok(());
+        }
+        let path = crate::plot::loss_curve_path(self.run_dir);
+        if crate::plot::write_loss_curve(self.metrics.losses(), &path)? {
+            self.last_loss_curve = Some(path);
+        }
+        Ok(())
     }
 }
 

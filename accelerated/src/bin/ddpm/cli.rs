@@ -338,6 +338,10 @@ pub struct TrainArgs {
     /// The checkpoints written from then on record the new data.
     #[arg(long, requires = "resume")]
     pub allow_data_change: bool,
+    /// Scale the sample grids up S times, nearest neighbour (1 = raw pixels) [default: the
+    /// preset's, 4 for mnist].
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
+    pub grid_scale: Option<u64>,
 }
 
 impl TrainArgs {
@@ -421,6 +425,11 @@ impl TrainArgs {
                 "train.skip_nonfinite",
                 yes(self.skip_nonfinite),
             ),
+            (
+                "--grid-scale",
+                "sample.grid_scale",
+                self.grid_scale.map(int),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -487,6 +496,10 @@ pub struct SampleArgs {
     /// Images per grid row [default: ceil(sqrt(n))].
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub columns: Option<i64>,
+    /// Scale the grid up S times, nearest neighbour (1 = raw pixels; --each files stay raw)
+    /// [default: the run's sample.grid_scale].
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
+    pub grid_scale: Option<u64>,
 }
 
 /// `ddpm eval`.
@@ -655,7 +668,7 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         return Err(stopped_message(&signals, &summary, &run_dir));
     }
     println!(
-        "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}",
+        "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}{}",
         summary.steps,
         summary.last_loss,
         if summary.skipped > 0 {
@@ -664,9 +677,18 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
             String::new()
         },
         summary.checkpoint.display(),
-        summary.grid.display()
+        summary.grid.display(),
+        loss_curve_note(&summary)
     );
     Ok(())
+}
+
+/// ", loss curve PATH" for the last line of a run, when it drew one.
+fn loss_curve_note(summary: &ddpm::train::TrainSummary) -> String {
+    summary
+        .loss_curve
+        .as_ref()
+        .map_or(String::new(), |p| format!(", loss curve {}", p.display()))
 }
 
 /// `--resume` with flags: each setting flag must equal the value saved with the run (all
@@ -772,6 +794,11 @@ impl SampleArgs {
                 "--clip-each-step",
                 "sample.clip_each_step",
                 self.clip_each_step.map(Value::from),
+            ),
+            (
+                "--grid-scale",
+                "sample.grid_scale",
+                self.grid_scale.map(int),
             ),
         ];
         Ok(flags
@@ -1079,5 +1106,30 @@ mod tests {
         assert_eq!(whole::<i64>("-1"), Ok(-1));
         assert_eq!(whole::<usize>("+7"), Ok(7));
         assert!(finite("1e400").is_err() && finite("NaN").is_err());
+    }
+
+    #[test]
+    fn grid_scale_is_a_flag_of_train_and_sample_at_sample_grid_scale() {
+        let (cfg, given) = train_args(&["--grid-scale", "2"]).config().unwrap();
+        assert_eq!(cfg.sample.grid_scale, 2);
+        assert_eq!(given.len(), 1);
+        assert_eq!(
+            (given[0].0, given[0].1),
+            ("--grid-scale", "sample.grid_scale")
+        );
+        assert_eq!(
+            train_args(&[]).config().unwrap().0.sample.grid_scale,
+            4,
+            "the mnist preset's"
+        );
+        let cli = Cli::try_parse_from(["ddpm", "sample", "--grid-scale", "1"]).unwrap();
+        let Command::Sample(args) = cli.command else {
+            panic!("not sample")
+        };
+        let given = args.given().unwrap();
+        assert_eq!(
+            (given[0].0, given[0].1, given[0].2.as_integer()),
+            ("--grid-scale", "sample.grid_scale", Some(1))
+        );
     }
 }
