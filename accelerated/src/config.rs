@@ -70,6 +70,17 @@ pub enum LossWeight {
     None,
     /// Loss (8) with its exact weight β_t⁴/(β̄_t² α_t² σ_t²) for the chosen σ.
     Article,
+    /// Min-SNR-γ (Hang et al. 2023): min(SNR_t, γ)/SNR_t ‖ε − ε̂‖², SNR_t = ᾱ_t²/β̄_t²,
+    /// γ = `train.min_snr_gamma`.
+    #[serde(rename = "min_snr")]
+    MinSnr,
+}
+
+/// γ of Min-SNR-γ when a file does not set it: Hang et al.'s 5.
+pub const DEFAULT_MIN_SNR_GAMMA: f64 = 5.0;
+
+fn default_min_snr_gamma() -> f64 {
+    DEFAULT_MIN_SNR_GAMMA
 }
 
 /// One point of the piecewise-linear learning-rate decay: the factor reached at `step`.
@@ -112,10 +123,13 @@ pub struct TrainConfig {
     /// Ramp the EMA decay up as min(decay, (1+k)/(10+k)) so early averages forget the
     /// random initial weights.
     pub ema_warmup: bool,
-    /// Unweighted (`none`) or loss (8)'s exact weight (`article`).
+    /// Unweighted (`none`), loss (8)'s exact weight (`article`) or Min-SNR-γ (`min_snr`).
     pub loss_weight: LossWeight,
     /// The σ_t in loss (8)'s weight when `loss_weight = "article"`.
     pub loss_sigma: SigmaChoice,
+    /// γ of `loss_weight = "min_snr"`: samples with SNR_t > γ are down-weighted to γ/SNR_t.
+    #[serde(default = "default_min_snr_gamma")]
+    pub min_snr_gamma: f64,
     /// Run the network in bfloat16 autocast on CUDA (weights and optimiser stay f32).
     pub bf16: bool,
     /// Seed of everything random: initial weights, data order, t, ε, flips, the split.
@@ -220,6 +234,7 @@ impl Config {
                 ema_warmup: true,
                 loss_weight: LossWeight::None,
                 loss_sigma: SigmaChoice::Beta,
+                min_snr_gamma: DEFAULT_MIN_SNR_GAMMA,
                 bf16: false,
                 seed: 0,
                 checkpoint_every: 250,
@@ -559,6 +574,13 @@ impl Config {
             },
             e => e,
         })?;
+        if !(t.min_snr_gamma.is_finite() && t.min_snr_gamma > 0.0) {
+            return out_of_range(
+                "train.min_snr_gamma",
+                t.min_snr_gamma.to_string(),
+                "positive and finite".into(),
+            );
+        }
         if t.loss_weight == LossWeight::Article && t.loss_sigma == SigmaChoice::Posterior {
             return Err(DdpmError::Incompatible {
                 key: "train.loss_sigma",
@@ -925,5 +947,54 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn min_snr_is_a_loss_weight_whose_gamma_defaults_to_5_and_must_be_positive() {
+        let cfg = Config::from_toml_str(
+            "[train]\nloss_weight = \"min_snr\"\nmin_snr_gamma = 2.5\n",
+            "f.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.train.loss_weight, cfg.train.min_snr_gamma),
+            (LossWeight::MinSnr, 2.5)
+        );
+        let back = Config::from_toml_str(&cfg.to_toml().unwrap(), "saved").unwrap();
+        assert_eq!(back, cfg);
+        // The article's behaviour stays every preset's default; γ defaults to Hang et al.'s 5,
+        // also in a saved config.toml written before the key existed.
+        for name in PRESETS {
+            let p = Config::preset(name).unwrap();
+            assert_eq!(p.train.loss_weight, LossWeight::None, "{name}");
+            assert_eq!(p.train.min_snr_gamma, 5.0, "{name}");
+        }
+        let mut older = Config::mnist().to_table().unwrap();
+        older["train"]
+            .as_table_mut()
+            .unwrap()
+            .remove("min_snr_gamma");
+        let older = toml::to_string(&older).unwrap();
+        assert!(!older.contains("min_snr_gamma"));
+        assert_eq!(
+            Config::from_toml_str(&older, "old").unwrap(),
+            Config::mnist()
+        );
+        for gamma in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut bad = toml::Table::new();
+            set_key(&mut bad, "train.loss_weight", "min_snr".into());
+            set_key(&mut bad, "train.min_snr_gamma", gamma.into());
+            let err = Config::mnist().with_overrides(bad, "flags").unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DdpmError::OutOfRange {
+                        key: "train.min_snr_gamma",
+                        ..
+                    }
+                ),
+                "γ = {gamma}: {err}"
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! Training losses: the Euclidean loss on ε̂ (summed over every dimension of a sample,
-//! averaged over the batch) and the article's weighted loss (8).
+//! averaged over the batch), the article's weighted loss (8) and the Min-SNR-γ weighting.
 
 use crate::error::{DdpmError, Result};
 use crate::marginal::same_shape;
@@ -60,6 +60,51 @@ pub fn weighted_loss(
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
     Ok(weighted_per_sample(schedule, sigma, t, eps, eps_hat)?.mean(None::<Kind>))
+}
+
+/// ᾱ_t² and β̄_t² per sample [B], in f64 (the tables' precision).
+fn signal_and_noise(schedule: &Schedule, t: &Tensor) -> Result<(Tensor, Tensor)> {
+    let like = Tensor::zeros(
+        [t.size().first().copied().unwrap_or(0)],
+        (Kind::Double, t.device()),
+    );
+    let ab = schedule.alpha_bar_at(t, &like)?;
+    let bb = schedule.beta_bar_at(t, &like)?;
+    Ok((ab.square(), bb.square()))
+}
+
+/// SNR_t = ᾱ_t²/β̄_t² per sample [B], computed in f64 and returned in `kind`.
+pub fn snr(schedule: &Schedule, t: &Tensor, kind: Kind) -> Result<Tensor> {
+    let (signal, noise) = signal_and_noise(schedule, t)?;
+    Ok((signal / noise).f_to_kind(kind)?)
+}
+
+/// Min-SNR-γ weight on the unweighted loss (Hang et al. 2023), w_t = min(SNR_t, γ)/SNR_t per
+/// sample [B] in `kind`, computed as min(1, γ β̄_t²/ᾱ_t²) (the same number, and its limit 1
+/// where ᾱ_t rounds to 0) in f64 and returned in `kind` (one rounding). `gamma` must be
+/// positive and finite.
+pub fn min_snr_weight(schedule: &Schedule, gamma: f64, t: &Tensor, kind: Kind) -> Result<Tensor> {
+    if !(gamma.is_finite() && gamma > 0.0) {
+        return Err(DdpmError::OutOfRange {
+            key: "gamma",
+            value: gamma.to_string(),
+            expected: "positive and finite (Min-SNR-γ's clamp on SNR_t)".into(),
+        });
+    }
+    let (signal, noise) = signal_and_noise(schedule, t)?;
+    Ok((noise * gamma / signal).clamp_max(1.0).f_to_kind(kind)?)
+}
+
+/// The Min-SNR-γ loss averaged over the batch: mean_B min(SNR_t, γ)/SNR_t ‖ε − ε̂‖².
+pub fn min_snr_loss(
+    schedule: &Schedule,
+    gamma: f64,
+    t: &Tensor,
+    eps: &Tensor,
+    eps_hat: &Tensor,
+) -> Result<Tensor> {
+    let err = per_sample_sq_error(eps, eps_hat)?;
+    Ok((min_snr_weight(schedule, gamma, t, err.kind())? * err).mean(None::<Kind>))
 }
 
 /// The network input of loss (7): x_t = ᾱ_t x_0 + α_t β̄_{t−1} ε̄_{t−1} + β_t ε_t.
@@ -130,6 +175,26 @@ mod tests {
         assert_eq!(per, vec![9.0, 36.0]);
         let mean = f64::try_from(euclidean_loss(&eps, &eps_hat).unwrap()).unwrap();
         assert_eq!(mean, 22.5);
+    }
+
+    #[test]
+    fn min_snr_weight_clamps_high_snr_and_keeps_low_snr() {
+        let s = Schedule::new(ScheduleKind::Cosine, 100, Device::Cpu).unwrap();
+        let t = Tensor::from_slice(&[1i64, 50, 100]);
+        let snr = Vec::<f64>::try_from(snr(&s, &t, Kind::Double).unwrap()).unwrap();
+        let w = min_snr_weight(&s, 5.0, &t, Kind::Double).unwrap();
+        let w = Vec::<f64>::try_from(w).unwrap();
+        // t = 1: SNR ≫ 5, so w = 5/SNR; t = 50, 100: SNR < 5, so w = 1 exactly.
+        assert!(snr[0] > 5.0 && snr[1] < 5.0 && snr[2] < 5.0, "{snr:?}");
+        assert!((w[0] - 5.0 / snr[0]).abs() < 1e-12 * w[0]);
+        assert_eq!(&w[1..], &[1.0, 1.0]);
+        for gamma in [0.0, -2.0, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                min_snr_weight(&s, gamma, &t, Kind::Float),
+                Err(DdpmError::OutOfRange { key: "gamma", .. })
+            ));
+        }
+        assert!(min_snr_weight(&s, 5.0, &Tensor::from_slice(&[101i64]), Kind::Float).is_err());
     }
 
     #[test]

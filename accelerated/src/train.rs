@@ -1,4 +1,5 @@
-//! Training: mean_B ‖ε − ε̂(ᾱ_t x_0 + β̄_t ε, t)‖² (or loss (8) with its exact weight),
+//! Training: mean_B ‖ε − ε̂(ᾱ_t x_0 + β̄_t ε, t)‖² (or loss (8) with its exact weight, or the
+//! Min-SNR-γ weight),
 //! t ~ U{1..T}, LAMB with warm-up and piecewise-linear decay, EMA of the weights, atomic
 //! checkpoints, exact resume, metrics as JSON lines and sample grids.
 //!
@@ -16,7 +17,7 @@ use crate::data::{DataFingerprint, Dataset};
 use crate::ema::Ema;
 use crate::error::{DdpmError, Result};
 use crate::lamb::Lamb;
-use crate::loss::{euclidean_loss, weighted_loss};
+use crate::loss::{euclidean_loss, min_snr_loss, weighted_loss};
 use crate::lr::LrSchedule;
 use crate::marginal::marginal_sample;
 use crate::metrics::{MetricsLog, Record};
@@ -50,6 +51,16 @@ pub enum StepOutcome {
     Skipped(f64),
 }
 
+/// `train.loss_weight` with what its weight needs, built once per run.
+enum Weighting {
+    /// mean_B ‖ε − ε̂‖².
+    None,
+    /// Loss (8): the σ table of `train.loss_sigma`.
+    Article(Tensor),
+    /// Min-SNR-γ: γ.
+    MinSnr(f64),
+}
+
 /// The model, its optimiser and EMA, and the step counter.
 pub struct Trainer {
     cfg: Config,
@@ -60,7 +71,7 @@ pub struct Trainer {
     ema: Ema,
     lr: LrSchedule,
     schedule: Schedule,
-    loss_sigma: Option<Tensor>,
+    weighting: Weighting,
     step: u64,
     skipped: u64,
     last_grad_norm: Option<Tensor>,
@@ -78,9 +89,10 @@ impl Trainer {
         cfg.validate()?;
         let (vs, net) = build_model(cfg, device, cfg.train.seed)?;
         let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
-        let loss_sigma = match cfg.train.loss_weight {
-            LossWeight::None => None,
-            LossWeight::Article => Some(cfg.train.loss_sigma.table(&schedule)?),
+        let weighting = match cfg.train.loss_weight {
+            LossWeight::None => Weighting::None,
+            LossWeight::Article => Weighting::Article(cfg.train.loss_sigma.table(&schedule)?),
+            LossWeight::MinSnr => Weighting::MinSnr(cfg.train.min_snr_gamma),
         };
         Ok(Trainer {
             lamb: Lamb::new(&vs, cfg.lamb())?,
@@ -91,7 +103,7 @@ impl Trainer {
             vs,
             net,
             schedule,
-            loss_sigma,
+            weighting,
             step: 0,
             skipped: 0,
             last_grad_norm: None,
@@ -158,9 +170,10 @@ impl Trainer {
             self.net.forward_t(&x_t, &t, true)
         })?
         .f_to_kind(Kind::Float)?;
-        let loss = match &self.loss_sigma {
-            None => euclidean_loss(&eps, &eps_hat)?,
-            Some(sigma) => weighted_loss(&self.schedule, sigma, &t, &eps, &eps_hat)?,
+        let loss = match &self.weighting {
+            Weighting::None => euclidean_loss(&eps, &eps_hat)?,
+            Weighting::Article(sigma) => weighted_loss(&self.schedule, sigma, &t, &eps, &eps_hat)?,
+            Weighting::MinSnr(gamma) => min_snr_loss(&self.schedule, *gamma, &t, &eps, &eps_hat)?,
         };
         self.lamb.zero_grad();
         if self.cfg.train.skip_nonfinite {

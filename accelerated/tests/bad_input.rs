@@ -450,6 +450,7 @@ const NUMERIC_FLAGS: [(&str, &[(&str, bool)]); 5] = [
             ("--grad-clip", false),
             ("--ema-decay", false),
             ("--data-std", false),
+            ("--min-snr-gamma", false),
             ("--seed", true),
             ("--checkpoint-every", true),
             ("--keep-last", true),
@@ -541,7 +542,7 @@ fn every_numeric_flag_refuses_values_its_type_cannot_hold() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 38);
+    assert_eq!(cases, 39);
 }
 
 /// Zero, and -1 where the type holds it, reach the settings' own checks, which name the
@@ -801,5 +802,39 @@ fn sample_outputs_are_checked_before_the_checkpoint_is_read() {
         &mut sample(&nowhere, setup.dir.path(), &[]),
         1,
         &["is a directory"],
+    );
+}
+
+/// `--loss-weight min_snr` trains and is saved with its γ; a γ that is not positive is
+/// refused before anything is written, naming the key and the flag; the run resumes only with
+/// the same γ.
+#[test]
+fn min_snr_loss_weight_trains_saves_its_gamma_and_refuses_a_bad_one() {
+    let setup = Setup::new(2, 2);
+    let run = setup.path("run");
+    for bad in ["0", "-1"] {
+        fails(
+            &mut setup.train(&run, &["--loss-weight", "min_snr", "--min-snr-gamma", bad]),
+            1,
+            &[
+                &format!("train.min_snr_gamma (--min-snr-gamma) = {bad}"),
+                "positive",
+            ],
+        );
+        assert!(!run.join("config.toml").exists());
+    }
+    succeeds(&mut setup.train(
+        &run,
+        &["--loss-weight", "min_snr", "--min-snr-gamma", "2.5"],
+    ));
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("loss_weight = \"min_snr\"") && saved.contains("min_snr_gamma = 2.5"),
+        "{saved}"
+    );
+    fails(
+        &mut resume(&run, &["--steps", "3", "--min-snr-gamma", "5"]),
+        1,
+        &["--min-snr-gamma"],
     );
 }

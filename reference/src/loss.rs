@@ -1,10 +1,11 @@
 //! Training losses: the Euclidean noise-prediction loss, loss (8) (weighted and not), the
-//! Monte Carlo loss (7), and the θ-independent constant separating them.
+//! Min-SNR-γ weighting, the Monte Carlo loss (7), and the θ-independent constant separating
+//! (7) from (8).
 
 use ndarray::Array2;
 use rand::Rng;
 
-use crate::error::{check_shape, check_std, Result};
+use crate::error::{check_shape, check_std, RefError, Result};
 use crate::marginal::{marginal_sample, standard_normal};
 use crate::schedule::Schedule;
 
@@ -24,6 +25,36 @@ pub fn loss_weight(schedule: &Schedule, t: usize, sigma_t: f64) -> Result<f64> {
     let sigma_t = check_std("sigma_t", sigma_t, true)?;
     let (a, b, bb) = (schedule.alpha(t)?, schedule.beta(t)?, schedule.beta_bar(t)?);
     Ok(b.powi(4) / (bb * bb * a * a * sigma_t * sigma_t))
+}
+
+/// The signal-to-noise ratio of x_t = ᾱ_t x_0 + β̄_t ε: SNR_t = ᾱ_t²/β̄_t², 1 ≤ t ≤ T.
+pub fn snr(schedule: &Schedule, t: usize) -> Result<f64> {
+    schedule.check_t(t, 1)?;
+    let (ab, bb) = (schedule.alpha_bar(t)?, schedule.beta_bar(t)?);
+    Ok(ab * ab / (bb * bb))
+}
+
+/// Min-SNR-γ weight on the unweighted loss (Hang et al. 2023): w_t = min(SNR_t, γ)/SNR_t,
+/// 1 ≤ t ≤ T, γ > 0 finite. Computed as min(1, γ β̄_t²/ᾱ_t²), the same number for SNR_t > 0
+/// that stays 1 (its limit) where ᾱ_t underflows to 0.
+pub fn min_snr_weight(schedule: &Schedule, t: usize, gamma: f64) -> Result<f64> {
+    schedule.check_t(t, 1)?;
+    check_gamma(gamma)?;
+    let (ab, bb) = (schedule.alpha_bar(t)?, schedule.beta_bar(t)?);
+    Ok((gamma * (bb * bb) / (ab * ab)).min(1.0))
+}
+
+/// γ of Min-SNR-γ must be positive and finite.
+fn check_gamma(gamma: f64) -> Result<f64> {
+    if gamma.is_finite() && gamma > 0.0 {
+        Ok(gamma)
+    } else {
+        Err(RefError::InvalidParameter {
+            name: "gamma",
+            value: gamma,
+            reason: "Min-SNR-γ needs a finite γ > 0",
+        })
+    }
 }
 
 /// Runs the predictor on x_t and checks that ε̂ has the shape of x_t.
@@ -65,6 +96,22 @@ where
     F: Fn(&Array2<f64>, usize) -> Array2<f64>,
 {
     Ok(loss_weight(schedule, t, sigma_t)? * loss8(schedule, x0, eps, t, predictor)?)
+}
+
+/// The Min-SNR-γ loss: min(SNR_t, γ)/SNR_t · mean_batch ‖ε − ε̂(ᾱ_t x_0 + β̄_t ε, t)‖², which is
+/// min(SNR_t, γ) · mean_batch ‖x_0 − x̂_0‖² (docs/derivations.md, section 12).
+pub fn min_snr_loss<F>(
+    schedule: &Schedule,
+    x0: &Array2<f64>,
+    eps: &Array2<f64>,
+    t: usize,
+    gamma: f64,
+    predictor: F,
+) -> Result<f64>
+where
+    F: Fn(&Array2<f64>, usize) -> Array2<f64>,
+{
+    Ok(min_snr_weight(schedule, t, gamma)? * loss8(schedule, x0, eps, t, predictor)?)
 }
 
 /// Loss (7) for given noises: β_t²/(α_t² σ_t²) · mean_batch ‖ε_t − (β_t/β̄_t) ε̂(x_t, t)‖²,
@@ -232,6 +279,53 @@ mod tests {
     }
 
     #[test]
+    fn min_snr_weight_is_exact_on_a_hand_schedule() {
+        // α = (0.8, 0.6): t = 1: ᾱ² = 0.64, β̄² = 0.36, SNR = 16/9; t = 2: ᾱ² = 0.2304,
+        // β̄² = 0.7696, SNR = 0.2304/0.7696.
+        let s = Schedule::from_alphas(&[0.8, 0.6]).unwrap();
+        assert_relative_eq!(snr(&s, 1).unwrap(), 0.64 / 0.36, max_relative = 1e-14);
+        assert_relative_eq!(snr(&s, 2).unwrap(), 0.2304 / 0.7696, max_relative = 1e-14);
+        // γ = 1: SNR_1 > γ, so w_1 = γ/SNR_1 = 0.5625; SNR_2 < γ, so w_2 = 1 exactly.
+        assert_relative_eq!(
+            min_snr_weight(&s, 1, 1.0).unwrap(),
+            0.36 / 0.64,
+            max_relative = 1e-14
+        );
+        assert_eq!(min_snr_weight(&s, 2, 1.0).unwrap(), 1.0);
+        // γ at or above every SNR: no sample is down-weighted.
+        assert_eq!(min_snr_weight(&s, 1, 16.0 / 9.0 + 1e-9).unwrap(), 1.0);
+        let x0 = array![[0.5, -0.5]];
+        let eps = array![[1.0, -2.0]];
+        let zero = |x: &Array2<f64>, _t: usize| Array2::zeros(x.raw_dim());
+        assert_relative_eq!(
+            min_snr_loss(&s, &x0, &eps, 1, 1.0, zero).unwrap(),
+            5.0 * 0.5625,
+            max_relative = 1e-14
+        );
+    }
+
+    #[test]
+    fn min_snr_weight_lies_in_0_1_and_follows_its_definition() {
+        for kind in [
+            ScheduleKind::Article,
+            ScheduleKind::Cosine,
+            ScheduleKind::Linear,
+        ] {
+            let s = Schedule::new(kind, 1000).unwrap();
+            for gamma in [0.5, 1.0, 5.0, 20.0] {
+                for t in [1, 2, 10, 100, 500, 999, 1000] {
+                    let (w, r) = (min_snr_weight(&s, t, gamma).unwrap(), snr(&s, t).unwrap());
+                    assert!(
+                        w > 0.0 && w <= 1.0,
+                        "{kind:?}, t = {t}, γ = {gamma}: w = {w}"
+                    );
+                    assert_relative_eq!(w, r.min(gamma) / r, max_relative = 1e-13);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn invalid_input_is_an_error() {
         let s = Schedule::new(ScheduleKind::Article, 10).unwrap();
         let x0 = Array2::zeros((2, 2));
@@ -257,5 +351,16 @@ mod tests {
             loss7_minus_loss8(&s, 3, f64::NAN, 2),
             Err(RefError::InvalidStd { .. })
         ));
+        for gamma in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                min_snr_weight(&s, 3, gamma),
+                Err(RefError::InvalidParameter { name: "gamma", .. })
+            ));
+        }
+        assert!(matches!(
+            min_snr_weight(&s, 0, 5.0),
+            Err(RefError::TimeOutOfRange { .. })
+        ));
+        assert!(matches!(snr(&s, 11), Err(RefError::TimeOutOfRange { .. })));
     }
 }

@@ -1,10 +1,10 @@
 //! The tch losses equal the reference's: the unweighted Euclidean loss (8), its exact weight,
-//! loss (7) and the constant (7) − (8), for a fixed predictor ε̂(x_t, t) = x_t W + (t/T) c that
-//! both sides evaluate, with one t per sample on the tch side.
+//! the Min-SNR-γ weight and loss, loss (7) and the constant (7) − (8), for a fixed predictor
+//! ε̂(x_t, t) = x_t W + (t/T) c that both sides evaluate, with one t per sample on the tch side.
 
 use ddpm::loss::{
-    euclidean_loss, loss7_input, loss7_minus_loss8, loss7_per_sample, loss_weight, weighted_loss,
-    weighted_per_sample,
+    euclidean_loss, loss7_input, loss7_minus_loss8, loss7_per_sample, loss_weight, min_snr_loss,
+    min_snr_weight, snr, weighted_loss, weighted_per_sample,
 };
 use ddpm::marginal::marginal_sample;
 use ddpm_reference as reference;
@@ -270,4 +270,152 @@ fn mismatched_shapes_are_errors() {
         &Tensor::zeros([3], (Kind::Float, Device::Cpu))
     )
     .is_err());
+}
+
+/// Schedule, one t per sample, data dimension, seed, γ.
+type WithGamma = (ScheduleSpec, usize, Vec<usize>, usize, u64, f64);
+
+/// γ: Hang et al.'s 5, or log-uniform over [e⁻⁷, e⁷] ≈ [1e-3, 1e3] (every schedule's SNR_t
+/// spans that range, so both branches of the min and the kink between them are met), or the
+/// SNR of one of the batch's own t exactly (the kink itself; picked in the test).
+fn with_gamma() -> impl Strategy<Value = WithGamma> {
+    (
+        mixed(),
+        prop_oneof![Just(5.0), (-7.0f64..7.0).prop_map(f64::exp), Just(-1.0)],
+    )
+        .prop_map(|((spec, big_t, _, ts, d, sd), gamma)| (spec, big_t, ts, d, sd, gamma))
+}
+
+/// γ = −1 in the strategy stands for "SNR of the first sample's t" (from the reference).
+fn resolve_gamma(gamma: f64, r: &reference::Schedule, ts: &[usize]) -> f64 {
+    if gamma > 0.0 {
+        gamma
+    } else {
+        reference::loss::snr(r, ts[0]).unwrap()
+    }
+}
+
+/// Min-SNR-γ in f64: SNR_t, the weight min(SNR_t, γ)/SNR_t and the batch loss against the
+/// reference on the full pipeline (tch marginal, the fixed predictor). Tolerance: ᾱ_t and β̄_t
+/// agree to ≲ 1e-12 relative (tests/tests/schedule.rs), so their squares' ratio to ≲ 4e-12
+/// plus three roundings; the clamp at 1 is 1-Lipschitz and both sides clamp the same number
+/// up to that error, so the weight keeps it, and the loss adds the 1e-12-level agreement of
+/// loss (8) above. 1e-10 relative leaves a factor 20.
+fn min_snr_agrees(device: Device) {
+    check(128, with_gamma(), |(spec, big_t, ts, d, sd, gamma)| {
+        let r = spec.reference(big_t);
+        let s = spec.tch(big_t, device);
+        let gamma = resolve_gamma(gamma, &r, &ts);
+        let n = ts.len();
+        let (x0, eps) = (normal(n, d, sd), normal(n, d, sd.wrapping_add(1)));
+        let f = Linear::new(d, big_t, sd.wrapping_add(2));
+        let t = t_tensor(&ts, device);
+        let (x0_t, eps_t) = (
+            shaped(&x0, Kind::Double, device),
+            shaped(&eps, Kind::Double, device),
+        );
+        let xt = marginal_sample(&s, &x0_t, &t, &eps_t).unwrap();
+        let eps_hat = f.tch(&xt, &t);
+
+        let snrs = values(&snr(&s, &t, Kind::Double).unwrap());
+        let weights = min_snr_weight(&s, gamma, &t, Kind::Double).unwrap();
+        prop_assert_eq!(weights.kind(), Kind::Double);
+        let weights = values(&weights);
+        let mut losses = Vec::new();
+        for (i, &ti) in ts.iter().enumerate() {
+            let row = |a: &Array2<f64>| a.slice(s![i..=i, ..]).to_owned();
+            let predictor = |x: &Array2<f64>, t: usize| f.reference(x, t);
+            let want_snr = reference::loss::snr(&r, ti).unwrap();
+            close("SNR_t", &[snrs[i]], &[want_snr], 1e-10, f64::MIN_POSITIVE)?;
+            let w = reference::loss::min_snr_weight(&r, ti, gamma).unwrap();
+            prop_assert!(w > 0.0 && w <= 1.0, "t = {}: w = {}", ti, w);
+            close(
+                "Min-SNR-γ weight",
+                &[weights[i]],
+                &[w],
+                1e-10,
+                f64::MIN_POSITIVE,
+            )?;
+            let l = reference::loss::min_snr_loss(&r, &row(&x0), &row(&eps), ti, gamma, predictor)
+                .unwrap();
+            losses.push(l);
+        }
+        let got = values(&min_snr_loss(&s, gamma, &t, &eps_t, &eps_hat).unwrap())[0];
+        let want = losses.iter().sum::<f64>() / n as f64;
+        close("Min-SNR-γ loss", &[got], &[want], 1e-10, f64::MIN_POSITIVE)?;
+        Ok(())
+    });
+}
+test_device!(min_snr_agrees, min_snr_agrees_cpu, min_snr_agrees_cuda);
+
+/// The same in f32, on ε and ε̂ rounded to f32 (what both sides see). The weight is computed
+/// in f64 and rounded once to f32: ≤ u = 6e-8 relative beyond the f64 error; the loss adds the
+/// roundings of loss (8) in f32 (subtraction, square, a d-term sum, the product with w, an
+/// n-term mean: ≤ (3 + d + n) u ≤ 21u ≈ 1.3e-6 for d ≤ 12, n ≤ 6). 5e-7 for the weight and
+/// 5e-6 for the loss leave a factor of about 4–8.
+fn min_snr_agrees_in_f32(device: Device) {
+    check(64, with_gamma(), |(spec, big_t, ts, d, sd, gamma)| {
+        let r = spec.reference(big_t);
+        let s = spec.tch(big_t, device);
+        let gamma = resolve_gamma(gamma, &r, &ts);
+        let n = ts.len();
+        let eps = round_f32(&normal(n, d, sd));
+        let eps_hat = round_f32(&normal(n, d, sd.wrapping_add(1)));
+        let t = t_tensor(&ts, device);
+        let (eps_t, hat_t) = (
+            shaped(&eps, Kind::Float, device),
+            shaped(&eps_hat, Kind::Float, device),
+        );
+        let weights = min_snr_weight(&s, gamma, &t, Kind::Float).unwrap();
+        prop_assert_eq!(weights.kind(), Kind::Float);
+        let got = min_snr_loss(&s, gamma, &t, &eps_t, &hat_t).unwrap();
+        prop_assert_eq!(got.kind(), Kind::Float);
+        let mut want = 0.0;
+        let mut ws = Vec::new();
+        for (i, &ti) in ts.iter().enumerate() {
+            let row = |a: &Array2<f64>| a.slice(s![i..=i, ..]).to_owned();
+            let w = reference::loss::min_snr_weight(&r, ti, gamma).unwrap();
+            ws.push(w);
+            want += w * reference::loss::euclidean_loss(&row(&eps), &row(&eps_hat)).unwrap();
+        }
+        close(
+            "Min-SNR-γ weight, f32",
+            &values(&weights),
+            &ws,
+            5e-7,
+            f64::MIN_POSITIVE,
+        )?;
+        close(
+            "Min-SNR-γ loss, f32",
+            &values(&got),
+            &[want / n as f64],
+            5e-6,
+            f64::MIN_POSITIVE,
+        )?;
+        Ok(())
+    });
+}
+test_device!(
+    min_snr_agrees_in_f32,
+    min_snr_agrees_in_f32_cpu,
+    min_snr_agrees_in_f32_cuda
+);
+
+/// A γ that is not positive and finite is an error on both sides, not a NaN loss.
+#[test]
+fn invalid_gamma_is_an_error_on_both_sides() {
+    let s = ddpm::schedule::Schedule::new(ddpm::schedule::ScheduleKind::Article, 10, Device::Cpu)
+        .unwrap();
+    let r = reference::Schedule::new(reference::schedule::ScheduleKind::Article, 10).unwrap();
+    let t = Tensor::from_slice(&[3i64]);
+    for gamma in [0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        assert!(
+            min_snr_weight(&s, gamma, &t, Kind::Float).is_err(),
+            "{gamma}"
+        );
+        assert!(
+            reference::loss::min_snr_weight(&r, 3, gamma).is_err(),
+            "{gamma}"
+        );
+    }
 }

@@ -235,6 +235,23 @@ fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
                 }
                 sum / b as f64
             }
+            LossWeight::MinSnr => {
+                let mut sum = 0.0;
+                for (i, &t) in t_list.iter().enumerate() {
+                    let row = |a: &Array2<f64>| a.slice(ndarray::s![i..i + 1, ..]).to_owned();
+                    let e_hat = row(&eps_hat_ref);
+                    sum += reference::loss::min_snr_loss(
+                        &rs,
+                        &row(&x0),
+                        &row(&eps),
+                        t,
+                        cfg.train.min_snr_gamma,
+                        |_: &Array2<f64>, _: usize| e_hat.clone(),
+                    )
+                    .unwrap();
+                }
+                sum / b as f64
+            }
         };
 
         // The gradient of that same loss on the copy, through the crate's loss (the one test
@@ -245,6 +262,14 @@ fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
                 let table = sigma.table(&ts).unwrap();
                 ddpm::loss::weighted_loss(&ts, &table, &batch.t, &batch.eps, &eps_hat).unwrap()
             }
+            LossWeight::MinSnr => ddpm::loss::min_snr_loss(
+                &ts,
+                cfg.train.min_snr_gamma,
+                &batch.t,
+                &batch.eps,
+                &eps_hat,
+            )
+            .unwrap(),
         };
         loss.backward();
         let grads: HashMap<String, ArrayD<f64>> = copy_vs
@@ -368,6 +393,14 @@ fn a_step_has_the_reference_loss_lamb_and_ema_weighted_isotropic() {
         LossWeight::Article,
         SigmaChoice::Isotropic { data_std: 0.5 },
     );
+}
+
+/// Min-SNR-γ with the default γ = 5: on this cosine schedule with T = 10, SNR_1 ≈ 35 is
+/// clamped (w_1 ≈ 0.14) and every other t of the batches has SNR_t < 5 (w = 1), so the batch
+/// mixes both branches of the min.
+#[test]
+fn a_step_has_the_reference_loss_lamb_and_ema_min_snr() {
+    one_step_against_the_reference(LossWeight::MinSnr, SigmaChoice::Beta);
 }
 
 /// The law of items 3 and 4: two components in d = 64 (1×8×8 images), means ±0.6 · a bright

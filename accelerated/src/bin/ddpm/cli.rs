@@ -135,6 +135,9 @@ pub enum LossWeight {
     None,
     /// Loss (8) with its exact weight β_t⁴/(β̄_t² α_t² σ_t²) for the chosen σ.
     Article,
+    /// Min-SNR-γ: min(SNR_t, γ)/SNR_t ‖ε − ε̂‖², SNR_t = ᾱ_t²/β̄_t², γ = --min-snr-gamma.
+    #[value(name = "min_snr")]
+    MinSnr,
 }
 
 /// σ_t of the generator.
@@ -301,7 +304,7 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub ema_decay: Option<f64>,
     /// `none`: mean_B ‖ε − ε̂‖² (the article's training loss); `article`: loss (8) with its
-    /// exact weight for --loss-sigma [default: none].
+    /// exact weight for --loss-sigma; `min_snr`: Min-SNR-γ [default: none].
     #[arg(long, value_enum)]
     pub loss_weight: Option<LossWeight>,
     /// σ_t in loss (8)'s weight [default: beta].
@@ -310,6 +313,9 @@ pub struct TrainArgs {
     /// s for --loss-sigma isotropic.
     #[arg(long, allow_hyphen_values = true, value_parser = finite)]
     pub data_std: Option<f64>,
+    /// γ of --loss-weight min_snr: samples with SNR_t > γ are weighted γ/SNR_t [default: 5].
+    #[arg(long, allow_hyphen_values = true, value_parser = finite)]
+    pub min_snr_gamma: Option<f64>,
     /// bfloat16 autocast on CUDA (ignored on the CPU).
     #[arg(long)]
     pub bf16: bool,
@@ -406,6 +412,11 @@ impl TrainArgs {
                 self.loss_weight.map(name),
             ),
             ("--loss-sigma", "train.loss_sigma", loss_sigma),
+            (
+                "--min-snr-gamma",
+                "train.min_snr_gamma",
+                self.min_snr_gamma.map(Value::from),
+            ),
             ("--bf16", "train.bf16", yes(self.bf16)),
             ("--seed", "train.seed", self.seed.map(int)),
             (
@@ -988,6 +999,8 @@ mod tests {
             "isotropic",
             "--data-std",
             "0.25",
+            "--min-snr-gamma",
+            "2.5",
             "--seed",
             "9",
             "--checkpoint-every",
@@ -1007,8 +1020,8 @@ mod tests {
         ])
         .config()
         .unwrap();
-        // All 24 setting flags (--data-std goes with --loss-sigma); --data sets two keys.
-        assert_eq!(given.len(), 25);
+        // All 25 setting flags (--data-std goes with --loss-sigma); --data sets two keys.
+        assert_eq!(given.len(), 26);
         assert_eq!(
             (cfg.train.steps, cfg.train.lr, cfg.train.bf16),
             (100, 0.01, true)
@@ -1024,6 +1037,7 @@ mod tests {
         assert_eq!((cfg.train.batch_size, cfg.train.warmup_steps), (3, 4));
         assert_eq!((cfg.train.grad_clip, cfg.train.ema_decay), (Some(1.5), 0.5));
         assert_eq!(cfg.train.loss_weight, ddpm::config::LossWeight::Article);
+        assert_eq!(cfg.train.min_snr_gamma, 2.5);
         assert_eq!(
             cfg.train.loss_sigma,
             SigmaChoice::Isotropic { data_std: 0.25 }
@@ -1096,9 +1110,9 @@ mod tests {
                 }
             }
         }
-        // 16 train, 6 sample, 5 eval, 10 quality numeric flags, and the global --threads on
+        // 17 train, 6 sample, 5 eval, 10 quality numeric flags, and the global --threads on
         // each of the 5 subcommands.
-        assert!(tried >= 37 * 6, "{tried}");
+        assert!(tried >= 38 * 6, "{tried}");
         assert_eq!(
             whole::<u64>("-1").unwrap_err(),
             "too small; it must be a whole number from 0 to 18446744073709551615"
@@ -1131,5 +1145,28 @@ mod tests {
             (given[0].0, given[0].1, given[0].2.as_integer()),
             ("--grid-scale", "sample.grid_scale", Some(1))
         );
+    }
+
+    #[test]
+    fn loss_weight_min_snr_and_its_gamma_reach_their_keys() {
+        let (cfg, given) = train_args(&["--loss-weight", "min_snr"]).config().unwrap();
+        assert_eq!(cfg.train.loss_weight, ddpm::config::LossWeight::MinSnr);
+        assert_eq!(cfg.train.min_snr_gamma, ddpm::config::DEFAULT_MIN_SNR_GAMMA);
+        assert_eq!(given.len(), 1);
+        let (cfg, _) = train_args(&["--loss-weight", "min_snr", "--min-snr-gamma", "1.5"])
+            .config()
+            .unwrap();
+        assert_eq!(cfg.train.min_snr_gamma, 1.5);
+        for bad in ["0", "-2"] {
+            let err = train_args(&["--loss-weight", "min_snr", "--min-snr-gamma", bad])
+                .config()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("train.min_snr_gamma (--min-snr-gamma)") && err.contains("positive"),
+                "{err}"
+            );
+        }
+        assert!(Cli::try_parse_from(["ddpm", "train", "--loss-weight", "min-snr"]).is_err());
     }
 }
