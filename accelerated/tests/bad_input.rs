@@ -803,3 +803,18 @@ fn sample_outputs_are_checked_before_the_checkpoint_is_read() {
         &["is a directory"],
     );
 }
+
+/// A network too wide to count (base_channels · mult beyond 64 bits) is refused with the key,
+/// not a division-by-zero panic (found fuzzing configs, issue 14 item 9).
+#[test]
+fn a_network_too_wide_to_count_is_refused() {
+    let setup = Setup::new(2, 2);
+    fails(
+        &mut setup.train(
+            &setup.path("run"),
+            &["--base-channels", "4611686018427387904"],
+        ),
+        1,
+        &["model.base_channels", "too wide to count"],
+    );
+}
