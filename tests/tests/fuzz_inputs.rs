@@ -128,7 +128,7 @@ fn mutated_config_files_parse_or_fail_cleanly() {
         };
         (Just(i >= 3), mutated(s, 4))
     });
-    check(2000, strategy, |(json, bytes)| {
+    check(1000, strategy, |(json, bytes)| {
         let parsed = if json {
             std::fs::write(&json_path, &bytes).unwrap();
             Config::from_file(&json_path)
@@ -195,7 +195,7 @@ fn random_flag_layers_parse_or_fail_cleanly() {
             .prop_map(|v| toml::Value::Array(v.into_iter().map(toml::Value::Integer).collect())),
     ];
     let strategy = proptest::collection::vec((0..keys.len(), value), 1..5);
-    check(2000, strategy, |sets| {
+    check(1000, strategy, |sets| {
         let mut over = toml::Table::new();
         for (k, v) in sets {
             ddpm::config::set_key(&mut over, &keys[k], v);
@@ -237,7 +237,7 @@ fn mutated_manifests_parse_or_fail_cleanly() {
     let step_dir = dir.path().join("step-0000001");
     std::fs::create_dir(&step_dir).unwrap();
     let strategy = (0..seeds.len()).prop_flat_map(move |i| mutated(seeds[i].clone(), 4));
-    check(2000, strategy, |bytes| {
+    check(1000, strategy, |bytes| {
         if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
             let back: Manifest = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
             prop_assert_eq!(back, m);
@@ -285,7 +285,7 @@ fn mutated_checkpoints_load_or_fail_cleanly() {
             files
         })
     });
-    check(1000, strategy, |mut files| {
+    check(500, strategy, |mut files| {
         if let Ok(serde_json::Value::Object(mut m)) =
             serde_json::from_slice::<serde_json::Value>(&files[0])
         {
@@ -329,7 +329,7 @@ fn mutated_images_decode_or_fail_cleanly() {
             let (jpg, s) = seeds[i].clone();
             (Just((jpg, side, rgb)), mutated(s, 3))
         });
-    check(3000, strategy, |((jpg, side, rgb), bytes)| {
+    check(1500, strategy, |((jpg, side, rgb), bytes)| {
         let path = dir.join(if jpg { "img.jpg" } else { "img.png" });
         std::fs::write(&path, &bytes).unwrap();
         let channels = if rgb { Channels::Rgb } else { Channels::Grey };
@@ -358,7 +358,7 @@ fn mutated_mnist_csv_loads_or_fails_cleanly() {
         3
     );
     let strategy = (any::<bool>(), any::<bool>(), mutated(plain, 4));
-    check(2000, strategy, |(gz, pad, bytes)| {
+    check(1000, strategy, |(gz, pad, bytes)| {
         let path = if gz {
             use std::io::Write;
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
