@@ -77,6 +77,11 @@ for t in "${targets[@]}"; do
     fi
     echo "$line"
     summary+=("$line")
+    # The targets' scratch directories (fuzz/src/lib.rs) of processes that have ended.
+    for d in /dev/shm/ddpm-fuzz-* "${TMPDIR:-/tmp}"/ddpm-fuzz-*; do
+        [[ -d "$d" ]] || continue
+        kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"
+    done
 done
 echo "== summary"
 printf '%s\n' "${summary[@]}"
