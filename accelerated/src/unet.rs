@@ -199,6 +199,24 @@ impl UNetConfig {
                 ),
             });
         }
+        // Each level's width base · mult (and the time features' 4 · base) must be countable:
+        // in a release build an overflowing product wrapped (to 0, then a division by zero
+        // below); found while fuzzing configs (issue 14, item 9).
+        if let Some(&m) = self.channel_mults.iter().find(|&&m| {
+            m.checked_mul(self.base_channels)
+                .and_then(|c| c.checked_mul(4))
+                .is_none()
+        }) {
+            return Err(DdpmError::Incompatible {
+                key: "model.base_channels",
+                other: "model.channel_mults".into(),
+                reason: format!(
+                    "a level of {} × {m} channels is too wide to count (at most {} channels a level)",
+                    self.base_channels,
+                    i64::MAX / 4
+                ),
+            });
+        }
         for c in self.level_channels() {
             let g = self.groups_for(c);
             if c % g != 0 {

@@ -838,3 +838,19 @@ fn min_snr_loss_weight_trains_saves_its_gamma_and_refuses_a_bad_one() {
         &["--min-snr-gamma"],
     );
 }
+
+/// A network too wide to count (base_channels · mult beyond 64 bits) is refused with the key,
+/// not a division-by-zero panic (found reading the config code for the fuzz targets, issue 14
+/// item 9; the fuzzer itself did not reach it).
+#[test]
+fn a_network_too_wide_to_count_is_refused() {
+    let setup = Setup::new(2, 2);
+    fails(
+        &mut setup.train(
+            &setup.path("run"),
+            &["--base-channels", "4611686018427387904"],
+        ),
+        1,
+        &["model.base_channels", "too wide to count"],
+    );
+}
