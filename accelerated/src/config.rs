@@ -157,6 +157,10 @@ pub struct SampleConfig {
     pub n: usize,
     /// Sample with the EMA weights (else the raw weights).
     pub ema: bool,
+    /// Images `ddpm sample` draws at once (its memory is bounded by one batch); absent = 64
+    /// (`generate::DEFAULT_BATCH_SIZE`). Part of what fixes the images of a seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 /// The names of the presets.
@@ -219,6 +223,7 @@ impl Config {
                 clip_each_step: true,
                 n: 36,
                 ema: true,
+                batch_size: None,
             },
         }
     }
@@ -498,6 +503,7 @@ impl Config {
             ("train.batch_size", t.batch_size as u64),
             ("train.keep_last", t.keep_last as u64),
             ("sample.n", s.n as u64),
+            ("sample.batch_size", s.batch_size.map_or(1, |b| b as u64)),
         ] {
             if v == 0 {
                 return out_of_range(key, "0".into(), "at least 1".into());
