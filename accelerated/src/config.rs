@@ -178,6 +178,10 @@ pub struct SampleConfig {
     /// neighbour, gaps included (1 = raw pixels; `--each` files stay raw); 1 to 16.
     #[serde(default = "default_grid_scale")]
     pub grid_scale: u32,
+    /// Images `ddpm sample` draws at once (its memory is bounded by one batch); absent = 64
+    /// (`generate::DEFAULT_BATCH_SIZE`). Part of what fixes the images of a seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 /// `sample.grid_scale` of a saved configuration that predates it.
@@ -253,6 +257,7 @@ impl Config {
                 n: 36,
                 ema: true,
                 grid_scale: 4,
+                batch_size: None,
             },
         }
     }
@@ -535,6 +540,7 @@ impl Config {
             ("train.batch_size", t.batch_size as u64),
             ("train.keep_last", t.keep_last as u64),
             ("sample.n", s.n as u64),
+            ("sample.batch_size", s.batch_size.map_or(1, |b| b as u64)),
         ] {
             if v == 0 {
                 return out_of_range(key, "0".into(), "at least 1".into());

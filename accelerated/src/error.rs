@@ -3,8 +3,9 @@
 /// Everything that can go wrong in `ddpm`, with messages meant for the person running it.
 #[derive(Debug, thiserror::Error)]
 pub enum DdpmError {
-    /// libtorch rejected an operation (bad index, shape, device or kind).
-    #[error("libtorch error: {0}")]
+    /// libtorch rejected an operation (bad index, shape, device or kind); the message is
+    /// libtorch's first lines, without its C++ stack frames.
+    #[error("libtorch error: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
     #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); choose the CPU or `auto`")]
@@ -169,6 +170,29 @@ pub enum DdpmError {
         /// What changed, in words (counts, shapes, or "same count, different content").
         change: String,
     },
+    /// A request that cannot fit in the device's memory, refused before it is allocated.
+    #[error("{what} needs about {} of memory, but {} is available; lower {key}", crate::memory::human(*needed), crate::memory::human(*available))]
+    OutOfMemory {
+        /// What would be allocated ("sampling a batch of 64 images", "the network").
+        what: String,
+        /// The estimate, in bytes (`u64::MAX` when it does not fit in 64 bits).
+        needed: u64,
+        /// What the device has free, in bytes (0 when unknown).
+        available: u64,
+        /// The setting to lower (a config key, e.g. `sample.batch_size`, `model.base_channels`).
+        key: &'static str,
+    },
+}
+
+/// libtorch's message up to its C++ stack trace (`frame #0: …`, `Exception raised from …`).
+fn torch_message(e: &tch::TchError) -> String {
+    let text = e.to_string();
+    let cut = ["\nframe #", "\nException raised from"]
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()
+        .unwrap_or(text.len());
+    text[..cut].trim_end().to_string()
 }
 
 impl DdpmError {

@@ -1,8 +1,10 @@
 //! What `ddpm sample` runs, as a library: a run's configuration with the caller's overrides
 //! (the `sample.*` keys the flags set) → the [`Sampler`] it asks for → images → a PNG grid
-//! and, if asked, one file an image. [`generate`] takes any [`NoisePredictor`], so the tests
-//! drive this very path with an exact oracle in place of the network; [`run`] loads the
-//! network of a checkpoint with the weights asked for and calls it.
+//! and, if asked, one file an image, drawn `sample.batch_size` images at a time
+//! ([`generate_each`]; the seed of each batch is [`batch_seed`]). [`generate`] takes any
+//! [`NoisePredictor`], so the tests drive this very path with an exact oracle in place of the
+//! network; [`run`] loads the network of a checkpoint with the weights asked for and streams
+//! the batches to the files.
 
 use crate::checkpoint::{self, Weights};
 use crate::config::Config;
@@ -49,11 +51,21 @@ impl Default for SampleOptions {
     }
 }
 
+/// Images drawn at once when `sample.batch_size` is absent.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+
+/// The most images a grid (`opts.out`) holds: the grid needs every image in memory at once and
+/// is for looking at (100 × 100 cells). More images go one a file to `opts.each`, streamed.
+pub const MAX_GRID_IMAGES: usize = 10_000;
+
 /// What [`run`] did.
 #[derive(Debug)]
 pub struct Sampled {
-    /// The images, `[n, C, S, S]` Float in [−1, 1].
-    pub images: Tensor,
+    /// All the images, `[n, C, S, S]` Float in [−1, 1] on the CPU, when a grid was asked for
+    /// (it needs them all); `None` when they were only streamed to `opts.each`.
+    pub images: Option<Tensor>,
+    /// How many images were drawn.
+    pub count: usize,
     /// The checkpoint directory they were drawn from.
     pub checkpoint: PathBuf,
     /// Its training step.
@@ -66,9 +78,113 @@ pub fn settings(config: &Config, overrides: toml::Table, origin: &str) -> Result
     config.with_overrides(overrides, origin)
 }
 
+/// The seed of batch `index`: `seed` itself for the first batch (so a run of at most one batch
+/// draws what a [`Sampler`] seeded with `seed` draws), a SplitMix64 mix of (seed, index) for
+/// the others (so no two batches of one run, nor batch 0 of a run with a nearby seed, share
+/// their noise).
+pub fn batch_seed(seed: i64, index: usize) -> i64 {
+    if index == 0 {
+        return seed;
+    }
+    let mut z = (seed as u64) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64
+}
+
+/// The batch size `cfg` asks for (`sample.batch_size`, else [`DEFAULT_BATCH_SIZE`]).
+pub fn batch_size(cfg: &Config) -> usize {
+    cfg.sample.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)
+}
+
+/// Refuses, before any work, what `opts` asks for when it cannot be done: no images, a grid of
+/// more than [`MAX_GRID_IMAGES`].
+pub fn check_request(opts: &SampleOptions) -> Result<()> {
+    if opts.n == 0 {
+        return Err(DdpmError::OutOfRange {
+            key: "n",
+            value: "0".into(),
+            expected: "at least 1 image".into(),
+        });
+    }
+    if opts.out.is_some() && opts.n > MAX_GRID_IMAGES {
+        return Err(DdpmError::OutOfRange {
+            key: "n",
+            value: opts.n.to_string(),
+            expected: format!(
+                "at most {MAX_GRID_IMAGES} for a grid, which holds every image in memory; write more images one a file (each) without a grid"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Draws `opts.n` images of `cfg`'s image shape with `model` under `schedule`, with the
-/// sampler `cfg.sample` asks for (σ_t, steps, η, clipping) seeded with `opts.seed`, reporting
-/// each step to `progress`; then writes `opts.out` and `opts.each` if given.
+/// sampler `cfg.sample` asks for (σ_t, steps, η, clipping), `sample.batch_size` images at a
+/// time, and hands each batch to `sink` with the index of its first image as soon as it is
+/// drawn; returns how many images were drawn. Progress counts the steps of all batches.
+///
+/// Batch `j` (images `j·B ..`) is drawn from libtorch's generator seeded with
+/// [`batch_seed`]`(opts.seed, j)`, so the images are fixed by the seed, n and the batch size
+/// B (and the model, the sampler and the device); every batch that is full in two runs with the
+/// same seed and B is the same in both, so the first ⌊n/B⌋·B images do not depend on n.
+///
+/// Refuses up front (nothing drawn) a batch that would not fit in memory
+/// ([`DdpmError::OutOfMemory`] naming `sample.batch_size`), when the model says what a sample
+/// needs ([`NoisePredictor::bytes_per_sample`]).
+pub fn generate_each<M: NoisePredictor + ?Sized>(
+    model: &M,
+    schedule: &Schedule,
+    cfg: &Config,
+    opts: &SampleOptions,
+    device: Device,
+    progress: &mut dyn Progress,
+    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<usize> {
+    if opts.n == 0 {
+        return check_request(opts).map(|()| 0);
+    }
+    let b = batch_size(cfg).clamp(1, opts.n);
+    let mut sampler_cfg = cfg.sampler(None);
+    sampler_cfg.bf16 = opts.bf16;
+    let sampler = Sampler::new(schedule, sampler_cfg)?;
+    let [c, s, _] = cfg.image_shape();
+    let image_bytes = (c * s * s) as u64 * 4;
+    if let Some(per_sample) = model.bytes_per_sample() {
+        let needed = per_sample
+            .checked_add(image_bytes)
+            .and_then(|p| p.checked_mul(b as u64));
+        crate::memory::check(
+            &format!("sampling a batch of {b} images"),
+            needed,
+            "sample.batch_size",
+            device,
+        )?;
+    }
+    let steps = sampler.steps().len() as u64;
+    let batches = opts.n.div_ceil(b);
+    progress.start(steps * batches as u64, 0, "steps");
+    let result = (|| {
+        for j in 0..batches {
+            let first = j * b;
+            let size = b.min(opts.n - first);
+            tch::manual_seed(batch_seed(opts.seed, j));
+            let done = j as u64 * steps;
+            let images =
+                sampler.sample_with(model, &[size as i64, c, s, s], device, |step, _| {
+                    progress.update(done + step as u64)
+                })?;
+            sink(first, &images)?;
+        }
+        Ok(opts.n)
+    })();
+    progress.finish();
+    result
+}
+
+/// [`generate_each`] keeping every image: returns them all, `[n, C, S, S]` on `device`, after
+/// writing `opts.out` and `opts.each` if given. `opts.n` images must fit in memory (they are
+/// checked against it); [`run`] streams instead.
 pub fn generate<M: NoisePredictor + ?Sized>(
     model: &M,
     schedule: &Schedule,
@@ -77,53 +193,46 @@ pub fn generate<M: NoisePredictor + ?Sized>(
     device: Device,
     progress: &mut dyn Progress,
 ) -> Result<Tensor> {
-    if opts.n == 0 {
-        return Err(DdpmError::OutOfRange {
-            key: "n",
-            value: "0".into(),
-            expected: "at least 1 image".into(),
-        });
-    }
-    let mut sampler_cfg = cfg.sampler(Some(opts.seed));
-    sampler_cfg.bf16 = opts.bf16;
-    let sampler = Sampler::new(schedule, sampler_cfg)?;
+    check_request(opts)?;
     let [c, s, _] = cfg.image_shape();
-    progress.start(sampler.steps().len() as u64, 0, "steps");
-    let images = sampler.sample_with(model, &[opts.n as i64, c, s, s], device, |done, _| {
-        progress.update(done as u64)
-    });
-    progress.finish();
-    let images = images?;
-    write_scaled(&images, opts, cfg.sample.grid_scale)?;
+    let all = (opts.n as u64).checked_mul((c * s * s) as u64 * 4);
+    crate::memory::check(&format!("keeping {} images", opts.n), all, "n", device)?;
+    let mut batches = Vec::new();
+    generate_each(
+        model,
+        schedule,
+        cfg,
+        opts,
+        device,
+        progress,
+        &mut |_, images| {
+            batches.push(images.shallow_clone());
+            Ok(())
+        },
+    )?;
+    let images = Tensor::f_cat(&batches, 0)?;
+    write(&images, opts, cfg.sample.grid_scale)?;
     Ok(images)
 }
 
-/// Writes the grid and the single images `opts` asks for.
-pub fn write(images: &Tensor, opts: &SampleOptions) -> Result<()> {
-    if let Some(out) = &opts.out {
-        grid::save_grid(images, out, opts.columns)?;
-    }
-    if let Some(dir) = &opts.each {
-        grid::save_each(images, dir)?;
-    }
-    Ok(())
-}
-
-/// [`write`] with the grid scaled up `grid_scale` times (`sample.grid_scale`, see
-/// [`grid::scale_up`]); the single images stay at their own size.
-pub fn write_scaled(images: &Tensor, opts: &SampleOptions, grid_scale: u32) -> Result<()> {
+/// Writes the grid (scaled up `grid_scale` times, `sample.grid_scale`, see
+/// [`grid::scale_up`]) and the single images (at their own size) that `opts` asks for.
+pub fn write(images: &Tensor, opts: &SampleOptions, grid_scale: u32) -> Result<()> {
     if let Some(out) = &opts.out {
         grid::save_grid_scaled(images, out, opts.columns, grid_scale)?;
     }
     if let Some(dir) = &opts.each {
-        grid::save_each(images, dir)?;
+        grid::save_each(images, dir, 0)?;
     }
     Ok(())
 }
 
-/// `ddpm sample`: checks that the outputs can be written, loads the network of the checkpoint
-/// at `path` (see [`checkpoint::load_model`]) with `opts.weights`, layers `overrides` over
-/// the run's configuration and calls [`generate`].
+/// `ddpm sample`: checks the request and that the outputs can be written, loads the network of
+/// the checkpoint at `path` (see [`checkpoint::load_model`]) with `opts.weights`, layers
+/// `overrides` over the run's configuration and draws the images batch by batch
+/// ([`generate_each`]): each batch goes to `opts.each` as it comes, so memory is bounded by one
+/// batch whatever `opts.n`; a grid (`opts.out`, at most [`MAX_GRID_IMAGES`]) keeps them all and
+/// is written at the end.
 pub fn run(
     path: &Path,
     overrides: toml::Table,
@@ -132,6 +241,7 @@ pub fn run(
     device: Device,
     progress: &mut dyn Progress,
 ) -> Result<Sampled> {
+    check_request(opts)?;
     if let Some(out) = &opts.out {
         grid::ensure_writable(out)?;
     }
@@ -140,15 +250,53 @@ pub fn run(
     }
     let model = checkpoint::load_model(path, device, opts.weights)?;
     let cfg = settings(&model.config, overrides, origin)?;
+    if opts.out.is_some() {
+        // The grid keeps every image (f32 on the CPU) and draws them into one picture.
+        let [c, s, _] = cfg.image_shape();
+        let needed = (opts.n as u64).checked_mul((c * (s + 2) * (s + 2)) as u64 * 7);
+        crate::memory::check(
+            &format!("a grid of {} images", opts.n),
+            needed,
+            "n",
+            Device::Cpu,
+        )?;
+    }
     tracing::info!(
-        "sampling {} images from {} (step {}) on {device:?}",
+        "sampling {} images from {} (step {}) on {device:?}, {} at a time",
         opts.n,
         model.checkpoint.dir.display(),
-        model.checkpoint.manifest.step
+        model.checkpoint.manifest.step,
+        batch_size(&cfg).min(opts.n)
     );
-    let images = generate(&model.net, &model.schedule, &cfg, opts, device, progress)?;
+    let mut kept = Vec::new();
+    let count = generate_each(
+        &model.net,
+        &model.schedule,
+        &cfg,
+        opts,
+        device,
+        progress,
+        &mut |first, images| {
+            if let Some(dir) = &opts.each {
+                grid::save_each(images, dir, first)?;
+            }
+            if opts.out.is_some() {
+                kept.push(images.f_to_device(Device::Cpu)?);
+            }
+            Ok(())
+        },
+    )?;
+    let images = match &opts.out {
+        Some(out) => {
+            let images = Tensor::f_cat(&kept, 0)?;
+            grid::save_grid_scaled(&images, out, opts.columns, cfg.sample.grid_scale)?;
+            Some(images)
+        }
+        None => None,
+    };
     Ok(Sampled {
         images,
+        count,
         checkpoint: model.checkpoint.dir.clone(),
         step: model.checkpoint.manifest.step,
     })

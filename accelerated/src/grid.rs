@@ -190,11 +190,13 @@ pub fn save_grid_scaled(
     write_png(&scale_up(&tile(images, columns)?, scale)?, path)
 }
 
-/// Writes each of `[N, C, H, W]` images in [−1, 1] as `dir/NNNNN.png`.
-pub fn save_each(images: &Tensor, dir: &Path) -> Result<()> {
+/// Writes each of `[N, C, H, W]` images in [−1, 1] as `dir/NNNNN.png`, numbered from `first`
+/// (five digits at least; more past 99999), each through the atomic writer.
+pub fn save_each(images: &Tensor, dir: &Path, first: usize) -> Result<()> {
     let px = to_pixels(images)?;
     for i in 0..px.size()[0] {
-        write_png(&px.get(i), &dir.join(format!("{i:05}.png")))?;
+        let name = format!("{:05}.png", first + i as usize);
+        write_png(&px.f_get(i)?, &dir.join(name))?;
     }
     Ok(())
 }
@@ -231,7 +233,7 @@ mod tests {
         assert_eq!((back.width(), back.height()), (2 * 7 + 2, 2 * 7 + 2));
         assert_eq!(back.color(), image::ColorType::L8);
         let rgb = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
-        save_each(&rgb, &dir.join("each")).unwrap();
+        save_each(&rgb, &dir.join("each"), 0).unwrap();
         let one = image::open(dir.join("each").join("00001.png"))
             .unwrap()
             .to_rgb8();

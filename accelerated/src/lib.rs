@@ -27,6 +27,7 @@ pub mod eval;
 pub mod fsio;
 pub mod generate;
 pub mod grid;
+pub mod memory;
 pub mod metrics;
 pub mod plot;
 pub mod progress;

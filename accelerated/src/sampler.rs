@@ -21,6 +21,12 @@ pub trait NoisePredictor {
         let _ = shape;
         Ok(())
     }
+
+    /// Bytes one sample of a batch needs while the predictor runs (for the memory check before
+    /// sampling, see [`crate::memory`]); `None`: unknown (or more than a u64), no check.
+    fn bytes_per_sample(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Any `Fn(x_t, t) -> ε̂` closure is a noise predictor (handy for tests and oracles).
@@ -165,9 +171,12 @@ impl Update {
     }
 
     /// x′ from x, ε̂ and, when the step adds noise, z.
-    fn apply(self, x: &Tensor, eps_hat: &Tensor, z: Option<&Tensor>) -> Tensor {
+    fn apply(self, x: &Tensor, eps_hat: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
         let (mean, sigma) = match self {
-            Update::Linear { c_x, c_eps, sigma } => (x * c_x + eps_hat * c_eps, sigma),
+            Update::Linear { c_x, c_eps, sigma } => (
+                x.f_mul_scalar(c_x)?.f_add(&eps_hat.f_mul_scalar(c_eps)?)?,
+                sigma,
+            ),
             Update::Clipped {
                 beta_bar,
                 alpha_bar,
@@ -175,14 +184,17 @@ impl Update {
                 c_x,
                 sigma,
             } => {
-                let x0 = ((x - eps_hat * beta_bar) / alpha_bar).clamp(-1.0, 1.0);
-                (x0 * c_0 + x * c_x, sigma)
+                let x0 = x
+                    .f_sub(&eps_hat.f_mul_scalar(beta_bar)?)?
+                    .f_div_scalar(alpha_bar)?
+                    .f_clamp(-1.0, 1.0)?;
+                (x0.f_mul_scalar(c_0)?.f_add(&x.f_mul_scalar(c_x)?)?, sigma)
             }
         };
-        match z {
-            Some(z) => mean + z * sigma,
+        Ok(match z {
+            Some(z) => mean.f_add(&z.f_mul_scalar(sigma)?)?,
             None => mean,
-        }
+        })
     }
 }
 
@@ -207,7 +219,7 @@ impl Tables {
 
 fn host(t: &Tensor) -> Result<Vec<f64>> {
     Ok(Vec::<f64>::try_from(
-        t.to_device(Device::Cpu).to_kind(Kind::Double),
+        t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?,
     )?)
 }
 
@@ -250,7 +262,7 @@ impl Sampler {
         let chain = respaced.schedule();
         let sigma = match sigma {
             None => cfg.sigma.table(chain)?,
-            Some(sigma) if sigma.size() == [chain.t_max() + 1] => sigma.to_kind(Kind::Double),
+            Some(sigma) if sigma.size() == [chain.t_max() + 1] => sigma.f_to_kind(Kind::Double)?,
             Some(sigma) => {
                 return Err(DdpmError::ShapeMismatch {
                     what: "sigma table",
@@ -312,7 +324,7 @@ impl Sampler {
         if let Some(z) = z {
             same_shape("x_t", x, "z", z)?;
         }
-        Ok(update.apply(x, eps_hat, z))
+        update.apply(x, eps_hat, z)
     }
 
     /// Samples a batch of `shape` = [B, …] (Float) on `device`.
@@ -360,18 +372,21 @@ impl Sampler {
         let (kind, device) = opts;
         let b = shape[0];
         tch::no_grad(|| {
-            let mut x = Tensor::randn(shape, opts);
+            let mut x = Tensor::f_randn(shape, opts)?;
             let total = self.pairs.len();
             for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
-                let t_vec = Tensor::full([b], t, (Kind::Int64, device));
+                let t_vec = Tensor::f_full([b], t, (Kind::Int64, device))?;
                 let eps_hat = autocast_bf16(self.cfg.bf16, device, || model.predict(&x, &t_vec))?
-                    .to_kind(kind);
-                let z = (t_prev > 0 || self.cfg.final_noise).then(|| Tensor::randn(shape, opts));
+                    .f_to_kind(kind)?;
+                let z = match t_prev > 0 || self.cfg.final_noise {
+                    true => Some(Tensor::f_randn(shape, opts)?),
+                    false => None,
+                };
                 x = self.step(i, &x, &eps_hat, z.as_ref())?;
                 on_step(i + 1, total);
             }
             Ok(if self.cfg.clip_final {
-                x.clamp(-1.0, 1.0)
+                x.f_clamp(-1.0, 1.0)?
             } else {
                 x
             })

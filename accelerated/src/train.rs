@@ -87,6 +87,7 @@ impl Trainer {
     /// A fresh run: weights initialised from the run's seed, moments and step at zero.
     pub fn new(cfg: &Config, device: Device) -> Result<Trainer> {
         cfg.validate()?;
+        crate::memory::check_training(cfg, device)?;
         let (vs, net) = build_model(cfg, device, cfg.train.seed)?;
         let schedule = Schedule::new(cfg.diffusion.schedule, cfg.diffusion.t_max, device)?;
         let weighting = match cfg.train.loss_weight {

@@ -17,7 +17,7 @@
 
 use crate::error::{DdpmError, Result};
 use crate::sampler::NoisePredictor;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 /// How the time step t enters the network.
@@ -139,6 +139,17 @@ impl UNetConfig {
             TimeEmbedding::Learned => self.base_channels,
             TimeEmbedding::Sinusoidal => 4 * self.base_channels,
         }
+    }
+
+    /// Refuses a network whose weights and schedule would not fit in `device`'s memory, naming
+    /// the setting that makes it large (see [`crate::memory`]).
+    pub fn check_memory(&self, device: tch::Device) -> Result<()> {
+        let key = crate::memory::model_key(self);
+        let what = format!(
+            "the network ({} parameters)",
+            crate::memory::parameter_count(self).map_or("over 2^64".into(), |n| n.to_string())
+        );
+        crate::memory::check(&what, crate::memory::model_bytes(self), key, device)
     }
 
     /// Checks that the network can be built, with a message saying what to change.
@@ -273,19 +284,57 @@ impl TimeNet {
     }
 
     /// [B, time_dim] embedding of t (Int64 [B]).
-    fn forward(&self, t: &Tensor, kind: Kind) -> Tensor {
+    fn forward(&self, t: &Tensor, kind: Kind) -> Result<Tensor> {
         match self {
-            TimeNet::Learned(emb) => emb.forward(&(t - 1)),
+            TimeNet::Learned(emb) => Ok(Tensor::f_embedding(
+                &emb.ws,
+                &t.f_sub_scalar(1)?,
+                -1,
+                false,
+                false,
+            )?),
             TimeNet::Sinusoidal { half, mlp1, mlp2 } => {
                 // Frequencies 10000^(−i/half), i = 0..half, as in the Transformer.
-                let i = Tensor::arange(*half, (kind, t.device()));
-                let freq = (i * (-(10000f64.ln()) / *half as f64)).exp();
-                let args = t.to_kind(kind).unsqueeze(1) * freq.unsqueeze(0);
-                let feats = Tensor::cat(&[args.sin(), args.cos()], 1);
-                mlp2.forward(&mlp1.forward(&feats).silu())
+                let i = Tensor::f_arange(*half, (kind, t.device()))?;
+                let freq = i.f_mul_scalar(-(10000f64.ln()) / *half as f64)?.f_exp()?;
+                let args = t
+                    .f_to_kind(kind)?
+                    .f_unsqueeze(1)?
+                    .f_mul(&freq.f_unsqueeze(0)?)?;
+                let feats = Tensor::f_cat(&[args.f_sin()?, args.f_cos()?], 1)?;
+                linear(mlp2, &linear(mlp1, &feats)?.f_silu()?)
             }
         }
     }
+}
+
+/// `layer.forward(x)` of tch's `Linear`, as a `Result`.
+fn linear(layer: &nn::Linear, x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_linear(&layer.ws, layer.bs.as_ref())?)
+}
+
+/// `layer.forward(x)` of a stride-1 `Conv2D` padded by `padding` (as built here), as a `Result`.
+fn conv(layer: &nn::Conv2D, padding: i64, x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_conv2d(
+        &layer.ws,
+        layer.bs.as_ref(),
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        1,
+    )?)
+}
+
+/// `layer.forward(x)` of tch's `GroupNorm` with its default settings (eps 1e-5, cuDNN on), as
+/// a `Result`.
+fn group_norm(layer: &nn::GroupNorm, x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_group_norm(
+        layer.num_groups,
+        layer.ws.as_ref(),
+        layer.bs.as_ref(),
+        1e-5,
+        true,
+    )?)
 }
 
 fn conv3(p: nn::Path, c_in: i64, c_out: i64) -> nn::Conv2D {
@@ -334,16 +383,21 @@ impl ResBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor, train: bool) -> Tensor {
-        let shift = self.time_proj.forward(temb).unsqueeze(-1).unsqueeze(-1);
-        let h = self.norm1.forward(&self.conv1.forward(&(x + shift)).silu());
-        let h = h.dropout(self.dropout, train && self.dropout > 0.0);
-        let h = self.conv2.forward(&h).silu();
+    fn forward(&self, x: &Tensor, temb: &Tensor, train: bool) -> Result<Tensor> {
+        let shift = linear(&self.time_proj, temb)?
+            .f_unsqueeze(-1)?
+            .f_unsqueeze(-1)?;
+        let h = group_norm(
+            &self.norm1,
+            &conv(&self.conv1, 1, &x.f_add(&shift)?)?.f_silu()?,
+        )?;
+        let h = h.f_dropout(self.dropout, train && self.dropout > 0.0)?;
+        let h = conv(&self.conv2, 1, &h)?.f_silu()?;
         let skip = match &self.skip {
-            Some(conv) => conv.forward(x),
+            Some(layer) => conv(layer, 0, x)?,
             None => x.shallow_clone(),
         };
-        self.norm2.forward(&(h + skip))
+        group_norm(&self.norm2, &h.f_add(&skip)?)
     }
 }
 
@@ -376,6 +430,7 @@ impl UNet {
     /// Builds the network's variables under `p` (normally `vs.root()`).
     pub fn new(p: &nn::Path, cfg: &UNetConfig) -> Result<UNet> {
         cfg.validate()?;
+        cfg.check_memory(p.device())?;
         let chans = cfg.level_channels();
         let c0 = chans[0];
         let mut c = c0;
@@ -431,35 +486,43 @@ impl UNet {
         self.check_shape(&x_t.size())?;
         crate::schedule::check_t(t, x_t)?;
         let kind = self.conv_in.ws.kind();
-        let x = x_t.to_kind(kind);
-        let temb = self.time.forward(t, kind);
-        let h0 = self.conv_in.forward(&x);
+        let x = x_t.f_to_kind(kind)?;
+        let temb = self.time.forward(t, kind)?;
+        let h0 = conv(&self.conv_in, 1, &x)?;
         let mut skips = Vec::new();
         let mut h = h0.shallow_clone();
         let last = self.down.len() - 1;
         for (level, blocks) in self.down.iter().enumerate() {
             for block in blocks {
-                h = block.forward(&h, &temb, train);
+                h = block.forward(&h, &temb, train)?;
                 skips.push(h.shallow_clone());
             }
             if level != last {
-                h = h.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>);
+                h = h.f_avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>)?;
             }
         }
-        h = self.mid.forward(&h, &temb, train);
+        h = self.mid.forward(&h, &temb, train)?;
         for (i, blocks) in self.up.iter().enumerate() {
             for block in blocks {
                 // Pushed in the mirror order, so the pop is the same level and position.
-                let skip = skips.pop().expect("one skip per down block");
-                h = block.forward(&h, &temb, train) + skip;
+                let skip = skips.pop().ok_or_else(|| DdpmError::ShapeMismatch {
+                    what: "the U-Net's skips",
+                    expected: "one skip per down block".into(),
+                    got: vec![],
+                })?;
+                h = block.forward(&h, &temb, train)?.f_add(&skip)?;
             }
             if i != last {
                 let (hh, ww) = (h.size()[2], h.size()[3]);
-                h = h.upsample_nearest2d([2 * hh, 2 * ww], None::<f64>, None::<f64>);
+                h = h.f_upsample_nearest2d([2 * hh, 2 * ww], None::<f64>, None::<f64>)?;
             }
         }
-        let out = self.conv_out.forward(&self.norm_out.forward(&(h + h0)));
-        Ok(out.to_kind(x_t.kind()))
+        let out = conv(
+            &self.conv_out,
+            1,
+            &group_norm(&self.norm_out, &h.f_add(&h0)?)?,
+        )?;
+        Ok(out.f_to_kind(x_t.kind())?)
     }
 }
 
@@ -471,6 +534,10 @@ impl NoisePredictor for UNet {
 
     fn check_input(&self, shape: &[i64]) -> Result<()> {
         self.check_shape(shape)
+    }
+
+    fn bytes_per_sample(&self) -> Option<u64> {
+        crate::memory::sampling_bytes_per_image(&self.cfg)
     }
 }
 

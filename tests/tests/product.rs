@@ -622,11 +622,12 @@ fn sample_uses_the_weights_asked_for() {
             .unwrap()
             .sample(net, &[4, 1, 8, 8], Device::Cpu)
             .unwrap();
+        let got = got.images.expect("a grid keeps its images");
         assert!(
-            got.images.equal(&want),
+            got.equal(&want),
             "{weights:?}: not the images of the network with those weights"
         );
-        images.push(got.images);
+        images.push(got);
     }
     assert!(
         !images[0].equal(&images[1]),
@@ -957,4 +958,60 @@ fn eval_of_the_oracle_equals_the_reference_negative_elbo() {
             assert_eq!((report.images, report.quick), (EVAL_N as usize, false));
         }
     }
+}
+
+/// Sampling in batches: the pipeline's n = 10 images with `sample.batch_size = 4` are, bitwise,
+/// three hand-built samplers' batches of 4, 4 and 2 seeded with `batch_seed(seed, j)`; a run of
+/// n = 8 gives the same first 8 (its full batches), one batch seeded with the seed itself is the
+/// unbatched sampler, and progress counts the steps of every batch.
+#[test]
+fn the_pipeline_samples_in_seeded_batches() {
+    single_thread();
+    let _rng = rng_lock();
+    let schedule = Schedule::new(ScheduleKind::Cosine, T, Device::Cpu).unwrap();
+    let oracle = Oracle::new(tch_law(), &schedule);
+    let (_, s) = settings().into_iter().next().unwrap();
+    let mut overrides = s.overrides.clone();
+    ddpm::config::set_key(&mut overrides, "sample.batch_size", toml::Value::Integer(4));
+    let cfg = generate::settings(&law_config(), overrides, "the test").unwrap();
+    let run = |n: usize| {
+        let opts = SampleOptions {
+            n,
+            seed: 5,
+            ..SampleOptions::default()
+        };
+        let mut rec = Recorder::default();
+        let images =
+            generate::generate(&oracle, &schedule, &cfg, &opts, Device::Cpu, &mut rec).unwrap();
+        (images, rec)
+    };
+    let (ten, rec) = run(10);
+    assert_eq!(ten.size(), vec![10, 1, 4, 4]);
+    let walked = s.expected.steps.unwrap_or(T as usize) as u64;
+    assert_eq!(
+        (rec.total, rec.last, rec.finished),
+        (3 * walked, 3 * walked, true)
+    );
+    let by_hand = |j: usize, size: i64| {
+        Sampler::new(
+            &schedule,
+            SamplerConfig {
+                seed: Some(generate::batch_seed(5, j)),
+                ..s.expected.clone()
+            },
+        )
+        .unwrap()
+        .sample(&oracle, &[size, 1, 4, 4], Device::Cpu)
+        .unwrap()
+    };
+    let want = Tensor::cat(&[by_hand(0, 4), by_hand(1, 4), by_hand(2, 2)], 0);
+    assert!(ten.equal(&want), "not the seeded batches");
+    assert_eq!(generate::batch_seed(5, 0), 5);
+    let (eight, _) = run(8);
+    assert!(
+        eight.equal(&ten.narrow(0, 0, 8)),
+        "full batches depend on n"
+    );
+    // Distinct batches draw distinct noise.
+    assert!(!ten.narrow(0, 0, 4).equal(&ten.narrow(0, 4, 4)));
 }

@@ -206,7 +206,9 @@ const ADVICE_FLAGS: [(&str, &str); 3] = [
 /// that key was set by a flag, or beside the keys its advice names; `--device` for CUDA.
 fn name_the_flag(error: DdpmError, given: &[Given]) -> anyhow::Error {
     let key = match &error {
-        DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => *key,
+        DdpmError::OutOfRange { key, .. }
+        | DdpmError::Incompatible { key, .. }
+        | DdpmError::OutOfMemory { key, .. } => *key,
         DdpmError::NonFinite { .. } | DdpmError::Diverged { .. } => {
             let mut text = error.to_string();
             for (key, flag) in ADVICE_FLAGS {
@@ -511,6 +513,14 @@ pub struct SampleArgs {
     /// [default: the run's sample.grid_scale].
     #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub grid_scale: Option<u64>,
+    /// Images drawn at once; memory is bounded by one batch, and --each gets each batch as it
+    /// is drawn. Part of what fixes the images of a --seed [default: the run's
+    /// sample.batch_size, else 64].
+    #[arg(long, value_name = "B", allow_negative_numbers = true, value_parser = whole::<usize>)]
+    pub batch_size: Option<usize>,
+    /// Write no grid (--out); for more images than a grid holds (10000), with --each.
+    #[arg(long, conflicts_with = "out")]
+    pub no_grid: bool,
 }
 
 /// `ddpm eval`.
@@ -811,6 +821,11 @@ impl SampleArgs {
                 "sample.grid_scale",
                 self.grid_scale.map(int),
             ),
+            (
+                "--batch-size",
+                "sample.batch_size",
+                self.batch_size.map(int),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -823,6 +838,16 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
+    if !args.no_grid && args.n > generate::MAX_GRID_IMAGES {
+        bail!(
+            "--n {} is more than a grid holds ({} images, kept in memory together): write them one a file with --each DIR --no-grid, or lower --n",
+            args.n,
+            generate::MAX_GRID_IMAGES
+        );
+    }
+    if args.no_grid && args.each.is_none() {
+        bail!("--no-grid without --each writes nothing: give --each DIR");
+    }
     let device = device.resolve()?;
     let given = args.given()?;
     let opts = SampleOptions {
@@ -831,7 +856,7 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         bf16: args.bf16,
         weights: if args.raw { Weights::Raw } else { Weights::Ema },
         columns: args.columns,
-        out: Some(args.out.clone()),
+        out: (!args.no_grid).then(|| args.out.clone()),
         each: args.each.clone(),
     };
     let mut bar = Bar::new(progress);
@@ -843,8 +868,24 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         device,
         &mut bar,
     )
-    .map_err(|e| name_the_flag(e, &given))?;
-    println!("wrote {}", args.out.display());
+    .map_err(|e| match e {
+        // The batch is the setting to lower, given or not.
+        DdpmError::OutOfMemory {
+            key: "sample.batch_size",
+            ..
+        } => anyhow::anyhow!(
+            "{}",
+            e.to_string()
+                .replacen("sample.batch_size", "sample.batch_size (--batch-size)", 1)
+        ),
+        DdpmError::OutOfMemory { key: "n", .. } => {
+            anyhow::anyhow!("{}", e.to_string().replacen("lower n", "lower --n", 1))
+        }
+        e => name_the_flag(e, &given),
+    })?;
+    if !args.no_grid {
+        println!("wrote {}", args.out.display());
+    }
     if let Some(dir) = &args.each {
         println!("wrote {} images to {}", args.n, dir.display());
     }
