@@ -444,7 +444,8 @@ fn images(g: &GaussianMixture, n: usize, seed: u64) -> Dataset {
 
 /// The grid `write_grid` should draw from the checkpoint at `ckpt` with `weights`: the run's
 /// grid sampler (its `sample` settings on `train.grid_steps` steps, seeded with the run's
-/// seed) on a network loaded with those weights by `load_model`.
+/// seed) on a network loaded with those weights by `load_model`, scaled up by the run's
+/// `sample.grid_scale`.
 fn grid_by_hand(ckpt: &std::path::Path, weights: Weights, out: &std::path::Path) -> Vec<u8> {
     let m = load_model(ckpt, Device::Cpu, weights).unwrap();
     let cfg = &m.config;
@@ -455,7 +456,7 @@ fn grid_by_hand(ckpt: &std::path::Path, weights: Weights, out: &std::path::Path)
     let x = sampler
         .sample(&m.net, &[cfg.sample.n as i64, c, s, s], Device::Cpu)
         .unwrap();
-    ddpm::grid::save_grid(&x, out, None).unwrap();
+    ddpm::grid::save_grid_scaled(&x, out, None, cfg.sample.grid_scale).unwrap();
     std::fs::read(out).unwrap()
 }
 
