@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh clone: set-up (cached), the format and lint gates, then
 # every package's tests. Where nvidia-smi sees a GPU the CUDA twins (ignored elsewhere) run too.
+# --no-fail-fast: a failing test binary does not hide the ones after it from the count.
 # Ends with one line `tests: N passed, M failed, K skipped` summed over every test binary,
 # because cargo's own last line belongs to whichever binary ran last (often a doc-test run of 0).
 set -euo pipefail
@@ -28,7 +29,7 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --release "$@" "${cuda[@]}" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --release --no-fail-fast "$@" "${cuda[@]}" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
 exit "$status"
