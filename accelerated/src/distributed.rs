@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tch::{Device, Tensor};
 
+use crate::data::loader::Batch;
 use crate::error::{DdpmError, Result};
 
 /// The backends compiled into this build (`ddpm info` lists them).
@@ -254,6 +255,29 @@ impl ProcessGroup {
             Ok(())
         }
     }
+}
+
+/// Rank `rank`'s rows of a global batch of `world_size` equal shards: rows
+/// `[rank·B/N, (rank+1)·B/N)` of x0, t and ε; the step and libtorch seed stay.
+pub fn shard(batch: &Batch, rank: usize, world_size: usize) -> Result<Batch> {
+    let b = batch.x0.size().first().copied().unwrap_or(0);
+    let n = world_size as i64;
+    if world_size == 0 || rank >= world_size || b % n != 0 {
+        return Err(DdpmError::OutOfRange {
+            key: "train.batch_size",
+            value: b.to_string(),
+            expected: format!("a multiple of the world size {world_size} (rank {rank})"),
+        });
+    }
+    let per = b / n;
+    let start = rank as i64 * per;
+    Ok(Batch {
+        step: batch.step,
+        x0: batch.x0.f_narrow(0, start, per)?.f_contiguous()?,
+        t: batch.t.f_narrow(0, start, per)?.f_contiguous()?,
+        eps: batch.eps.f_narrow(0, start, per)?.f_contiguous()?,
+        torch_seed: batch.torch_seed,
+    })
 }
 
 #[cfg(test)]
