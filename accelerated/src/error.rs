@@ -182,6 +182,30 @@ pub enum DdpmError {
         /// The setting to lower (a config key, e.g. `sample.batch_size`, `model.base_channels`).
         key: &'static str,
     },
+    /// A torchrun variable (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) is missing
+    /// while another is set, or does not parse, or the ranks do not fit together.
+    #[error("distributed launch: {var} = {value:?}: {reason}")]
+    DistributedEnv {
+        /// The environment variable.
+        var: &'static str,
+        /// Its value (empty when missing).
+        value: String,
+        reason: String,
+    },
+    /// The launch asks for several processes but this build has no c10d backend (the
+    /// `distributed` feature is off).
+    #[error("rank {rank} of {world_size}: this ddpm was built without a distributed backend (cargo feature `distributed`)")]
+    DistributedNotBuilt { rank: usize, world_size: usize },
+    /// A c10d collective or the group's set-up failed on this rank (a peer that died, hangs past
+    /// the timeout, or disagrees on shapes); the message is libtorch's.
+    #[error("rank {rank} of {world_size}: {op} failed: {message}")]
+    Distributed {
+        rank: usize,
+        world_size: usize,
+        /// `init`, `all_reduce`, `broadcast` or `barrier`.
+        op: &'static str,
+        message: String,
+    },
 }
 
 /// libtorch's message up to its C++ stack trace (`frame #0: …`, `Exception raised from …`).

@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod eval;
 pub mod fsio;
 pub mod generate;

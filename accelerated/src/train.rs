@@ -81,6 +81,8 @@ pub struct Trainer {
     loss_count: u64,
     /// [first step whose loss was not finite (0 = none), that loss], on the device.
     first_nonfinite: Tensor,
+    /// Data-parallel training: the gradients are averaged over this group after backward.
+    group: Option<crate::distributed::ProcessGroup>,
 }
 
 impl Trainer {
@@ -111,6 +113,7 @@ impl Trainer {
             loss_sum: Tensor::f_zeros([], (Kind::Double, device))?,
             loss_count: 0,
             first_nonfinite: Tensor::f_zeros([2], (Kind::Double, device))?,
+            group: None,
         })
     }
 
@@ -128,6 +131,13 @@ impl Trainer {
     /// Updates done.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Data-parallel training (docs/distributed.md): from now on every step averages the
+    /// gradients over `group` before the LAMB step, so every rank takes the same step. Each rank
+    /// must be given its shard of the same global batch ([`crate::distributed::shard`]).
+    pub fn set_process_group(&mut self, group: crate::distributed::ProcessGroup) {
+        self.group = Some(group);
     }
 
     /// Batches skipped for a non-finite loss.
@@ -178,8 +188,20 @@ impl Trainer {
         };
         self.lamb.zero_grad();
         if self.cfg.train.skip_nonfinite {
-            // Skipping decides on the host, so only this mode reads every loss back.
-            let value = f64::try_from(&loss)?;
+            // Skipping decides on the host, so only this mode reads every loss back. With a
+            // process group the decision is taken on the ranks' average (a NaN or ∞ on any
+            // rank reaches every rank), so that all ranks skip together.
+            let value = match &self.group {
+                Some(group) => {
+                    let mut mean = loss
+                        .f_detach()?
+                        .f_to_device(Device::Cpu)?
+                        .f_to_kind(Kind::Double)?;
+                    group.all_reduce_average(&mut mean)?;
+                    f64::try_from(&mean)?
+                }
+                None => f64::try_from(&loss)?,
+            };
             if !value.is_finite() {
                 self.step = k;
                 self.skipped += 1;
@@ -189,6 +211,9 @@ impl Trainer {
             self.watch_nonfinite(&loss, k)?;
         }
         loss.f_backward()?;
+        if let Some(group) = &self.group {
+            group.average_gradients(&self.vs.trainable_variables())?;
+        }
         self.lamb.set_lr(self.lr.lr(k));
         self.last_grad_norm = Some(self.lamb.step()?);
         self.ema.update(&self.vs)?;

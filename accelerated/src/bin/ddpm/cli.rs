@@ -635,6 +635,15 @@ fn info(choice: DeviceArg) -> anyhow::Result<()> {
         "MISSING: run scripts/bootstrap.sh"
     };
     println!("embedded MNIST-5k: {} ({state})", mnist.display());
+    let backends = ddpm::distributed::backends();
+    println!(
+        "distributed backends: {}",
+        if backends.is_empty() {
+            "none (built without the `distributed` feature)".to_string()
+        } else {
+            backends.join(", ")
+        }
+    );
     Ok(())
 }
 

@@ -1,0 +1,372 @@
+//! Data-parallel training's plumbing (issue 16): the torchrun launch read from the environment,
+//! a c10d process group (Gloo, through the `ddpm-c10d` crate, when the `distributed` feature is
+//! on), and the gradient all-reduce through one flat buffer. See docs/distributed.md.
+//!
+//! Without torchrun's variables nothing changes: [`Launch::from_env`] gives `None`.
+
+use std::time::Duration;
+
+use tch::{Device, Tensor};
+
+use crate::data::loader::Batch;
+use crate::error::{DdpmError, Result};
+
+/// The backends compiled into this build (`ddpm info` lists them).
+pub fn backends() -> &'static [&'static str] {
+    #[cfg(feature = "distributed")]
+    {
+        ddpm_c10d::BACKENDS
+    }
+    #[cfg(not(feature = "distributed"))]
+    {
+        &[]
+    }
+}
+
+/// Where this process sits in a torchrun launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world_size: usize,
+    /// The rank on this node (picks the GPU where there are several).
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+const VARS: [&str; 5] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
+
+impl Launch {
+    /// torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `None` when none of
+    /// them is set, an error naming the variable when only some are, or one does not parse.
+    pub fn from_env() -> Result<Option<Launch>> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`Launch::from_env`] over any variable source (the tests pass a map).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let values: Vec<Option<String>> = VARS.iter().map(|v| get(v)).collect();
+        if values.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let value = |i: usize| -> Result<String> {
+            values[i].clone().ok_or_else(|| DdpmError::DistributedEnv {
+                var: VARS[i],
+                value: String::new(),
+                reason: format!(
+                    "missing while {} set (launch with torchrun, or unset them all)",
+                    VARS.iter()
+                        .zip(&values)
+                        .filter(|(_, v)| v.is_some())
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+        };
+        let number = |i: usize| -> Result<usize> {
+            let v = value(i)?;
+            v.trim().parse().map_err(|_| DdpmError::DistributedEnv {
+                var: VARS[i],
+                value: v.clone(),
+                reason: "not a non-negative integer".into(),
+            })
+        };
+        let (rank, world_size, local_rank) = (number(0)?, number(1)?, number(2)?);
+        let master_addr = value(3)?;
+        let port = value(4)?;
+        let master_port = port.trim().parse().map_err(|_| DdpmError::DistributedEnv {
+            var: "MASTER_PORT",
+            value: port.clone(),
+            reason: "not a TCP port (0 to 65535)".into(),
+        })?;
+        if world_size == 0 || rank >= world_size {
+            return Err(DdpmError::DistributedEnv {
+                var: "RANK",
+                value: rank.to_string(),
+                reason: format!("not below WORLD_SIZE = {world_size}"),
+            });
+        }
+        if master_addr.is_empty() {
+            return Err(DdpmError::DistributedEnv {
+                var: "MASTER_ADDR",
+                value: master_addr,
+                reason: "empty".into(),
+            });
+        }
+        Ok(Some(Launch {
+            rank,
+            world_size,
+            local_rank,
+            master_addr,
+            master_port,
+        }))
+    }
+}
+
+/// A joined group of ranks; collectives block until every rank has made the same call, or fail
+/// after the timeout with an error naming this rank.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    rank: usize,
+    world_size: usize,
+    #[cfg(feature = "distributed")]
+    inner: ddpm_c10d::ProcessGroup,
+}
+
+impl ProcessGroup {
+    /// Joins the launch's group (Gloo): rank 0 serves the TCPStore on MASTER_ADDR:MASTER_PORT,
+    /// bound to that address only; Gloo's transport binds to MASTER_ADDR too when it is a
+    /// loopback address (one machine), else to this host's name.
+    pub fn join(launch: &Launch, timeout: Duration) -> Result<ProcessGroup> {
+        #[cfg(feature = "distributed")]
+        {
+            let loopback = launch
+                .master_addr
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback());
+            let config = ddpm_c10d::GlooConfig {
+                master_addr: launch.master_addr.clone(),
+                master_port: launch.master_port,
+                rank: launch.rank,
+                world_size: launch.world_size,
+                timeout,
+                gloo_host: loopback.then(|| launch.master_addr.clone()),
+            };
+            let inner =
+                ddpm_c10d::ProcessGroup::gloo(&config).map_err(|e| DdpmError::Distributed {
+                    rank: launch.rank,
+                    world_size: launch.world_size,
+                    op: e.op,
+                    message: e.message,
+                })?;
+            Ok(ProcessGroup {
+                rank: launch.rank,
+                world_size: launch.world_size,
+                inner,
+            })
+        }
+        #[cfg(not(feature = "distributed"))]
+        {
+            let _ = timeout;
+            Err(DdpmError::DistributedNotBuilt {
+                rank: launch.rank,
+                world_size: launch.world_size,
+            })
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    #[cfg(feature = "distributed")]
+    fn error(&self, e: ddpm_c10d::C10dError) -> DdpmError {
+        DdpmError::Distributed {
+            rank: self.rank,
+            world_size: self.world_size,
+            op: e.op,
+            message: e.message,
+        }
+    }
+
+    /// Averages the gradients of `params` over the ranks in one all-reduce: the gradients are
+    /// concatenated into one flat buffer (on the CPU for Gloo), reduced, divided by the world
+    /// size and copied back. A parameter without a gradient adds zeros (so that every rank's
+    /// buffer has the same layout) and keeps no gradient. Every rank must pass the same
+    /// parameters in the same order, with the same kind.
+    pub fn average_gradients(&self, params: &[Tensor]) -> Result<()> {
+        if params.is_empty() {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+        let flat: Vec<Tensor> = params
+            .iter()
+            .zip(&grads)
+            .map(|(p, g)| {
+                if g.defined() {
+                    g.f_reshape([-1])
+                } else {
+                    p.f_zeros_like().and_then(|z| z.f_reshape([-1]))
+                }
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let mut buffer = Tensor::f_cat(&flat, 0)?.f_to_device(Device::Cpu)?;
+        self.all_reduce_average(&mut buffer)?;
+        let mut offset = 0i64;
+        for (p, mut g) in params.iter().zip(grads) {
+            let n = p.numel() as i64;
+            if g.defined() {
+                let part = buffer.f_narrow(0, offset, n)?.f_view_as(&g)?;
+                g.f_copy_(&part)?;
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// In place: the average of `tensor` over the ranks (a contiguous CPU tensor).
+    pub fn all_reduce_average(&self, tensor: &mut Tensor) -> Result<()> {
+        #[cfg(feature = "distributed")]
+        {
+            self.inner
+                .all_reduce(tensor, ddpm_c10d::Reduce::Average)
+                .map_err(|e| self.error(e))
+        }
+        #[cfg(not(feature = "distributed"))]
+        {
+            let _ = tensor;
+            Ok(())
+        }
+    }
+
+    /// In place: rank 0's `tensor` on every rank (a contiguous CPU tensor).
+    pub fn broadcast_from_0(&self, tensor: &mut Tensor) -> Result<()> {
+        #[cfg(feature = "distributed")]
+        {
+            self.inner.broadcast(tensor, 0).map_err(|e| self.error(e))
+        }
+        #[cfg(not(feature = "distributed"))]
+        {
+            let _ = tensor;
+            Ok(())
+        }
+    }
+
+    /// Returns once every rank has reached it.
+    pub fn barrier(&self) -> Result<()> {
+        #[cfg(feature = "distributed")]
+        {
+            self.inner.barrier().map_err(|e| self.error(e))
+        }
+        #[cfg(not(feature = "distributed"))]
+        {
+            Ok(())
+        }
+    }
+}
+
+/// Rank `rank`'s rows of a global batch of `world_size` equal shards: rows
+/// `[rank·B/N, (rank+1)·B/N)` of x0, t and ε; the step and libtorch seed stay.
+pub fn shard(batch: &Batch, rank: usize, world_size: usize) -> Result<Batch> {
+    let b = batch.x0.size().first().copied().unwrap_or(0);
+    let n = world_size as i64;
+    if world_size == 0 || rank >= world_size || b % n != 0 {
+        return Err(DdpmError::OutOfRange {
+            key: "train.batch_size",
+            value: b.to_string(),
+            expected: format!("a multiple of the world size {world_size} (rank {rank})"),
+        });
+    }
+    let per = b / n;
+    let start = rank as i64 * per;
+    Ok(Batch {
+        step: batch.step,
+        x0: batch.x0.f_narrow(0, start, per)?.f_contiguous()?,
+        t: batch.t.f_narrow(0, start, per)?.f_contiguous()?,
+        eps: batch.eps.f_narrow(0, start, per)?.f_contiguous()?,
+        torch_seed: batch.torch_seed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Launch::from_vars(|k| map.get(k).cloned())
+    }
+
+    const FULL: [(&str, &str); 5] = [
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ];
+
+    #[test]
+    fn no_torchrun_variables_is_no_launch() {
+        assert_eq!(launch(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn torchrun_variables_are_read() {
+        assert_eq!(
+            launch(&FULL).unwrap(),
+            Some(Launch {
+                rank: 1,
+                world_size: 2,
+                local_rank: 1,
+                master_addr: "127.0.0.1".into(),
+                master_port: 29500,
+            })
+        );
+    }
+
+    #[test]
+    fn a_missing_or_bad_variable_is_named() {
+        for (drop, var) in [(0, "RANK"), (3, "MASTER_ADDR"), (4, "MASTER_PORT")] {
+            let vars: Vec<_> = FULL
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != drop)
+                .map(|(_, kv)| *kv)
+                .collect();
+            match launch(&vars) {
+                Err(DdpmError::DistributedEnv { var: v, reason, .. }) => {
+                    assert_eq!(v, var);
+                    assert!(reason.contains("missing"), "{reason}");
+                }
+                other => panic!("without {var}: {other:?}"),
+            }
+        }
+        let mut bad = FULL;
+        bad[4] = ("MASTER_PORT", "70000");
+        assert!(matches!(
+            launch(&bad),
+            Err(DdpmError::DistributedEnv {
+                var: "MASTER_PORT",
+                ..
+            })
+        ));
+        bad = FULL;
+        bad[0] = ("RANK", "2");
+        let e = launch(&bad).unwrap_err();
+        assert!(
+            matches!(e, DdpmError::DistributedEnv { var: "RANK", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("WORLD_SIZE = 2"), "{e}");
+        bad = FULL;
+        bad[1] = ("WORLD_SIZE", "two");
+        assert!(matches!(
+            launch(&bad),
+            Err(DdpmError::DistributedEnv {
+                var: "WORLD_SIZE",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn backends_match_the_feature() {
+        assert_eq!(backends().contains(&"gloo"), cfg!(feature = "distributed"));
+    }
+}

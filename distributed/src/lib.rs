@@ -1,0 +1,212 @@
+//! PyTorch's c10d process groups for tch tensors: a Gloo group (CPU) set up from a TCPStore,
+//! with in-place all-reduce, broadcast and barrier.
+//!
+//! tch has no distributed API; this crate compiles a small C++ shim (csrc/c10d_shim.cpp) against
+//! the c10d headers of the pinned libtorch and the gloo headers vendored in third_party/gloo
+//! (see its README). The shim catches every C++ exception: errors arrive here as
+//! [`C10dError`] with libtorch's message. See docs/distributed.md.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use tch::{Device, Tensor};
+
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    extern "C" {
+        pub fn ddpm_c10d_free_error(err: *mut c_char);
+        pub fn ddpm_c10d_init_gloo(
+            master_addr: *const c_char,
+            port: u16,
+            rank: c_int,
+            world: c_int,
+            timeout_ms: i64,
+            gloo_host: *const c_char,
+            out: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn ddpm_c10d_allreduce(
+            pg: *mut c_void,
+            tensor: *mut c_void,
+            average: c_int,
+        ) -> *mut c_char;
+        pub fn ddpm_c10d_broadcast(
+            pg: *mut c_void,
+            tensor: *mut c_void,
+            root: c_int,
+        ) -> *mut c_char;
+        pub fn ddpm_c10d_barrier(pg: *mut c_void) -> *mut c_char;
+        pub fn ddpm_c10d_destroy(pg: *mut c_void);
+    }
+}
+
+/// A c10d call that failed: which one, and libtorch's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("c10d {op} failed: {message}")]
+pub struct C10dError {
+    /// `init`, `all_reduce`, `broadcast` or `barrier`.
+    pub op: &'static str,
+    pub message: String,
+}
+
+/// How [`ProcessGroup::all_reduce`] combines the ranks' tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    Sum,
+    /// The sum divided by the world size (Gloo has no AVG: the shim divides after the sum).
+    Average,
+}
+
+/// Where and how to meet the other ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlooConfig {
+    /// The TCPStore's address (torchrun's MASTER_ADDR); rank 0's store listens there only.
+    pub master_addr: String,
+    pub master_port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    /// For joining the store and for every collective.
+    pub timeout: Duration,
+    /// The address or host name of this machine that Gloo's transport binds to; `None`:
+    /// libtorch's default device (this host's name).
+    pub gloo_host: Option<String>,
+}
+
+/// A Gloo process group; destroyed on drop. Collectives are blocking and in place, on contiguous
+/// CPU tensors.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    raw: NonNull<c_void>,
+    rank: usize,
+    world_size: usize,
+}
+
+/// The backends compiled into this crate.
+pub const BACKENDS: &[&str] = &["gloo"];
+
+fn check(op: &'static str, err: *mut c_char) -> Result<(), C10dError> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null result is a NUL-terminated string malloc'd by the shim, freed once here.
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { ffi::ddpm_c10d_free_error(err) };
+    Err(C10dError { op, message })
+}
+
+fn cstring(op: &'static str, what: &str, s: &str) -> Result<CString, C10dError> {
+    CString::new(s).map_err(|_| C10dError {
+        op,
+        message: format!("{what} contains a NUL byte"),
+    })
+}
+
+impl ProcessGroup {
+    /// Joins the group: blocks until all `world_size` ranks have joined the store, or fails after
+    /// `timeout`.
+    pub fn gloo(config: &GlooConfig) -> Result<Self, C10dError> {
+        let op = "init";
+        let too_big = |what: &str| C10dError {
+            op,
+            message: format!("{what} does not fit a C int"),
+        };
+        let rank = c_int::try_from(config.rank).map_err(|_| too_big("rank"))?;
+        let world = c_int::try_from(config.world_size).map_err(|_| too_big("world size"))?;
+        let timeout_ms = i64::try_from(config.timeout.as_millis()).unwrap_or(i64::MAX);
+        let addr = cstring(op, "MASTER_ADDR", &config.master_addr)?;
+        let host = config
+            .gloo_host
+            .as_deref()
+            .map(|h| cstring(op, "the Gloo host", h))
+            .transpose()?;
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the strings outlive the call; `out` is written by the shim before it returns.
+        let err = unsafe {
+            ffi::ddpm_c10d_init_gloo(
+                addr.as_ptr(),
+                config.master_port,
+                rank,
+                world,
+                timeout_ms,
+                host.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
+                &mut out,
+            )
+        };
+        check(op, err)?;
+        let raw = NonNull::new(out).ok_or_else(|| C10dError {
+            op,
+            message: "the shim returned no group".into(),
+        })?;
+        Ok(Self {
+            raw,
+            rank: config.rank,
+            world_size: config.world_size,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn cpu_contiguous(op: &'static str, tensor: &Tensor) -> Result<(), C10dError> {
+        if tensor.device() != Device::Cpu || !tensor.is_contiguous() {
+            return Err(C10dError {
+                op,
+                message: format!(
+                    "Gloo needs a contiguous CPU tensor, got one on {:?} (contiguous: {})",
+                    tensor.device(),
+                    tensor.is_contiguous()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// In place on every rank: the sum (or average) of the ranks' tensors, which must have the
+    /// same shape and kind everywhere.
+    pub fn all_reduce(&self, tensor: &mut Tensor, reduce: Reduce) -> Result<(), C10dError> {
+        let op = "all_reduce";
+        Self::cpu_contiguous(op, tensor)?;
+        let average = c_int::from(reduce == Reduce::Average);
+        // SAFETY: `raw` is a live group; `as_mut_ptr` is tch's `at::Tensor*`, valid for the call.
+        check(op, unsafe {
+            ffi::ddpm_c10d_allreduce(self.raw.as_ptr(), tensor.as_mut_ptr().cast(), average)
+        })
+    }
+
+    /// In place on every rank: `root`'s tensor.
+    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), C10dError> {
+        let op = "broadcast";
+        Self::cpu_contiguous(op, tensor)?;
+        let root = c_int::try_from(root).map_err(|_| C10dError {
+            op,
+            message: "root does not fit a C int".into(),
+        })?;
+        // SAFETY: as in `all_reduce`.
+        check(op, unsafe {
+            ffi::ddpm_c10d_broadcast(self.raw.as_ptr(), tensor.as_mut_ptr().cast(), root)
+        })
+    }
+
+    /// Returns once every rank has reached it.
+    pub fn barrier(&self) -> Result<(), C10dError> {
+        // SAFETY: `raw` is a live group.
+        check("barrier", unsafe {
+            ffi::ddpm_c10d_barrier(self.raw.as_ptr())
+        })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from the shim's init and is destroyed once, here.
+        unsafe { ffi::ddpm_c10d_destroy(self.raw.as_ptr()) }
+    }
+}
