@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Mutation score of the accelerated crate's product files (issue 13; docs/verification.md,
 # "Mutation score"). Usage: bash scripts/mutants.sh [FILE-KEY ...]   (default: every key below)
+# Environment: MUTANTS_DIR (the mutated copy), MUTANTS_OUT (results), MUTANTS_TIMEOUT (test
+# timeout, s), MUTANTS_ARGS (extra cargo-mutants arguments), LIBTORCH (see below).
 #
 # Each mutant costs an incremental release rebuild of `ddpm` and the test binaries named for
 # its file, then those tests. To keep that cheap and leave the working tree alone, the tree
@@ -17,8 +19,22 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
 dir="${MUTANTS_DIR:-/tmp/ddpm-mutants}"
 out="${MUTANTS_OUT:-$root/target/mutants}"
-export LIBTORCH="${LIBTORCH:-$root/.libtorch}"
+# LIBTORCH as the warm target/ was built with (recorded in torch-sys's build-script
+# fingerprint): a different string, even a link to the same libtorch (another worktree's
+# .libtorch), reruns torch-sys's C++ build, minutes on a busy machine. Else ./.libtorch.
+recorded=$(grep -oh '"var":"LIBTORCH","val":"[^"]*"' \
+  "$root"/target/release/.fingerprint/torch-sys-*/run-build-script-build-script-build.json \
+  2>/dev/null | head -1 | sed 's/.*"val":"\(.*\)"/\1/' || true)
+export LIBTORCH="${LIBTORCH:-${recorded:-$root/.libtorch}}"
 export CARGO_INCREMENTAL=1
+# Test timeout per mutant, s: 120 is ample on an idle machine (the slowest narrowed set runs
+# in ~15 s), but under load 15 a niced `--lib` run alone took 70 s and one went past 120 s:
+# set MUTANTS_TIMEOUT higher on a busy machine.
+# Extra cargo-mutants arguments for every key, e.g. MUTANTS_ARGS="-F import" (a name filter).
+read -r -a extra <<<"${MUTANTS_ARGS:-}"
+
+# cargo-mutants itself (27.1.0 measured); installed here, not by bootstrap.sh: only this needs it.
+cargo mutants --version >/dev/null 2>&1 || cargo install cargo-mutants --locked
 
 # file key -> mutated file(s) and the test targets (cargo test args) that exercise them.
 declare -A files=(
@@ -61,7 +77,7 @@ for key in "${keys[@]}"; do
   start=$(date +%s)
   # --in-place runs one mutant at a time (no -j).
   nice -n 19 cargo mutants --in-place --no-shuffle -p ddpm "${fargs[@]}" \
-    --test-package ddpm,ddpm-tests --baseline skip --timeout 120 --build-timeout 600 \
-    --profile release --output "$out/$key" "${targs[@]}" || true
+    --test-package ddpm,ddpm-tests --baseline skip --timeout "${MUTANTS_TIMEOUT:-120}" --build-timeout 600 \
+    --profile release --output "$out/$key" "${targs[@]}" ${extra[@]+"${extra[@]}"} || true
   echo "[mutants] $key: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
 done

@@ -278,4 +278,90 @@ mod tests {
         .unwrap();
         assert!(evaluate_model(&model, &s, &sigma, &real, &opts(None), &mut Silent).is_err());
     }
+
+    /// Records what `evaluate_model` tells its progress.
+    #[derive(Default)]
+    struct Calls {
+        total: Option<u64>,
+        updates: Vec<u64>,
+    }
+
+    impl Progress for Calls {
+        fn start(&mut self, total: u64, done: u64, _unit: &'static str) {
+            assert!(self.total.is_none() && done == 0);
+            self.total = Some(total);
+        }
+        fn update(&mut self, done: u64) {
+            self.updates.push(done);
+        }
+    }
+
+    /// 7 tiny 8-bit images (1×2×2) and T = 5, so batches of 3 leave a partial last batch.
+    fn small() -> (Schedule, Tensor, Dataset) {
+        let s = Schedule::new(ScheduleKind::Article, 5, Device::Cpu).unwrap();
+        let sigma = SigmaChoice::Beta.table(&s).unwrap();
+        let px = (Tensor::arange(7 * 4, (Kind::Int64, Device::Cpu)) * 37)
+            .remainder(256)
+            .to_kind(Kind::Uint8)
+            .view([7, 1, 2, 2]);
+        (s, sigma, Dataset::from_pixels(px, "small").unwrap())
+    }
+
+    #[test]
+    fn progress_announces_and_counts_every_model_call() {
+        let _guard = crate::sampler::rng_lock();
+        let (s, sigma, data) = small();
+        let calls = std::cell::Cell::new(0u64);
+        let model = |x: &Tensor, _: &Tensor| {
+            calls.set(calls.get() + 1);
+            x.zeros_like()
+        };
+        // ⌈7/3⌉ = 3 batches, each T = 5 model calls (full bound) or k = 4 (quick estimate).
+        for (quick, want) in [(None, 15u64), (Some(4), 12)] {
+            calls.set(0);
+            let mut progress = Calls::default();
+            let o = EvalOptions {
+                batch_size: 3,
+                ..opts(quick)
+            };
+            let report = evaluate_model(&model, &s, &sigma, &data, &o, &mut progress).unwrap();
+            assert_eq!(report.images, 7);
+            assert_eq!(calls.get(), want, "{quick:?}: model calls");
+            assert_eq!(progress.total, Some(want), "{quick:?}: announced total");
+            assert_eq!(
+                progress.updates,
+                (1..=want).collect::<Vec<_>>(),
+                "{quick:?}: one update per call, counting up to the total"
+            );
+        }
+    }
+
+    #[test]
+    fn quick_estimate_draws_t_uniformly_from_1_to_t_max() {
+        let _guard = crate::sampler::rng_lock();
+        let (s, sigma, data) = small();
+        let seen = std::cell::RefCell::new(vec![0usize; 7]);
+        let model = |x: &Tensor, t: &Tensor| {
+            for ti in Vec::<i64>::try_from(t).unwrap() {
+                seen.borrow_mut()[ti.clamp(0, 6) as usize] += 1;
+            }
+            x.zeros_like()
+        };
+        // 7 images × 100 draws = 700 t, each uniform on {1, …, 5} if the estimate is
+        // unbiased: every count is 140 ± 5 standard deviations (√(700·0.2·0.8) ≈ 10.6), α ≈ 3e-6
+        // (seeded, so the outcome is fixed); t = 0 or t > T is never drawn.
+        let o = EvalOptions {
+            batch_size: 7,
+            ..opts(Some(100))
+        };
+        evaluate_model(&model, &s, &sigma, &data, &o, &mut Silent).unwrap();
+        let seen = seen.into_inner();
+        assert_eq!((seen[0], seen[6]), (0, 0), "t outside 1..=T: {seen:?}");
+        for (t, &count) in seen.iter().enumerate().take(6).skip(1) {
+            assert!(
+                (140.0 - count as f64).abs() < 5.0 * 10.6,
+                "t = {t} drawn {count} times of 700: {seen:?}"
+            );
+        }
+    }
 }
