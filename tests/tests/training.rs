@@ -455,7 +455,8 @@ fn grid_by_hand(ckpt: &std::path::Path, weights: Weights, out: &std::path::Path)
     let x = sampler
         .sample(&m.net, &[cfg.sample.n as i64, c, s, s], Device::Cpu)
         .unwrap();
-    ddpm::grid::save_grid(&x, out, None).unwrap();
+    // Scaled as the trainer scales its grids (`sample.grid_scale`, since the s4-sample merge).
+    ddpm::grid::save_grid_scaled(&x, out, None, cfg.sample.grid_scale).unwrap();
     std::fs::read(out).unwrap()
 }
 
