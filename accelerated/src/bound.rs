@@ -13,26 +13,31 @@ const HALF_BIN: f64 = 1.0 / 255.0;
 /// Data within this distance of ±1 sit in an outer bin, which extends to ±∞.
 const EDGE: f64 = 1e-3;
 
-fn sum_per_sample(x: &Tensor) -> Tensor {
+fn sum_per_sample(x: &Tensor) -> Result<Tensor> {
     let dims: Vec<i64> = (1..x.dim() as i64).collect();
-    x.sum_dim_intlist(dims.as_slice(), false, None::<Kind>)
+    Ok(x.f_sum_dim_intlist(dims.as_slice(), false, None::<Kind>)?)
 }
 
 /// KL(N(m1, s1² I) ‖ N(m2, s2² I)) = Σ_dims [ln(s2/s1) + (s1² + (m1 − m2)²)/(2 s2²) − ½] per
 /// sample [B]; `s1`, `s2` broadcast against the means ([B, 1, …] per-sample stds).
 pub fn kl_isotropic(m1: &Tensor, s1: &Tensor, m2: &Tensor, s2: &Tensor) -> Result<Tensor> {
     same_shape("m1", m1, "m2", m2)?;
-    let term = (s2 / s1).log() + (s1.square() + (m1 - m2).square()) / (s2.square() * 2.0) - 0.5;
-    Ok(sum_per_sample(&term.broadcast_to(m1.size())))
+    let spread = s1.f_square()?.f_add(&m1.f_sub(m2)?.f_square()?)?;
+    let term = s2
+        .f_div(s1)?
+        .f_log()?
+        .f_add(&spread.f_div(&s2.f_square()?.f_mul_scalar(2.0)?)?)?
+        .f_sub_scalar(0.5)?;
+    sum_per_sample(&term.f_broadcast_to(m1.size())?)
 }
 
 /// L_T = KL(N(ᾱ_T x_0, β̄_T² I) ‖ N(0, I)) per sample [B].
 pub fn prior_kl(schedule: &Schedule, x0: &Tensor) -> Result<Tensor> {
     let b = x0.size().first().copied().unwrap_or(0);
-    let t = Tensor::full([b], schedule.t_max(), (Kind::Int64, x0.device()));
-    let mean = schedule.alpha_bar_at(&t, x0)? * x0;
+    let t = Tensor::f_full([b], schedule.t_max(), (Kind::Int64, x0.device()))?;
+    let mean = schedule.alpha_bar_at(&t, x0)?.f_mul(x0)?;
     let std = schedule.beta_bar_at(&t, x0)?;
-    kl_isotropic(&mean, &std, &mean.zeros_like(), &std.ones_like())
+    kl_isotropic(&mean, &std, &mean.f_zeros_like()?, &std.f_ones_like()?)
 }
 
 /// L_{t−1} = KL(N(μ̃(x_t, x_0), σ̃_t²) ‖ N(μ(x_t), σ_t²)) per sample [B], for t ≥ 2;
@@ -71,7 +76,7 @@ pub fn log_normal_cdf_diff(a: &Tensor, b: &Tensor) -> Tensor {
 fn decoder_std(schedule: &Schedule, sigma: &Tensor, t1: &Tensor, like: &Tensor) -> Result<Tensor> {
     let s = gather(sigma, t1, like)?;
     let b = schedule.beta_at(t1, like)?;
-    Ok(s.where_self(&s.gt(0.0), &b))
+    Ok(s.f_where_self(&s.f_gt(0.0)?, &b)?)
 }
 
 /// L_0 = −ln q(x_0|x_1) per sample [B] for x_0 on the 8-bit grid 2k/255 − 1: each value's bin
@@ -85,18 +90,21 @@ pub fn decoder_nll(
 ) -> Result<Tensor> {
     same_shape("x0", x0, "x1", x1)?;
     let b = x0.size().first().copied().unwrap_or(0);
-    let t1 = Tensor::ones([b], (Kind::Int64, x0.device()));
+    let t1 = Tensor::f_ones([b], (Kind::Int64, x0.device()))?;
     let mean = generator_mean(schedule, x1, &t1, eps_hat)?;
     let std = decoder_std(schedule, sigma, &t1, x0)?;
-    let lo = (x0 - &mean - HALF_BIN) / &std;
-    let hi = (x0 - &mean + HALF_BIN) / &std;
+    let centred = x0.f_sub(&mean)?;
+    let lo = centred.f_sub_scalar(HALF_BIN)?.f_div(&std)?;
+    let hi = centred.f_add_scalar(HALF_BIN)?.f_div(&std)?;
+    // The arguments are the shape of x0 (checked above), so the elementwise calls below cannot
+    // fail on shapes.
     let middle = log_normal_cdf_diff(&lo, &hi);
-    let bottom = hi.special_log_ndtr();
-    let top = lo.neg().special_log_ndtr();
+    let bottom = hi.f_special_log_ndtr()?;
+    let top = lo.f_neg()?.f_special_log_ndtr()?;
     let log_p = middle
-        .where_self(&x0.lt(-1.0 + EDGE).logical_not(), &bottom)
-        .where_self(&x0.gt(1.0 - EDGE).logical_not(), &top);
-    Ok(sum_per_sample(&log_p).neg())
+        .f_where_self(&x0.f_lt(-1.0 + EDGE)?.f_logical_not()?, &bottom)?
+        .f_where_self(&x0.f_gt(1.0 - EDGE)?.f_logical_not()?, &top)?;
+    Ok(sum_per_sample(&log_p)?.f_neg()?)
 }
 
 /// The term of the bound that step t contributes per sample [B], t mixed across the batch:
@@ -112,10 +120,10 @@ pub fn bound_term(
 ) -> Result<Tensor> {
     // L_{t−1} is only defined for t ≥ 2; those samples read the decoder below, so any valid
     // index will do for them — min(2, T) keeps a T = 1 schedule in range.
-    let t_safe = t.clamp_min(2.min(schedule.t_max()));
+    let t_safe = t.f_clamp_min(2.min(schedule.t_max()))?;
     let kl = posterior_kl(schedule, sigma, x0, x_t, &t_safe, eps_hat)?;
     let dec = decoder_nll(schedule, sigma, x0, x_t, eps_hat)?;
-    Ok(dec.where_self(&t.eq(1), &kl))
+    Ok(dec.f_where_self(&t.f_eq(1)?, &kl)?)
 }
 
 /// nats per sample → bits per dimension: nats/(d ln 2).
@@ -162,18 +170,19 @@ pub fn negative_elbo<M: NoisePredictor + ?Sized>(
     let device = x0.device();
     tch::no_grad(|| {
         let prior = prior_kl(schedule, x0)?;
-        let mut diffusion = prior.zeros_like();
-        let mut decoder = prior.zeros_like();
+        let mut diffusion = prior.f_zeros_like()?;
+        let mut decoder = prior.f_zeros_like()?;
         let total = schedule.t_max() as usize;
         for step in 1..=schedule.t_max() {
-            let t = Tensor::full([b], step, (Kind::Int64, device));
-            let eps = x0.randn_like();
+            let t = Tensor::f_full([b], step, (Kind::Int64, device))?;
+            let eps = x0.f_randn_like()?;
             let x_t = marginal_sample(schedule, x0, &t, &eps)?;
             let eps_hat = model.predict(&x_t, &t)?;
             if step == 1 {
                 decoder = decoder_nll(schedule, sigma, x0, &x_t, &eps_hat)?;
             } else {
-                diffusion += posterior_kl(schedule, sigma, x0, &x_t, &t, &eps_hat)?;
+                diffusion =
+                    diffusion.f_add(&posterior_kl(schedule, sigma, x0, &x_t, &t, &eps_hat)?)?;
             }
             on_step(step as usize, total);
         }

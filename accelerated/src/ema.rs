@@ -26,11 +26,14 @@ impl Ema {
                 expected: "in [0, 1) (the EMA decay)".into(),
             });
         }
-        let mut shadow: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .map(|(name, w)| (name, w.detach().copy()))
-            .collect();
+        let mut shadow: Vec<(String, Tensor)> = Vec::new();
+        for (name, w) in vs.variables() {
+            // A deep copy (what `Tensor::copy` does, through the fallible calls).
+            let w = w.f_detach()?;
+            let mut avg = w.f_zeros_like()?;
+            avg.f_copy_(&w)?;
+            shadow.push((name, avg));
+        }
         shadow.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Ema {
             decay,

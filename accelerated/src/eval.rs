@@ -74,9 +74,31 @@ impl std::fmt::Display for EvalReport {
     }
 }
 
+impl EvalOptions {
+    /// Fails on settings that cannot work whatever the checkpoint (a batch, a quick estimate
+    /// or a limit of 0), before anything is loaded.
+    pub fn check(&self) -> Result<()> {
+        for (key, value) in [
+            ("batch_size", Some(self.batch_size)),
+            ("quick", self.quick),
+            ("limit", self.limit),
+        ] {
+            if value == Some(0) {
+                return Err(DdpmError::OutOfRange {
+                    key,
+                    value: "0".into(),
+                    expected: "at least 1".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Loads the checkpoint and its run's held-out split, then evaluates; `progress` counts
 /// model calls.
 pub fn evaluate(opts: &EvalOptions, progress: &mut dyn Progress) -> Result<EvalReport> {
+    opts.check()?;
     let model = checkpoint::load_model(&opts.checkpoint, opts.device, opts.weights)?;
     let data = crate::data::load_dataset(&model.config)?;
     warn_if_data_changed(&model, &data, progress)?;
@@ -141,16 +163,21 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
                 .into(),
         });
     }
-    for (key, value) in [("batch_size", Some(opts.batch_size)), ("quick", opts.quick)] {
-        if value == Some(0) {
-            return Err(DdpmError::OutOfRange {
-                key,
-                value: "0".into(),
-                expected: "at least 1".into(),
-            });
-        }
-    }
+    opts.check()?;
     let n = opts.limit.unwrap_or(data.len()).min(data.len());
+    if let Some(per_image) = model.bytes_per_sample() {
+        // The bound's terms add a few images' worth a batch to what the network needs.
+        let b = opts.batch_size.min(n).max(1) as u64;
+        let needed = per_image
+            .checked_add(data.item_dim() as u64 * 8 * 8)
+            .and_then(|p| p.checked_mul(b));
+        crate::memory::check(
+            &format!("evaluating a batch of {b} images"),
+            needed,
+            "batch_size",
+            opts.device,
+        )?;
+    }
     let t_max = schedule.t_max();
     let per_batch = opts.quick.map_or(t_max as u64, |k| k as u64);
     let calls = n.div_ceil(opts.batch_size) as u64 * per_batch;
@@ -159,7 +186,7 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
     let dims = data.item_dim();
     let nats_to_bits = 1.0 / (dims as f64 * std::f64::consts::LN_2);
     tch::manual_seed(opts.seed as i64);
-    let mut parts: Vec<[Tensor; 3]> = Vec::new();
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
     for start in (0..n).step_by(opts.batch_size) {
         let idx: Vec<i64> = (start as i64..(start + opts.batch_size).min(n) as i64).collect();
         let x0 = data.batch(&idx)?.f_to_device(opts.device)?;
@@ -174,31 +201,39 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
             Some(k) => {
                 let prior = prior_kl(schedule, &x0)?;
                 let sum = tch::no_grad(|| -> Result<Tensor> {
-                    let mut sum = prior.zeros_like();
+                    let mut sum = prior.f_zeros_like()?;
                     for _ in 0..k {
-                        let t = Tensor::randint_low(
+                        let t = Tensor::f_randint_low(
                             1,
                             t_max + 1,
                             [idx.len() as i64],
                             (Kind::Int64, opts.device),
-                        );
-                        let x_t = marginal_sample(schedule, &x0, &t, &x0.randn_like())?;
+                        )?;
+                        let x_t = marginal_sample(schedule, &x0, &t, &x0.f_randn_like()?)?;
                         let eps_hat = model.predict(&x_t, &t)?;
-                        sum += bound_term(schedule, sigma, &x0, &t, &x_t, &eps_hat)?;
+                        sum = sum.f_add(&bound_term(schedule, sigma, &x0, &t, &x_t, &eps_hat)?)?;
                         done += 1;
                         progress.update(done);
                     }
                     Ok(sum)
                 })?;
-                let zeros = prior.zeros_like();
-                [prior, sum * (t_max as f64 / k as f64), zeros]
+                let zeros = prior.f_zeros_like()?;
+                [prior, sum.f_mul_scalar(t_max as f64 / k as f64)?, zeros]
             }
         };
-        parts.push(terms.map(|t| t.to_device(Device::Cpu).to_kind(Kind::Double) * nats_to_bits));
+        let mut bits = Vec::with_capacity(3);
+        for t in terms {
+            bits.push(
+                t.f_to_device(Device::Cpu)?
+                    .f_to_kind(Kind::Double)?
+                    .f_mul_scalar(nats_to_bits)?,
+            );
+        }
+        parts.push(bits);
     }
     progress.finish();
     let column = |i: usize| {
-        Tensor::cat(
+        Tensor::f_cat(
             &parts
                 .iter()
                 .map(|p| p[i].shallow_clone())
@@ -206,11 +241,21 @@ pub fn evaluate_model<M: NoisePredictor + ?Sized>(
             0,
         )
     };
-    let (prior, diffusion, decoder) = (column(0), column(1), column(2));
-    let total = &prior + &diffusion + &decoder;
-    let mean = |t: &Tensor| f64::try_from(t.mean(Kind::Double)).unwrap_or(f64::NAN);
+    let (prior, diffusion, decoder) = (column(0)?, column(1)?, column(2)?);
+    let total = prior.f_add(&diffusion)?.f_add(&decoder)?;
+    let mean = |t: &Tensor| {
+        t.f_mean(Kind::Double)
+            .ok()
+            .and_then(|m| f64::try_from(m).ok())
+            .unwrap_or(f64::NAN)
+    };
     let std_error = if n > 1 {
-        f64::try_from(total.std(true)).unwrap_or(f64::NAN) / (n as f64).sqrt()
+        total
+            .f_std(true)
+            .ok()
+            .and_then(|s| f64::try_from(s).ok())
+            .unwrap_or(f64::NAN)
+            / (n as f64).sqrt()
     } else {
         f64::NAN
     };
@@ -363,5 +408,49 @@ mod tests {
                 "t = {t} drawn {count} times of 700: {seen:?}"
             );
         }
+    }
+
+    /// A predictor that says each image needs 2^40 bytes (1 TiB) and fails if it is called.
+    struct Huge;
+
+    impl NoisePredictor for Huge {
+        fn predict(&self, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+            panic!("the batch should have been refused before the network ran")
+        }
+
+        fn bytes_per_sample(&self) -> Option<u64> {
+            Some(1 << 40)
+        }
+    }
+
+    #[test]
+    fn a_batch_that_cannot_fit_is_refused_before_the_network_runs() {
+        let s = Schedule::new(ScheduleKind::Article, 10, Device::Cpu).unwrap();
+        let sigma = SigmaChoice::Beta.table(&s).unwrap();
+        let px = Tensor::zeros([100, 1, 4, 4], (Kind::Uint8, Device::Cpu));
+        let data = Dataset::from_pixels(px, "tiny").unwrap();
+        let e = evaluate_model(&Huge, &s, &sigma, &data, &opts(None), &mut Silent).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DdpmError::OutOfMemory {
+                    key: "batch_size",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("a batch of 8 images"), "{e}");
+        let zero = EvalOptions {
+            batch_size: 0,
+            ..opts(None)
+        };
+        assert!(matches!(
+            zero.check(),
+            Err(DdpmError::OutOfRange {
+                key: "batch_size",
+                ..
+            })
+        ));
     }
 }

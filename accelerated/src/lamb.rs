@@ -113,24 +113,24 @@ pub fn lamb_update(
     tch::no_grad(|| -> Result<()> {
         let _ = m
             .f_mul_scalar_(cfg.beta1)?
-            .f_add_(&(grad * (1.0 - cfg.beta1)))?;
+            .f_add_(&grad.f_mul_scalar(1.0 - cfg.beta1)?)?;
         let _ = v
             .f_mul_scalar_(cfg.beta2)?
-            .f_add_(&(grad.square() * (1.0 - cfg.beta2)))?;
-        let m_hat = &*m / (1.0 - cfg.beta1.powi(step as i32));
-        let v_hat = &*v / (1.0 - cfg.beta2.powi(step as i32));
-        let mut update = m_hat / (v_hat.sqrt() + cfg.eps);
+            .f_add_(&grad.f_square()?.f_mul_scalar(1.0 - cfg.beta2)?)?;
+        let m_hat = m.f_div_scalar(1.0 - cfg.beta1.powi(step as i32))?;
+        let v_hat = v.f_div_scalar(1.0 - cfg.beta2.powi(step as i32))?;
+        let mut update = m_hat.f_div(&v_hat.f_sqrt()?.f_add_scalar(cfg.eps)?)?;
         if adapt {
             if cfg.weight_decay != 0.0 {
-                update += &*param * cfg.weight_decay;
+                let _ = update.f_add_(&param.f_mul_scalar(cfg.weight_decay)?)?;
             }
-            let w_norm = param.norm();
-            let u_norm = update.norm();
-            let both = w_norm.gt(0.0).logical_and(&u_norm.gt(0.0));
-            let ratio = (w_norm / &u_norm).where_scalarother(&both, 1.0);
-            update *= ratio;
+            let w_norm = param.f_norm()?;
+            let u_norm = update.f_norm()?;
+            let both = w_norm.f_gt(0.0)?.f_logical_and(&u_norm.f_gt(0.0)?)?;
+            let ratio = w_norm.f_div(&u_norm)?.f_where_scalarother(&both, 1.0)?;
+            let _ = update.f_mul_(&ratio)?;
         }
-        let _ = param.f_sub_(&(update * cfg.lr))?;
+        let _ = param.f_sub_(&update.f_mul_scalar(cfg.lr)?)?;
         Ok(())
     })
 }
@@ -173,17 +173,17 @@ impl Lamb {
             .filter(|(_, p)| p.requires_grad())
             .map(|(name, param)| {
                 let adapt = is_adapted(&name, &param);
-                let m = param.zeros_like().detach();
-                let v = param.zeros_like().detach();
-                Slot {
+                let m = param.f_zeros_like()?.f_detach()?;
+                let v = param.f_zeros_like()?.f_detach()?;
+                Ok(Slot {
                     name,
                     param,
                     m,
                     v,
                     adapt,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         slots.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Lamb {
             cfg,
@@ -224,29 +224,37 @@ impl Lamb {
     }
 
     /// The global L2 norm of the gradients, as a device scalar (no host synchronisation).
-    pub fn grad_norm(&self) -> Tensor {
+    pub fn grad_norm(&self) -> Result<Tensor> {
         let squares: Vec<Tensor> = self
             .slots
             .iter()
             .map(|s| s.param.grad())
             .filter(|g| g.defined())
-            .map(|g| g.norm().to_kind(Kind::Double).square())
-            .collect();
+            .map(|g| Ok(g.f_norm()?.f_to_kind(Kind::Double)?.f_square()?))
+            .collect::<Result<_>>()?;
         if squares.is_empty() {
-            return Tensor::zeros([], (Kind::Double, tch::Device::Cpu));
+            return Ok(Tensor::f_zeros([], (Kind::Double, tch::Device::Cpu))?);
         }
-        Tensor::stack(&squares, 0).sum(Kind::Double).sqrt()
+        Ok(Tensor::f_stack(&squares, 0)?
+            .f_sum(Kind::Double)?
+            .f_sqrt()?)
     }
 
     /// One LAMB step on the current gradients (variables without a gradient are skipped),
     /// clipping them first when `max_grad_norm` is set. Returns the gradient norm before
     /// clipping, as a device scalar.
     pub fn step(&mut self) -> Result<Tensor> {
-        let norm = self.grad_norm();
-        let scale = self
-            .cfg
-            .max_grad_norm
-            .map(|c| (c / (&norm + 1e-6)).clamp_max(1.0));
+        let norm = self.grad_norm()?;
+        // c/(‖g‖ + 1e-6), clamped at 1, computed as tch's `c / tensor` is: ((‖g‖ + 1e-6)/c)^−1.
+        let scale = match self.cfg.max_grad_norm {
+            Some(c) => Some(
+                norm.f_add_scalar(1e-6)?
+                    .f_div_scalar(c)?
+                    .f_pow_tensor_scalar(-1)?
+                    .f_clamp_max(1.0)?,
+            ),
+            None => None,
+        };
         self.step += 1;
         for s in self.slots.iter_mut() {
             let grad = s.param.grad();
@@ -255,8 +263,8 @@ impl Lamb {
             }
             let grad = match &scale {
                 Some(k) => {
-                    let k = k.to_device(grad.device()).to_kind(grad.kind());
-                    grad * k
+                    let k = k.f_to_device(grad.device())?.f_to_kind(grad.kind())?;
+                    grad.f_mul(&k)?
                 }
                 None => grad,
             };
@@ -303,7 +311,16 @@ impl Lamb {
                 part: "LAMB",
                 reason: "the saved state has no step count".into(),
             })?;
-        let step = i64::try_from(step.to_kind(Kind::Int64).reshape([-1]).get(0))?;
+        if step.numel() != 1 {
+            return Err(DdpmError::StateMismatch {
+                part: "LAMB",
+                reason: format!(
+                    "the saved step count has shape {:?}, not a scalar",
+                    step.size()
+                ),
+            });
+        }
+        let step = i64::try_from(step.f_to_kind(Kind::Int64)?.f_reshape([-1])?.f_get(0)?)?;
         tch::no_grad(|| -> Result<()> {
             for s in self.slots.iter_mut() {
                 for (prefix, dst) in [("m", &mut s.m), ("v", &mut s.v)] {

@@ -17,26 +17,31 @@ pub fn per_sample_sq_error(eps: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
         });
     }
     let dims: Vec<i64> = (1..eps.dim() as i64).collect();
-    Ok((eps - eps_hat)
-        .square()
-        .sum_dim_intlist(dims.as_slice(), false, None::<Kind>))
+    Ok(eps
+        .f_sub(eps_hat)?
+        .f_square()?
+        .f_sum_dim_intlist(dims.as_slice(), false, None::<Kind>)?)
 }
 
 /// The unweighted training loss mean_B ‖ε − ε̂‖² (never a per-pixel mean).
 pub fn euclidean_loss(eps: &Tensor, eps_hat: &Tensor) -> Result<Tensor> {
-    Ok(per_sample_sq_error(eps, eps_hat)?.mean(None::<Kind>))
+    Ok(per_sample_sq_error(eps, eps_hat)?.f_mean(None::<Kind>)?)
 }
 
 /// Weight of loss (8) on the unweighted loss, w_t = β_t⁴/(β̄_t² α_t² σ_t²), per sample [B];
 /// `sigma` is a σ table of length T+1 (see `sigma.rs`). Infinite where σ_t = 0 (σ_1 of
 /// `Posterior`): there the generator's step is deterministic and the KL is unbounded.
 pub fn loss_weight(schedule: &Schedule, sigma: &Tensor, t: &Tensor, kind: Kind) -> Result<Tensor> {
-    let like = Tensor::zeros([t.size().first().copied().unwrap_or(0)], (kind, t.device()));
+    let like = Tensor::f_zeros([t.size().first().copied().unwrap_or(0)], (kind, t.device()))?;
     let b = schedule.beta_at(t, &like)?;
     let bb = schedule.beta_bar_at(t, &like)?;
     let a = schedule.alpha_at(t, &like)?;
     let s = gather(sigma, t, &like)?;
-    Ok(b.square().square() / (bb.square() * a.square() * s.square()))
+    let den = bb
+        .f_square()?
+        .f_mul(&a.f_square()?)?
+        .f_mul(&s.f_square()?)?;
+    Ok(b.f_square()?.f_square()?.f_div(&den)?)
 }
 
 /// Loss (8) per sample: w_t ‖ε − ε̂‖², shape [B].
@@ -48,7 +53,7 @@ pub fn weighted_per_sample(
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
     let err = per_sample_sq_error(eps, eps_hat)?;
-    Ok(loss_weight(schedule, sigma, t, err.kind())? * err)
+    Ok(loss_weight(schedule, sigma, t, err.kind())?.f_mul(&err)?)
 }
 
 /// Loss (8) averaged over the batch: mean_B w_t ‖ε − ε̂‖².
@@ -59,24 +64,24 @@ pub fn weighted_loss(
     eps: &Tensor,
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
-    Ok(weighted_per_sample(schedule, sigma, t, eps, eps_hat)?.mean(None::<Kind>))
+    Ok(weighted_per_sample(schedule, sigma, t, eps, eps_hat)?.f_mean(None::<Kind>)?)
 }
 
 /// ᾱ_t² and β̄_t² per sample [B], in f64 (the tables' precision).
 fn signal_and_noise(schedule: &Schedule, t: &Tensor) -> Result<(Tensor, Tensor)> {
-    let like = Tensor::zeros(
+    let like = Tensor::f_zeros(
         [t.size().first().copied().unwrap_or(0)],
         (Kind::Double, t.device()),
-    );
+    )?;
     let ab = schedule.alpha_bar_at(t, &like)?;
     let bb = schedule.beta_bar_at(t, &like)?;
-    Ok((ab.square(), bb.square()))
+    Ok((ab.f_square()?, bb.f_square()?))
 }
 
 /// SNR_t = ᾱ_t²/β̄_t² per sample [B], computed in f64 and returned in `kind`.
 pub fn snr(schedule: &Schedule, t: &Tensor, kind: Kind) -> Result<Tensor> {
     let (signal, noise) = signal_and_noise(schedule, t)?;
-    Ok((signal / noise).f_to_kind(kind)?)
+    Ok(signal.f_div(&noise)?.f_to_kind(kind)?)
 }
 
 /// Min-SNR-γ weight on the unweighted loss (Hang et al. 2023), w_t = min(SNR_t, γ)/SNR_t per
@@ -92,7 +97,11 @@ pub fn min_snr_weight(schedule: &Schedule, gamma: f64, t: &Tensor, kind: Kind) -
         });
     }
     let (signal, noise) = signal_and_noise(schedule, t)?;
-    Ok((noise * gamma / signal).clamp_max(1.0).f_to_kind(kind)?)
+    Ok(noise
+        .f_mul_scalar(gamma)?
+        .f_div(&signal)?
+        .f_clamp_max(1.0)?
+        .f_to_kind(kind)?)
 }
 
 /// The Min-SNR-γ loss averaged over the batch: mean_B min(SNR_t, γ)/SNR_t ‖ε − ε̂‖².
@@ -104,7 +113,9 @@ pub fn min_snr_loss(
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
     let err = per_sample_sq_error(eps, eps_hat)?;
-    Ok((min_snr_weight(schedule, gamma, t, err.kind())? * err).mean(None::<Kind>))
+    Ok(min_snr_weight(schedule, gamma, t, err.kind())?
+        .f_mul(&err)?
+        .f_mean(None::<Kind>)?)
 }
 
 /// The network input of loss (7): x_t = ᾱ_t x_0 + α_t β̄_{t−1} ε̄_{t−1} + β_t ε_t.
@@ -119,9 +130,12 @@ pub fn loss7_input(
     same_shape("x0", x0, "eps_t", eps_t)?;
     let ab = schedule.alpha_bar_at(t, x0)?;
     let a = schedule.alpha_at(t, x0)?;
-    let bb_prev = schedule.beta_bar_at(&(t - 1), x0)?;
+    let bb_prev = schedule.beta_bar_at(&t.f_sub_scalar(1)?, x0)?;
     let b = schedule.beta_at(t, x0)?;
-    Ok(ab * x0 + a * bb_prev * eps_bar_prev + b * eps_t)
+    Ok(ab
+        .f_mul(x0)?
+        .f_add(&a.f_mul(&bb_prev)?.f_mul(eps_bar_prev)?)?
+        .f_add(&b.f_mul(eps_t)?)?)
 }
 
 /// Loss (7) per sample: β_t²/(α_t² σ_t²) ‖ε_t − ε_θ‖² with ε_θ = (β_t/β̄_t) ε̂, shape [B].
@@ -133,12 +147,18 @@ pub fn loss7_per_sample(
     eps_hat: &Tensor,
 ) -> Result<Tensor> {
     let b = schedule.beta_at(t, eps_hat)?;
-    let eps_theta = &b / schedule.beta_bar_at(t, eps_hat)? * eps_hat;
+    let eps_theta = b
+        .f_div(&schedule.beta_bar_at(t, eps_hat)?)?
+        .f_mul(eps_hat)?;
     let err = per_sample_sq_error(eps_t, &eps_theta)?;
-    let like = err.zeros_like();
+    let like = err.f_zeros_like()?;
     let a = schedule.alpha_at(t, &like)?;
     let s = gather(sigma, t, &like)?;
-    Ok(schedule.beta_at(t, &like)?.square() / (a.square() * s.square()) * err)
+    Ok(schedule
+        .beta_at(t, &like)?
+        .f_square()?
+        .f_div(&a.f_square()?.f_mul(&s.f_square()?)?)?
+        .f_mul(&err)?)
 }
 
 /// The θ-free constant (7) − (8) = d β_t² β̄_{t−1}² / (σ_t² β̄_t²), per sample [B] in `kind`.
@@ -149,12 +169,15 @@ pub fn loss7_minus_loss8(
     d: i64,
     kind: Kind,
 ) -> Result<Tensor> {
-    let like = Tensor::zeros([t.size().first().copied().unwrap_or(0)], (kind, t.device()));
+    let like = Tensor::f_zeros([t.size().first().copied().unwrap_or(0)], (kind, t.device()))?;
     let b = schedule.beta_at(t, &like)?;
-    let bb_prev = schedule.beta_bar_at(&(t - 1), &like)?;
+    let bb_prev = schedule.beta_bar_at(&t.f_sub_scalar(1)?, &like)?;
     let bb = schedule.beta_bar_at(t, &like)?;
     let s = gather(sigma, t, &like)?;
-    Ok(b.square() * bb_prev.square() / (s.square() * bb.square()) * d as f64)
+    Ok(b.f_square()?
+        .f_mul(&bb_prev.f_square()?)?
+        .f_div(&s.f_square()?.f_mul(&bb.f_square()?)?)?
+        .f_mul_scalar(d as f64)?)
 }
 
 #[cfg(test)]

@@ -140,7 +140,8 @@ pub fn training_bytes_per_image(cfg: &UNetConfig) -> Option<u64> {
 
 /// Refuses a training run of `cfg` that cannot fit on `device`: the weights with their
 /// gradients, LAMB's two moments and the EMA copy (five f32 copies), one training batch, and
-/// the grid of `sample.n` images the run draws (sampled at once).
+/// the grid of `sample.n` images the run draws (`sample.batch_size` at a time, all of them
+/// kept for the picture).
 pub fn check_training(cfg: &crate::config::Config, device: Device) -> Result<()> {
     let m = &cfg.model;
     let params = parameter_count(m).and_then(|p| p.checked_mul(5 * F32));
@@ -157,7 +158,14 @@ pub fn check_training(cfg: &crate::config::Config, device: Device) -> Result<()>
         device,
     )?;
     let batch = per_image.and_then(|per| per.checked_mul(cfg.train.batch_size as u64));
-    let grid = per_sample.and_then(|per| per.checked_mul(cfg.sample.n as u64));
+    let grid_batch = crate::generate::batch_size(cfg).clamp(1, cfg.sample.n.max(1));
+    let image = u64::try_from(m.in_channels.max(0))
+        .ok()
+        .and_then(|c| c.checked_mul(u64::try_from(m.image_size.max(0)).ok()?.pow(2)))
+        .and_then(|d| d.checked_mul(F32));
+    let grid = per_sample
+        .and_then(|per| per.checked_mul(grid_batch as u64))
+        .and_then(|b| b.checked_add(image?.checked_mul(cfg.sample.n as u64)?));
     let key = match (batch, grid) {
         (Some(b), Some(g)) if g > b => "sample.n",
         (Some(_), None) => "sample.n",

@@ -22,7 +22,6 @@ use crate::lr::LrSchedule;
 use crate::marginal::marginal_sample;
 use crate::metrics::{MetricsLog, Record};
 use crate::progress::Progress;
-use crate::sampler::Sampler;
 use crate::schedule::Schedule;
 use crate::unet::UNet;
 use std::io::{Read, Seek, Write};
@@ -351,14 +350,34 @@ impl Trainer {
         crate::grid::save_grid_scaled(&images, path, None, self.cfg.sample.grid_scale)
     }
 
+    /// The grid's `sample.n` images, drawn `sample.batch_size` at a time as `ddpm sample`
+    /// draws them ([`crate::generate::generate_each`], seeded with `train.seed`; with
+    /// `train.grid_steps` steps) and kept on the CPU. For n up to the batch size, this is the
+    /// one seeded sampler call the grid always was.
     fn sample(&self, net: &UNet) -> Result<Tensor> {
-        let mut how = self.cfg.sampler(Some(self.cfg.train.seed as i64));
-        if let Some(n) = self.cfg.train.grid_steps {
-            how.steps = Some(n);
+        let mut cfg = self.cfg.clone();
+        if let Some(n) = cfg.train.grid_steps {
+            cfg.sample.steps = Some(n);
         }
-        let sampler = Sampler::new(&self.schedule, how)?;
-        let [c, s, _] = self.cfg.image_shape();
-        sampler.sample(net, &[self.cfg.sample.n as i64, c, s, s], self.device)
+        let opts = crate::generate::SampleOptions {
+            n: cfg.sample.n,
+            seed: cfg.train.seed as i64,
+            ..Default::default()
+        };
+        let mut kept = Vec::new();
+        crate::generate::generate_each(
+            net,
+            &self.schedule,
+            &cfg,
+            &opts,
+            self.device,
+            &mut crate::progress::Silent,
+            &mut |_, images| {
+                kept.push(images.f_to_device(Device::Cpu)?);
+                Ok(())
+            },
+        )?;
+        Ok(Tensor::f_cat(&kept, 0)?)
     }
 }
 

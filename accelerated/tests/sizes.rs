@@ -326,3 +326,38 @@ fn empty_requests_are_errors() {
     );
     assert!(!grid.exists());
 }
+
+/// Settings of `ddpm quality` and `ddpm eval` that can only fail are refused before the
+/// checkpoint is read or any output made (`quality --grid 0` used to fail only after the whole
+/// table was measured; `eval --limit 0` ended in a libtorch panic on an empty concatenation): the checkpoint does not exist, so its error would come first
+/// otherwise, and each call is bounded in time (measuring takes minutes).
+#[test]
+fn quality_and_eval_settings_fail_before_any_model_work() {
+    let setup = Setup::new(2, 2);
+    let nowhere = setup.path("nowhere");
+    let out = setup.path("q");
+    let started = Instant::now();
+    let mut quality = ddpm();
+    quality
+        .args(["quality", "--checkpoint"])
+        .arg(&nowhere)
+        .arg("--out")
+        .arg(&out)
+        .args(["--grid", "0"]);
+    let message = refused(&mut quality, &["--grid", "grid_images = 0", "at least 1"]);
+    assert!(!message.contains("m_t estimated"), "{message}");
+    assert!(!out.exists(), "the output directory was made");
+    for (flags, needle) in [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--quick", "0"], "--quick"),
+        (["--limit", "0"], "--limit"),
+    ] {
+        let mut eval = ddpm();
+        eval.args(["eval", "--checkpoint"])
+            .arg(&nowhere)
+            .args(flags);
+        refused(&mut eval, &[needle, "= 0 is out of range"]);
+    }
+    let per_call = started.elapsed().as_secs_f64() / 4.0;
+    assert!(per_call < 5.0, "{per_call:.2} s per refused call");
+}

@@ -20,6 +20,7 @@ use crate::config::DataSource;
 use crate::data::{load_dataset, split};
 use crate::error::{DdpmError, Result};
 use crate::progress::Progress;
+use crate::sampler::NoisePredictor;
 use classifier::{mnist_split, Classifier, ClassifierConfig, ClassifierRecord, Labelled};
 use sigma_hat::{eps_mse_table, EpsMseConfig};
 use std::path::{Path, PathBuf};
@@ -120,10 +121,25 @@ impl Options {
                 expected: "at least 1".into(),
             });
         }
+        self.plan(false).check_settings()?;
         if let Some(doc) = &self.doc {
             report::marked_region(doc)?;
         }
         Ok(())
+    }
+
+    /// The table's plan for these options; `clip_each_step` is the run's `sample.clip_each_step`.
+    fn plan(&self, clip_each_step: bool) -> Plan {
+        Plan {
+            columns: self.columns.clone(),
+            ddim_steps: self.ddim_steps.clone(),
+            bpd_images: self.bpd_images,
+            bootstrap_reps: self.bootstrap,
+            batch: self.batch,
+            grid_images: self.grid,
+            seed: self.seed,
+            clip_each_step,
+        }
     }
 }
 
@@ -135,16 +151,7 @@ pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Resul
     opts.check()?;
     let ckpt = open_mnist(&opts.checkpoint, "the quality table")?;
     let cfg = ckpt.manifest.config.clone();
-    let plan = Plan {
-        columns: opts.columns.clone(),
-        ddim_steps: opts.ddim_steps.clone(),
-        bpd_images: opts.bpd_images,
-        bootstrap_reps: opts.bootstrap,
-        batch: opts.batch,
-        grid_images: opts.grid,
-        seed: opts.seed,
-        clip_each_step: cfg.sample.clip_each_step,
-    };
+    let plan = opts.plan(cfg.sample.clip_each_step);
     plan.check(cfg.diffusion.t_max)?;
     let LoadedModel {
         checkpoint: ckpt,
@@ -152,6 +159,18 @@ pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Resul
         schedule,
         ..
     } = ckpt.into_model(device, sampling_weights(&cfg))?;
+    let largest = opts
+        .columns
+        .iter()
+        .map(|c| c.samples)
+        .chain([
+            opts.bpd_images,
+            opts.eps_mse_per_t
+                .saturating_mul(usize::try_from(cfg.diffusion.t_max).unwrap_or(usize::MAX)),
+        ])
+        .max()
+        .unwrap_or(0);
+    check_batch(opts.batch, largest, net.bytes_per_sample(), device)?;
     let data = load_dataset(&cfg)?;
     let (train_set, _) = split(&cfg, &data)?;
     let (train, heldout) = mnist_split(&cfg, &data)?;
@@ -187,6 +206,23 @@ pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Resul
         eps_mse_seconds,
         progress,
         |table| report::write_all(table, &opts.out, opts.doc.as_deref()),
+    )
+}
+
+/// Refuses, before any image is drawn, network batches of `batch` images (at most `largest`,
+/// the most any part of the table puts through at once) that cannot fit on `device`, each
+/// image needing `per_image` bytes (`None`: unknown, no check): [`DdpmError::OutOfMemory`]
+/// naming `batch`.
+fn check_batch(batch: usize, largest: usize, per_image: Option<u64>, device: Device) -> Result<()> {
+    let Some(per_image) = per_image else {
+        return Ok(());
+    };
+    let b = batch.min(largest).max(1);
+    crate::memory::check(
+        &format!("the quality table's network batches of {b} images"),
+        per_image.checked_mul(b as u64),
+        "batch",
+        device,
     )
 }
 
@@ -308,5 +344,30 @@ mod tests {
             DdpmError::MarkedRegion { .. }
         ));
         assert_eq!(Options::default().columns.len(), DEFAULT_SAMPLES.len());
+        assert!(matches!(
+            bad(Options {
+                grid: 0,
+                ..Options::default()
+            }),
+            DdpmError::OutOfRange {
+                key: "grid_images",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_batch_that_cannot_fit_is_refused_before_any_work() {
+        let per_image = crate::memory::sampling_bytes_per_image(&crate::unet::UNetConfig::mnist());
+        assert!(check_batch(250, 16_000, per_image, Device::Cpu).is_ok());
+        let e = check_batch(usize::MAX, usize::MAX, per_image, Device::Cpu).unwrap_err();
+        assert!(
+            matches!(e, DdpmError::OutOfMemory { key: "batch", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("lower batch"), "{e}");
+        // The batch is bounded by the most images the table draws at once.
+        assert!(check_batch(usize::MAX, 100, per_image, Device::Cpu).is_ok());
+        assert!(check_batch(usize::MAX, usize::MAX, None, Device::Cpu).is_ok());
     }
 }

@@ -364,6 +364,19 @@ impl Plan {
         for c in &self.columns {
             crate::timesteps::strided(t_max, c.steps)?;
         }
+        self.check_settings()
+    }
+
+    /// The checks of [`Plan::check`] that do not depend on the checkpoint (all but the step
+    /// counts against T): run before the checkpoint is opened.
+    pub fn check_settings(&self) -> Result<()> {
+        if self.grid_images == 0 {
+            return Err(DdpmError::OutOfRange {
+                key: "grid_images",
+                value: "0".into(),
+                expected: "at least 1 (each cell's grid shows that many of its images)".into(),
+            });
+        }
         if let Some(c) = self.columns.iter().find(|c| c.samples < 2) {
             return Err(DdpmError::OutOfRange {
                 key: "samples",

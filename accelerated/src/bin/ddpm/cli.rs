@@ -580,6 +580,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut bar = Bar::new(progress);
             let report = evaluate(&opts, &mut bar)
+                .map_err(eval_error)
                 .with_context(|| format!("evaluating {}", args.checkpoint.display()))?;
             println!("{report}");
             Ok(())
@@ -950,6 +951,30 @@ pub fn finite(text: &str) -> Result<f64, String> {
             "not a finite number (NaN, infinities and values beyond ±1.8e308 are refused)".into(),
         ),
         Err(_) => Err("not a number".into()),
+    }
+}
+
+/// A library error of `ddpm eval` with the flag of the setting it names (`--batch-size`,
+/// `--quick`, `--limit`).
+fn eval_error(e: DdpmError) -> anyhow::Error {
+    let flag = match &e {
+        DdpmError::OutOfRange { key, .. } | DdpmError::OutOfMemory { key, .. } => match *key {
+            "batch_size" => "--batch-size",
+            "quick" => "--quick",
+            "limit" => "--limit",
+            _ => return e.into(),
+        },
+        _ => return e.into(),
+    };
+    match e {
+        DdpmError::OutOfMemory { key, .. } => {
+            anyhow::anyhow!(
+                "{}",
+                e.to_string()
+                    .replacen(&format!("lower {key}"), &format!("lower {flag}"), 1)
+            )
+        }
+        e => anyhow::Error::new(e).context(flag),
     }
 }
 

@@ -103,6 +103,7 @@ fn quality_flag(key: &str) -> Option<&'static str> {
         "eps_mse_per_t" => "--eps-mse-per-t",
         "bootstrap_reps" => "--bootstrap",
         "batch" => "--batch",
+        "grid_images" => "--grid",
         _ => return None,
     })
 }
@@ -110,9 +111,9 @@ fn quality_flag(key: &str) -> Option<&'static str> {
 /// A library error of `ddpm quality`, prefixed with the flag to change where it names one.
 fn quality_error(e: DdpmError) -> anyhow::Error {
     let flag = match &e {
-        DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => {
-            quality_flag(key)
-        }
+        DdpmError::OutOfRange { key, .. }
+        | DdpmError::Incompatible { key, .. }
+        | DdpmError::OutOfMemory { key, .. } => quality_flag(key),
         _ => None,
     };
     match flag {
@@ -147,6 +148,8 @@ pub fn run_quality(args: &QualityArgs, device: DeviceArg, progress: bool) -> any
     let table = args
         .options()
         .and_then(|opts| {
+            // The settings first: a bad one fails before any output is made or model loaded.
+            opts.check().map_err(quality_error)?;
             check_outputs(&opts)?;
             quality::run(&opts, device, &mut bar).map_err(quality_error)
         })
