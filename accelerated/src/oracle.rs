@@ -3,6 +3,7 @@
 //! sampling from that law.
 
 use crate::error::{DdpmError, Result};
+use crate::guidance::ConditionalPredictor;
 use crate::sampler::NoisePredictor;
 use crate::schedule::{gather, Schedule};
 use tch::{Device, Kind, Tensor};
@@ -135,6 +136,19 @@ impl DataLaw {
     /// v_k = ᾱ_t² s_k² + β̄_t², r_k ∝ w_k N(x_t; ᾱ_t m_k, v_k I) (log-sum-exp),
     /// ε* = Σ_k r_k β̄_t (x_t − ᾱ_t m_k)/v_k.
     pub fn optimal_eps(&self, schedule: &Schedule, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.masked_eps(schedule, x_t, t, None)
+    }
+
+    /// `optimal_eps` with the components outside `keep` [B, K] (bool) left out of each
+    /// sample's responsibilities (the softmax renormalises over those kept): the oracle of the
+    /// sub-mixture kept for that sample.
+    fn masked_eps(
+        &self,
+        schedule: &Schedule,
+        x_t: &Tensor,
+        t: &Tensor,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let b = x_t.size().first().copied().unwrap_or(0);
         let x = x_t.f_reshape([b, -1])?;
         if x.size()[1] != self.dim() {
@@ -155,10 +169,246 @@ impl DataLaw {
                                                                      // whose cancellation would swamp the tiny v_k of small t in f32).
         let dist = Tensor::cdist(&(&x / &ab), &m, 2.0, 2i64).square() * ab.square();
         let d = self.dim() as f64;
-        let log_r = w.log().unsqueeze(0) - v.log() * (d / 2.0) - dist / (&v * 2.0);
+        let mut log_r = w.log().unsqueeze(0) - v.log() * (d / 2.0) - dist / (&v * 2.0);
+        if let Some(keep) = keep {
+            log_r = log_r.f_masked_fill(&keep.f_logical_not()?, f64::NEG_INFINITY)?;
+        }
         let r_over_v = log_r.softmax(1, kind) / v;
         let eps = bb * (&x * r_over_v.sum_dim_intlist(1, true, kind) - ab * r_over_v.matmul(&m));
         Ok(eps.f_reshape(x_t.size())?)
+    }
+}
+
+/// A labelled law: an isotropic Gaussian mixture (a finite set when every std is 0) whose
+/// component k carries a class label in 0..classes. Given y, x_0 follows the mixture of the
+/// components labelled y (weights renormalised); given ∅ (the label value `classes`), the
+/// whole mixture. The tch twin of `ddpm_reference::oracle::LabelledLaw`.
+#[derive(Debug)]
+pub struct LabelledLaw {
+    law: DataLaw,
+    /// Int64 [K], on the law's device.
+    labels: Tensor,
+    classes: usize,
+}
+
+impl Clone for LabelledLaw {
+    fn clone(&self) -> Self {
+        LabelledLaw {
+            law: self.law.clone(),
+            labels: self.labels.shallow_clone(),
+            classes: self.classes,
+        }
+    }
+}
+
+impl LabelledLaw {
+    /// Σ_k w_k N(m_k, s_k² I) with component k in class `labels[k]` (`labels` [K], any
+    /// integer kind), checked: the mixture as `DataLaw::mixture`, one label per component,
+    /// labels in 0..classes, and every class of positive weight (so each p(x_0|y) exists).
+    pub fn mixture(
+        weights: &Tensor,
+        means: &Tensor,
+        stds: &Tensor,
+        labels: &Tensor,
+        classes: usize,
+    ) -> Result<LabelledLaw> {
+        let law = DataLaw::mixture(weights, means, stds)?;
+        let k = law.weights.size()[0];
+        if labels.size() != [k] || labels.is_floating_point() || labels.kind() == Kind::Bool {
+            return Err(DdpmError::ShapeMismatch {
+                what: "component labels",
+                expected: format!("[{k}] integers, one per component"),
+                got: labels.size(),
+            });
+        }
+        let labels = labels
+            .f_to_kind(Kind::Int64)?
+            .f_to_device(law.weights.device())?;
+        let (lo, hi) = (
+            labels.f_min()?.int64_value(&[]),
+            labels.f_max()?.int64_value(&[]),
+        );
+        if classes == 0 || lo < 0 || hi >= classes as i64 {
+            return Err(DdpmError::OutOfRange {
+                key: "component labels",
+                value: format!("{lo}..={hi}"),
+                expected: format!("in 0..{classes}, one class of the {classes}"),
+            });
+        }
+        let class_mass = Tensor::f_zeros([classes as i64], (Kind::Double, labels.device()))?
+            .f_index_add(0, &labels, &law.weights)?;
+        if !bool::try_from(&class_mass.f_gt(0.0)?.f_all()?)? {
+            return Err(DdpmError::OutOfRange {
+                key: "component weights",
+                value: format!("{:?} by class", Vec::<f64>::try_from(&class_mass)?),
+                expected:
+                    "positive for every class (each class needs a component of positive weight)"
+                        .into(),
+            });
+        }
+        Ok(LabelledLaw {
+            law,
+            labels,
+            classes,
+        })
+    }
+
+    /// Σ_k w_k δ(c_k) with point k in class `labels[k]` (`points` [K, d]), checked as
+    /// `LabelledLaw::mixture`.
+    pub fn finite(
+        weights: &Tensor,
+        points: &Tensor,
+        labels: &Tensor,
+        classes: usize,
+    ) -> Result<LabelledLaw> {
+        let k = points.size().first().copied().unwrap_or(0);
+        let stds = Tensor::f_zeros([k], (Kind::Double, points.device()))?;
+        LabelledLaw::mixture(weights, points, &stds, labels, classes)
+    }
+
+    /// The number of classes; the label value `classes()` stands for ∅ (no class).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// d, the data dimension.
+    pub fn dim(&self) -> i64 {
+        self.law.dim()
+    }
+
+    /// The unconditional law p(x_0).
+    pub fn law(&self) -> &DataLaw {
+        &self.law
+    }
+
+    /// This law on `device`.
+    pub fn to_device(&self, device: Device) -> LabelledLaw {
+        LabelledLaw {
+            law: self.law.to_device(device),
+            labels: self.labels.to_device(device),
+            classes: self.classes,
+        }
+    }
+
+    /// `y` checked as labels of a batch of `b`: Int64 [b] with values in 0..=classes.
+    fn check_labels(&self, y: &Tensor, b: i64) -> Result<()> {
+        if y.size() != [b] || y.kind() != Kind::Int64 {
+            return Err(DdpmError::ShapeMismatch {
+                what: "class labels",
+                expected: format!("[{b}] Int64, one per sample"),
+                got: y.size(),
+            });
+        }
+        if b > 0 {
+            let (lo, hi) = (y.f_min()?.int64_value(&[]), y.f_max()?.int64_value(&[]));
+            if lo < 0 || hi > self.classes as i64 {
+                return Err(crate::guidance::label_range_error(lo, hi, self.classes));
+            }
+        }
+        Ok(())
+    }
+
+    /// E[ε | x_t, y] for x_t [B, …] (d values a sample), t Int64 [B] (t ≥ 1) and y Int64 [B]
+    /// in 0..=classes (`classes` = ∅: E[ε | x_t]), in x_t's kind: the oracle of each sample's
+    /// class law, computed as the whole mixture's with the other classes' components masked
+    /// out of the responsibilities.
+    pub fn conditional_eps(
+        &self,
+        schedule: &Schedule,
+        x_t: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+    ) -> Result<Tensor> {
+        let b = x_t.size().first().copied().unwrap_or(0);
+        self.check_labels(y, b)?;
+        let y = y.f_to_device(x_t.device())?.f_unsqueeze(1)?; // [B, 1]
+        let labels = self.labels.f_to_device(x_t.device())?.f_unsqueeze(0)?; // [1, K]
+        let keep = labels
+            .f_eq_tensor(&y)?
+            .f_logical_or(&y.f_eq(self.classes as i64)?)?;
+        self.law.masked_eps(schedule, x_t, t, Some(&keep))
+    }
+
+    /// `n` draws from the joint law on `device`: (x_0 [n, d] in `kind`, y Int64 [n]) — a
+    /// component k drawn by weight, x_0 from it, y its label (training data for a
+    /// conditional model; libtorch's generator, so `tch::manual_seed` fixes them).
+    pub fn sample(&self, n: i64, kind: Kind, device: Device) -> Result<(Tensor, Tensor)> {
+        let law = self.to_device(device);
+        let idx = law.law.weights.f_multinomial(n, true)?;
+        let noise = Tensor::f_randn([n, self.dim()], (Kind::Double, device))?;
+        let x = law
+            .law
+            .stds
+            .f_index_select(0, &idx)?
+            .f_unsqueeze(1)?
+            .f_mul(&noise)?
+            .f_add(&law.law.means.f_index_select(0, &idx)?)?;
+        Ok((x.f_to_kind(kind)?, law.labels.f_index_select(0, &idx)?))
+    }
+}
+
+/// A labelled law's exact conditional noise predictor E[ε | x_t, y] under a schedule, usable
+/// wherever a conditional network is (through `guidance::Guided`, every sampler takes it).
+#[derive(Debug, Clone)]
+pub struct LabelledOracle {
+    law: LabelledLaw,
+    schedule: Schedule,
+}
+
+impl LabelledOracle {
+    /// The oracle for `law` under `schedule`.
+    pub fn new(law: LabelledLaw, schedule: &Schedule) -> LabelledOracle {
+        LabelledOracle {
+            law,
+            schedule: schedule.clone(),
+        }
+    }
+
+    /// The labelled law.
+    pub fn law(&self) -> &LabelledLaw {
+        &self.law
+    }
+
+    /// The oracle of class `y` alone (`y = classes()`: of the whole law), as a plain
+    /// noise predictor.
+    pub fn class_oracle(&self, y: usize) -> Result<Oracle> {
+        if y > self.law.classes {
+            return Err(crate::guidance::label_range_error(
+                y as i64,
+                y as i64,
+                self.law.classes,
+            ));
+        }
+        if y == self.law.classes {
+            return Ok(Oracle::new(self.law.law.clone(), &self.schedule));
+        }
+        let keep = self
+            .law
+            .labels
+            .f_eq(y as i64)?
+            .f_nonzero()?
+            .f_squeeze_dim(1)?;
+        let l = &self.law.law;
+        let law = DataLaw::mixture(
+            &l.weights.f_index_select(0, &keep)?,
+            &l.means.f_index_select(0, &keep)?,
+            &l.stds.f_index_select(0, &keep)?,
+        )?;
+        Ok(Oracle::new(law, &self.schedule))
+    }
+}
+
+impl ConditionalPredictor for LabelledOracle {
+    fn predict_class(&self, x_t: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.law.conditional_eps(&self.schedule, x_t, t, y)
+    }
+
+    fn classes(&self) -> usize {
+        self.law.classes
+    }
+
+    fn check_input(&self, shape: &[i64]) -> Result<()> {
+        Oracle::new(self.law.law.clone(), &self.schedule).check_input(shape)
     }
 }
 

@@ -6,6 +6,8 @@
 pub mod bound;
 /// The error type and `Result` alias.
 pub mod error;
+/// Classifier-free guidance: the combination and the guided oracle of a labelled law.
+pub mod guidance;
 /// One LAMB optimiser step on an f64 array.
 pub mod lamb;
 /// Losses (7) and (8), unweighted and weighted, and the constant between them.
@@ -26,6 +28,6 @@ pub mod sigma;
 pub mod timesteps;
 
 pub use error::{RefError, Result};
-pub use oracle::DataLaw;
+pub use oracle::{DataLaw, LabelledLaw};
 pub use schedule::{Schedule, ScheduleKind};
 pub use sigma::SigmaChoice;

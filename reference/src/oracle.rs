@@ -177,6 +177,26 @@ impl DataLaw {
         xt: &Array2<f64>,
         t: usize,
     ) -> Result<Array2<f64>> {
+        let r = self.responsibilities(schedule, xt, t)?;
+        let c = self.components()?;
+        let (ab, bb) = (schedule.alpha_bar(t)?, schedule.beta_bar(t)?);
+        let v = c.stds.mapv(|s| (ab * s).powi(2) + bb * bb);
+        let mut eps = Array2::zeros(xt.raw_dim());
+        for k in 0..v.len() {
+            let residual = xt - &(&c.means.row(k) * ab);
+            eps += &(residual * r.column(k).insert_axis(Axis(1)) * (bb / v[k]));
+        }
+        Ok(eps)
+    }
+
+    /// The posterior r_k(x_t) ∝ w_k N(x_t; ᾱ_t m_k, v_k I) over the components [n, K]
+    /// (log-sum-exp), the weights of `optimal_eps`.
+    fn responsibilities(
+        &self,
+        schedule: &Schedule,
+        xt: &Array2<f64>,
+        t: usize,
+    ) -> Result<Array2<f64>> {
         schedule.check_t(t, 1)?;
         let c = self.components()?;
         check_shape(
@@ -197,11 +217,7 @@ impl DataLaw {
         let mut r = (log_r - &max.insert_axis(Axis(1))).mapv(f64::exp);
         let total = r.sum_axis(Axis(1)).insert_axis(Axis(1));
         r /= &total;
-        let mut eps = Array2::zeros(xt.raw_dim());
-        for k in 0..v.len() {
-            eps += &(residual(k) * r.column(k).insert_axis(Axis(1)) * (bb / v[k]));
-        }
-        Ok(eps)
+        Ok(r)
     }
 
     /// n independent draws from the law, one per row of an [n, d] array.
@@ -248,6 +264,193 @@ impl DataLaw {
         let eps = standard_normal(n, self.dim(), rng);
         let xt = marginal_sample(schedule, &x0, t, &eps)?;
         euclidean_loss(&eps, &self.optimal_eps(schedule, &xt, t)?)
+    }
+}
+
+/// A labelled law: an isotropic Gaussian mixture (a finite set when every std is 0) whose
+/// component k carries a class label `labels[k]` ∈ 0..classes. Given y, x_0 follows the mixture
+/// of the components labelled y (weights renormalised); without a label, the whole mixture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelledLaw {
+    /// The whole mixture p(x_0) = Σ_y p(y) p(x_0|y).
+    law: DataLaw,
+    /// One label per component.
+    labels: Vec<usize>,
+    /// p(x_0|y) for y = 0..classes.
+    class_laws: Vec<DataLaw>,
+    /// p(y) for y = 0..classes.
+    class_weights: Array1<f64>,
+}
+
+impl LabelledLaw {
+    /// Σ_k w_k N(m_k, s_k² I) with component k in class `labels[k]`, checked: the mixture as
+    /// `DataLaw::mixture`, one label per component, labels below `classes`, and every class
+    /// of positive weight (so that every p(x_0|y) exists).
+    pub fn mixture(
+        weights: Array1<f64>,
+        means: Array2<f64>,
+        stds: Array1<f64>,
+        labels: Vec<usize>,
+        classes: usize,
+    ) -> Result<Self> {
+        let law = DataLaw::mixture(weights.clone(), means.clone(), stds.clone())?;
+        check_shape(
+            "labels (one per component)",
+            &[means.nrows()],
+            &[labels.len()],
+        )?;
+        if classes == 0 {
+            return Err(RefError::EmptyLaw("it has no classes"));
+        }
+        if let Some(&bad) = labels.iter().find(|&&y| y >= classes) {
+            return Err(RefError::InvalidParameter {
+                name: "component label",
+                value: bad as f64,
+                reason: "must be below the number of classes",
+            });
+        }
+        let class_laws = (0..classes)
+            .map(|y| {
+                let idx: Vec<usize> = (0..labels.len()).filter(|&k| labels[k] == y).collect();
+                let w = weights.select(Axis(0), &idx);
+                if w.sum() <= 0.0 {
+                    return Err(RefError::InvalidParameter {
+                        name: "class without weight",
+                        value: y as f64,
+                        reason: "every class needs a component of positive weight",
+                    });
+                }
+                DataLaw::mixture(w, means.select(Axis(0), &idx), stds.select(Axis(0), &idx))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut class_weights = Array1::zeros(classes);
+        for (&y, &w) in labels.iter().zip(&weights) {
+            class_weights[y] += w;
+        }
+        class_weights /= weights.sum();
+        Ok(LabelledLaw {
+            law,
+            labels,
+            class_laws,
+            class_weights,
+        })
+    }
+
+    /// Σ_k w_k δ(c_k) with point k in class `labels[k]`, checked as `LabelledLaw::mixture`.
+    pub fn finite(
+        weights: Array1<f64>,
+        points: Array2<f64>,
+        labels: Vec<usize>,
+        classes: usize,
+    ) -> Result<Self> {
+        let stds = Array1::zeros(points.nrows());
+        LabelledLaw::mixture(weights, points, stds, labels, classes)
+    }
+
+    /// The number of classes; the label value `classes()` stands for "no class" (∅).
+    pub fn classes(&self) -> usize {
+        self.class_laws.len()
+    }
+
+    /// The data dimension d.
+    pub fn dim(&self) -> usize {
+        self.law.dim()
+    }
+
+    /// The component labels.
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// The unconditional law p(x_0).
+    pub fn law(&self) -> &DataLaw {
+        &self.law
+    }
+
+    /// p(x_0|y), the mixture of class y's components; y = `classes()` (∅) gives p(x_0).
+    pub fn class_law(&self, y: usize) -> Result<&DataLaw> {
+        match y.cmp(&self.classes()) {
+            std::cmp::Ordering::Less => Ok(&self.class_laws[y]),
+            std::cmp::Ordering::Equal => Ok(&self.law),
+            std::cmp::Ordering::Greater => Err(RefError::InvalidParameter {
+                name: "class label",
+                value: y as f64,
+                reason: "must be at most the number of classes (which means no class)",
+            }),
+        }
+    }
+
+    /// p(y) = Σ_{k labelled y} w_k / Σ_k w_k, for y = 0..classes.
+    pub fn class_weights(&self) -> &Array1<f64> {
+        &self.class_weights
+    }
+
+    /// E[ε | x_t, y] for each row of x_t [n, d] with its own label `labels[i]` ∈ 0..=classes
+    /// (`classes()` = ∅: E[ε | x_t]), 1 ≤ t ≤ T: the oracle of the row's class law.
+    pub fn conditional_eps(
+        &self,
+        schedule: &Schedule,
+        xt: &Array2<f64>,
+        t: usize,
+        labels: &[usize],
+    ) -> Result<Array2<f64>> {
+        check_shape(
+            "labels (one per row of x_t)",
+            &[xt.nrows()],
+            &[labels.len()],
+        )?;
+        if let Some(&bad) = labels.iter().find(|&&y| y > self.classes()) {
+            self.class_law(bad)?;
+        }
+        let mut eps = Array2::zeros(xt.raw_dim());
+        for y in 0..=self.classes() {
+            let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == y).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let part = self
+                .class_law(y)?
+                .optimal_eps(schedule, &xt.select(Axis(0), &rows), t)?;
+            for (j, &i) in rows.iter().enumerate() {
+                eps.row_mut(i).assign(&part.row(j));
+            }
+        }
+        Ok(eps)
+    }
+
+    /// The class posterior p_t(y | x_t) [n, classes] of the noisy x_t at t (the implicit
+    /// classifier of guidance): Σ_{k labelled y} r_k(x_t), r_k the responsibilities of
+    /// `DataLaw::optimal_eps` (log-sum-exp).
+    pub fn class_posterior(
+        &self,
+        schedule: &Schedule,
+        xt: &Array2<f64>,
+        t: usize,
+    ) -> Result<Array2<f64>> {
+        let r = self.law.responsibilities(schedule, xt, t)?;
+        let mut p = Array2::zeros((xt.nrows(), self.classes()));
+        for (k, &y) in self.labels.iter().enumerate() {
+            let mut col = p.column_mut(y);
+            col += &r.column(k);
+        }
+        Ok(p)
+    }
+
+    /// n draws (x_0 [n, d], y [n]) from the joint law: y ~ p(y), then x_0 ~ p(x_0|y) (a
+    /// component k drawn by weight, its label kept): training data for a conditional model.
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        n: usize,
+        rng: &mut R,
+    ) -> Result<(Array2<f64>, Vec<usize>)> {
+        let c = self.law.components()?;
+        let probs = (c.log_weights.mapv(f64::exp)).to_vec();
+        let index =
+            WeightedIndex::new(&probs).map_err(|_| RefError::EmptyLaw("all weights are zero"))?;
+        let picks: Vec<usize> = (0..n).map(|_| index.sample(rng)).collect();
+        let stds = c.stds.select(Axis(0), &picks).insert_axis(Axis(1));
+        let x = c.means.select(Axis(0), &picks) + standard_normal(n, self.dim(), rng) * &stds;
+        Ok((x, picks.iter().map(|&k| self.labels[k]).collect()))
     }
 }
 
