@@ -240,7 +240,10 @@ impl LabelledLaw {
         if !bool::try_from(&class_mass.f_gt(0.0)?.f_all()?)? {
             return Err(DdpmError::OutOfRange {
                 key: "component weights",
-                value: format!("{:?} by class", Vec::<f64>::try_from(&class_mass)?),
+                value: format!(
+                    "{:?} by class",
+                    Vec::<f64>::try_from(&class_mass.f_to_device(Device::Cpu)?)?
+                ),
                 expected:
                     "positive for every class (each class needs a component of positive weight)"
                         .into(),
