@@ -4,6 +4,7 @@
 pub mod bound;
 pub mod ema;
 pub mod error;
+pub mod guidance;
 pub mod lamb;
 pub mod loss;
 pub mod lr;
