@@ -199,7 +199,7 @@ pub fn generate_each_class<M: NoisePredictor + ConditionalPredictor + ?Sized>(
         &|first, size| {
             Ok(Guided {
                 model,
-                labels: Tensor::from_slice(&labels[first..first + size]),
+                labels: Tensor::from_slice(&labels[first..first + size]).f_to_device(device)?,
                 w,
             })
         },

@@ -167,6 +167,22 @@ fn a_tiny_conditional_run_records_its_classes_and_samples_each_class() {
     // Without --class a conditional model draws unconditionally (no class).
     succeeds(&mut sample(&run, &out("none.png"), &["--n", "2"]));
 
+    // `ddpm guidance` measures mnist runs only (its classifier knows the digits).
+    fails(
+        ddpm()
+            .args([
+                "guidance",
+                "--steps",
+                "2",
+                "--per-class",
+                "2",
+                "--checkpoint",
+            ])
+            .arg(&run),
+        1,
+        &["needs an mnist run"],
+    );
+
     // Bad classes and guidance: clear errors naming the flag.
     fails(
         &mut sample(&run, &out("x.png"), &["--class", "3"]),

@@ -2,6 +2,7 @@
 //! changes a setting is an entry of a partial configuration table at its config key,
 //! layered over the preset or config file by the library's own merge.
 
+use crate::guidance::{run_guidance, GuidanceArgs};
 use crate::progress::Bar;
 use crate::quality::{run_quality, QualityArgs};
 use crate::score::{run_score, ScoreArgs};
@@ -59,6 +60,9 @@ pub enum Command {
     /// Score one mnist checkpoint with its run's sampler: FD-MNIST with its interval, the
     /// share of samples classified with confidence ≥ 0.9, H(y|x), H(ȳ), against real digits.
     Score(ScoreArgs),
+    /// Class accuracy and FD-MNIST of a conditional mnist run for each classifier-free
+    /// guidance weight (default 0, 0.5, 1, 2, 4 at 100 steps), a grid per weight.
+    Guidance(GuidanceArgs),
 }
 
 /// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
@@ -585,6 +589,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => run_sample(&args, cli.device, progress),
         Command::Quality(args) => run_quality(&args, cli.device, progress),
         Command::Score(args) => run_score(&args, cli.device, progress),
+        Command::Guidance(args) => run_guidance(&args, cli.device, progress),
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {
