@@ -398,6 +398,7 @@ impl Product {
             t: self.t.shallow_clone(),
             eps: self.eps.shallow_clone(),
             torch_seed: k as i64,
+            y: None,
         };
         let _ = self.trainer.train_step(&batch)?;
         Ok(())

@@ -49,6 +49,11 @@ pub struct DataConfig {
     /// Images held out of training for `ddpm eval`, chosen by a permutation seeded with the
     /// run's seed.
     pub holdout: usize,
+    /// The class names of a conditional run, in label order (MNIST: the digits "0".."9"; a
+    /// folder: its subfolders' names, sorted). Set by training from the data when
+    /// `train.conditional` is on; absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_names: Vec<String>,
 }
 
 /// The diffusion section.
@@ -152,6 +157,36 @@ pub struct TrainConfig {
     /// Redraw `loss.png` (the loss curve, beside `metrics.jsonl`) at every log interval.
     #[serde(default = "yes")]
     pub plot_loss: bool,
+    /// Train a class-conditional network on the data's labels (MNIST's digits, or a folder's
+    /// class subfolders): `model.classes` and `data.class_names` are then taken from the data.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub conditional: bool,
+    /// Conditional runs: the probability that a training label is replaced by ∅ ("no
+    /// class"), so that one network learns ε̂(x_t, y) and ε̂(x_t, ∅) for guidance.
+    #[serde(
+        default = "default_label_dropout",
+        skip_serializing_if = "is_default_label_dropout"
+    )]
+    pub label_dropout: f64,
+}
+
+/// `train.label_dropout` when a file does not set it (Ho & Salimans' 0.1).
+pub const DEFAULT_LABEL_DROPOUT: f64 = 0.1;
+
+fn default_label_dropout() -> f64 {
+    DEFAULT_LABEL_DROPOUT
+}
+
+fn is_default_label_dropout(p: &f64) -> bool {
+    *p == DEFAULT_LABEL_DROPOUT
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero_f64(w: &f64) -> bool {
+    *w == 0.0
 }
 
 /// The sampling section.
@@ -182,6 +217,10 @@ pub struct SampleConfig {
     /// (`generate::DEFAULT_BATCH_SIZE`). Part of what fixes the images of a seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// Classifier-free guidance weight w of conditional sampling: ε̂ = (1 + w) ε̂(x_t, y) −
+    /// w ε̂(x_t, ∅); 0 = plain conditional sampling. Finite and at least 0.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub guidance: f64,
 }
 
 /// `sample.grid_scale` of a saved configuration that predates it.
@@ -214,6 +253,7 @@ impl Config {
                 path: None,
                 flip: false,
                 holdout: 500,
+                class_names: Vec::new(),
             },
             model: UNetConfig::mnist(),
             diffusion: DiffusionConfig {
@@ -248,6 +288,8 @@ impl Config {
                 skip_nonfinite: false,
                 grid_steps: Some(100),
                 plot_loss: true,
+                conditional: false,
+                label_dropout: DEFAULT_LABEL_DROPOUT,
             },
             sample: SampleConfig {
                 sigma: SigmaChoice::Beta,
@@ -258,6 +300,7 @@ impl Config {
                 ema: true,
                 grid_scale: 4,
                 batch_size: None,
+                guidance: 0.0,
             },
         }
     }
@@ -271,6 +314,7 @@ impl Config {
                 path: None,
                 flip: true,
                 holdout: 1000,
+                class_names: Vec::new(),
             },
             model: UNetConfig::cifar32(),
             train: TrainConfig {
@@ -475,6 +519,9 @@ impl Config {
             flat.remove("train.steps");
             flat.remove("train.lr_decay");
             flat.remove("data.path");
+            // Taken from the data (held to the checkpoint's fingerprint), not given.
+            flat.remove("model.classes");
+            flat.remove("data.class_names");
             Ok(flat)
         };
         let (a, b) = (flat(self)?, flat(saved)?);
@@ -603,12 +650,52 @@ impl Config {
             }
         }
         self.lr_schedule()?;
+        self.validate_classes()?;
         if !(1..=crate::grid::MAX_SCALE).contains(&s.grid_scale) {
             return out_of_range(
                 "sample.grid_scale",
                 s.grid_scale.to_string(),
                 format!("between 1 and {}", crate::grid::MAX_SCALE),
             );
+        }
+        Ok(())
+    }
+
+    /// The conditional settings: a label dropout in [0, 1], a finite guidance w ≥ 0, classes
+    /// only in a conditional run and as many names as classes.
+    fn validate_classes(&self) -> Result<()> {
+        let (d, m, t, s) = (&self.data, &self.model, &self.train, &self.sample);
+        if !(0.0..=1.0).contains(&t.label_dropout) {
+            return Err(DdpmError::OutOfRange {
+                key: "train.label_dropout",
+                value: t.label_dropout.to_string(),
+                expected: "a probability in [0, 1]".into(),
+            });
+        }
+        if !(s.guidance.is_finite() && s.guidance >= 0.0) {
+            return Err(DdpmError::OutOfRange {
+                key: "sample.guidance",
+                value: s.guidance.to_string(),
+                expected: "finite and at least 0 (0 = plain conditional sampling)".into(),
+            });
+        }
+        if m.classes > 0 && !t.conditional {
+            return Err(DdpmError::Incompatible {
+                key: "model.classes",
+                other: "train.conditional = false".into(),
+                reason: "a network with classes is trained on labels: set train.conditional = true (the classes then come from the data)".into(),
+            });
+        }
+        if !d.class_names.is_empty() && d.class_names.len() as i64 != m.classes {
+            return Err(DdpmError::Incompatible {
+                key: "data.class_names",
+                other: format!("model.classes = {}", m.classes),
+                reason: format!(
+                    "{} class names for {} classes",
+                    d.class_names.len(),
+                    m.classes
+                ),
+            });
         }
         Ok(())
     }

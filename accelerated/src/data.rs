@@ -44,6 +44,24 @@ pub fn seeded_rng(seed: u64, stream: Stream, counter: u64) -> StdRng {
 pub struct Dataset {
     values: Tensor,
     name: String,
+    /// Class labels, for conditional training only.
+    labels: Option<Labels>,
+}
+
+/// The class of every sample: Int64 `[N]` on the CPU with values 0..K, and the K names.
+#[derive(Debug)]
+pub struct Labels {
+    y: Tensor,
+    names: Vec<String>,
+}
+
+impl Clone for Labels {
+    fn clone(&self) -> Self {
+        Labels {
+            y: self.y.shallow_clone(),
+            names: self.names.clone(),
+        }
+    }
 }
 
 impl Clone for Dataset {
@@ -52,6 +70,7 @@ impl Clone for Dataset {
         Dataset {
             values: self.values.shallow_clone(),
             name: self.name.clone(),
+            labels: self.labels.clone(),
         }
     }
 }
@@ -94,7 +113,59 @@ impl Dataset {
         Ok(Dataset {
             values: values.contiguous(),
             name,
+            labels: None,
         })
+    }
+
+    /// The same samples with class labels: `labels[i]` in 0..K is sample i's class, K =
+    /// `names.len()` (at least 1).
+    pub fn with_labels(self, labels: &[i64], names: Vec<String>) -> Result<Dataset> {
+        let k = names.len() as i64;
+        let bad = |reason: String| DdpmError::BadData {
+            set: self.name.clone(),
+            reason,
+        };
+        if labels.len() != self.len() {
+            return Err(bad(format!(
+                "{} labels for {} samples",
+                labels.len(),
+                self.len()
+            )));
+        }
+        if let Some(l) = labels.iter().find(|&&l| !(0..k).contains(&l)) {
+            return Err(bad(format!("label {l} is not a class 0..{k}")));
+        }
+        if k == 0 {
+            return Err(bad("has no classes".into()));
+        }
+        Ok(Dataset {
+            labels: Some(Labels {
+                y: Tensor::from_slice(labels),
+                names,
+            }),
+            ..self
+        })
+    }
+
+    /// The same samples without labels.
+    pub fn without_labels(self) -> Dataset {
+        Dataset {
+            labels: None,
+            ..self
+        }
+    }
+
+    /// The class names, in label order, when the set is labelled.
+    pub fn class_names(&self) -> Option<&[String]> {
+        self.labels.as_ref().map(|l| l.names.as_slice())
+    }
+
+    /// The labels of the samples at `indices` (Int64 on the CPU), when the set is labelled.
+    pub fn labels_at(&self, indices: &[i64]) -> Result<Option<Tensor>> {
+        match &self.labels {
+            None => Ok(None),
+            Some(l) => Ok(Some(l.y.f_index_select(0, &Tensor::from_slice(indices))?)),
+        }
     }
 
     /// Where the data came from, for messages.
@@ -167,6 +238,13 @@ impl Dataset {
             Ok(Dataset {
                 values: self.raw(idx)?,
                 name: format!("{} ({what})", self.name),
+                labels: match &self.labels {
+                    None => None,
+                    Some(l) => Some(Labels {
+                        y: l.y.f_index_select(0, &Tensor::from_slice(idx))?,
+                        names: l.names.clone(),
+                    }),
+                },
             })
         };
         Ok((
@@ -196,8 +274,14 @@ pub struct DataFingerprint {
     /// `u8` (8-bit pixels) or `f32` (real values).
     pub kind: String,
     /// sha256 (hex) of [`FINGERPRINT_VERSION`], the kind, N, the shape (little-endian u64 and
-    /// i64) and then every sample's bytes, sample after sample (pixels channel-first).
+    /// i64) and then every sample's bytes, sample after sample (pixels channel-first); for
+    /// labelled data (conditional runs) then the tag `labels`, each class name (its length as
+    /// a little-endian u64, then its bytes) and every label (little-endian i64).
     pub sha256: String,
+    /// The class names of labelled data (conditional runs); absent otherwise, so the
+    /// fingerprint of unlabelled data is what it always was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
 }
 
 /// The domain tag that starts every fingerprint's hash; a new one if its definition changes.
@@ -220,6 +304,12 @@ impl DataFingerprint {
             parts.push(format!(
                 "{} images in the run, {} now, {by} {more}",
                 self.count, now.count
+            ));
+        }
+        if self.classes != now.classes {
+            parts.push(format!(
+                "classes {:?} in the run, {:?} now",
+                self.classes, now.classes
             ));
         }
         if self.shape != now.shape || self.kind != now.kind {
@@ -279,11 +369,25 @@ impl Dataset {
             hash.update(&bytes);
             start += chunk;
         }
+        if let Some(labels) = &self.labels {
+            hash.update(b"labels");
+            for name in &labels.names {
+                hash.update((name.len() as u64).to_le_bytes());
+                hash.update(name.as_bytes());
+            }
+            for l in Vec::<i64>::try_from(&labels.y)? {
+                hash.update(l.to_le_bytes());
+            }
+        }
         Ok(DataFingerprint {
             count: self.len(),
             shape,
             kind: kind.into(),
             sha256: hash.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+            classes: self
+                .class_names()
+                .map(<[String]>::to_vec)
+                .unwrap_or_default(),
         })
     }
 }
@@ -295,13 +399,20 @@ pub fn absolute_path(path: &std::path::Path) -> std::path::PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// The data set the configuration names, checked against the model's image shape.
+/// The data set the configuration names, checked against the model's image shape; labelled
+/// when the run is conditional (`train.conditional`: MNIST's digits, a folder's class
+/// subfolders, see [`folder::load_classes`]).
 pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
     let [c, s, _] = cfg.image_shape();
+    let labelled = cfg.train.conditional;
     let data = match cfg.data.source {
         DataSource::Mnist => {
             let path = cfg.data.path.clone().unwrap_or_else(mnist::default_path);
-            mnist::load(&path, s == 32)?
+            if labelled {
+                mnist::load_labelled(&path, s == 32)?
+            } else {
+                mnist::load(&path, s == 32)?
+            }
         }
         DataSource::Folder => {
             let dir = cfg
@@ -318,7 +429,11 @@ pub fn load_dataset(cfg: &Config) -> Result<Dataset> {
             } else {
                 Channels::Grey
             };
-            folder::load(dir, s as u32, channels)?
+            if labelled {
+                folder::load_classes(dir, s as u32, channels)?
+            } else {
+                folder::load(dir, s as u32, channels)?
+            }
         }
     };
     if data.item_shape() != cfg.image_shape() {

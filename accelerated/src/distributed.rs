@@ -277,6 +277,10 @@ pub fn shard(batch: &Batch, rank: usize, world_size: usize) -> Result<Batch> {
         t: batch.t.f_narrow(0, start, per)?.f_contiguous()?,
         eps: batch.eps.f_narrow(0, start, per)?.f_contiguous()?,
         torch_seed: batch.torch_seed,
+        y: match &batch.y {
+            Some(y) => Some(y.f_narrow(0, start, per)?.f_contiguous()?),
+            None => None,
+        },
     })
 }
 

@@ -206,6 +206,26 @@ pub enum DdpmError {
         op: &'static str,
         message: String,
     },
+    /// A class (`sample.class`, `--class`) or guidance asked of a model trained without labels
+    /// (`model.classes = 0`), or labels asked of data that have none.
+    #[error("{what} has no classes ({reason}); {advice}")]
+    NotConditional {
+        /// The model (its checkpoint) or the data set.
+        what: String,
+        /// Why it has none.
+        reason: String,
+        /// What to do instead.
+        advice: String,
+    },
+    /// A class asked for that the model does not have: an index out of 0..classes or an
+    /// unknown name.
+    #[error("class {asked:?} is not one of the model's {} classes: give an index from 0 to {} or a name ({}), a comma-separated list of them, or `all`", names.len(), names.len().saturating_sub(1), names.join(", "))]
+    UnknownClass {
+        /// What was asked for, as given.
+        asked: String,
+        /// The model's class names, in index order.
+        names: Vec<String>,
+    },
 }
 
 /// libtorch's message up to its C++ stack trace (`frame #0: …`, `Exception raised from …`).

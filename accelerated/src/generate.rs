@@ -10,6 +10,7 @@ use crate::checkpoint::{self, Weights};
 use crate::config::Config;
 use crate::error::{DdpmError, Result};
 use crate::grid;
+use crate::guidance::{ConditionalPredictor, Guided};
 use crate::progress::Progress;
 use crate::sampler::{NoisePredictor, Sampler};
 use crate::schedule::Schedule;
@@ -34,6 +35,11 @@ pub struct SampleOptions {
     pub out: Option<PathBuf>,
     /// A directory to write each image to as `NNNNN.png`; `None` writes none.
     pub each: Option<PathBuf>,
+    /// Conditional models ([`run`] only): the classes to draw, as `ddpm sample --class` takes
+    /// them (an index or name, a comma-separated list, or `all`; see [`parse_classes`]); `n`
+    /// images of each, class after class, the grid one row per class when there are several.
+    /// `None`: no class (ε̂(x_t, ∅), for a conditional model the unconditional samples).
+    pub classes: Option<String>,
 }
 
 impl Default for SampleOptions {
@@ -47,6 +53,7 @@ impl Default for SampleOptions {
             columns: None,
             out: None,
             each: None,
+            classes: None,
         }
     }
 }
@@ -141,6 +148,100 @@ pub fn generate_each<M: NoisePredictor + ?Sized>(
     progress: &mut dyn Progress,
     sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<usize> {
+    draw(
+        model.bytes_per_sample(),
+        &|_, _| Ok(Plain(model)),
+        schedule,
+        cfg,
+        opts,
+        device,
+        progress,
+        sink,
+    )
+}
+
+/// [`generate_each`] for a conditional model: image i of the `labels.len()` images (which
+/// `opts.n` must equal) is drawn for class `labels[i]` (the value K = `model.classes()` is ∅)
+/// with the guidance weight `sample.guidance` of `cfg`, through [`Guided`], so every sampler
+/// (ancestral, strided, DDIM) takes it. Batch j's noise is what [`generate_each`] draws for it.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_each_class<M: NoisePredictor + ConditionalPredictor + ?Sized>(
+    model: &M,
+    labels: &[i64],
+    schedule: &Schedule,
+    cfg: &Config,
+    opts: &SampleOptions,
+    device: Device,
+    progress: &mut dyn Progress,
+    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<usize> {
+    if labels.len() != opts.n {
+        return Err(DdpmError::ShapeMismatch {
+            what: "the labels of the images",
+            expected: format!("one per image, {}", opts.n),
+            got: vec![labels.len() as i64],
+        });
+    }
+    let k = model.classes() as i64;
+    if let Some(&bad) = labels.iter().find(|&&l| !(0..=k).contains(&l)) {
+        return Err(DdpmError::UnknownClass {
+            asked: bad.to_string(),
+            names: cfg.data.class_names.clone(),
+        });
+    }
+    let w = cfg.sample.guidance;
+    // Guidance runs the network on the doubled batch [x; x].
+    let per_sample = model
+        .bytes_per_sample()
+        .and_then(|b| b.checked_mul(if w == 0.0 { 1 } else { 2 }));
+    draw(
+        per_sample,
+        &|first, size| {
+            Ok(Guided {
+                model,
+                labels: Tensor::from_slice(&labels[first..first + size]).f_to_device(device)?,
+                w,
+            })
+        },
+        schedule,
+        cfg,
+        opts,
+        device,
+        progress,
+        sink,
+    )
+}
+
+/// A noise predictor borrowed as it is.
+struct Plain<'a, M: ?Sized>(&'a M);
+
+impl<M: NoisePredictor + ?Sized> NoisePredictor for Plain<'_, M> {
+    fn predict(&self, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.0.predict(x_t, t)
+    }
+
+    fn check_input(&self, shape: &[i64]) -> Result<()> {
+        self.0.check_input(shape)
+    }
+
+    fn bytes_per_sample(&self) -> Option<u64> {
+        self.0.bytes_per_sample()
+    }
+}
+
+/// The loop of [`generate_each`]: the predictor of the batch of images `first..first + size`
+/// is `predictor(first, size)`.
+#[allow(clippy::too_many_arguments)]
+fn draw<P: NoisePredictor>(
+    bytes_per_sample: Option<u64>,
+    predictor: &dyn Fn(usize, usize) -> Result<P>,
+    schedule: &Schedule,
+    cfg: &Config,
+    opts: &SampleOptions,
+    device: Device,
+    progress: &mut dyn Progress,
+    sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<usize> {
     if opts.n == 0 {
         return check_request(opts).map(|()| 0);
     }
@@ -150,7 +251,7 @@ pub fn generate_each<M: NoisePredictor + ?Sized>(
     let sampler = Sampler::new(schedule, sampler_cfg)?;
     let [c, s, _] = cfg.image_shape();
     let image_bytes = (c * s * s) as u64 * 4;
-    if let Some(per_sample) = model.bytes_per_sample() {
+    if let Some(per_sample) = bytes_per_sample {
         let needed = per_sample
             .checked_add(image_bytes)
             .and_then(|p| p.checked_mul(b as u64));
@@ -170,8 +271,9 @@ pub fn generate_each<M: NoisePredictor + ?Sized>(
             let size = b.min(opts.n - first);
             tch::manual_seed(batch_seed(opts.seed, j));
             let done = j as u64 * steps;
+            let model = predictor(first, size)?;
             let images =
-                sampler.sample_with(model, &[size as i64, c, s, s], device, |step, _| {
+                sampler.sample_with(&model, &[size as i64, c, s, s], device, |step, _| {
                     progress.update(done + step as u64)
                 })?;
             sink(first, &images)?;
@@ -250,6 +352,36 @@ pub fn run(
     }
     let model = checkpoint::load_model(path, device, opts.weights)?;
     let cfg = settings(&model.config, overrides, origin)?;
+    let labels = match &opts.classes {
+        None => None,
+        Some(spec) => {
+            if model.net.class_count() == 0 {
+                return Err(DdpmError::NotConditional {
+                    what: format!("the checkpoint {}", model.checkpoint.dir.display()),
+                    reason: "it was trained without labels: model.classes = 0".into(),
+                    advice: "sample it without a class, or train a conditional run (train.conditional = true)".into(),
+                });
+            }
+            Some(class_rows(
+                &parse_classes(spec, &class_names(&cfg))?,
+                opts.n,
+            ))
+        }
+    };
+    // n images of each class asked for, one row a class when there are several.
+    let opts = &match &labels {
+        None => opts.clone(),
+        Some(labels) => {
+            let rows = labels.len() / opts.n.max(1);
+            let total = SampleOptions {
+                n: labels.len(),
+                columns: opts.columns.or((rows > 1).then_some(opts.n as i64)),
+                ..opts.clone()
+            };
+            check_request(&total)?;
+            total
+        }
+    };
     if opts.out.is_some() {
         // The grid keeps every image (f32 on the CPU) and draws them into one picture.
         let [c, s, _] = cfg.image_shape();
@@ -269,23 +401,36 @@ pub fn run(
         batch_size(&cfg).min(opts.n)
     );
     let mut kept = Vec::new();
-    let count = generate_each(
-        &model.net,
-        &model.schedule,
-        &cfg,
-        opts,
-        device,
-        progress,
-        &mut |first, images| {
-            if let Some(dir) = &opts.each {
-                grid::save_each(images, dir, first)?;
-            }
-            if opts.out.is_some() {
-                kept.push(images.f_to_device(Device::Cpu)?);
-            }
-            Ok(())
-        },
-    )?;
+    let mut sink = |first, images: &Tensor| {
+        if let Some(dir) = &opts.each {
+            grid::save_each(images, dir, first)?;
+        }
+        if opts.out.is_some() {
+            kept.push(images.f_to_device(Device::Cpu)?);
+        }
+        Ok(())
+    };
+    let count = match &labels {
+        None => generate_each(
+            &model.net,
+            &model.schedule,
+            &cfg,
+            opts,
+            device,
+            progress,
+            &mut sink,
+        )?,
+        Some(labels) => generate_each_class(
+            &model.net,
+            labels,
+            &model.schedule,
+            &cfg,
+            opts,
+            device,
+            progress,
+            &mut sink,
+        )?,
+    };
     let images = match &opts.out {
         Some(out) => {
             let images = Tensor::f_cat(&kept, 0)?;
@@ -300,4 +445,71 @@ pub fn run(
         checkpoint: model.checkpoint.dir.clone(),
         step: model.checkpoint.manifest.step,
     })
+}
+
+/// The class names of a run: `data.class_names`, else the indices `0..model.classes`.
+pub fn class_names(cfg: &Config) -> Vec<String> {
+    if cfg.data.class_names.is_empty() {
+        (0..cfg.model.classes).map(|k| k.to_string()).collect()
+    } else {
+        cfg.data.class_names.clone()
+    }
+}
+
+/// The labels `spec` names among `names` (a model's classes, in label order): `all` is every
+/// class in order; otherwise a comma-separated list of classes, each a name (an exact match
+/// comes first) or an index from 0; repeats are kept. [`DdpmError::UnknownClass`] names the
+/// first item that is neither.
+pub fn parse_classes(spec: &str, names: &[String]) -> Result<Vec<i64>> {
+    if spec.trim() == "all" {
+        return Ok((0..names.len() as i64).collect());
+    }
+    spec.split(',')
+        .map(|item| {
+            let item = item.trim();
+            names
+                .iter()
+                .position(|n| n == item)
+                .or_else(|| item.parse::<usize>().ok().filter(|&k| k < names.len()))
+                .map(|k| k as i64)
+                .ok_or_else(|| DdpmError::UnknownClass {
+                    asked: item.to_string(),
+                    names: names.to_vec(),
+                })
+        })
+        .collect()
+}
+
+/// `per` labels of each class of `classes` in turn: the labels of a grid with one row a class.
+pub fn class_rows(classes: &[i64], per: usize) -> Vec<i64> {
+    classes
+        .iter()
+        .flat_map(|&k| std::iter::repeat_n(k, per))
+        .collect()
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+
+    #[test]
+    fn class_specs_name_indices_names_lists_and_all() {
+        let names: Vec<String> = ["cat", "dog", "7"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(parse_classes("all", &names).unwrap(), vec![0, 1, 2]);
+        assert_eq!(parse_classes("dog", &names).unwrap(), vec![1]);
+        assert_eq!(parse_classes("1, cat,1", &names).unwrap(), vec![1, 0, 1]);
+        // A name wins over an index.
+        assert_eq!(parse_classes("7", &names).unwrap(), vec![2]);
+        for bad in ["3", "bird", "", "1,,2", "-1"] {
+            let err = parse_classes(bad, &names).unwrap_err();
+            assert!(
+                matches!(&err, DdpmError::UnknownClass { names: n, .. } if n == &names),
+                "{bad:?}: {err}"
+            );
+        }
+        assert_eq!(class_rows(&[2, 0], 3), vec![2, 2, 2, 0, 0, 0]);
+        let mut cfg = Config::mnist();
+        cfg.model.classes = 2;
+        assert_eq!(class_names(&cfg), vec!["0", "1"]);
+    }
 }

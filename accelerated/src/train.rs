@@ -176,8 +176,24 @@ impl Trainer {
         let t = batch.t.f_to_device(dev)?;
         let eps = batch.eps.f_to_device(dev)?;
         let x_t = marginal_sample(&self.schedule, &x0, &t, &eps)?;
-        let eps_hat = autocast_bf16(self.cfg.train.bf16, dev, || {
-            self.net.forward_t(&x_t, &t, true)
+        let y = match (&batch.y, self.net.class_count() > 0) {
+            (Some(y), true) => Some(y.f_to_device(dev)?),
+            (None, false) => None,
+            (y, _) => {
+                return Err(DdpmError::Incompatible {
+                    key: "train.conditional",
+                    other: "the batch".into(),
+                    reason: format!(
+                        "the network has {} classes but the batch {} labels",
+                        self.net.class_count(),
+                        if y.is_some() { "has" } else { "has no" }
+                    ),
+                })
+            }
+        };
+        let eps_hat = autocast_bf16(self.cfg.train.bf16, dev, || match &y {
+            Some(y) => self.net.forward_class(&x_t, &t, y, true),
+            None => self.net.forward_t(&x_t, &t, true),
         })?
         .f_to_kind(Kind::Float)?;
         let loss = match &self.weighting {
@@ -335,10 +351,13 @@ impl Trainer {
             seed: self.cfg.train.seed,
             t_max: self.cfg.diffusion.t_max,
             flip: self.cfg.data.flip,
+            label_dropout: self.cfg.train.label_dropout,
         }
     }
 
     /// Samples `sample.n` images with the EMA (or raw) weights and writes them as a grid.
+    /// A conditional run's grid has one row a class, ceil(`sample.n`/K) images each, drawn
+    /// with `sample.guidance`.
     pub fn write_grid(&self, path: &Path) -> Result<()> {
         let images = if self.cfg.sample.ema {
             let (vs, net) = build_model(&self.cfg, self.device, self.cfg.train.seed)?;
@@ -347,7 +366,19 @@ impl Trainer {
         } else {
             self.sample(&self.net)?
         };
-        crate::grid::save_grid_scaled(&images, path, None, self.cfg.sample.grid_scale)
+        let columns = self.grid_labels().map(|(_, per)| per as i64);
+        crate::grid::save_grid_scaled(&images, path, columns, self.cfg.sample.grid_scale)
+    }
+
+    /// A conditional run's grid labels (one row a class) and images a row; `None` when
+    /// unconditional.
+    fn grid_labels(&self) -> Option<(Vec<i64>, usize)> {
+        let k = self.net.class_count();
+        (k > 0).then(|| {
+            let per = self.cfg.sample.n.div_ceil(k).max(1);
+            let classes: Vec<i64> = (0..k as i64).collect();
+            (crate::generate::class_rows(&classes, per), per)
+        })
     }
 
     /// The grid's `sample.n` images, drawn `sample.batch_size` at a time as `ddpm sample`
@@ -359,24 +390,39 @@ impl Trainer {
         if let Some(n) = cfg.train.grid_steps {
             cfg.sample.steps = Some(n);
         }
+        let labels = self.grid_labels().map(|(labels, _)| labels);
         let opts = crate::generate::SampleOptions {
-            n: cfg.sample.n,
+            n: labels.as_ref().map_or(cfg.sample.n, Vec::len),
             seed: cfg.train.seed as i64,
             ..Default::default()
         };
         let mut kept = Vec::new();
-        crate::generate::generate_each(
-            net,
-            &self.schedule,
-            &cfg,
-            &opts,
-            self.device,
-            &mut crate::progress::Silent,
-            &mut |_, images| {
-                kept.push(images.f_to_device(Device::Cpu)?);
-                Ok(())
-            },
-        )?;
+        let mut sink = |_, images: &Tensor| {
+            kept.push(images.f_to_device(Device::Cpu)?);
+            Ok(())
+        };
+        let silent = &mut crate::progress::Silent;
+        match &labels {
+            None => crate::generate::generate_each(
+                net,
+                &self.schedule,
+                &cfg,
+                &opts,
+                self.device,
+                silent,
+                &mut sink,
+            )?,
+            Some(labels) => crate::generate::generate_each_class(
+                net,
+                labels,
+                &self.schedule,
+                &cfg,
+                &opts,
+                self.device,
+                silent,
+                &mut sink,
+            )?,
+        };
         Ok(Tensor::f_cat(&kept, 0)?)
     }
 }
@@ -709,6 +755,8 @@ fn train_locked(
     _lock: RunLock,
     data_record: Option<DataRecord>,
 ) -> Result<TrainSummary> {
+    let (cfg, data) = resolve_classes(cfg, data)?;
+    let cfg = &cfg;
     let mut run = Run::start(cfg, &data, opts, resume_from.as_ref())?;
     run.data_record = data_record;
     let mut loader = Loader::spawn(data, run.trainer.plan(), run.trainer.step() + 1, PREFETCH)?;
@@ -725,6 +773,39 @@ fn train_locked(
     }
     progress.finish();
     Ok(run.summary())
+}
+
+/// The run's configuration with its classes taken from `data` and the data it trains on: a
+/// conditional run (`train.conditional`) needs labelled data and takes `model.classes` and
+/// `data.class_names` from them (a configuration that already names classes, a resumed run's,
+/// must name the same); an unconditional run trains on the images alone.
+pub fn resolve_classes(cfg: &Config, data: Dataset) -> Result<(Config, Dataset)> {
+    let mut cfg = cfg.clone();
+    if !cfg.train.conditional {
+        return Ok((cfg, data.without_labels()));
+    }
+    let names = data
+        .class_names()
+        .ok_or_else(|| DdpmError::NotConditional {
+            what: format!("the data {}", data.name()),
+            reason: "its samples carry no labels".into(),
+            advice: "train a conditional run on MNIST or on a folder of class subfolders, or leave train.conditional off".into(),
+        })?
+        .to_vec();
+    if !cfg.data.class_names.is_empty() && cfg.data.class_names != names {
+        return Err(DdpmError::Incompatible {
+            key: "data.class_names",
+            other: format!("the classes of {}", data.name()),
+            reason: format!(
+                "the run's classes are {:?}, the data's {:?}",
+                cfg.data.class_names, names
+            ),
+        });
+    }
+    cfg.model.classes = names.len() as i64;
+    cfg.data.class_names = names;
+    cfg.validate()?;
+    Ok((cfg, data))
 }
 
 /// A training run under way: the trainer, its files and what it last wrote.

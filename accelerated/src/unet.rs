@@ -53,6 +53,15 @@ pub struct UNetConfig {
     pub dropout: f64,
     /// T, the number of diffusion steps (rows of the learned embedding).
     pub t_max: i64,
+    /// Classes K of a conditional network (0: unconditional, today's network exactly): a
+    /// class embedding of K + 1 rows (the last one ∅, "no class") is added to the time
+    /// embedding. Set by training from the data (`train.conditional`), not by hand.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub classes: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl UNetConfig {
@@ -73,6 +82,7 @@ impl UNetConfig {
             time_embedding: TimeEmbedding::Sinusoidal,
             dropout: 0.0,
             t_max: 1000,
+            classes: 0,
         }
     }
 
@@ -103,6 +113,7 @@ impl UNetConfig {
             time_embedding: TimeEmbedding::Learned,
             dropout: 0.0,
             t_max: 1000,
+            classes: 0,
         }
     }
 
@@ -250,6 +261,13 @@ impl UNetConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return out_of_range("model.dropout", self.dropout.to_string(), "in [0, 1)");
+        }
+        if self.classes < 0 {
+            return out_of_range(
+                "model.classes",
+                self.classes.to_string(),
+                "0 (unconditional) or the number of classes",
+            );
         }
         Ok(())
     }
@@ -424,6 +442,8 @@ pub struct UNet {
     up: Vec<Vec<ResBlock>>,
     norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
+    /// Conditional networks only: Embedding(K + 1, time_dim), row K = ∅.
+    class_embedding: Option<nn::Embedding>,
 }
 
 impl UNet {
@@ -446,14 +466,29 @@ impl UNet {
             .rev()
             .map(|(l, &c_level)| level_blocks(&(p / "up" / l), cfg, &mut c, c_level))
             .collect();
+        let time = TimeNet::new(&(p / "time"), cfg);
+        let conv_in = conv3(p / "conv_in", cfg.in_channels, c0);
+        let norm_out = norm(p / "norm_out", cfg, c0);
+        let conv_out = conv3(p / "conv_out", c0, cfg.in_channels);
+        // Built last, so a conditional network's other weights start as the unconditional
+        // network's of the same seed; absent (no variable at all) when unconditional.
+        let class_embedding = (cfg.classes > 0).then(|| {
+            nn::embedding(
+                p / "class" / "embedding",
+                cfg.classes + 1,
+                cfg.time_dim(),
+                Default::default(),
+            )
+        });
         Ok(UNet {
-            time: TimeNet::new(&(p / "time"), cfg),
-            conv_in: conv3(p / "conv_in", cfg.in_channels, c0),
+            time,
+            conv_in,
             down,
             mid,
             up,
-            norm_out: norm(p / "norm_out", cfg, c0),
-            conv_out: conv3(p / "conv_out", c0, cfg.in_channels),
+            norm_out,
+            conv_out,
+            class_embedding,
             cfg: cfg.clone(),
         })
     }
@@ -482,12 +517,65 @@ impl UNet {
 
     /// ε̂(x_t, t) for x_t [B, C, H, W] and t Int64 [B] (values 1..=T); `train` turns dropout
     /// on. Computes in the weights' kind and returns x_t's kind.
+    /// A conditional network predicts for ∅ ("no class") here.
     pub fn forward_t(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward(x_t, t, None, train)
+    }
+
+    /// ε̂(x_t, t, y) for labels y Int64 [B] with values 0..=K (K = `model.classes`, the value
+    /// K meaning ∅); `train` turns dropout on. The values are not read back (training's labels
+    /// come from the data; [`ConditionalPredictor::predict_class`] checks them).
+    pub fn forward_class(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        if self.class_embedding.is_none() {
+            return Err(DdpmError::NotConditional {
+                what: "the network".into(),
+                reason: "model.classes = 0: it was built without a class embedding".into(),
+                advice: "train it with train.conditional = true".into(),
+            });
+        }
+        let b = *x_t.size().first().unwrap_or(&0);
+        if y.size() != [b] || y.kind() != Kind::Int64 {
+            return Err(DdpmError::ShapeMismatch {
+                what: "y",
+                expected: format!(
+                    "Int64 labels [{b}], one per sample (got kind {:?})",
+                    y.kind()
+                ),
+                got: y.size(),
+            });
+        }
+        self.forward(x_t, t, Some(y), train)
+    }
+
+    /// The classes K (0 for an unconditional network).
+    pub fn class_count(&self) -> usize {
+        self.cfg.classes.max(0) as usize
+    }
+
+    fn forward(&self, x_t: &Tensor, t: &Tensor, y: Option<&Tensor>, train: bool) -> Result<Tensor> {
         self.check_shape(&x_t.size())?;
         crate::schedule::check_t(t, x_t)?;
         let kind = self.conv_in.ws.kind();
         let x = x_t.f_to_kind(kind)?;
-        let temb = self.time.forward(t, kind)?;
+        let mut temb = self.time.forward(t, kind)?;
+        if let Some(emb) = &self.class_embedding {
+            let y = match y {
+                Some(y) => y.f_to_device(x.device())?,
+                None => Tensor::f_full(
+                    [*x_t.size().first().unwrap_or(&0)],
+                    self.cfg.classes,
+                    (Kind::Int64, x.device()),
+                )?,
+            };
+            let cemb = Tensor::f_embedding(&emb.ws, &y, -1, false, false)?;
+            temb = temb.f_add(&cemb.f_to_kind(temb.kind())?)?;
+        }
         let h0 = conv(&self.conv_in, 1, &x)?;
         let mut skips = Vec::new();
         let mut h = h0.shallow_clone();
@@ -541,6 +629,32 @@ impl NoisePredictor for UNet {
     }
 }
 
+impl crate::guidance::ConditionalPredictor for UNet {
+    /// An error unless the network is conditional and every label lies in 0..=K (read back:
+    /// one small copy a call).
+    fn predict_class(&self, x_t: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if self.class_embedding.is_some() && y.numel() > 0 && y.kind() == Kind::Int64 {
+            let k = self.cfg.classes;
+            let bad = y.f_lt(0)?.f_logical_or(&y.f_gt(k)?)?.f_any()?;
+            if bool::try_from(&bad)? {
+                return Err(DdpmError::OutOfRange {
+                    key: "y",
+                    value: format!(
+                        "{:?}",
+                        Vec::<i64>::try_from(y.f_to_device(tch::Device::Cpu)?)?
+                    ),
+                    expected: format!("labels from 0 to {k} ({k} = no class)"),
+                });
+            }
+        }
+        self.forward_class(x_t, t, y, false)
+    }
+
+    fn classes(&self) -> usize {
+        self.class_count()
+    }
+}
+
 /// Number of scalar parameters in a variable store.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables()
@@ -590,7 +704,13 @@ mod tests {
             TimeEmbedding::Sinusoidal => (b * 4 * b + 4 * b) + (4 * b * 4 * b + 4 * b),
         };
         let chans = cfg.level_channels();
-        let mut total = time + conv(cfg.in_channels, b, 3) + gn(b) + conv(b, cfg.in_channels, 3);
+        let classes = if cfg.classes > 0 {
+            (cfg.classes + 1) * e
+        } else {
+            0
+        };
+        let mut total =
+            time + classes + conv(cfg.in_channels, b, 3) + gn(b) + conv(b, cfg.in_channels, 3);
         let mut c = b;
         for &cl in &chans {
             for _ in 0..cfg.blocks_per_level {
@@ -621,6 +741,90 @@ mod tests {
             assert_eq!(n, expected_count(&cfg), "{name}");
         }
         assert_eq!(expected_count(&tiny()), parameter_count(&build(&tiny()).0));
+        let three = UNetConfig {
+            classes: 3,
+            ..tiny()
+        };
+        assert_eq!(expected_count(&three), parameter_count(&build(&three).0));
+        assert_eq!(
+            parameter_count(&build(&three).0) - parameter_count(&build(&tiny()).0),
+            4 * tiny().time_dim(),
+            "K + 1 = 4 rows of the time embedding's width"
+        );
+    }
+
+    /// An unconditional configuration builds exactly today's network: the same variable names
+    /// and shapes and, from the same seed, the same initial weights; a conditional one adds
+    /// only `class.embedding` and leaves every other initial weight as it was.
+    #[test]
+    fn unconditional_networks_are_unchanged_and_conditional_ones_add_one_embedding() {
+        let _rng = crate::sampler::rng_lock();
+        let weights = |cfg: &UNetConfig| {
+            tch::manual_seed(5);
+            let (vs, _) = build(cfg);
+            let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let plain = weights(&tiny());
+        assert!(plain.iter().all(|(n, _)| !n.starts_with("class")));
+        let conditional = weights(&UNetConfig {
+            classes: 2,
+            ..tiny()
+        });
+        let (extra, rest): (Vec<_>, Vec<_>) = conditional
+            .into_iter()
+            .partition(|(n, _)| n.starts_with("class"));
+        assert_eq!(extra.len(), 1);
+        assert_eq!(
+            (extra[0].0.as_str(), extra[0].1.size()),
+            ("class.embedding.weight", vec![3, tiny().time_dim()])
+        );
+        assert_eq!(rest.len(), plain.len());
+        for ((na, a), (nb, b)) in rest.iter().zip(&plain) {
+            assert!(na == nb && a.equal(b), "{na}");
+        }
+        // The serialised configuration of an unconditional network has no `classes` key.
+        let text = toml::to_string(&tiny()).unwrap();
+        assert!(!text.contains("classes"), "{text}");
+    }
+
+    #[test]
+    fn the_class_changes_the_output_and_no_class_is_the_plain_prediction() {
+        use crate::guidance::ConditionalPredictor;
+        let _rng = crate::sampler::rng_lock();
+        tch::manual_seed(3);
+        let (_vs, net) = build(&UNetConfig {
+            classes: 2,
+            ..tiny()
+        });
+        let x = Tensor::randn([1, 2, 8, 8], (Kind::Float, Device::Cpu)).repeat([3, 1, 1, 1]);
+        let t = Tensor::from_slice(&[40i64, 40, 40]);
+        let y = Tensor::from_slice(&[0i64, 1, 2]);
+        let out = net.predict_class(&x, &t, &y).unwrap();
+        let diff = |i: i64, j: i64| f64::try_from((out.get(i) - out.get(j)).abs().max()).unwrap();
+        assert!(
+            diff(0, 1) > 1e-3 && diff(0, 2) > 1e-3,
+            "{} {}",
+            diff(0, 1),
+            diff(0, 2)
+        );
+        let plain = net.predict(&x, &t).unwrap();
+        assert!(plain.get(0).equal(&out.get(2)), "∅ is label K");
+        assert_eq!(net.classes(), 2);
+        let bad = net.predict_class(&x, &t, &Tensor::from_slice(&[0i64, 3, 1]));
+        assert!(
+            matches!(bad, Err(DdpmError::OutOfRange { key: "y", .. })),
+            "{bad:?}"
+        );
+        let short = net.predict_class(&x, &t, &Tensor::from_slice(&[0i64, 1]));
+        assert!(matches!(
+            short,
+            Err(DdpmError::ShapeMismatch { what: "y", .. })
+        ));
+        let (_vs, plain_net) = build(&tiny());
+        let err = plain_net.predict_class(&x, &t, &y).unwrap_err();
+        assert!(matches!(err, DdpmError::NotConditional { .. }), "{err}");
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub fn small_unet(t_max: i64) -> ddpm::unet::UNetConfig {
         time_embedding: ddpm::unet::TimeEmbedding::Sinusoidal,
         dropout: 0.0,
         t_max,
+        classes: 0,
     }
 }
 

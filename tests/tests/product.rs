@@ -767,6 +767,7 @@ fn training_batches_never_hold_a_held_out_sample() {
         seed: 4,
         t_max: CKPT_T,
         flip: false,
+        label_dropout: 0.1,
     };
     let steps = 3 * plan.steps_per_epoch(train.len());
     let mut loader = ddpm::data::loader::Loader::spawn(train.clone(), plan, 1, 2).unwrap();

@@ -169,6 +169,7 @@ fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
             t: Tensor::from_slice(&t_list.iter().map(|&t| t as i64).collect::<Vec<_>>()),
             eps: tensor(&eps, Kind::Float, device).view([b as i64, 1, 8, 8]),
             torch_seed: 7,
+            y: None,
         };
 
         // Before the step: weights, moments and average, and a copy of the network.

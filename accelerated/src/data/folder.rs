@@ -74,6 +74,90 @@ pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
         });
     }
     let files = image_files(dir)?;
+    let images = decode(dir, &files, side, channels)?;
+    Dataset::from_pixels(images, format!("image folder {}", dir.display()))
+}
+
+/// The class subfolders of `dir` (every directory directly inside it whose name does not
+/// start with `.`), sorted by name: their names are the classes, in label order.
+pub fn class_folders(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let set = || format!("the image folder {}", dir.display());
+    if !dir.is_dir() {
+        return Err(DdpmError::BadData {
+            set: set(),
+            reason: "does not exist or is not a directory".into(),
+        });
+    }
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?;
+    let mut classes = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| DdpmError::io(format!("cannot list {}", dir.display()), e))?
+            .path();
+        let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+        match name {
+            Some(name) if path.is_dir() && !name.starts_with('.') => classes.push((name, path)),
+            None if path.is_dir() => {
+                return Err(DdpmError::BadData {
+                    set: set(),
+                    reason: format!(
+                        "the subfolder {} has a name that is not UTF-8 (class names must be text)",
+                        path.display()
+                    ),
+                })
+            }
+            _ => {}
+        }
+    }
+    classes.sort();
+    Ok(classes)
+}
+
+/// A labelled folder for conditional training: one subfolder a class (see
+/// [`class_folders`]), each holding its images; the classes are the subfolders' names sorted,
+/// the samples class after class, each class's files sorted by name. Images directly inside
+/// `dir` are refused (they belong to no class), so is a folder without subfolders.
+pub fn load_classes(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
+    if side == 0 {
+        return Err(DdpmError::OutOfRange {
+            key: "side",
+            value: "0".into(),
+            expected: "positive".into(),
+        });
+    }
+    let classes = class_folders(dir)?;
+    if classes.is_empty() {
+        return Err(DdpmError::NotConditional {
+            what: format!("the image folder {}", dir.display()),
+            reason: "it has no subfolders, one a class".into(),
+            advice: "put each class's images in a subfolder named after the class, or train without train.conditional (--conditional)".into(),
+        });
+    }
+    if let Ok(loose) = image_files(dir) {
+        return Err(DdpmError::BadData {
+            set: format!("the image folder {}", dir.display()),
+            reason: format!(
+                "holds {} images outside its class subfolders ({}, …): move each into its class's subfolder",
+                loose.len(),
+                loose[0].display()
+            ),
+        });
+    }
+    let mut files = Vec::new();
+    let mut labels = Vec::new();
+    for (k, (_, path)) in classes.iter().enumerate() {
+        let these = image_files(path)?;
+        labels.extend(std::iter::repeat_n(k as i64, these.len()));
+        files.extend(these);
+    }
+    let images = decode(dir, &files, side, channels)?;
+    Dataset::from_pixels(images, format!("image folder {}", dir.display()))?
+        .with_labels(&labels, classes.into_iter().map(|(n, _)| n).collect())
+}
+
+/// `files` decoded on all cores as `[N, C, side, side]` 8-bit pixels; `dir` names the set.
+fn decode(dir: &Path, files: &[PathBuf], side: u32, channels: Channels) -> Result<Tensor> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(files.len());
@@ -111,11 +195,10 @@ pub fn load(dir: &Path, side: u32, channels: Channels) -> Result<Dataset> {
     }
     let (n, s, c) = (files.len() as i64, side as i64, channels.count());
     // Decoded images are height × width × channel; the model wants channel first.
-    let images = Tensor::from_slice(&pixels)
+    Ok(Tensor::from_slice(&pixels)
         .view([n, s, s, c])
         .permute([0, 3, 1, 2])
-        .contiguous();
-    Dataset::from_pixels(images, format!("image folder {}", dir.display()))
+        .contiguous())
 }
 
 /// One image as `side × side × C` bytes: centre-cropped to a square, resized, converted.

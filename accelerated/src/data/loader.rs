@@ -23,6 +23,9 @@ pub struct BatchPlan {
     pub t_max: i64,
     /// Flip each image horizontally with probability ½ (images only).
     pub flip: bool,
+    /// Labelled data (conditional runs): the probability that a sample's label is replaced by
+    /// ∅ (the value K, the number of classes); unused for unlabelled data.
+    pub label_dropout: f64,
 }
 
 /// One training step's inputs, on the CPU.
@@ -39,6 +42,9 @@ pub struct Batch {
     /// Seed for libtorch's own generator during this step (dropout), so that it too is a
     /// function of (seed, step).
     pub torch_seed: i64,
+    /// Labelled data (conditional runs): each sample's class, Int64 `[B]`, the value K (the
+    /// number of classes) where the label was dropped to ∅; `None` for unlabelled data.
+    pub y: Option<Tensor>,
 }
 
 impl BatchPlan {
@@ -48,6 +54,13 @@ impl BatchPlan {
                 key: "train.batch_size",
                 value: self.batch_size.to_string(),
                 expected: format!("between 1 and the number of training samples ({n})"),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.label_dropout) {
+            return Err(DdpmError::OutOfRange {
+                key: "train.label_dropout",
+                value: self.label_dropout.to_string(),
+                expected: "a probability in [0, 1]".into(),
             });
         }
         if self.t_max < 1 {
@@ -84,7 +97,8 @@ impl BatchPlan {
         self.validate(data.len())?;
         let (_, k) = self.position(data.len(), step);
         let start = k as usize * self.batch_size;
-        let mut x0 = data.batch(&order[start..start + self.batch_size])?;
+        let indices = &order[start..start + self.batch_size];
+        let mut x0 = data.batch(indices)?;
         let mut rng = seeded_rng(self.seed, Stream::Step, step);
         let b = self.batch_size as i64;
         let t: Vec<i64> = (0..b).map(|_| rng.random_range(1..=self.t_max)).collect();
@@ -98,9 +112,25 @@ impl BatchPlan {
             x0 = x0.f_flip([3])?.f_where_self(&mask, &x0)?;
         }
         let torch_seed = rng.random_range(0..i64::MAX);
+        // Drawn after everything else, so an unlabelled run's draws are what they always were.
+        let y = match (data.labels_at(indices)?, data.class_names()) {
+            (Some(y), Some(names)) => {
+                let dropped: Vec<bool> = (0..b)
+                    .map(|_| rng.random_bool(self.label_dropout))
+                    .collect();
+                let none = Tensor::f_full(
+                    [b],
+                    names.len() as i64,
+                    (tch::Kind::Int64, tch::Device::Cpu),
+                )?;
+                Some(none.f_where_self(&Tensor::from_slice(&dropped), &y)?)
+            }
+            _ => None,
+        };
         Ok(Batch {
             step,
             torch_seed,
+            y,
             eps: Tensor::from_slice(&eps).f_view(x0.size().as_slice())?,
             t: Tensor::from_slice(&t),
             x0,
@@ -194,6 +224,152 @@ mod tests {
             && a.x0.equal(&b.x0)
             && a.t.equal(&b.t)
             && a.eps.equal(&b.eps)
+            && match (&a.y, &b.y) {
+                (None, None) => true,
+                (Some(x), Some(y)) => x.equal(y),
+                _ => false,
+            }
+    }
+
+    /// n images whose first pixel is their class (i mod 3), labelled so.
+    fn labelled(n: i64) -> Dataset {
+        let labels: Vec<i64> = (0..n).map(|i| i % 3).collect();
+        let px = Tensor::from_slice(&labels)
+            .to_kind(Kind::Uint8)
+            .view([n, 1, 1, 1])
+            .repeat([1, 1, 2, 2]);
+        Dataset::from_pixels(px, "labelled")
+            .unwrap()
+            .with_labels(&labels, vec!["a".into(), "b".into(), "c".into()])
+            .unwrap()
+    }
+
+    /// The class a batch's images carry in their pixels (pixel value k ↦ x = 2k/255 − 1).
+    fn classes_of(b: &Batch) -> Vec<i64> {
+        let x = Vec::<f32>::try_from(b.x0.select(3, 0).select(2, 0).select(1, 0)).unwrap();
+        x.iter()
+            .map(|v| ((v + 1.0) * 255.0 / 2.0).round() as i64)
+            .collect()
+    }
+
+    /// Label dropout is a seeded Bernoulli(p) per sample: over n = 250 steps × 40 samples =
+    /// 10,000 labels at p = 0.1 the dropped count is Binomial(10⁴, 0.1), mean 1000, standard
+    /// deviation 30; |share − 0.1| < 0.015 is 5 standard deviations (α < 1e-6, two-sided).
+    /// Every label kept is the image's own class; p = 0 drops none and p = 1 all.
+    #[test]
+    fn labels_follow_their_images_and_drop_to_none_at_the_seeded_rate() {
+        let data = labelled(40);
+        let plan = BatchPlan {
+            batch_size: 40,
+            seed: 3,
+            t_max: 10,
+            flip: false,
+            label_dropout: 0.1,
+        };
+        let (mut dropped, mut total) = (0usize, 0usize);
+        for step in 1..=250 {
+            let b = plan.batch(&data, step).unwrap();
+            let y = Vec::<i64>::try_from(b.y.as_ref().unwrap()).unwrap();
+            for (label, class) in y.iter().zip(classes_of(&b)) {
+                total += 1;
+                if *label == 3 {
+                    dropped += 1;
+                } else {
+                    assert_eq!(*label, class, "step {step}");
+                }
+            }
+        }
+        let share = dropped as f64 / total as f64;
+        assert_eq!(total, 10_000);
+        assert!((share - 0.1).abs() < 0.015, "dropped {dropped} of {total}");
+        for (p, expected) in [(0.0, 0usize), (1.0, 40)] {
+            let b = BatchPlan {
+                label_dropout: p,
+                ..plan
+            }
+            .batch(&data, 1)
+            .unwrap();
+            let y = Vec::<i64>::try_from(b.y.unwrap()).unwrap();
+            assert_eq!(y.iter().filter(|&&l| l == 3).count(), expected, "p = {p}");
+        }
+        assert!(BatchPlan {
+            label_dropout: 1.5,
+            ..plan
+        }
+        .batch(&data, 1)
+        .is_err());
+        // Unlabelled data have no labels, and their draws do not depend on the dropout.
+        let plain = plan.batch(&images(40), 7).unwrap();
+        assert!(plain.y.is_none());
+        let other = BatchPlan {
+            label_dropout: 0.5,
+            ..plan
+        }
+        .batch(&images(40), 7)
+        .unwrap();
+        assert!(same(&plain, &other));
+    }
+
+    /// The labels (and their dropout) are part of the seeded plan: the loader thread, started
+    /// at step 1 or resumed at step 6, yields the pure function's labels, and the held-out split
+    /// keeps each sample's label.
+    #[test]
+    fn the_plan_s_labels_are_the_same_after_a_resume_and_a_split() {
+        let (train, held) = labelled(30).split(6, 2).unwrap();
+        let held = held.unwrap();
+        let all: Vec<i64> = (0..6).collect();
+        let held_classes: Vec<i64> = {
+            let x = Vec::<f32>::try_from(
+                held.batch(&all)
+                    .unwrap()
+                    .select(3, 0)
+                    .select(2, 0)
+                    .select(1, 0),
+            )
+            .unwrap();
+            x.iter()
+                .map(|v| ((v + 1.0) * 255.0 / 2.0).round() as i64)
+                .collect()
+        };
+        assert_eq!(
+            Vec::<i64>::try_from(held.labels_at(&all).unwrap().unwrap()).unwrap(),
+            held_classes
+        );
+        let plan = BatchPlan {
+            batch_size: 4,
+            seed: 8,
+            t_max: 50,
+            flip: true,
+            label_dropout: 0.3,
+        };
+        let mut from_one = Loader::spawn(train.clone(), plan, 1, 2).unwrap();
+        let all: Vec<Batch> = (0..12).map(|_| from_one.next_batch().unwrap()).collect();
+        assert!(all.iter().all(|b| b.y.is_some()));
+        for (i, b) in all.iter().enumerate() {
+            assert!(
+                same(b, &plan.batch(&train, i as u64 + 1).unwrap()),
+                "step {}",
+                i + 1
+            );
+        }
+        let mut resumed = Loader::spawn(train.clone(), plan, 6, 2).unwrap();
+        for b in &all[5..] {
+            assert!(same(&resumed.next_batch().unwrap(), b), "step {}", b.step);
+        }
+        let dropped: usize = all
+            .iter()
+            .map(|b| {
+                Vec::<i64>::try_from(b.y.as_ref().unwrap())
+                    .unwrap()
+                    .iter()
+                    .filter(|&&l| l == 3)
+                    .count()
+            })
+            .sum();
+        assert!(
+            dropped > 0 && dropped < 48,
+            "{dropped} of 48 dropped at p = 0.3"
+        );
     }
 
     #[test]
@@ -204,6 +380,7 @@ mod tests {
             seed: 5,
             t_max: 1000,
             flip: true,
+            label_dropout: 0.1,
         };
         let mut from_one = Loader::spawn(data.clone(), plan, 1, 2).unwrap();
         let all: Vec<Batch> = (0..8).map(|_| from_one.next_batch().unwrap()).collect();
@@ -228,6 +405,7 @@ mod tests {
             seed: 1,
             t_max: 4,
             flip: false,
+            label_dropout: 0.1,
         };
         let mut seen: Vec<f32> = (1..=3)
             .flat_map(|s| {

@@ -31,6 +31,11 @@ pub fn default_path() -> PathBuf {
 /// S = 28, or 32 with `pad_to_32` (two black pixels on each side, so 32 → 16 → 8 → 4 halves
 /// cleanly). Labels are read and checked but not kept: the model is unconditional.
 pub fn load(path: &Path, pad_to_32: bool) -> Result<Dataset> {
+    Ok(load_labelled(path, pad_to_32)?.without_labels())
+}
+
+/// [`load`] keeping the labels: classes 0..9 named "0".."9".
+pub fn load_labelled(path: &Path, pad_to_32: bool) -> Result<Dataset> {
     let file = File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             DdpmError::BadData {
@@ -49,7 +54,7 @@ pub fn load(path: &Path, pad_to_32: bool) -> Result<Dataset> {
     } else {
         Box::new(file)
     };
-    let (pixels, _labels) = parse(BufReader::new(reader), &path.display().to_string())?;
+    let (pixels, labels) = parse(BufReader::new(reader), &path.display().to_string())?;
     let n = (pixels.len() / PIXELS) as i64;
     let images = Tensor::from_slice(&pixels).view([n, 1, SIDE, SIDE]);
     let images = if pad_to_32 {
@@ -57,7 +62,9 @@ pub fn load(path: &Path, pad_to_32: bool) -> Result<Dataset> {
     } else {
         images
     };
-    Dataset::from_pixels(images, format!("MNIST-5k ({})", path.display()))
+    let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+    Dataset::from_pixels(images, format!("MNIST-5k ({})", path.display()))?
+        .with_labels(&labels, (0..10).map(|d| d.to_string()).collect())
 }
 
 /// Parses rows of 784 pixels then a label; returns all pixels (row-major, image after image)

@@ -5,6 +5,7 @@
 //! `table` measures, `report` renders.
 
 pub mod classifier;
+pub mod conditional;
 pub mod frechet;
 pub mod nll;
 pub mod report;

@@ -2,6 +2,7 @@
 //! changes a setting is an entry of a partial configuration table at its config key,
 //! layered over the preset or config file by the library's own merge.
 
+use crate::guidance::{run_guidance, GuidanceArgs};
 use crate::progress::Bar;
 use crate::quality::{run_quality, QualityArgs};
 use crate::score::{run_score, ScoreArgs};
@@ -59,6 +60,9 @@ pub enum Command {
     /// Score one mnist checkpoint with its run's sampler: FD-MNIST with its interval, the
     /// share of samples classified with confidence ≥ 0.9, H(y|x), H(ȳ), against real digits.
     Score(ScoreArgs),
+    /// Class accuracy and FD-MNIST of a conditional mnist run for each classifier-free
+    /// guidance weight (default 0, 0.5, 1, 2, 4 at 100 steps), a grid per weight.
+    Guidance(GuidanceArgs),
 }
 
 /// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
@@ -350,6 +354,14 @@ pub struct TrainArgs {
     /// preset's, 4 for mnist].
     #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub grid_scale: Option<u64>,
+    /// Train a class-conditional network on the data's labels: MNIST's digits, or --data DIR
+    /// with one subfolder a class (the classes are the subfolders' names, sorted).
+    #[arg(long)]
+    pub conditional: bool,
+    /// With --conditional: the probability that a training label is dropped to "no class",
+    /// so one network also predicts unconditionally (for --guidance) [default: 0.1].
+    #[arg(long, value_name = "P", allow_hyphen_values = true, value_parser = finite)]
+    pub label_dropout: Option<f64>,
 }
 
 impl TrainArgs {
@@ -443,6 +455,12 @@ impl TrainArgs {
                 "sample.grid_scale",
                 self.grid_scale.map(int),
             ),
+            ("--conditional", "train.conditional", yes(self.conditional)),
+            (
+                "--label-dropout",
+                "train.label_dropout",
+                self.label_dropout.map(Value::from),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -521,6 +539,14 @@ pub struct SampleArgs {
     /// Write no grid (--out); for more images than a grid holds (10000), with --each.
     #[arg(long, conflicts_with = "out")]
     pub no_grid: bool,
+    /// A conditional model's classes to draw: an index or a name (`3`), a list (`1,4,7`), or
+    /// `all`; --n images of each, the grid one row a class when there are several.
+    #[arg(long, value_name = "CLASS")]
+    pub class: Option<String>,
+    /// Classifier-free guidance weight w with --class: ε̂ = (1 + w) ε̂(x, class) − w ε̂(x, none)
+    /// [default: the run's sample.guidance, 0].
+    #[arg(long, value_name = "W", allow_hyphen_values = true, value_parser = finite)]
+    pub guidance: Option<f64>,
 }
 
 /// `ddpm eval`.
@@ -563,6 +589,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sample(args) => run_sample(&args, cli.device, progress),
         Command::Quality(args) => run_quality(&args, cli.device, progress),
         Command::Score(args) => run_score(&args, cli.device, progress),
+        Command::Guidance(args) => run_guidance(&args, cli.device, progress),
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {
@@ -836,6 +863,11 @@ impl SampleArgs {
                 "sample.batch_size",
                 self.batch_size.map(int),
             ),
+            (
+                "--guidance",
+                "sample.guidance",
+                self.guidance.map(Value::from),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -858,6 +890,9 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
     if args.no_grid && args.each.is_none() {
         bail!("--no-grid without --each writes nothing: give --each DIR");
     }
+    if args.guidance.is_some() && args.class.is_none() {
+        bail!("--guidance weighs a class against no class: give --class too");
+    }
     let device = device.resolve()?;
     let given = args.given()?;
     let opts = SampleOptions {
@@ -868,9 +903,10 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         columns: args.columns,
         out: (!args.no_grid).then(|| args.out.clone()),
         each: args.each.clone(),
+        classes: args.class.clone(),
     };
     let mut bar = Bar::new(progress);
-    generate::run(
+    let sampled = generate::run(
         &args.checkpoint,
         overrides(&given),
         "the command line",
@@ -891,13 +927,16 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         DdpmError::OutOfMemory { key: "n", .. } => {
             anyhow::anyhow!("{}", e.to_string().replacen("lower n", "lower --n", 1))
         }
+        DdpmError::NotConditional { .. } | DdpmError::UnknownClass { .. } => {
+            anyhow::anyhow!("--class: {e}")
+        }
         e => name_the_flag(e, &given),
     })?;
     if !args.no_grid {
         println!("wrote {}", args.out.display());
     }
     if let Some(dir) = &args.each {
-        println!("wrote {} images to {}", args.n, dir.display());
+        println!("wrote {} images to {}", sampled.count, dir.display());
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! never a panic trace.
 
 mod cli;
+mod guidance;
 mod progress;
 mod quality;
 mod score;
