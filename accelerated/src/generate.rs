@@ -191,8 +191,7 @@ pub fn generate_each_class<M: NoisePredictor + ConditionalPredictor + ?Sized>(
     }
     let w = cfg.sample.guidance;
     // Guidance runs the network on the doubled batch [x; x].
-    let per_sample = model
-        .bytes_per_sample()
+    let per_sample = ConditionalPredictor::bytes_per_sample(model)
         .and_then(|b| b.checked_mul(if w == 0.0 { 1 } else { 2 }));
     draw(
         per_sample,

@@ -653,6 +653,14 @@ impl crate::guidance::ConditionalPredictor for UNet {
     fn classes(&self) -> usize {
         self.class_count()
     }
+
+    fn check_input(&self, shape: &[i64]) -> Result<()> {
+        self.check_shape(shape)
+    }
+
+    fn bytes_per_sample(&self) -> Option<u64> {
+        crate::memory::sampling_bytes_per_image(&self.cfg)
+    }
 }
 
 /// Number of scalar parameters in a variable store.
