@@ -6,6 +6,8 @@
 pub mod bound;
 /// The error type and `Result` alias.
 pub mod error;
+/// DDIM inversion (η = 0): x_0 → x_T along the strided list, upwards.
+pub mod invert;
 /// One LAMB optimiser step on an f64 array.
 pub mod lamb;
 /// Losses (7) and (8), unweighted and weighted, and the constant between them.
