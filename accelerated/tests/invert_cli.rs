@@ -257,7 +257,15 @@ fn interpolate_writes_a_row_of_frames_from_seeds_latents_or_images() {
     );
     fails(
         &mut interpolate(&setup.path("x.png"), &[], &[]),
-        2,
-        &["--seeds"],
+        1,
+        &["--seeds A B"],
     );
+    fails(
+        &mut interpolate(&setup.path("x.png"), &["--seeds", "1", "x"], &[]),
+        1,
+        &["'x' for '--seeds'", "not a whole number"],
+    );
+    let mut none = ddpm();
+    none.args(["invert", "--checkpoint"]).arg(&run);
+    fails(&mut none, 1, &["--images"]);
 }

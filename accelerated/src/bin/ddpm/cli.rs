@@ -924,8 +924,9 @@ pub struct InvertArgs {
     /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
     #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
     pub checkpoint: PathBuf,
-    /// Image files (PNG/JPEG) or directories of them, exactly the model's size and channels.
-    #[arg(long, required = true, num_args = 1.., value_name = "DIR|FILE")]
+    /// Image files (PNG/JPEG) or directories of them, exactly the model's size and channels
+    /// (required; checked when run, so that the parser tests can parse every other flag alone).
+    #[arg(long, num_args = 1.., value_name = "DIR|FILE")]
     pub images: Vec<PathBuf>,
     /// DDIM steps (the strided list `ddpm sample --steps N --eta 0` walks, run upwards).
     #[arg(long, default_value_t = 50, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
@@ -943,14 +944,14 @@ pub struct InvertArgs {
 
 /// `ddpm interpolate`.
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("ends").required(true).args(["seeds", "latents", "images"]))]
+#[command(group = clap::ArgGroup::new("ends").args(["seeds", "latents", "images"]))]
 pub struct InterpolateArgs {
     /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
     #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
     pub checkpoint: PathBuf,
-    /// The two ends as seeds of x_T ~ N(0, I).
-    #[arg(long, num_args = 2, value_names = ["A", "B"], allow_negative_numbers = true, value_parser = whole::<i64>)]
-    pub seeds: Vec<i64>,
+    /// The two ends as seeds of x_T ~ N(0, I) (whole numbers, read when run).
+    #[arg(long, num_args = 2, value_names = ["A", "B"], allow_negative_numbers = true)]
+    pub seeds: Vec<String>,
     /// The two ends as latents files (the first latent of each).
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     pub latents: Vec<PathBuf>,
@@ -991,6 +992,9 @@ fn name_flags(e: DdpmError, flags: &[(&'static str, &'static str)]) -> anyhow::E
 }
 
 fn run_invert(args: &InvertArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
+    if args.images.is_empty() {
+        bail!("give the images to invert: --images DIR|FILE…");
+    }
     let device = device.resolve()?;
     let mut table = toml::Table::new();
     if let Some(b) = args.batch_size {
@@ -1081,15 +1085,22 @@ fn run_interpolate(
     use ddpm::interpolate::{Endpoint, InterpolateOptions};
     let device = device.resolve()?;
     let ends: Vec<Endpoint> = if !args.seeds.is_empty() {
-        args.seeds.iter().map(|&s| Endpoint::Seed(s)).collect()
+        let seed = |s: &String| {
+            whole::<i64>(s)
+                .map(Endpoint::Seed)
+                .map_err(|e| anyhow::anyhow!("invalid value '{s}' for '--seeds': {e}"))
+        };
+        args.seeds.iter().map(seed).collect::<anyhow::Result<_>>()?
     } else if !args.latents.is_empty() {
         args.latents
             .iter()
             .cloned()
             .map(Endpoint::Latents)
             .collect()
-    } else {
+    } else if !args.images.is_empty() {
         args.images.iter().cloned().map(Endpoint::Image).collect()
+    } else {
+        bail!("give the two ends: --seeds A B, --latents A B or --images A B");
     };
     let [a, b]: [Endpoint; 2] = ends
         .try_into()
