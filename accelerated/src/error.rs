@@ -226,6 +226,15 @@ pub enum DdpmError {
         /// The model's class names, in index order.
         names: Vec<String>,
     },
+    /// A latents file (`ddpm invert`'s output, `ddpm sample --latents`' input) that cannot be
+    /// read or holds no usable latents; wrong shapes are [`DdpmError::ShapeMismatch`].
+    #[error("latents file {}: {reason}", path.display())]
+    Latents {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// libtorch's message up to its C++ stack trace (`frame #0: …`, `Exception raised from …`).

@@ -29,6 +29,8 @@ pub mod eval;
 pub mod fsio;
 pub mod generate;
 pub mod grid;
+pub mod interpolate;
+pub mod invert;
 pub mod memory;
 pub mod metrics;
 pub mod plot;

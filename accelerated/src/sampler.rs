@@ -346,7 +346,20 @@ impl Sampler {
         device: Device,
         on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
-        self.run(model, shape, (Kind::Float, device), on_step)
+        self.run(model, shape, (Kind::Float, device), None, on_step)
+    }
+
+    /// [`Sampler::sample_with`] from the given x_T [B, …] (e.g. latents from DDIM inversion,
+    /// `crate::invert`) in place of fresh noise; the noise z of the steps that add some is
+    /// still drawn from libtorch's generator. Runs in Float on x_T's device.
+    pub fn sample_from<M: NoisePredictor + ?Sized>(
+        &self,
+        model: &M,
+        x_t: &Tensor,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let opts = (Kind::Float, x_t.device());
+        self.run(model, &x_t.size(), opts, Some(x_t), on_step)
     }
 
     /// The loop with x of `opts`' kind on its device (f32 for sampling; f64 lets the unit tests
@@ -356,6 +369,7 @@ impl Sampler {
         model: &M,
         shape: &[i64],
         opts: (Kind, Device),
+        start: Option<&Tensor>,
         mut on_step: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
         model.check_input(shape)?;
@@ -372,7 +386,10 @@ impl Sampler {
         let (kind, device) = opts;
         let b = shape[0];
         tch::no_grad(|| {
-            let mut x = Tensor::f_randn(shape, opts)?;
+            let mut x = match start {
+                Some(x) => x.f_to_kind(kind)?,
+                None => Tensor::f_randn(shape, opts)?,
+            };
             let total = self.pairs.len();
             for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
                 let t_vec = Tensor::f_full([b], t, (Kind::Int64, device))?;
@@ -655,7 +672,7 @@ mod tests {
                     bf16: true,
                 };
                 let sampler = Sampler::new(&s, cfg).unwrap();
-                let fast = sampler.run(&model, &shape, opts, |_, _| {}).unwrap();
+                let fast = sampler.run(&model, &shape, opts, None, |_, _| {}).unwrap();
                 tch::manual_seed(40 + i as i64);
                 let mut x = Tensor::randn(shape, opts);
                 for (j, &(t, t_prev)) in sampler.steps().iter().enumerate() {

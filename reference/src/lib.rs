@@ -8,6 +8,8 @@ pub mod bound;
 pub mod error;
 /// Classifier-free guidance: the combination and the guided oracle of a labelled law.
 pub mod guidance;
+/// DDIM inversion (η = 0): x_0 → x_T along the strided list, upwards.
+pub mod invert;
 /// One LAMB optimiser step on an f64 array.
 pub mod lamb;
 /// Losses (7) and (8), unweighted and weighted, and the constant between them.

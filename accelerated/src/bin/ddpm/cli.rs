@@ -63,6 +63,12 @@ pub enum Command {
     /// Class accuracy and FD-MNIST of a conditional mnist run for each classifier-free
     /// guidance weight (default 0, 0.5, 1, 2, 4 at 100 steps), a grid per weight.
     Guidance(GuidanceArgs),
+    /// Invert real images to their DDIM (η = 0) latents x_T, written as safetensors; `ddpm
+    /// sample --latents FILE` decodes them back.
+    Invert(InvertArgs),
+    /// Slerp between two latents (two seeds, two latents files or two inverted images),
+    /// decoded with DDIM (η = 0) as one row of frames.
+    Interpolate(InterpolateArgs),
 }
 
 /// Where to run: `Auto` takes CUDA device 0 when libtorch sees one, the CPU otherwise.
@@ -547,6 +553,11 @@ pub struct SampleArgs {
     /// [default: the run's sample.guidance, 0].
     #[arg(long, value_name = "W", allow_hyphen_values = true, value_parser = finite)]
     pub guidance: Option<f64>,
+    /// Decode these latents (`ddpm invert`'s safetensors) instead of fresh noise, one image
+    /// each; unless given, --eta 0, the file's --steps and no --clip-each-step (the walk that
+    /// returns the inverted images).
+    #[arg(long, value_name = "FILE", conflicts_with = "n")]
+    pub latents: Option<PathBuf>,
 }
 
 /// `ddpm eval`.
@@ -590,6 +601,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quality(args) => run_quality(&args, cli.device, progress),
         Command::Score(args) => run_score(&args, cli.device, progress),
         Command::Guidance(args) => run_guidance(&args, cli.device, progress),
+        Command::Invert(args) => run_invert(&args, cli.device, progress),
+        Command::Interpolate(args) => run_interpolate(&args, cli.device, progress),
         Command::Eval(args) => {
             let device = cli.device.resolve()?;
             let opts = EvalOptions {
@@ -877,6 +890,9 @@ impl SampleArgs {
 }
 
 fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
+    if let Some(file) = &args.latents {
+        return run_sample_latents(args, file, device, progress);
+    }
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
@@ -938,6 +954,232 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
     if let Some(dir) = &args.each {
         println!("wrote {} images to {}", sampled.count, dir.display());
     }
+    Ok(())
+}
+
+/// `ddpm invert`.
+#[derive(Debug, Args)]
+pub struct InvertArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Image files (PNG/JPEG) or directories of them, exactly the model's size and channels
+    /// (required; checked when run, so that the parser tests can parse every other flag alone).
+    #[arg(long, num_args = 1.., value_name = "DIR|FILE")]
+    pub images: Vec<PathBuf>,
+    /// DDIM steps (the strided list `ddpm sample --steps N --eta 0` walks, run upwards).
+    #[arg(long, default_value_t = 50, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
+    pub steps: usize,
+    /// The latents file to write (safetensors; the settings in its metadata).
+    #[arg(long, default_value = "latents.safetensors", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Use the raw weights instead of their EMA.
+    #[arg(long)]
+    pub raw: bool,
+    /// Images inverted at once [default: the run's sample.batch_size, else 64].
+    #[arg(long, value_name = "B", allow_negative_numbers = true, value_parser = whole::<usize>)]
+    pub batch_size: Option<usize>,
+}
+
+/// `ddpm interpolate`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("ends").args(["seeds", "latents", "images"]))]
+pub struct InterpolateArgs {
+    /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
+    #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// The two ends as seeds of x_T ~ N(0, I) (whole numbers, read when run).
+    #[arg(long, num_args = 2, value_names = ["A", "B"], allow_negative_numbers = true)]
+    pub seeds: Vec<String>,
+    /// The two ends as latents files (the first latent of each).
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub latents: Vec<PathBuf>,
+    /// The two ends as images, inverted first.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub images: Vec<PathBuf>,
+    /// Frames, the two ends included.
+    #[arg(long, default_value_t = 8, value_name = "K", allow_negative_numbers = true, value_parser = whole::<usize>)]
+    pub frames: usize,
+    /// DDIM steps of the decoding (and of the inversion of --images).
+    #[arg(long, default_value_t = 50, value_name = "N", allow_negative_numbers = true, value_parser = whole::<usize>)]
+    pub steps: usize,
+    /// The PNG row of frames.
+    #[arg(long, default_value = "interpolation.png", value_name = "FILE")]
+    pub out: PathBuf,
+    /// Use the raw weights instead of their EMA.
+    #[arg(long)]
+    pub raw: bool,
+    /// Scale the row up S times, nearest neighbour [default: the run's sample.grid_scale].
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
+    pub grid_scale: Option<u64>,
+}
+
+/// A library error of invert/interpolate/`sample --latents` with the flag of the setting or
+/// argument it names: `flags` maps config keys and argument names to flags.
+fn name_flags(e: DdpmError, flags: &[(&'static str, &'static str)]) -> anyhow::Error {
+    let key = match &e {
+        DdpmError::OutOfRange { key, .. } | DdpmError::OutOfMemory { key, .. } => *key,
+        _ => return name_the_flag(e, &[]),
+    };
+    match flags.iter().find(|(k, _)| *k == key) {
+        Some((_, flag)) => anyhow::anyhow!(
+            "{}",
+            e.to_string().replacen(key, &format!("{key} ({flag})"), 1)
+        ),
+        None => name_the_flag(e, &[]),
+    }
+}
+
+fn run_invert(args: &InvertArgs, device: DeviceArg, progress: bool) -> anyhow::Result<()> {
+    if args.images.is_empty() {
+        bail!("give the images to invert: --images DIR|FILE…");
+    }
+    let device = device.resolve()?;
+    let mut table = toml::Table::new();
+    if let Some(b) = args.batch_size {
+        config::set_key(&mut table, "sample.batch_size", int(b));
+    }
+    let opts = ddpm::invert::InvertOptions {
+        images: args.images.clone(),
+        steps: args.steps,
+        weights: if args.raw { Weights::Raw } else { Weights::Ema },
+        out: args.out.clone(),
+    };
+    let mut bar = Bar::new(progress);
+    let done = ddpm::invert::run(
+        &args.checkpoint,
+        table,
+        "the command line",
+        &opts,
+        device,
+        &mut bar,
+    )
+    .map_err(|e| {
+        name_flags(
+            e,
+            &[("steps", "--steps"), ("sample.batch_size", "--batch-size")],
+        )
+    })?;
+    println!(
+        "wrote the latents of {} images to {} ({} DDIM steps, checkpoint {})",
+        done.images.len(),
+        args.out.display(),
+        args.steps,
+        done.checkpoint.display()
+    );
+    Ok(())
+}
+
+/// `ddpm sample --latents FILE`.
+fn run_sample_latents(
+    args: &SampleArgs,
+    file: &Path,
+    device: DeviceArg,
+    progress: bool,
+) -> anyhow::Result<()> {
+    if args.no_grid && args.each.is_none() {
+        bail!("--no-grid without --each writes nothing: give --each DIR");
+    }
+    if args.class.is_some() || args.guidance.is_some() {
+        bail!("--latents decodes with no class: --class and --guidance do not go with it");
+    }
+    let device = device.resolve()?;
+    let given = args.given()?;
+    let opts = SampleOptions {
+        n: 1,
+        classes: None,
+        seed: args.seed,
+        bf16: args.bf16,
+        weights: if args.raw { Weights::Raw } else { Weights::Ema },
+        columns: args.columns,
+        out: (!args.no_grid).then(|| args.out.clone()),
+        each: args.each.clone(),
+    };
+    let mut bar = Bar::new(progress);
+    let done = ddpm::invert::run_decode(
+        &args.checkpoint,
+        file,
+        overrides(&given),
+        "the command line",
+        &opts,
+        device,
+        &mut bar,
+    )
+    .map_err(|e| name_the_flag(e, &given))?;
+    if !args.no_grid {
+        println!(
+            "wrote {} ({} images from {})",
+            args.out.display(),
+            done.count,
+            file.display()
+        );
+    }
+    if let Some(dir) = &args.each {
+        println!("wrote {} images to {}", done.count, dir.display());
+    }
+    Ok(())
+}
+
+fn run_interpolate(
+    args: &InterpolateArgs,
+    device: DeviceArg,
+    progress: bool,
+) -> anyhow::Result<()> {
+    use ddpm::interpolate::{Endpoint, InterpolateOptions};
+    let device = device.resolve()?;
+    let ends: Vec<Endpoint> = if !args.seeds.is_empty() {
+        let seed = |s: &String| {
+            whole::<i64>(s)
+                .map(Endpoint::Seed)
+                .map_err(|e| anyhow::anyhow!("invalid value '{s}' for '--seeds': {e}"))
+        };
+        args.seeds.iter().map(seed).collect::<anyhow::Result<_>>()?
+    } else if !args.latents.is_empty() {
+        args.latents
+            .iter()
+            .cloned()
+            .map(Endpoint::Latents)
+            .collect()
+    } else if !args.images.is_empty() {
+        args.images.iter().cloned().map(Endpoint::Image).collect()
+    } else {
+        bail!("give the two ends: --seeds A B, --latents A B or --images A B");
+    };
+    let [a, b]: [Endpoint; 2] = ends
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("give exactly two ends"))?;
+    let mut table = toml::Table::new();
+    if let Some(s) = args.grid_scale {
+        config::set_key(&mut table, "sample.grid_scale", int(s));
+    }
+    let opts = InterpolateOptions {
+        ends: [a, b],
+        frames: args.frames,
+        steps: args.steps,
+        weights: if args.raw { Weights::Raw } else { Weights::Ema },
+        out: args.out.clone(),
+    };
+    let mut bar = Bar::new(progress);
+    let _frames = ddpm::interpolate::run(
+        &args.checkpoint,
+        table,
+        "the command line",
+        &opts,
+        device,
+        &mut bar,
+    )
+    .map_err(|e| {
+        name_flags(
+            e,
+            &[
+                ("frames", "--frames"),
+                ("steps", "--steps"),
+                ("sample.steps", "--steps"),
+                ("sample.grid_scale", "--grid-scale"),
+            ],
+        )
+    })?;
+    println!("wrote {} ({} frames)", args.out.display(), args.frames);
     Ok(())
 }
 
