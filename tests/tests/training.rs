@@ -10,13 +10,16 @@
 //! 3. A short run of the real loop on a Gaussian mixture lowers the excess loss over the
 //!    oracle's minimum, and its ε̂ approaches the exact oracle's in every t bucket.
 //! 4. The training grids are drawn with the weights asked for (`sample.ema`).
+//! 5. A short conditional run with label dropout approaches both the conditional and the
+//!    unconditional oracle of a labelled mixture (issue 17).
 
 use ddpm::checkpoint::{build_model, load_model, Weights};
 use ddpm::config::{Config, DataSource, LossWeight};
 use ddpm::data::loader::Batch;
 use ddpm::data::mixture::GaussianMixture;
 use ddpm::data::Dataset;
-use ddpm::oracle::DataLaw;
+use ddpm::guidance::ConditionalPredictor;
+use ddpm::oracle::{DataLaw, LabelledLaw, LabelledOracle};
 use ddpm::progress::Silent;
 use ddpm::sampler::{NoisePredictor, Sampler};
 use ddpm::schedule::{Schedule, ScheduleKind};
@@ -646,5 +649,161 @@ fn a_short_run_on_a_mixture_approaches_the_oracle_at_every_t() {
     assert!(
         e0 > 0.0 && e1 <= 0.05 * e0,
         "excess loss {e1} trained, {e0} untrained: not below 5%"
+    );
+}
+
+/// Mean squared distances of item 5 in one bucket of t, per draw of the labelled law:
+/// ‖ε̂(x_t, y) − E[ε|x_t, y]‖², ‖ε̂(x_t, ∅) − E[ε|x_t]‖² and, for scale, the gap between the
+/// two oracles ‖E[ε|x_t, y] − E[ε|x_t]‖² (what a network that ignored its label would miss).
+#[derive(Debug)]
+struct ClassBucket {
+    to_conditional: f64,
+    to_unconditional: f64,
+    oracle_gap: f64,
+    cond_to_unconditional: f64,
+    uncond_to_conditional: f64,
+}
+
+fn against_both_oracles(
+    net: &dyn ConditionalPredictor,
+    oracle: &LabelledOracle,
+    schedule: &Schedule,
+    buckets: &[(i64, i64)],
+    n: i64,
+    seed: i64,
+) -> Vec<ClassBucket> {
+    tch::no_grad(|| {
+        tch::manual_seed(seed);
+        let none = Tensor::full([n], oracle.classes() as i64, (Kind::Int64, Device::Cpu));
+        buckets
+            .iter()
+            .map(|&(lo, hi)| {
+                let (x0, y) = oracle.law().sample(n, Kind::Float, Device::Cpu).unwrap();
+                let t = Tensor::randint_low(lo, hi + 1, [n], (Kind::Int64, Device::Cpu));
+                let x_t =
+                    ddpm::marginal::marginal_sample(schedule, &x0, &t, &x0.randn_like()).unwrap();
+                let image = x_t.view([n, 1, 8, 8]);
+                let flat = |e: Tensor| e.view([n, -1]);
+                let cond = oracle.predict_class(&x_t, &t, &y).unwrap();
+                let uncond = oracle.predict_class(&x_t, &t, &none).unwrap();
+                let hat_c = flat(net.predict_class(&image, &t, &y).unwrap());
+                let hat_u = flat(net.predict_class(&image, &t, &none).unwrap());
+                let msq = |a: &Tensor| a.square().sum(Kind::Double).double_value(&[]) / n as f64;
+                ClassBucket {
+                    to_conditional: msq(&(&hat_c - &cond)),
+                    to_unconditional: msq(&(&hat_u - &uncond)),
+                    oracle_gap: msq(&(&cond - &uncond)),
+                    cond_to_unconditional: msq(&(&hat_c - &uncond)),
+                    uncond_to_conditional: msq(&(&hat_u - &cond)),
+                }
+            })
+            .collect()
+    })
+}
+
+/// Item 5 (issue 17): a short conditional product run (`train_on` with `train.conditional`,
+/// the loader's label dropout at 0.5 so that the ∅ branch sees as many examples as the
+/// labelled one) on 4096 labelled draws (seed 9) of two overlapping classes in d = 64:
+/// N(±0.3 · square, (1 − 0.3²) I), weights 0.6 : 0.4 (second moment 1 per pixel, as item 3),
+/// with item 3's tiny U-Net (plus its class embedding), schedule and batch, 2000 updates. One
+/// network must hold two oracles: with a label, E[ε | x_t, y], that class's single Gaussian's;
+/// with ∅, E[ε | x_t], the mixture's. Held to both on 512 fresh draws per bucket (seed 77),
+/// against the same network untrained.
+///
+/// Measured (this 2-core CPU, one libtorch thread, ~15 s of training; run seeds 5, 6, 7):
+/// mean ‖ε̂ − oracle‖² per bucket untrained 117–211, trained ≤ 0.6 (each ≤ 0.5 % of
+/// untrained); pooled over the four buckets, the labelled branch's distance to E[ε|x, y] is
+/// 1.34, 1.09, 1.06, the ∅ branch's to the same oracle 2.07, 1.88, 2.09 (ratio 0.51–0.65):
+/// the network uses its label. Bounds: each bucket, both distances ≤ 0.05 × untrained; pooled,
+/// labelled ≤ 0.8 × ∅ to the conditional oracle (a network that ignored its label has ratio
+/// 1). Not asserted: that the ∅ branch is nearer E[ε|x] than the labelled one is — the two
+/// oracles differ by only 0.54 pooled here, and the ∅ branch's remaining error (1.34–1.51)
+/// does not yet resolve that in 2000 updates (seed 7: 1.51 against 1.44).
+#[test]
+fn a_short_conditional_run_approaches_both_oracles() {
+    let _rng = rng_lock();
+    single_thread();
+    const T: i64 = 50;
+    let steps = std::env::var("DDPM_TRAINING_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let mut cfg = tiny(ScheduleKind::Cosine, T, steps);
+    cfg.train.batch_size = 16;
+    cfg.train.warmup_steps = 20;
+    cfg.train.lr = 5e-3;
+    cfg.train.lr_decay = vec![ddpm::config::LrPoint {
+        step: steps,
+        factor: 0.1,
+    }];
+    cfg.train.seed = 5;
+    cfg.train.conditional = true;
+    cfg.train.label_dropout = 0.5;
+    let amp = 0.3;
+    let square: Vec<f64> = (0..64)
+        .map(|i| {
+            let (r, c) = (i / 8, i % 8);
+            if (2..6).contains(&r) && (2..6).contains(&c) {
+                amp
+            } else {
+                -amp
+            }
+        })
+        .collect();
+    let means: Vec<f64> = square
+        .iter()
+        .copied()
+        .chain(square.iter().map(|v| -v))
+        .collect();
+    let s = (1.0 - amp * amp).sqrt();
+    let law = LabelledLaw::mixture(
+        &Tensor::from_slice(&[0.6, 0.4]),
+        &Tensor::from_slice(&means).view([2, 64]),
+        &Tensor::from_slice(&[s, s]),
+        &Tensor::from_slice(&[0i64, 1]),
+        2,
+    )
+    .unwrap();
+    let schedule = Schedule::new(cfg.diffusion.schedule, T, Device::Cpu).unwrap();
+    let oracle = LabelledOracle::new(law.clone(), &schedule);
+    tch::manual_seed(9);
+    let (x, y) = law.sample(4096, Kind::Float, Device::Cpu).unwrap();
+    let labels = Vec::<i64>::try_from(&y).unwrap();
+    let data = Dataset::from_values(x.view([4096, 1, 8, 8]), "labelled two-square mixture")
+        .unwrap()
+        .with_labels(&labels, vec!["square".into(), "negative".into()])
+        .unwrap();
+    let buckets = [(1, 12), (13, 25), (26, 37), (38, 50)];
+    let mut conditional = cfg.clone();
+    conditional.model.classes = 2;
+    let (_, untrained) = build_model(&conditional, Device::Cpu, cfg.train.seed).unwrap();
+    let before = against_both_oracles(&untrained, &oracle, &schedule, &buckets, 512, 77);
+
+    let dir = scratch("conditional");
+    let summary = train_on(&cfg, data, &opts(dir.clone()), None, &mut Silent).unwrap();
+    assert_eq!(summary.steps, steps);
+    let trained = load_model(&summary.checkpoint, Device::Cpu, Weights::Raw).unwrap();
+    let after = against_both_oracles(&trained.net, &oracle, &schedule, &buckets, 512, 77);
+    let _ = std::fs::remove_dir_all(&dir);
+    for ((range, b), a) in buckets.iter().zip(&before).zip(&after) {
+        eprintln!("  t in {range:?}: untrained {b:?}\n                 trained   {a:?}");
+        assert!(
+            a.to_conditional <= 0.05 * b.to_conditional
+                && a.to_unconditional <= 0.05 * b.to_unconditional,
+            "t in {range:?}: trained {a:?}, untrained {b:?}: not below 5%"
+        );
+    }
+    let pooled = |f: fn(&ClassBucket) -> f64| after.iter().map(f).sum::<f64>();
+    let gap = pooled(|b| b.oracle_gap);
+    let (c, u) = (pooled(|b| b.to_conditional), pooled(|b| b.to_unconditional));
+    let (cu, uc) = (
+        pooled(|b| b.cond_to_unconditional),
+        pooled(|b| b.uncond_to_conditional),
+    );
+    eprintln!("pooled: to E[ε|x,y] {c} (with ∅ {uc}), to E[ε|x] {u} (with the label {cu}), oracle gap {gap}");
+    assert!(
+        c <= 0.8 * uc,
+        "pooled distance to E[ε|x, y] with the label {c}, with ∅ {uc}: the label does not \
+         bring the network nearer the conditional oracle"
     );
 }
