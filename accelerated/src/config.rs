@@ -152,6 +152,10 @@ pub struct TrainConfig {
     /// Redraw `loss.png` (the loss curve, beside `metrics.jsonl`) at every log interval.
     #[serde(default = "yes")]
     pub plot_loss: bool,
+    /// Data-parallel training (docs/distributed.md): seconds a rank waits for the others, to
+    /// join and at every step, before it stops with an error naming them; absent = 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed_timeout_s: Option<u64>,
 }
 
 /// The sampling section.
@@ -248,6 +252,7 @@ impl Config {
                 skip_nonfinite: false,
                 grid_steps: Some(100),
                 plot_loss: true,
+                distributed_timeout_s: None,
             },
             sample: SampleConfig {
                 sigma: SigmaChoice::Beta,
@@ -475,6 +480,7 @@ impl Config {
             flat.remove("train.steps");
             flat.remove("train.lr_decay");
             flat.remove("data.path");
+            flat.remove("train.distributed_timeout_s");
             Ok(flat)
         };
         let (a, b) = (flat(self)?, flat(saved)?);
@@ -541,6 +547,10 @@ impl Config {
             ("train.keep_last", t.keep_last as u64),
             ("sample.n", s.n as u64),
             ("sample.batch_size", s.batch_size.map_or(1, |b| b as u64)),
+            (
+                "train.distributed_timeout_s",
+                t.distributed_timeout_s.unwrap_or(1),
+            ),
         ] {
             if v == 0 {
                 return out_of_range(key, "0".into(), "at least 1".into());
