@@ -17,22 +17,60 @@ use std::time::{Duration, Instant};
 pub type Test = (&'static str, fn());
 
 /// The executable's `main`: with `role` set in the environment, runs `rank` with its value (a
-/// rank process) and exits; otherwise runs the tests whose names contain every free argument
-/// (all without one), one after the other, as `test NAME ... ok` / `FAILED`, and returns a
-/// failing exit code if one failed. `--list` lists them; other flags (`--include-ignored`, `--nocapture`, …) are
-/// accepted and change nothing: there is nothing ignored to include.
+/// rank process); otherwise runs the tests chosen by libtest's arguments, one after the other,
+/// as `test NAME ... ok` / `FAILED` and libtest's `test result:` line, and returns a failing
+/// exit code if one failed. Understood: name filters (substrings; `--exact`: whole names),
+/// `--skip NAME`, `--list`, and `--ignored` (runs none: nothing here is ignored);
+/// `--include-ignored`, `--nocapture` and the other flags change nothing.
 pub fn main(role: &str, rank: fn(&str), tests: &[Test]) -> ExitCode {
     if let Ok(value) = std::env::var(role) {
         rank(&value);
         return ExitCode::SUCCESS;
     }
+    // libtest's options that take a value as the next argument.
+    const VALUED: [&str; 7] = [
+        "--test-threads",
+        "--skip",
+        "--format",
+        "--color",
+        "--logfile",
+        "--shuffle-seed",
+        "-Z",
+    ];
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if VALUED.contains(&a.as_str()) {
+            if a == "--skip" {
+                skips.extend(args.get(i + 1).cloned());
+            }
+            i += 2;
+            continue;
+        }
+        if !a.starts_with('-') {
+            filters.push(a.clone());
+        }
+        i += 1;
+    }
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let exact = flag("--exact");
     let chosen: Vec<&Test> = tests
         .iter()
-        .filter(|(name, _)| filters.iter().all(|f| name.contains(f.as_str())))
+        .filter(|(name, _)| {
+            let hit = |f: &String| {
+                if exact {
+                    name == f
+                } else {
+                    name.contains(f.as_str())
+                }
+            };
+            (filters.is_empty() || filters.iter().any(hit)) && !skips.iter().any(hit)
+        })
+        .filter(|_| !flag("--ignored"))
         .collect();
-    if args.iter().any(|a| a == "--list") {
+    if flag("--list") {
         for (name, _) in &chosen {
             println!("{name}: test");
         }
@@ -53,17 +91,20 @@ pub fn main(role: &str, rank: fn(&str), tests: &[Test]) -> ExitCode {
             failed.push(*name);
         }
     }
+    if !failed.is_empty() {
+        println!("\nfailures:\n    {}", failed.join("\n    "));
+    }
     println!(
-        "\ntest result: {}. {} passed; {} failed; finished in {:.1} s",
+        "\ntest result: {}. {} passed; {} failed; 0 ignored; 0 measured; {} filtered out; finished in {:.2}s\n",
         if failed.is_empty() { "ok" } else { "FAILED" },
         chosen.len() - failed.len(),
         failed.len(),
+        tests.len() - chosen.len(),
         start.elapsed().as_secs_f64()
     );
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
-        println!("failures: {}", failed.join(", "));
         ExitCode::from(101)
     }
 }
