@@ -168,6 +168,10 @@ pub struct TrainConfig {
         skip_serializing_if = "is_default_label_dropout"
     )]
     pub label_dropout: f64,
+    /// Data-parallel training (docs/distributed.md): seconds a rank waits for the others, to
+    /// join and at every step, before it stops with an error naming them; absent = 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed_timeout_s: Option<u64>,
 }
 
 /// `train.label_dropout` when a file does not set it (Ho & Salimans' 0.1).
@@ -290,6 +294,7 @@ impl Config {
                 plot_loss: true,
                 conditional: false,
                 label_dropout: DEFAULT_LABEL_DROPOUT,
+                distributed_timeout_s: None,
             },
             sample: SampleConfig {
                 sigma: SigmaChoice::Beta,
@@ -522,6 +527,7 @@ impl Config {
             // Taken from the data (held to the checkpoint's fingerprint), not given.
             flat.remove("model.classes");
             flat.remove("data.class_names");
+            flat.remove("train.distributed_timeout_s");
             Ok(flat)
         };
         let (a, b) = (flat(self)?, flat(saved)?);
@@ -588,6 +594,10 @@ impl Config {
             ("train.keep_last", t.keep_last as u64),
             ("sample.n", s.n as u64),
             ("sample.batch_size", s.batch_size.map_or(1, |b| b as u64)),
+            (
+                "train.distributed_timeout_s",
+                t.distributed_timeout_s.unwrap_or(1),
+            ),
         ] {
             if v == 0 {
                 return out_of_range(key, "0".into(), "at least 1".into());

@@ -23,6 +23,10 @@ pub fn backends() -> &'static [&'static str] {
     }
 }
 
+/// The default of `train.distributed_timeout_s`: how long a rank waits for the others (to
+/// join, and at every collective) before it gives up with an error naming them.
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+
 /// Where this process sits in a torchrun launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
@@ -32,6 +36,13 @@ pub struct Launch {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// torchrun's agent already serves the TCPStore at MASTER_ADDR:MASTER_PORT
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`): every rank, rank 0 too, joins it as a client.
+    /// Otherwise (the variables set by hand) rank 0 serves it.
+    pub agent_store: bool,
+    /// `TORCHELASTIC_RESTART_COUNT` (0 when unset): the group's keys in the store are kept
+    /// apart per restart.
+    pub restart: u64,
 }
 
 const VARS: [&str; 5] = [
@@ -100,12 +111,18 @@ impl Launch {
                 reason: "empty".into(),
             });
         }
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True");
+        let restart = get("TORCHELASTIC_RESTART_COUNT")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         Ok(Some(Launch {
             rank,
             world_size,
             local_rank,
             master_addr,
             master_port,
+            agent_store,
+            restart,
         }))
     }
 }
@@ -116,6 +133,7 @@ impl Launch {
 pub struct ProcessGroup {
     rank: usize,
     world_size: usize,
+    timeout: Duration,
     #[cfg(feature = "distributed")]
     inner: ddpm_c10d::ProcessGroup,
 }
@@ -138,6 +156,8 @@ impl ProcessGroup {
                 world_size: launch.world_size,
                 timeout,
                 gloo_host: loopback.then(|| launch.master_addr.clone()),
+                serve_store: !launch.agent_store,
+                store_prefix: format!("ddpm/{}/", launch.restart),
             };
             let inner =
                 ddpm_c10d::ProcessGroup::gloo(&config).map_err(|e| DdpmError::Distributed {
@@ -149,6 +169,7 @@ impl ProcessGroup {
             Ok(ProcessGroup {
                 rank: launch.rank,
                 world_size: launch.world_size,
+                timeout,
                 inner,
             })
         }
@@ -170,12 +191,16 @@ impl ProcessGroup {
         self.world_size
     }
 
+    /// A collective that failed: in a group that joined, that is a rank that exited (its
+    /// sockets closed: at once) or did not answer within the timeout; the others are named.
     #[cfg(feature = "distributed")]
     fn error(&self, e: ddpm_c10d::C10dError) -> DdpmError {
-        DdpmError::Distributed {
+        DdpmError::DistributedPeerLost {
             rank: self.rank,
             world_size: self.world_size,
+            peers: others(self.rank, self.world_size),
             op: e.op,
+            timeout_s: self.timeout.as_secs_f64(),
             message: e.message,
         }
     }
@@ -257,6 +282,97 @@ impl ProcessGroup {
     }
 }
 
+/// "rank 1" or "one of ranks 1, 2, 3": the ranks other than `rank`.
+fn others(rank: usize, world_size: usize) -> String {
+    let list: Vec<String> = (0..world_size)
+        .filter(|&r| r != rank)
+        .map(|r| r.to_string())
+        .collect();
+    match list.len() {
+        1 => format!("rank {}", list[0]),
+        _ => format!("one of ranks {}", list.join(", ")),
+    }
+}
+
+impl ProcessGroup {
+    /// Refuses to go on unless every rank holds the same `settings` (the resolved
+    /// configuration and where the run resumes from, as text): rank 0's hash is broadcast,
+    /// every rank compares it with its own, and the ranks that differ are gathered by an
+    /// all-reduce, so that every rank fails, naming them.
+    pub fn check_same_settings(&self, settings: &str) -> Result<()> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(settings.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let mine = i64::from_le_bytes(first);
+        let mut theirs = Tensor::from_slice(&[mine]);
+        self.broadcast_from_0(&mut theirs)?;
+        let differs = i64::try_from(&theirs)? != mine;
+        let mut flags = Tensor::f_zeros([self.world_size as i64], (tch::Kind::Float, Device::Cpu))?;
+        if differs {
+            let _ = flags.f_get(self.rank as i64)?.f_fill_(1.0)?;
+        }
+        self.all_reduce_average(&mut flags)?;
+        let differing: Vec<usize> = Vec::<f32>::try_from(&flags)?
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f > 0.0)
+            .map(|(r, _)| r)
+            .collect();
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(DdpmError::DistributedSettings {
+            rank: self.rank,
+            world_size: self.world_size,
+            differing,
+        })
+    }
+
+    /// Whether any rank asks to stop (a signal reaches the ranks at different steps; they
+    /// must stop after the same one).
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let mut t = Tensor::from_slice(&[f32::from(u8::from(flag))]);
+        self.all_reduce_average(&mut t)?;
+        Ok(f32::try_from(&t)? > 0.0)
+    }
+
+    /// The average of a number over the ranks (NaN if it is NaN anywhere).
+    pub fn average(&self, value: f64) -> Result<f64> {
+        let mut t = Tensor::from_slice(&[value]);
+        self.all_reduce_average(&mut t)?;
+        Ok(f64::try_from(&t)?)
+    }
+}
+
+/// Refuses a global batch that `world_size` ranks cannot share equally
+/// (`OutOfRange { key: "train.batch_size" }`).
+pub fn check_batch_size(batch_size: usize, world_size: usize) -> Result<()> {
+    if world_size == 0 || !batch_size.is_multiple_of(world_size) {
+        return Err(DdpmError::OutOfRange {
+            key: "train.batch_size",
+            value: batch_size.to_string(),
+            expected: format!(
+                "a multiple of the world size {world_size} (the batch is global: each rank takes 1/{world_size} of it)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The progress of a rank other than 0: no bar, no notes (rank 0 reports the run); warnings
+/// pass, prefixed with the rank.
+pub struct RankProgress<'a> {
+    pub rank: usize,
+    pub inner: &'a mut dyn crate::progress::Progress,
+}
+
+impl crate::progress::Progress for RankProgress<'_> {
+    fn warn(&mut self, line: &str) {
+        self.inner.warn(&format!("rank {}: {line}", self.rank));
+    }
+}
+
 /// Rank `rank`'s rows of a global batch of `world_size` equal shards: rows
 /// `[rank·B/N, (rank+1)·B/N)` of x0, t and ε; the step and libtorch seed stay.
 pub fn shard(batch: &Batch, rank: usize, world_size: usize) -> Result<Batch> {
@@ -320,6 +436,8 @@ mod tests {
                 local_rank: 1,
                 master_addr: "127.0.0.1".into(),
                 master_port: 29500,
+                agent_store: false,
+                restart: 0,
             })
         );
     }

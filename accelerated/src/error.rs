@@ -235,6 +235,26 @@ pub enum DdpmError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A collective failed after the group had joined: another rank exited (at once) or did
+    /// not answer within `train.distributed_timeout_s`; the message is libtorch's.
+    #[error("rank {rank} of {world_size}: lost {peers} during {op} (it exited, or did not answer within train.distributed_timeout_s = {timeout_s} s): {message}")]
+    DistributedPeerLost {
+        rank: usize,
+        world_size: usize,
+        /// "rank 1", or "one of ranks 1, 2, 3".
+        peers: String,
+        op: &'static str,
+        timeout_s: f64,
+        message: String,
+    },
+    /// The ranks were started with different settings (a hash of the resolved configuration
+    /// and of the checkpoint resumed from differs from rank 0's).
+    #[error("rank {rank} of {world_size}: rank{} {} started with settings other than rank 0's (the resolved configuration or the checkpoint resumed from differ); start every rank with the same command, files and run directory", if differing.len() == 1 { "" } else { "s" }, differing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "))]
+    DistributedSettings {
+        rank: usize,
+        world_size: usize,
+        differing: Vec<usize>,
+    },
 }
 
 /// libtorch's message up to its C++ stack trace (`frame #0: …`, `Exception raised from …`).

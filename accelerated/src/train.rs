@@ -602,13 +602,40 @@ pub fn train(
     steps: Option<u64>,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary> {
-    if !opts.resume {
+    train_in_group(cfg, opts, steps, progress, None)
+}
+
+/// [`train`] as one rank of a data-parallel run (docs/distributed.md), or alone without a
+/// group. Every rank resolves the same settings (refused otherwise, naming the ranks), trains
+/// on its shard of every global batch and takes the same step; rank 0 alone writes the run
+/// directory (lock, config, metrics, loss curve, checkpoints, grids); the others only read it
+/// (to resume) and report only warnings, prefixed with their rank.
+pub fn train_in_group(
+    cfg: &Config,
+    opts: &TrainOptions,
+    steps: Option<u64>,
+    progress: &mut dyn Progress,
+    group: Option<crate::distributed::ProcessGroup>,
+) -> Result<TrainSummary> {
+    let rank = group.as_ref().map_or(0, |g| g.rank());
+    let mut quiet;
+    let progress: &mut dyn Progress = if rank == 0 {
+        progress
+    } else {
+        quiet = crate::distributed::RankProgress {
+            rank,
+            inner: progress,
+        };
+        &mut quiet
+    };
+    let writer = rank == 0;
+    if !opts.resume && writer {
         // Before the data are read, so an unwritable run directory fails at once.
         create_run_dir(&opts.run_dir)?;
     }
     // Before anything is read or written; a resume of a directory that does not exist
     // fails below as it always did, having written nothing.
-    let lock = if opts.resume && !opts.run_dir.is_dir() {
+    let lock = if !writer || (opts.resume && !opts.run_dir.is_dir()) {
         None
     } else {
         Some(RunLock::acquire(&opts.run_dir)?)
@@ -638,6 +665,11 @@ pub fn train(
         (cfg.clone(), None, cfg.data.path.clone())
     };
     cfg.data.path = cfg.data.path.as_deref().map(crate::data::absolute_path);
+    if let Some(group) = &group {
+        let from = resume_from.as_ref().map_or(0, |c| c.manifest.step);
+        group.check_same_settings(&format!("{}\nresumed from step {from}\n", cfg.to_toml()?))?;
+        crate::distributed::check_batch_size(cfg.train.batch_size, group.world_size())?;
+    }
     let data = crate::data::load_dataset(&cfg)?;
     let fingerprint = data.fingerprint()?;
     if let Some(ckpt) = &resume_from {
@@ -650,11 +682,12 @@ pub fn train(
         fingerprint,
     };
     let lock = match lock {
-        Some(lock) => lock,
-        None => {
+        Some(lock) => Some(lock),
+        None if writer => {
             create_run_dir(&opts.run_dir)?;
-            RunLock::acquire(&opts.run_dir)?
+            Some(RunLock::acquire(&opts.run_dir)?)
         }
+        None => None,
     };
     train_locked(
         &cfg,
@@ -664,6 +697,7 @@ pub fn train(
         progress,
         lock,
         Some(record),
+        group,
     )
 }
 
@@ -743,30 +777,59 @@ pub fn train_on(
 ) -> Result<TrainSummary> {
     create_run_dir(&opts.run_dir)?;
     let lock = RunLock::acquire(&opts.run_dir)?;
-    train_locked(cfg, data, opts, resume_from, progress, lock, None)
+    train_locked(
+        cfg,
+        data,
+        opts,
+        resume_from,
+        progress,
+        Some(lock),
+        None,
+        None,
+    )
 }
 
+/// The run, holding the run directory's lock (rank 0 or alone) or not (the other ranks of a
+/// group, which write nothing there).
+#[allow(clippy::too_many_arguments)]
 fn train_locked(
     cfg: &Config,
     data: Dataset,
     opts: &TrainOptions,
     resume_from: Option<Checkpoint>,
     progress: &mut dyn Progress,
-    _lock: RunLock,
+    lock: Option<RunLock>,
     data_record: Option<DataRecord>,
+    group: Option<crate::distributed::ProcessGroup>,
 ) -> Result<TrainSummary> {
     let (cfg, data) = resolve_classes(cfg, data)?;
     let cfg = &cfg;
-    let mut run = Run::start(cfg, &data, opts, resume_from.as_ref())?;
+    // Rank 0 (or a lone run) holds the run directory's lock; the other ranks write nothing.
+    let _lock = lock;
+    let writer = group.as_ref().is_none_or(|g| g.rank() == 0);
+    let mut run = Run::start(cfg, &data, opts, resume_from.as_ref(), writer)?;
+    if let Some(group) = group {
+        run.trainer.set_process_group(group);
+    }
     run.data_record = data_record;
     let mut loader = Loader::spawn(data, run.trainer.plan(), run.trainer.step() + 1, PREFETCH)?;
     progress.start(cfg.train.steps, run.trainer.step(), "steps");
     while run.trainer.step() < cfg.train.steps {
         let batch = loader.next_batch()?;
+        let batch = match &run.trainer.group {
+            // This rank's rows of the global batch; the gradients are averaged over the ranks.
+            Some(g) => crate::distributed::shard(&batch, g.rank(), g.world_size())?,
+            None => batch,
+        };
         run.update(&batch, progress)?;
         progress.update(batch.step);
         run.write_due(batch.step, progress)?;
-        if opts.stop.is_raised() && batch.step < cfg.train.steps {
+        let stop = match &run.trainer.group {
+            // Every rank stops after the same step.
+            Some(group) => group.any(opts.stop.is_raised())?,
+            None => opts.stop.is_raised(),
+        };
+        if stop && batch.step < cfg.train.steps {
             run.stop(batch.step, progress)?;
             break;
         }
@@ -813,7 +876,8 @@ struct Run<'a> {
     cfg: &'a Config,
     run_dir: &'a Path,
     trainer: Trainer,
-    metrics: MetricsLog,
+    /// Rank 0's (or a lone run's); the other ranks of a group write nothing.
+    metrics: Option<MetricsLog>,
     /// Training samples, for the manifest's data position.
     n: usize,
     started: Instant,
@@ -837,8 +901,11 @@ impl<'a> Run<'a> {
         data: &Dataset,
         opts: &'a TrainOptions,
         resume_from: Option<&Checkpoint>,
+        writer: bool,
     ) -> Result<Run<'a>> {
-        create_run_dir(&opts.run_dir)?;
+        if writer {
+            create_run_dir(&opts.run_dir)?;
+        }
         if resume_from.is_none() && !checkpoint::list(&checkpoints_dir(&opts.run_dir))?.is_empty() {
             return Err(DdpmError::RunExists {
                 dir: opts.run_dir.clone(),
@@ -851,14 +918,23 @@ impl<'a> Run<'a> {
         let mut trainer = Trainer::new(cfg, opts.device)?;
         if let Some(ckpt) = resume_from {
             trainer.restore(ckpt)?;
-            tracing::info!(
-                "resuming from {} at step {}",
-                ckpt.dir.display(),
-                trainer.step()
-            );
+            if writer {
+                tracing::info!(
+                    "resuming from {} at step {}",
+                    ckpt.dir.display(),
+                    trainer.step()
+                );
+            }
         }
-        write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
-        let metrics = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"), trainer.step())?;
+        let metrics = if writer {
+            write_text(&opts.run_dir.join("config.toml"), &cfg.to_toml()?)?;
+            Some(MetricsLog::open(
+                &opts.run_dir.join("metrics.jsonl"),
+                trainer.step(),
+            )?)
+        } else {
+            None
+        };
         Ok(Run {
             cfg,
             run_dir: &opts.run_dir,
@@ -880,7 +956,7 @@ impl<'a> Run<'a> {
     /// Ends the run early after step `k`: a checkpoint of `k` unless one was just written.
     fn stop(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
         let saved = checkpoints_dir(self.run_dir).join(checkpoint::dir_name(k));
-        if self.last_checkpoint.as_ref() != Some(&saved) {
+        if self.metrics.is_some() && self.last_checkpoint.as_ref() != Some(&saved) {
             self.trainer.check_loss()?;
             self.save_checkpoint(k, progress)?;
         }
@@ -924,6 +1000,10 @@ impl<'a> Run<'a> {
             self.log_metrics(k, progress)?;
             self.draw_loss_curve()?;
         }
+        if self.metrics.is_none() {
+            // Another rank than 0: rank 0 writes the checkpoints and grids.
+            return Ok(());
+        }
         if save {
             self.save_checkpoint(k, progress)?;
         }
@@ -936,7 +1016,14 @@ impl<'a> Run<'a> {
     fn log_metrics(&mut self, k: u64, progress: &mut dyn Progress) -> Result<()> {
         let secs = self.window_start.elapsed().as_secs_f64();
         self.last_loss = self.trainer.take_mean_loss()?;
-        self.metrics.append(&Record {
+        if let Some(group) = &self.trainer.group {
+            // The global batch's mean loss: the shards are of equal size.
+            self.last_loss = group.average(self.last_loss)?;
+        }
+        let Some(metrics) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        metrics.append(&Record {
             step: k,
             loss: self.last_loss,
             lr: self.trainer.current_lr(),
@@ -998,8 +1085,11 @@ impl<'a> Run<'a> {
         if !self.cfg.train.plot_loss {
             return Ok(());
         }
+        let Some(metrics) = &self.metrics else {
+            return Ok(());
+        };
         let path = crate::plot::loss_curve_path(self.run_dir);
-        if crate::plot::write_loss_curve(self.metrics.losses(), &path)? {
+        if crate::plot::write_loss_curve(metrics.losses(), &path)? {
             self.last_loss_curve = Some(path);
         }
         Ok(())

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -86,9 +87,11 @@ void ddpm_c10d_free_error(char* err) {
   std::free(err);
 }
 
-// Rank 0 runs the TCPStore server on master_addr:port (bound there only); every rank connects
-// to it and builds a Gloo group whose transport binds to `gloo_host` (an address or host name of
-// this machine; null or empty: libtorch's default device, this host's name).
+// With `serve` set, rank 0 runs the TCPStore server on master_addr:port (bound there only);
+// without it the server is already there (torchrun's agent store, TORCHELASTIC_USE_AGENT_STORE)
+// and every rank, rank 0 too, is a client. Every rank connects to it and builds a Gloo group,
+// its keys under the prefix `prefix`, whose transport binds to `gloo_host` (an address or host
+// name of this machine; null or empty: libtorch's default device, this host's name).
 char* ddpm_c10d_init_gloo(
     const char* master_addr,
     uint16_t port,
@@ -96,6 +99,8 @@ char* ddpm_c10d_init_gloo(
     int world,
     int64_t timeout_ms,
     const char* gloo_host,
+    int serve,
+    const char* prefix,
     void** out) {
   return guarded([&] {
     *out = nullptr;
@@ -107,14 +112,17 @@ char* ddpm_c10d_init_gloo(
     std::string host(master_addr);
     c10d::TCPStoreOptions opts;
     opts.port = port;
-    opts.isServer = rank == 0;
+    opts.isServer = serve != 0 && rank == 0;
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = true;
     opts.timeout = timeout;
-    if (rank == 0) {
+    if (opts.isServer) {
       opts.masterListenFd = bound_listener(host, port);
     }
-    auto store = c10::make_intrusive<c10d::TCPStore>(host, opts);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(host, opts);
+    if (prefix != nullptr && prefix[0] != '\0') {
+      store = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+    }
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     if (gloo_host != nullptr && gloo_host[0] != '\0') {
       options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(gloo_host));

@@ -24,6 +24,8 @@ mod ffi {
             world: c_int,
             timeout_ms: i64,
             gloo_host: *const c_char,
+            serve: c_int,
+            prefix: *const c_char,
             out: *mut *mut c_void,
         ) -> *mut c_char;
         pub fn ddpm_c10d_allreduce(
@@ -71,6 +73,13 @@ pub struct GlooConfig {
     /// The address or host name of this machine that Gloo's transport binds to; `None`:
     /// libtorch's default device (this host's name).
     pub gloo_host: Option<String>,
+    /// Whether rank 0 serves the TCPStore (bound to `master_addr`); `false` when one already
+    /// listens there (torchrun's agent store: `TORCHELASTIC_USE_AGENT_STORE=True`), and every
+    /// rank is a client.
+    pub serve_store: bool,
+    /// The prefix of the group's keys in the store (empty: none); torchrun's store is shared
+    /// with its agents, and a restart needs fresh keys.
+    pub store_prefix: String,
 }
 
 /// A Gloo process group; destroyed on drop. Collectives are blocking and in place, on contiguous
@@ -122,6 +131,7 @@ impl ProcessGroup {
             .as_deref()
             .map(|h| cstring(op, "the Gloo host", h))
             .transpose()?;
+        let prefix = cstring(op, "the store prefix", &config.store_prefix)?;
         let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: the strings outlive the call; `out` is written by the shim before it returns.
         let err = unsafe {
@@ -132,6 +142,8 @@ impl ProcessGroup {
                 world,
                 timeout_ms,
                 host.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
+                c_int::from(config.serve_store),
+                prefix.as_ptr(),
                 &mut out,
             )
         };

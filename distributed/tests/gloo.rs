@@ -1,13 +1,15 @@
-//! Gloo across real processes on 127.0.0.1: the test executable re-runs itself as each rank
-//! (the ignored `rank_process` test, told its role through environment variables), and the
-//! parent checks every rank's exit status and report under a deadline, killing what is left.
+//! Gloo across real processes on 127.0.0.1: the test executable (`harness = false`, see
+//! tests/ranks/mod.rs) re-runs itself as each rank, told its role through environment
+//! variables, and the parent checks every rank's exit status and report under a deadline,
+//! killing what is left.
 
-use std::io::Read;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod ranks;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ddpm_c10d::{GlooConfig, ProcessGroup, Reduce};
+use ranks::{line, wait_all, Proc};
 use tch::{Kind, Tensor};
 
 const CASE: &str = "DDPM_C10D_TEST_CASE";
@@ -16,30 +18,25 @@ const WORLD: &str = "DDPM_C10D_TEST_WORLD";
 const PORT: &str = "DDPM_C10D_TEST_PORT";
 const TIMEOUT_MS: &str = "DDPM_C10D_TEST_TIMEOUT_MS";
 
-/// The port a listener just got from the kernel (free now; the ranks bind it a moment later).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
-fn spawn(case: &str, rank: usize, world: usize, port: u16, timeout_ms: u64) -> Child {
-    Command::new(std::env::current_exe().expect("test executable"))
-        .args([
-            "--exact",
-            "rank_process",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CASE, case)
-        .env(RANK, rank.to_string())
-        .env(WORLD, world.to_string())
-        .env(PORT, port.to_string())
-        .env(TIMEOUT_MS, timeout_ms.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn a rank")
+fn main() -> std::process::ExitCode {
+    ranks::main(
+        CASE,
+        rank_process,
+        &[
+            (
+                "two_ranks_all_reduce_and_broadcast",
+                two_ranks_all_reduce_and_broadcast,
+            ),
+            (
+                "lone_rank_0_fails_after_its_timeout",
+                lone_rank_0_fails_after_its_timeout,
+            ),
+            (
+                "lone_rank_1_fails_after_its_timeout",
+                lone_rank_1_fails_after_its_timeout,
+            ),
+        ],
+    )
 }
 
 /// Runs `ranks` of a world of `world`; returns each one's (exit success, stdout + stderr), or
@@ -51,47 +48,22 @@ fn run(
     timeout_ms: u64,
     deadline: Duration,
 ) -> Vec<(bool, String)> {
-    let port = free_port();
-    let mut children: Vec<Child> = ranks
+    let port = ranks::free_port();
+    let procs = ranks
         .iter()
-        .map(|&r| spawn(case, r, world, port, timeout_ms))
-        .collect();
-    let start = Instant::now();
-    let mut status = vec![None; children.len()];
-    while status.iter().any(Option::is_none) {
-        for (child, s) in children.iter_mut().zip(status.iter_mut()) {
-            if s.is_none() {
-                *s = child.try_wait().expect("try_wait");
-            }
-        }
-        if start.elapsed() > deadline {
-            for child in &mut children {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            panic!("case {case}: ranks still running after {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    children
-        .iter_mut()
-        .zip(status)
-        .map(|(child, s)| {
-            let mut out = String::new();
-            child
-                .stdout
-                .take()
-                .expect("stdout")
-                .read_to_string(&mut out)
-                .expect("read stdout");
-            child
-                .stderr
-                .take()
-                .expect("stderr")
-                .read_to_string(&mut out)
-                .expect("read stderr");
-            (s.is_some_and(|s| s.success()), out)
+        .map(|&rank| {
+            let mut cmd = Command::new(std::env::current_exe().expect("test executable"));
+            cmd.env(CASE, case)
+                .env(RANK, rank.to_string())
+                .env(WORLD, world.to_string())
+                .env(PORT, port.to_string())
+                .env(TIMEOUT_MS, timeout_ms.to_string());
+            Proc::spawn(cmd)
         })
+        .collect();
+    wait_all(&format!("case {case}"), procs, deadline)
+        .into_iter()
+        .map(|e| (e.success(), e.output))
         .collect()
 }
 
@@ -99,13 +71,8 @@ fn env_usize(name: &str) -> usize {
     std::env::var(name).expect(name).parse().expect(name)
 }
 
-/// One rank, when spawned by the tests below; nothing otherwise.
-#[test]
-#[ignore = "a rank process, started by the other tests"]
-fn rank_process() {
-    let Ok(case) = std::env::var(CASE) else {
-        return;
-    };
+/// One rank, started by the tests below (this executable with CASE set).
+fn rank_process(case: &str) {
     let (rank, world) = (env_usize(RANK), env_usize(WORLD));
     let config = GlooConfig {
         master_addr: "127.0.0.1".into(),
@@ -114,6 +81,8 @@ fn rank_process() {
         world_size: world,
         timeout: Duration::from_millis(env_usize(TIMEOUT_MS) as u64),
         gloo_host: Some("127.0.0.1".into()),
+        serve_store: true,
+        store_prefix: String::new(),
     };
     let start = Instant::now();
     let group = match ProcessGroup::gloo(&config) {
@@ -127,7 +96,7 @@ fn rank_process() {
         }
     };
     let r = rank as f32;
-    match case.as_str() {
+    match case {
         "collectives" => {
             // Sum: rank r holds [r + 1, 10 (r + 1), -r, 0.5]; the sum over 2 ranks is exact in f32.
             let mut t = Tensor::from_slice(&[r + 1.0, 10.0 * (r + 1.0), -r, 0.5]);
@@ -164,14 +133,6 @@ fn rank_process() {
     }
 }
 
-fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
-    out.lines()
-        // The first report shares its line with libtest's `test rank_process ... `.
-        .find_map(|l| l.find(prefix).map(|i| &l[i + prefix.len()..]))
-        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"))
-}
-
-#[test]
 fn two_ranks_all_reduce_and_broadcast() {
     let results = run("collectives", &[0, 1], 2, 10_000, Duration::from_secs(60));
     for (rank, (ok, out)) in results.iter().enumerate() {
@@ -215,12 +176,10 @@ fn lone(rank: usize) {
     assert!(err.contains("c10d init failed"), "{err}");
 }
 
-#[test]
 fn lone_rank_0_fails_after_its_timeout() {
     lone(0);
 }
 
-#[test]
 fn lone_rank_1_fails_after_its_timeout() {
     lone(1);
 }

@@ -17,7 +17,7 @@ use ddpm::error::DdpmError;
 use ddpm::eval::{evaluate, EvalOptions};
 use ddpm::generate::{self, SampleOptions};
 use ddpm::sigma::SigmaChoice;
-use ddpm::train::{train, ResumeData, TrainOptions};
+use ddpm::train::{train_in_group, ResumeData, TrainOptions};
 use std::path::{Path, PathBuf};
 use toml::Value;
 
@@ -368,6 +368,10 @@ pub struct TrainArgs {
     /// so one network also predicts unconditionally (for --guidance) [default: 0.1].
     #[arg(long, value_name = "P", allow_hyphen_values = true, value_parser = finite)]
     pub label_dropout: Option<f64>,
+    /// Under torchrun (docs/distributed.md): seconds a rank waits for the others, to join and
+    /// at every step, before it stops with an error naming them [default: 300].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true, value_parser = whole::<u64>)]
+    pub distributed_timeout: Option<u64>,
 }
 
 impl TrainArgs {
@@ -466,6 +470,11 @@ impl TrainArgs {
                 "--label-dropout",
                 "train.label_dropout",
                 self.label_dropout.map(Value::from),
+            ),
+            (
+                "--distributed-timeout",
+                "train.distributed_timeout_s",
+                self.distributed_timeout.map(int),
             ),
         ];
         Ok(flags
@@ -716,13 +725,17 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
             allow_change: args.allow_data_change,
         },
     };
-    tracing::info!(
-        "training on {:?}, run directory {}",
-        opts.device,
-        run_dir.display()
-    );
-    let mut bar = Bar::new(progress);
-    let summary = train(&cfg, &opts, args.steps, &mut bar)
+    if std::env::var_os("RANK").is_none_or(|r| r == "0") {
+        tracing::info!(
+            "training on {:?}, run directory {}",
+            opts.device,
+            run_dir.display()
+        );
+    }
+    let group = join_group(args, &cfg, &given)?;
+    let rank = group.as_ref().map_or(0, |g| g.rank());
+    let mut bar = Bar::new(progress && rank == 0);
+    let summary = train_in_group(&cfg, &opts, args.steps, &mut bar, group)
         .map_err(|e| match e {
             DdpmError::ResumeSettings { .. } => anyhow::anyhow!(
                 "{e}; leave out --preset/--config to continue it with its own settings, or choose another --out"
@@ -738,6 +751,10 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
     if summary.stopped {
         return Err(stopped_message(&signals, &summary, &run_dir));
     }
+    if rank != 0 {
+        // Rank 0 says where the run is.
+        return Ok(());
+    }
     println!(
         "trained {} steps (last loss {:.3}{}); checkpoint {}, samples {}{}",
         summary.steps,
@@ -752,6 +769,42 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         loss_curve_note(&summary)
     );
     Ok(())
+}
+
+/// Under torchrun (its RANK, WORLD_SIZE, … set): this rank's process group, joined within
+/// --distributed-timeout (else `train.distributed_timeout_s`, else 300 s), after refusing a
+/// --batch-size the ranks cannot share (on --resume the run's saved batch is checked by the
+/// library). Without torchrun's variables: none, and nothing changes.
+fn join_group(
+    args: &TrainArgs,
+    cfg: &Config,
+    given: &[Given],
+) -> anyhow::Result<Option<ddpm::distributed::ProcessGroup>> {
+    let Some(launch) = ddpm::distributed::Launch::from_env()? else {
+        return Ok(None);
+    };
+    if !args.resume {
+        ddpm::distributed::check_batch_size(cfg.train.batch_size, launch.world_size)
+            .map_err(|e| name_the_flag(e, given))?;
+    }
+    let secs = args
+        .distributed_timeout
+        .or(cfg.train.distributed_timeout_s)
+        .unwrap_or(ddpm::distributed::DEFAULT_TIMEOUT_S);
+    if secs == 0 {
+        bail!("--distributed-timeout must be at least 1 second, got 0");
+    }
+    let group =
+        ddpm::distributed::ProcessGroup::join(&launch, std::time::Duration::from_secs(secs))?;
+    if launch.rank == 0 {
+        tracing::info!(
+            "data-parallel training: {} ranks (gloo, {}:{}), timeout {secs} s",
+            launch.world_size,
+            launch.master_addr,
+            launch.master_port
+        );
+    }
+    Ok(Some(group))
 }
 
 /// ", loss curve PATH" for the last line of a run, when it drew one.
@@ -779,7 +832,7 @@ fn check_resume_flags(
     let saved = &ckpt.manifest.config;
     let settings: Vec<Given> = given
         .iter()
-        .filter(|(_, key, _)| *key != "train.steps")
+        .filter(|(_, key, _)| *key != "train.steps" && *key != "train.distributed_timeout_s")
         .cloned()
         .collect();
     if !settings.is_empty() {
