@@ -207,6 +207,7 @@ fn sampler_config(steps: Option<usize>, eta: Option<f64>, bf16: bool) -> Sampler
         final_noise: false,
         seed: None,
         bf16,
+        ..SamplerConfig::default()
     }
 }
 

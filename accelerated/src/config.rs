@@ -225,6 +225,39 @@ pub struct SampleConfig {
     /// w ε̂(x_t, ∅); 0 = plain conditional sampling. Finite and at least 0.
     #[serde(default, skip_serializing_if = "is_zero_f64")]
     pub guidance: f64,
+    /// The step rule: `ancestral`, `ddim` (η = `eta`, else 0) or `dpm++2m` (DPM-Solver++(2M),
+    /// `steps` network evaluations, no `eta`); absent = ancestral, or DDIM when `eta` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<SamplerKind>,
+    /// Which steps are visited: `strided` (this project's list), or diffusers' `linspace`,
+    /// `leading`, `trailing` (docs/usage.md).
+    #[serde(default, skip_serializing_if = "crate::timesteps::Spacing::is_strided")]
+    pub spacing: crate::timesteps::Spacing,
+}
+
+/// `sample.sampler`: which step rule the sampler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SamplerKind {
+    /// The article's ancestral step (σ from `sample.sigma`).
+    #[serde(rename = "ancestral")]
+    Ancestral,
+    /// DDIM τ → τ′ with η = `sample.eta` (0 when absent).
+    #[serde(rename = "ddim")]
+    Ddim,
+    /// DPM-Solver++(2M), multistep, deterministic.
+    #[serde(rename = "dpm++2m")]
+    DpmSolver2M,
+}
+
+impl SamplerKind {
+    /// The name `sample.sampler` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Ancestral => "ancestral",
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::DpmSolver2M => "dpm++2m",
+        }
+    }
 }
 
 /// `sample.grid_scale` of a saved configuration that predates it.
@@ -306,6 +339,8 @@ impl Config {
                 grid_scale: 4,
                 batch_size: None,
                 guidance: 0.0,
+                sampler: None,
+                spacing: crate::timesteps::Spacing::Strided,
             },
         }
     }
@@ -659,6 +694,7 @@ impl Config {
                 return out_of_range(key, n.to_string(), format!("between 1 and T = {t_max}"));
             }
         }
+        self.check_sampler()?;
         self.lr_schedule()?;
         self.validate_classes()?;
         if !(1..=crate::grid::MAX_SCALE).contains(&s.grid_scale) {
@@ -736,14 +772,65 @@ impl Config {
 
     /// The sampler for grids and `ddpm sample`, seeded with `seed`.
     pub fn sampler(&self, seed: Option<i64>) -> crate::sampler::SamplerConfig {
+        let s = &self.sample;
+        let (eta, dpm_solver) = match s.sampler {
+            None | Some(SamplerKind::Ancestral) => (s.eta, false),
+            Some(SamplerKind::Ddim) => (Some(s.eta.unwrap_or(0.0)), false),
+            Some(SamplerKind::DpmSolver2M) => (None, true),
+        };
         crate::sampler::SamplerConfig {
-            sigma: self.sample.sigma,
-            steps: self.sample.steps,
-            eta: self.sample.eta,
-            clip_each_step: self.sample.clip_each_step,
+            sigma: s.sigma,
+            steps: s.steps,
+            eta,
+            clip_each_step: s.clip_each_step,
             seed,
+            dpm_solver,
+            spacing: s.spacing,
             ..Default::default()
         }
+    }
+
+    /// `sample.sampler` against `sample.eta` and the step counts DPM-Solver++ can take
+    /// (`sample.steps`, `train.grid_steps`: at most T − 1 unless `sample.spacing = "trailing"`).
+    fn check_sampler(&self) -> Result<()> {
+        let s = &self.sample;
+        let Some(kind) = s.sampler else {
+            return Ok(());
+        };
+        if let (SamplerKind::Ancestral | SamplerKind::DpmSolver2M, Some(eta)) = (kind, s.eta) {
+            return Err(DdpmError::Incompatible {
+                key: "sample.sampler",
+                other: format!("sample.eta = {eta}"),
+                reason: format!(
+                    "η belongs to DDIM; the {} sampler takes none: leave sample.eta out or choose ddim",
+                    kind.name()
+                ),
+            });
+        }
+        if kind != SamplerKind::DpmSolver2M {
+            return Ok(());
+        }
+        // An absent sample.steps (all T) is left to the sampler, which refuses it when
+        // `ddpm sample` runs; the grids need a count now.
+        let t_max = self.diffusion.t_max;
+        for (key, steps) in [
+            ("sample.steps", s.steps),
+            ("train.grid_steps", self.train.grid_steps.or(s.steps)),
+        ] {
+            let n = match (key, steps) {
+                ("sample.steps", None) => continue,
+                (_, steps) => steps.unwrap_or(t_max as usize),
+            };
+            crate::dpm_solver::visited(t_max, n, s.spacing).map_err(|e| match e {
+                DdpmError::OutOfRange { expected, .. } => DdpmError::OutOfRange {
+                    key,
+                    value: steps.map_or(format!("absent (all T = {t_max})"), |n| n.to_string()),
+                    expected: format!("{expected}, for sample.sampler = \"dpm++2m\""),
+                },
+                e => e,
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! Mathematics and model (each held to `ddpm-reference` by the tests in `tests/`):
 pub mod bound;
+pub mod dpm_solver;
 pub mod ema;
 pub mod error;
 pub mod guidance;

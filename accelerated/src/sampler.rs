@@ -3,11 +3,12 @@
 //! clipped). The property tests in `tests/` hold `Sampler::step` itself to the reference.
 
 use crate::autocast::autocast_bf16;
+use crate::dpm_solver::{self, DpmSolver};
 use crate::error::{DdpmError, Result};
 use crate::marginal::same_shape;
 use crate::schedule::Schedule;
 use crate::sigma::SigmaChoice;
-use crate::timesteps::{step_pairs, Respaced};
+use crate::timesteps::{step_pairs, Respaced, Spacing};
 use tch::{Device, Kind, Tensor};
 
 /// Anything that predicts the noise: ε̂(x_t, t) = (β̄_t/β_t) ε_θ(x_t, t).
@@ -85,6 +86,14 @@ pub struct SamplerConfig {
     /// flag); ε̂ comes back in x's kind, so the update of x stays f32.
     #[serde(default)]
     pub bf16: bool,
+    /// Run DPM-Solver++(2M) (`dpm_solver.rs`) over `steps` network evaluations in place of the
+    /// ancestral or DDIM step; deterministic, so `eta` must be absent and σ is unused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dpm_solver: bool,
+    /// Which steps are visited (`timesteps::Spacing`; `Strided`, the default, is the list
+    /// above).
+    #[serde(default, skip_serializing_if = "Spacing::is_strided")]
+    pub spacing: Spacing,
 }
 
 impl Default for SamplerConfig {
@@ -99,6 +108,8 @@ impl Default for SamplerConfig {
             final_noise: false,
             seed: None,
             bf16: false,
+            dpm_solver: false,
+            spacing: Spacing::Strided,
         }
     }
 }
@@ -230,6 +241,8 @@ pub struct Sampler {
     pairs: Vec<(i64, i64)>,
     /// One update per pair, read from the f64 tables once, here rather than in the loop.
     updates: Vec<Update>,
+    /// DPM-Solver++(2M), when `cfg.dpm_solver` (then `updates` is empty).
+    dpm: Option<DpmSolver>,
 }
 
 impl Sampler {
@@ -258,7 +271,10 @@ impl Sampler {
         if let Some(eta) = cfg.eta {
             check_eta(eta)?;
         }
-        let respaced = Respaced::new(schedule, n)?;
+        if cfg.dpm_solver {
+            return Self::dpm(schedule, cfg, n);
+        }
+        let respaced = Respaced::spaced(schedule, n, cfg.spacing)?;
         let chain = respaced.schedule();
         let sigma = match sigma {
             None => cfg.sigma.table(chain)?,
@@ -296,7 +312,46 @@ impl Sampler {
             cfg,
             pairs,
             updates,
+            dpm: None,
         })
+    }
+
+    /// The DPM-Solver++(2M) sampler over n network evaluations.
+    fn dpm(schedule: &Schedule, cfg: SamplerConfig, n: usize) -> Result<Sampler> {
+        if let Some(eta) = cfg.eta {
+            return Err(DdpmError::Incompatible {
+                key: "dpm_solver",
+                other: format!("eta = {eta}"),
+                reason: "DPM-Solver++(2M) is deterministic and takes no η; leave eta out".into(),
+            });
+        }
+        if cfg.steps.is_none() && cfg.spacing != Spacing::Trailing {
+            return Err(DdpmError::OutOfRange {
+                key: "sample.steps",
+                value: format!("absent (all T = {})", schedule.t_max()),
+                expected: "a count of network evaluations below T for DPM-Solver++(2M) (10 to 20 is typical)".into(),
+            });
+        }
+        let solver = DpmSolver::new(
+            schedule,
+            dpm_solver::Config {
+                steps: n,
+                spacing: cfg.spacing,
+                clip_x0: cfg.clip_each_step,
+            },
+        )?;
+        Ok(Sampler {
+            cfg,
+            pairs: solver.steps().to_vec(),
+            updates: Vec::new(),
+            dpm: Some(solver),
+        })
+    }
+
+    /// The DPM-Solver++(2M) solver the loop runs, when `dpm_solver` is set ([`Sampler::step`]
+    /// is single-step and refuses its steps: call `DpmSolver::step` with the previous x̂_0).
+    pub fn dpm_solver(&self) -> Option<&DpmSolver> {
+        self.dpm.as_ref()
     }
 
     /// The (τ, τ′) steps walked, from (T, ·) down to (·, 0).
@@ -315,6 +370,13 @@ impl Sampler {
         eps_hat: &Tensor,
         z: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if self.dpm.is_some() {
+            return Err(DdpmError::Incompatible {
+                key: "dpm_solver",
+                other: "Sampler::step".into(),
+                reason: "DPM-Solver++(2M) is multistep: call Sampler::dpm_solver().step with the previous x̂_0".into(),
+            });
+        }
         let update = self.updates.get(i).ok_or_else(|| DdpmError::OutOfRange {
             key: "i",
             value: i.to_string(),
@@ -391,10 +453,18 @@ impl Sampler {
                 None => Tensor::f_randn(shape, opts)?,
             };
             let total = self.pairs.len();
+            let mut prev_x0: Option<Tensor> = None;
             for (i, &(t, t_prev)) in self.pairs.iter().enumerate() {
                 let t_vec = Tensor::f_full([b], t, (Kind::Int64, device))?;
                 let eps_hat = autocast_bf16(self.cfg.bf16, device, || model.predict(&x, &t_vec))?
                     .f_to_kind(kind)?;
+                if let Some(dpm) = &self.dpm {
+                    let prev = prev_x0.as_ref().filter(|_| dpm.is_second_order(i));
+                    let (next, x0) = dpm.step(i, &x, &eps_hat, prev)?;
+                    (x, prev_x0) = (next, Some(x0));
+                    on_step(i + 1, total);
+                    continue;
+                }
                 let z = match t_prev > 0 || self.cfg.final_noise {
                     true => Some(Tensor::f_randn(shape, opts)?),
                     false => None,
@@ -670,6 +740,7 @@ mod tests {
                     final_noise,
                     seed: Some(40 + i as i64),
                     bf16: true,
+                    ..SamplerConfig::default()
                 };
                 let sampler = Sampler::new(&s, cfg).unwrap();
                 let fast = sampler.run(&model, &shape, opts, None, |_, _| {}).unwrap();

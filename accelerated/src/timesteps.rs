@@ -40,6 +40,74 @@ pub fn strided(t_max: i64, steps: usize) -> Result<Vec<i64>> {
         .collect())
 }
 
+/// How the n visited steps are chosen from 1..=T (`sample.spacing`). `Strided` is this
+/// project's list ([`strided`]); the other three are diffusers' `timestep_spacing` values of its
+/// DDIM and DDPM schedulers, moved from diffusers' 0-based timesteps k to t = k + 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spacing {
+    /// τ_i = 1 + round_half_up((i−1)(T−1)/(n−1)): T = τ_n > … > τ_1 = 1.
+    #[default]
+    Strided,
+    /// diffusers' `linspace`: 1 + np.round(np.linspace(0, T−1, n)) (ties to even).
+    Linspace,
+    /// diffusers' `leading` (steps_offset 0): 1 + i·⌊T/n⌋, i = n−1, …, 0 (never visits T).
+    Leading,
+    /// diffusers' `trailing`: np.round(T − i·T/n), i = 0, …, n−1 (ends at round(T/n)).
+    Trailing,
+}
+
+impl Spacing {
+    /// Whether this is the default list (the saved configuration leaves it out).
+    pub fn is_strided(&self) -> bool {
+        *self == Spacing::Strided
+    }
+
+    /// The name `sample.spacing` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Spacing::Strided => "strided",
+            Spacing::Linspace => "linspace",
+            Spacing::Leading => "leading",
+            Spacing::Trailing => "trailing",
+        }
+    }
+}
+
+/// The n = `steps` visited steps of `spacing`, descending, distinct, within 1..=T (the same
+/// checks as [`strided`]).
+pub fn spaced(t_max: i64, steps: usize, spacing: Spacing) -> Result<Vec<i64>> {
+    let checked = strided(t_max, steps)?;
+    let n = steps as i64;
+    Ok(match spacing {
+        Spacing::Strided => checked,
+        Spacing::Linspace => {
+            // numpy: i·step + 0 in f64, the last point set to T − 1, rounded half to even.
+            let stop = (t_max - 1) as f64;
+            if n == 1 {
+                return Ok(vec![1]);
+            }
+            let step = stop / (n - 1) as f64;
+            (0..n)
+                .rev()
+                .map(|i| {
+                    let y = if i == n - 1 { stop } else { i as f64 * step };
+                    1 + y.round_ties_even() as i64
+                })
+                .collect()
+        }
+        Spacing::Leading => (0..n).rev().map(|i| 1 + i * (t_max / n)).collect(),
+        Spacing::Trailing => {
+            // numpy's arange: start + i·δ, δ = (start + step) − start; the first n values.
+            let start = t_max as f64;
+            let delta = (start - start / n as f64) - start;
+            (0..n)
+                .map(|i| (start + i as f64 * delta).round_ties_even() as i64)
+                .collect()
+        }
+    })
+}
+
 /// The (τ, τ′) pairs the sampler walks: (τ_n, τ_{n−1}), …, (τ_1, 0).
 pub fn step_pairs(steps: &[i64]) -> Vec<(i64, i64)> {
     steps
@@ -61,7 +129,12 @@ impl Respaced {
     /// The chain over `strided(T, n)`; n = T gives the original chain itself (its tables, not
     /// a recomputation of them).
     pub fn new(schedule: &Schedule, n: usize) -> Result<Respaced> {
-        let visited = strided(schedule.t_max(), n)?;
+        Self::spaced(schedule, n, Spacing::Strided)
+    }
+
+    /// The chain over `spaced(T, n, spacing)`.
+    pub fn spaced(schedule: &Schedule, n: usize, spacing: Spacing) -> Result<Respaced> {
+        let visited = spaced(schedule.t_max(), n, spacing)?;
         let mut taus: Vec<i64> = visited.iter().rev().copied().collect();
         taus.insert(0, 0);
         let chain = if n as i64 == schedule.t_max() {

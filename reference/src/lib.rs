@@ -4,6 +4,8 @@
 
 /// The variational bound: KL terms, the 256-bin decoder, the negative ELBO in bits/dim.
 pub mod bound;
+/// DPM-Solver++(2M), multistep, data-prediction form.
+pub mod dpm_solver;
 /// The error type and `Result` alias.
 pub mod error;
 /// Classifier-free guidance: the combination and the guided oracle of a labelled law.

@@ -318,6 +318,7 @@ fn setting(kind: Kind5, steps: Option<usize>, clip: bool) -> Setting {
             final_noise: false,
             seed: None,
             bf16: false,
+            ..SamplerConfig::default()
         },
     }
 }

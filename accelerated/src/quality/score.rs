@@ -62,6 +62,8 @@ pub struct ScoreOptions {
     pub threshold: f64,
     /// Images in the grid (the first ones sampled).
     pub grid: usize,
+    /// The step rule in place of the run's `sample.sampler` (none: the run's).
+    pub sampler: Option<crate::config::SamplerKind>,
 }
 
 impl Default for ScoreOptions {
@@ -79,6 +81,7 @@ impl Default for ScoreOptions {
             bootstrap: 200,
             threshold: CONFIDENT,
             grid: 36,
+            sampler: None,
         }
     }
 }
@@ -326,8 +329,20 @@ pub fn measure<M: NoisePredictor + ?Sized>(
     })
 }
 
-/// The sampler of `cfg`'s `sample.*` settings at `steps` steps.
-fn sampler_at(cfg: &Config, steps: usize) -> SamplerConfig {
+/// The sampler of `cfg`'s `sample.*` settings at `steps` steps, `kind` in place of its
+/// `sample.sampler` when given (its `sample.eta` then only for DDIM).
+fn sampler_at(
+    cfg: &Config,
+    steps: usize,
+    kind: Option<crate::config::SamplerKind>,
+) -> SamplerConfig {
+    let mut cfg = cfg.clone();
+    if let Some(kind) = kind {
+        cfg.sample.sampler = Some(kind);
+        if kind != crate::config::SamplerKind::Ddim {
+            cfg.sample.eta = None;
+        }
+    }
     SamplerConfig {
         steps: Some(steps),
         ..cfg.sampler(None)
@@ -378,7 +393,7 @@ pub fn run(
     let ctx = ScoreContext {
         model: &net,
         schedule: &schedule,
-        sampler: sampler_at(&cfg, opts.steps),
+        sampler: sampler_at(&cfg, opts.steps, opts.sampler),
         classifier: &classifier,
         train: &train.images,
         heldout: &heldout.images,
@@ -503,5 +518,28 @@ mod tests {
             out_dir(Some(Path::new("x")), Path::new("runs/a/checkpoints/step-1")),
             Path::new("x")
         );
+    }
+
+    #[test]
+    fn the_sampler_choice_replaces_the_runs() {
+        use crate::config::SamplerKind;
+        let mut cfg = Config::preset("mnist").unwrap();
+        cfg.sample.eta = Some(0.5);
+        let run = sampler_at(&cfg, 10, None);
+        assert_eq!(
+            (run.eta, run.dpm_solver, run.steps),
+            (Some(0.5), false, Some(10))
+        );
+        let dpm = sampler_at(&cfg, 10, Some(SamplerKind::DpmSolver2M));
+        assert_eq!((dpm.eta, dpm.dpm_solver), (None, true));
+        let ddim = sampler_at(&cfg, 20, Some(SamplerKind::Ddim));
+        assert_eq!(
+            (ddim.eta, ddim.dpm_solver, ddim.steps),
+            (Some(0.5), false, Some(20))
+        );
+        cfg.sample.eta = None;
+        assert_eq!(sampler_at(&cfg, 20, Some(SamplerKind::Ddim)).eta, Some(0.0));
+        let ancestral = sampler_at(&cfg, 20, Some(SamplerKind::Ancestral));
+        assert_eq!((ancestral.eta, ancestral.dpm_solver), (None, false));
     }
 }

@@ -372,7 +372,22 @@ pub struct TrainArgs {
     /// at every step, before it stops with an error naming them [default: 300].
     #[arg(long, value_name = "SECS", allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub distributed_timeout: Option<u64>,
+    /// The grids' step rule (sample.sampler): ancestral, ddim (η = 0 unless the config sets
+    /// sample.eta) or dpm++2m (DPM-Solver++(2M), --grid-steps evaluations) [default: the
+    /// preset's].
+    #[arg(long, value_name = "RULE", value_parser = SAMPLERS)]
+    pub sampler: Option<String>,
+    /// Which steps the grids visit (sample.spacing): strided, linspace, leading, trailing
+    /// [default: strided].
+    #[arg(long, value_name = "LIST", value_parser = SPACINGS)]
+    pub spacing: Option<String>,
 }
+
+/// The values of --sampler (`config::SamplerKind`).
+const SAMPLERS: [&str; 3] = ["ancestral", "ddim", "dpm++2m"];
+
+/// The values of --spacing (`timesteps::Spacing`).
+const SPACINGS: [&str; 4] = ["strided", "linspace", "leading", "trailing"];
 
 impl TrainArgs {
     /// --preset, or `mnist`.
@@ -476,6 +491,16 @@ impl TrainArgs {
                 "train.distributed_timeout_s",
                 self.distributed_timeout.map(int),
             ),
+            (
+                "--sampler",
+                "sample.sampler",
+                self.sampler.clone().map(Value::from),
+            ),
+            (
+                "--spacing",
+                "sample.spacing",
+                self.spacing.clone().map(Value::from),
+            ),
         ];
         Ok(flags
             .into_iter()
@@ -551,6 +576,15 @@ pub struct SampleArgs {
     /// sample.batch_size, else 64].
     #[arg(long, value_name = "B", allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub batch_size: Option<usize>,
+    /// The step rule (sample.sampler): ancestral, ddim (η from --eta, else 0) or dpm++2m
+    /// (DPM-Solver++(2M), --steps network evaluations, deterministic) [default: the run's,
+    /// else ancestral, or DDIM when --eta is given].
+    #[arg(long, value_name = "RULE", value_parser = SAMPLERS)]
+    pub sampler: Option<String>,
+    /// Which steps are visited (sample.spacing): strided (this project's list), or diffusers'
+    /// linspace, leading, trailing [default: the run's, else strided].
+    #[arg(long, value_name = "LIST", value_parser = SPACINGS)]
+    pub spacing: Option<String>,
     /// Write no grid (--out); for more images than a grid holds (10000), with --each.
     #[arg(long, conflicts_with = "out")]
     pub no_grid: bool,
@@ -933,6 +967,16 @@ impl SampleArgs {
                 "--guidance",
                 "sample.guidance",
                 self.guidance.map(Value::from),
+            ),
+            (
+                "--sampler",
+                "sample.sampler",
+                self.sampler.clone().map(Value::from),
+            ),
+            (
+                "--spacing",
+                "sample.spacing",
+                self.spacing.clone().map(Value::from),
             ),
         ];
         Ok(flags

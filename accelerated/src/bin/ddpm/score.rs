@@ -44,6 +44,10 @@ pub struct ScoreArgs {
     /// Images in the grid (the first ones sampled; 0: none).
     #[arg(long, default_value_t = 36, allow_negative_numbers = true, value_parser = whole::<usize>)]
     pub grid: usize,
+    /// The step rule in place of the run's sample.sampler: ancestral, ddim (η = the run's
+    /// sample.eta, else 0) or dpm++2m [default: the run's].
+    #[arg(long, value_name = "RULE", value_parser = ["ancestral", "ddim", "dpm++2m"])]
+    pub sampler: Option<String>,
 }
 
 impl ScoreArgs {
@@ -60,6 +64,11 @@ impl ScoreArgs {
             bootstrap: self.bootstrap,
             threshold: self.threshold,
             grid: self.grid,
+            sampler: self.sampler.as_deref().map(|name| match name {
+                "ddim" => ddpm::config::SamplerKind::Ddim,
+                "dpm++2m" => ddpm::config::SamplerKind::DpmSolver2M,
+                _ => ddpm::config::SamplerKind::Ancestral,
+            }),
         }
     }
 }
