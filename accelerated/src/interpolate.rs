@@ -1,6 +1,7 @@
 //! `ddpm interpolate`: spherical interpolation (slerp) between two latents x_T — drawn from
 //! two seeds, read from two latents files, or inverted from two images — decoded with DDIM
-//! (η = 0, deterministic) as a row of frames.
+//! (η = 0, deterministic) as a row of frames; and, for a conditional model, one latent decoded
+//! under a noise prediction that moves from one class to another ([`run_classes`]).
 //!
 //! Why slerp and not lerp: a latent of d dimensions drawn from N(0, I) has norm ≈ √d (the
 //! norm's spread is O(1)), so the sampler only ever starts on that thin shell. The straight
@@ -13,8 +14,10 @@ use crate::checkpoint::{self, Weights};
 use crate::error::{DdpmError, Result};
 use crate::generate;
 use crate::grid;
+use crate::guidance::ClassMix;
 use crate::invert;
 use crate::progress::Progress;
+use crate::sampler::Sampler;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -191,6 +194,136 @@ pub fn run(
         cfg.sample.grid_scale,
     )?;
     Ok(images)
+}
+
+/// What `ddpm interpolate --classes A B` asks for: one latent, decoded from class A to class B.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassInterpolateOptions {
+    /// The one latent x_T: a seed, or the first latent of a file (an image is refused: which
+    /// class would invert it?).
+    pub latent: Endpoint,
+    /// The two classes, each as `ddpm sample --class` names one (an index or a name).
+    pub classes: [String; 2],
+    /// Frames, the two ends included (at least 2).
+    pub frames: usize,
+    /// DDIM steps of the decoding.
+    pub steps: usize,
+    /// Which weights of the checkpoint.
+    pub weights: Weights,
+    /// The PNG row of frames.
+    pub out: PathBuf,
+}
+
+/// `ddpm interpolate --classes A B`: one latent x_T decoded with DDIM (η = 0, `steps` steps, no
+/// clipping of x̂_0) under [`ClassMix`] from class A (s = 0) to class B (s = 1), s = i/(k − 1)
+/// for frame i, each class's prediction guided with `sample.guidance` (the overrides' or the
+/// run's); one row of a grid scaled by `sample.grid_scale`. The frames are decoded one at a
+/// time, so the ends run exactly the network calls of `ddpm sample --class A` (and B) with the
+/// same seed, η = 0, the same steps and no clipping: they are those images. Returns the frames'
+/// images `[k, C, S, S]` on the CPU.
+///
+/// Errors: [`DdpmError::NotConditional`] for a checkpoint trained without labels,
+/// [`DdpmError::UnknownClass`] for a class the model does not have, `OutOfRange` (key
+/// `classes`) for a name that is more than one class and (key `latent`) for an image latent.
+pub fn run_classes(
+    path: &Path,
+    overrides: toml::Table,
+    origin: &str,
+    opts: &ClassInterpolateOptions,
+    device: Device,
+    progress: &mut dyn Progress,
+) -> Result<Tensor> {
+    if opts.frames < 2 {
+        return Err(DdpmError::OutOfRange {
+            key: "frames",
+            value: opts.frames.to_string(),
+            expected: "at least 2 (the two ends)".into(),
+        });
+    }
+    if let Endpoint::Image(_) = opts.latent {
+        return Err(image_latent_error());
+    }
+    grid::ensure_writable(&opts.out)?;
+    let model = checkpoint::load_model(path, device, opts.weights)?;
+    if model.net.class_count() == 0 {
+        return Err(DdpmError::NotConditional {
+            what: format!("the checkpoint {}", model.checkpoint.dir.display()),
+            reason: "it was trained without labels: model.classes = 0".into(),
+            advice: "interpolate between latents instead, or train a conditional run (train.conditional = true)".into(),
+        });
+    }
+    let mut overrides = overrides;
+    for (key, value) in [
+        ("sample.eta", toml::Value::Float(0.0)),
+        ("sample.clip_each_step", toml::Value::Boolean(false)),
+        (
+            "sample.steps",
+            toml::Value::Integer(i64::try_from(opts.steps).unwrap_or(i64::MAX)),
+        ),
+    ] {
+        crate::config::set_key(&mut overrides, key, value);
+    }
+    let cfg = generate::settings(&model.config, overrides, origin)?;
+    let names = generate::class_names(&cfg);
+    let mut labels = [0i64; 2];
+    for (label, spec) in labels.iter_mut().zip(&opts.classes) {
+        let parsed = generate::parse_classes(spec, &names)?;
+        *label = match parsed[..] {
+            [one] => one,
+            _ => {
+                return Err(DdpmError::OutOfRange {
+                    key: "classes",
+                    value: spec.clone(),
+                    expected: "one class each (an index or a name)".into(),
+                })
+            }
+        };
+    }
+    let [c, s, _] = cfg.image_shape();
+    let x_t = match &opts.latent {
+        Endpoint::Seed(seed) => {
+            tch::manual_seed(*seed);
+            Tensor::f_randn([1, c, s, s], tch::kind::FLOAT_CPU)?
+        }
+        Endpoint::Latents(file) => invert::load_latents(file, [c, s, s])?
+            .latents
+            .f_narrow(0, 0, 1)?,
+        Endpoint::Image(_) => return Err(image_latent_error()),
+    }
+    .f_to_device(device)?;
+    let sampler = Sampler::new(&model.schedule, cfg.sampler(None))?;
+    let total = sampler.steps().len() as u64;
+    let k = opts.frames;
+    progress.start(total * k as u64, 0, "steps");
+    let result = (|| -> Result<Tensor> {
+        let mut out = Vec::with_capacity(k);
+        for i in 0..k {
+            let mix = ClassMix {
+                model: &model.net,
+                a: labels[0],
+                b: labels[1],
+                s: i as f64 / (k - 1) as f64,
+                w: cfg.sample.guidance,
+            };
+            let done = i as u64 * total;
+            let image = sampler.sample_from(&mix, &x_t, |j, _| progress.update(done + j as u64))?;
+            out.push(image.f_to_device(Device::Cpu)?);
+        }
+        Ok(Tensor::f_cat(&out, 0)?)
+    })();
+    progress.finish();
+    let images = result?;
+    grid::save_grid_scaled(&images, &opts.out, Some(k as i64), cfg.sample.grid_scale)?;
+    Ok(images)
+}
+
+/// [`run_classes`]' refusal of an image as its latent (checked before any work).
+fn image_latent_error() -> DdpmError {
+    DdpmError::OutOfRange {
+        key: "latent",
+        value: "an image".into(),
+        expected: "a seed or a latents file (an image has no class to invert it under)".into(),
+    }
 }
 
 #[cfg(test)]

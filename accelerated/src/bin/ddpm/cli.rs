@@ -1080,7 +1080,7 @@ pub struct InvertArgs {
 
 /// `ddpm interpolate`.
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("ends").args(["seeds", "latents", "images"]))]
+#[command(group = clap::ArgGroup::new("ends").args(["seeds", "latents", "images", "seed"]))]
 pub struct InterpolateArgs {
     /// A checkpoint directory, or a run directory (its newest intact checkpoint is used).
     #[arg(long, default_value = "runs/mnist", value_name = "PATH")]
@@ -1088,8 +1088,9 @@ pub struct InterpolateArgs {
     /// The two ends as seeds of x_T ~ N(0, I) (whole numbers, read when run).
     #[arg(long, num_args = 2, value_names = ["A", "B"], allow_negative_numbers = true)]
     pub seeds: Vec<String>,
-    /// The two ends as latents files (the first latent of each).
-    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    /// The two ends as latents files (the first latent of each); with --classes one file, its
+    /// first latent.
+    #[arg(long, num_args = 1..=2, value_names = ["A", "B"])]
     pub latents: Vec<PathBuf>,
     /// The two ends as images, inverted first.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
@@ -1109,6 +1110,18 @@ pub struct InterpolateArgs {
     /// Scale the row up S times, nearest neighbour [default: the run's sample.grid_scale].
     #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub grid_scale: Option<u64>,
+    /// A conditional model: one latent (--seed or --latents FILE) decoded from class A to
+    /// class B, ε̂ = (1 − s) ε̂(x, A) + s ε̂(x, B) with s from 0 to 1 across the frames (each an
+    /// index or a name, as `ddpm sample --class`).
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub classes: Vec<String>,
+    /// With --classes: the seed of the one latent x_T ~ N(0, I) (that of `ddpm sample --seed`).
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = whole::<i64>)]
+    pub seed: Option<i64>,
+    /// With --classes: the classifier-free guidance weight w of each class's prediction
+    /// [default: the run's sample.guidance, 0].
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
 }
 
 /// A library error of invert/interpolate/`sample --latents` with the flag of the setting or
@@ -1223,6 +1236,18 @@ fn run_interpolate(
     progress: bool,
 ) -> anyhow::Result<()> {
     use ddpm::interpolate::{Endpoint, InterpolateOptions};
+    if !args.classes.is_empty() {
+        return run_interpolate_classes(args, device, progress);
+    }
+    if args.seed.is_some() {
+        bail!("--seed is the one latent of --classes A B; between two seeds give --seeds A B");
+    }
+    if args.guidance.is_some() {
+        bail!("--guidance weighs the classes of --classes A B: give --classes too");
+    }
+    if args.latents.len() == 1 {
+        bail!("give two latents files, --latents A B (one file goes with --classes A B)");
+    }
     let device = device.resolve()?;
     let ends: Vec<Endpoint> = if !args.seeds.is_empty() {
         let seed = |s: &String| {
@@ -1277,6 +1302,75 @@ fn run_interpolate(
         )
     })?;
     println!("wrote {} ({} frames)", args.out.display(), args.frames);
+    Ok(())
+}
+
+/// `ddpm interpolate --classes A B`: one latent from --seed or --latents FILE.
+fn run_interpolate_classes(
+    args: &InterpolateArgs,
+    device: DeviceArg,
+    progress: bool,
+) -> anyhow::Result<()> {
+    use ddpm::interpolate::{ClassInterpolateOptions, Endpoint};
+    if !args.seeds.is_empty() || !args.images.is_empty() {
+        bail!(
+            "--classes decodes one latent from class A to class B: give it --seed S or --latents FILE, not --seeds or --images"
+        );
+    }
+    let latent = match (args.seed, args.latents.as_slice()) {
+        (Some(seed), []) => Endpoint::Seed(seed),
+        (None, [file]) => Endpoint::Latents(file.clone()),
+        (None, []) => bail!("--classes needs its one latent: --seed S or --latents FILE"),
+        _ => bail!("--classes takes one latents file, --latents FILE (its first latent)"),
+    };
+    let device = device.resolve()?;
+    let mut table = toml::Table::new();
+    if let Some(s) = args.grid_scale {
+        config::set_key(&mut table, "sample.grid_scale", int(s));
+    }
+    if let Some(w) = args.guidance {
+        config::set_key(&mut table, "sample.guidance", Value::from(w));
+    }
+    let opts = ClassInterpolateOptions {
+        latent,
+        classes: [args.classes[0].clone(), args.classes[1].clone()],
+        frames: args.frames,
+        steps: args.steps,
+        weights: if args.raw { Weights::Raw } else { Weights::Ema },
+        out: args.out.clone(),
+    };
+    let mut bar = Bar::new(progress);
+    let _frames = ddpm::interpolate::run_classes(
+        &args.checkpoint,
+        table,
+        "the command line",
+        &opts,
+        device,
+        &mut bar,
+    )
+    .map_err(|e| match e {
+        DdpmError::NotConditional { .. } | DdpmError::UnknownClass { .. } => {
+            anyhow::anyhow!("--classes: {e}")
+        }
+        e => name_flags(
+            e,
+            &[
+                ("frames", "--frames"),
+                ("steps", "--steps"),
+                ("sample.steps", "--steps"),
+                ("sample.grid_scale", "--grid-scale"),
+                ("sample.guidance", "--guidance"),
+                ("classes", "--classes"),
+            ],
+        ),
+    })?;
+    println!(
+        "wrote {} ({} frames, class {} to class {})",
+        args.out.display(),
+        args.frames,
+        args.classes[0],
+        args.classes[1]
+    );
     Ok(())
 }
 
