@@ -127,6 +127,29 @@ impl Launch {
     }
 }
 
+/// The device of rank `local_rank` on this node: a CUDA choice becomes `cuda:LOCAL_RANK`
+/// (one GPU per rank, as torchrun expects), refused with an error naming LOCAL_RANK when this
+/// node shows `cuda_devices` GPUs or fewer; the CPU stays the CPU.
+pub fn rank_device(device: Device, local_rank: usize, cuda_devices: i64) -> Result<Device> {
+    match device {
+        Device::Cuda(_) => {
+            let visible = usize::try_from(cuda_devices).unwrap_or(0);
+            if local_rank >= visible {
+                return Err(DdpmError::DistributedEnv {
+                    var: "LOCAL_RANK",
+                    value: local_rank.to_string(),
+                    reason: format!(
+                        "this rank would train on cuda:{local_rank}, but {visible} CUDA device{} visible (one GPU per rank: start at most {visible} processes per node with --nproc_per_node, or train on the CPU)",
+                        if visible == 1 { " is" } else { "s are" }
+                    ),
+                });
+            }
+            Ok(Device::Cuda(local_rank))
+        }
+        other => Ok(other),
+    }
+}
+
 /// A joined group of ranks; collectives block until every rank has made the same call, or fail
 /// after the timeout with an error naming this rank.
 #[derive(Debug)]
@@ -490,5 +513,35 @@ mod tests {
     #[test]
     fn backends_match_the_feature() {
         assert_eq!(backends().contains(&"gloo"), cfg!(feature = "distributed"));
+    }
+
+    #[test]
+    fn local_rank_picks_the_gpu() {
+        assert_eq!(rank_device(Device::Cuda(0), 0, 2).unwrap(), Device::Cuda(0));
+        assert_eq!(rank_device(Device::Cuda(0), 1, 2).unwrap(), Device::Cuda(1));
+        assert_eq!(rank_device(Device::Cuda(0), 3, 8).unwrap(), Device::Cuda(3));
+        // The CPU is shared by every rank.
+        assert_eq!(rank_device(Device::Cpu, 5, 0).unwrap(), Device::Cpu);
+        assert_eq!(rank_device(Device::Cpu, 1, 1).unwrap(), Device::Cpu);
+    }
+
+    #[test]
+    fn a_local_rank_without_its_gpu_is_named() {
+        for (local_rank, visible) in [(1usize, 1i64), (2, 2), (0, 0)] {
+            let e = rank_device(Device::Cuda(0), local_rank, visible).unwrap_err();
+            match &e {
+                DdpmError::DistributedEnv { var, value, reason } => {
+                    assert_eq!(*var, "LOCAL_RANK");
+                    assert_eq!(value, &local_rank.to_string());
+                    assert!(reason.contains(&format!("cuda:{local_rank}")), "{reason}");
+                    assert!(
+                        reason.contains(&format!("{visible} CUDA device")),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(e.to_string().contains("LOCAL_RANK"), "{e}");
+        }
     }
 }

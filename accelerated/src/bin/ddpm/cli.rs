@@ -749,7 +749,7 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
     let signals = StopSignals::install().context("cannot install the signal handlers")?;
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
-        device: device.resolve()?,
+        device: rank_device(device.resolve()?)?,
         resume: args.resume,
         resume_must_match: args.preset.is_some() || args.config.is_some(),
         stop: signals.stop_flag(),
@@ -803,6 +803,19 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
         loss_curve_note(&summary)
     );
     Ok(())
+}
+
+/// Under torchrun on CUDA (`--device cuda`, or auto with a GPU): this rank's GPU,
+/// cuda:LOCAL_RANK; otherwise `device` as it is.
+fn rank_device(device: tch::Device) -> anyhow::Result<tch::Device> {
+    let Some(launch) = ddpm::distributed::Launch::from_env()? else {
+        return Ok(device);
+    };
+    Ok(ddpm::distributed::rank_device(
+        device,
+        launch.local_rank,
+        tch::Cuda::device_count(),
+    )?)
 }
 
 /// Under torchrun (its RANK, WORLD_SIZE, … set): this rank's process group, joined within
