@@ -27,7 +27,7 @@ timed() { # name, command…
     "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     local t1; t1=$(date +%s.%N)
-    printf '%s rc=%d wall_s=%.1f last=%s\n' "$name" "$rc" "$(echo "$t1 - $t0" | bc)" \
+    printf '%s rc=%d wall_s=%.1f last=%s\n' "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" \
         "$(tail -n 1 "$OUT/$name/metrics.jsonl" 2>/dev/null)" >> "$OUT/figures.txt"
 }
 : > "$OUT/figures.txt"
