@@ -3,6 +3,13 @@
 //! third_party/gloo, with the flags the wheel was built with. Then the same link set-up as
 //! scripts/link_libtorch.rs: the libtorch search path, `-ltorch` kept by `--no-as-needed`, and
 //! an rpath so the test executables start without LD_LIBRARY_PATH.
+//!
+//! With the `nccl` feature the shim is compiled with `-DUSE_C10D_NCCL` too, against the CUDA
+//! and NCCL headers of the wheel's nvidia packages (beside `$LIBTORCH`: `nvidia/cu13/include`,
+//! `nvidia/nccl/include`) and the two CUDA 13.0 header sets those lack, `crt/host_config.h`
+//! (nvidia-cuda-crt) and `nv/target` (nvidia-cuda-cccl), from `DDPM_CUDA_HEADERS` (a folder
+//! holding `crt/` and `nv/`; default `.nccl-headers/nvidia/cu13/include`, which
+//! scripts/build-nccl.sh fills), and linked to libtorch_cuda and c10_cuda.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -16,7 +23,12 @@ fn main() {
     let libtorch = PathBuf::from(libtorch);
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     let gloo = manifest.join("../third_party/gloo");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    let nccl = std::env::var_os("CARGO_FEATURE_NCCL").is_some();
+    if nccl {
+        nccl_includes(&mut build, &libtorch, &manifest);
+    }
+    build
         .cpp(true)
         .file(manifest.join("csrc/c10d_shim.cpp"))
         .std("c++17")
@@ -29,6 +41,51 @@ fn main() {
         .warnings(false)
         .compile("ddpm_c10d_shim");
     link(&libtorch.join("lib"));
+    if nccl {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+}
+
+/// `-DUSE_C10D_NCCL` and the CUDA / NCCL include folders; stops the build naming the header
+/// that is missing and where it comes from.
+fn nccl_includes(build: &mut cc::Build, libtorch: &Path, manifest: &Path) {
+    println!("cargo:rerun-if-env-changed=DDPM_CUDA_HEADERS");
+    let nvidia = libtorch.join("../nvidia");
+    let extra = std::env::var_os("DDPM_CUDA_HEADERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../.nccl-headers/nvidia/cu13/include"));
+    let dirs = [
+        nvidia.join("cu13/include"),
+        nvidia.join("nccl/include"),
+        extra.clone(),
+    ];
+    let needed = [
+        (
+            "cuda_runtime.h",
+            "the nvidia-cuda-runtime wheel (a torch dependency)",
+        ),
+        ("nccl.h", "the nvidia-nccl-cu13 wheel (a torch dependency)"),
+        ("crt/host_config.h", "the nvidia-cuda-crt 13.0 wheel"),
+        ("nv/target", "the nvidia-cuda-cccl 13.0 wheel"),
+    ];
+    for (header, from) in needed {
+        if !dirs.iter().any(|d| d.join(header).exists()) {
+            println!(
+                "cargo:warning=the `nccl` feature needs {header} (from {from}), found in none of {}; run scripts/build-nccl.sh, or set DDPM_CUDA_HEADERS to a folder holding crt/ and nv/",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            std::process::exit(1);
+        }
+    }
+    println!("cargo:rerun-if-changed={}", extra.display());
+    build.define("USE_C10D_NCCL", None);
+    for d in dirs {
+        build.include(d);
+    }
 }
 
 fn link(lib: &Path) {

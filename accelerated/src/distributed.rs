@@ -127,6 +127,29 @@ impl Launch {
     }
 }
 
+/// The device of rank `local_rank` on this node: a CUDA choice becomes `cuda:LOCAL_RANK`
+/// (one GPU per rank, as torchrun expects), refused with an error naming LOCAL_RANK when this
+/// node shows `cuda_devices` GPUs or fewer; the CPU stays the CPU.
+pub fn rank_device(device: Device, local_rank: usize, cuda_devices: i64) -> Result<Device> {
+    match device {
+        Device::Cuda(_) => {
+            let visible = usize::try_from(cuda_devices).unwrap_or(0);
+            if local_rank >= visible {
+                return Err(DdpmError::DistributedEnv {
+                    var: "LOCAL_RANK",
+                    value: local_rank.to_string(),
+                    reason: format!(
+                        "this rank would train on cuda:{local_rank}, but {visible} CUDA device{} visible (one GPU per rank: start at most {visible} processes per node with --nproc_per_node, or train on the CPU)",
+                        if visible == 1 { " is" } else { "s are" }
+                    ),
+                });
+            }
+            Ok(Device::Cuda(local_rank))
+        }
+        other => Ok(other),
+    }
+}
+
 /// A joined group of ranks; collectives block until every rank has made the same call, or fail
 /// after the timeout with an error naming this rank.
 #[derive(Debug)]
@@ -139,26 +162,100 @@ pub struct ProcessGroup {
 }
 
 impl ProcessGroup {
+    /// Joins the launch's group for training on `device`: NCCL on this rank's GPU when
+    /// `device` is CUDA and NCCL is built in (the `nccl` feature), else Gloo as
+    /// [`ProcessGroup::join`] does (on CUDA without NCCL the gradients then travel through the
+    /// CPU: see [`ProcessGroup::backend_for`]).
+    pub fn join_on(launch: &Launch, timeout: Duration, device: Device) -> Result<ProcessGroup> {
+        #[cfg(feature = "nccl")]
+        {
+            if let Device::Cuda(index) = device {
+                let config = Self::c10d_config(launch, timeout);
+                let inner = ddpm_c10d::ProcessGroup::nccl(&config, index).map_err(|e| {
+                    DdpmError::Distributed {
+                        rank: launch.rank,
+                        world_size: launch.world_size,
+                        op: e.op,
+                        message: e.message,
+                    }
+                })?;
+                return Ok(ProcessGroup {
+                    rank: launch.rank,
+                    world_size: launch.world_size,
+                    timeout,
+                    inner,
+                });
+            }
+        }
+        let _ = device;
+        Self::join(launch, timeout)
+    }
+
+    /// The backend [`ProcessGroup::join_on`] takes for `device`, and, when that is Gloo for a
+    /// CUDA device (NCCL not built in), what it costs: a note for the log.
+    pub fn backend_for(device: Device) -> (&'static str, Option<String>) {
+        match device {
+            Device::Cuda(_) if backends().contains(&"nccl") => ("nccl", None),
+            Device::Cuda(_) => (
+                "gloo",
+                Some(
+                    "training on CUDA with Gloo: NCCL is not built in (cargo feature `nccl`, scripts/build-nccl.sh); each step copies the flat gradient buffer to the CPU and back and Gloo reduces it over TCP, correct but slower than NCCL"
+                        .into(),
+                ),
+            ),
+            _ => ("gloo", None),
+        }
+    }
+
+    #[cfg(feature = "distributed")]
+    fn c10d_config(launch: &Launch, timeout: Duration) -> ddpm_c10d::GlooConfig {
+        let loopback = launch
+            .master_addr
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+        ddpm_c10d::GlooConfig {
+            master_addr: launch.master_addr.clone(),
+            master_port: launch.master_port,
+            rank: launch.rank,
+            world_size: launch.world_size,
+            timeout,
+            gloo_host: loopback.then(|| launch.master_addr.clone()),
+            serve_store: !launch.agent_store,
+            store_prefix: format!("ddpm/{}/", launch.restart),
+        }
+    }
+
+    /// `gloo` or `nccl` (`none` without the `distributed` feature).
+    pub fn backend(&self) -> &'static str {
+        #[cfg(feature = "distributed")]
+        {
+            self.inner.backend()
+        }
+        #[cfg(not(feature = "distributed"))]
+        {
+            "none"
+        }
+    }
+
+    /// Where the collectives' buffers go: the CPU for Gloo, the group's GPU for NCCL.
+    fn collective_device(&self) -> Device {
+        #[cfg(feature = "distributed")]
+        {
+            self.inner.device()
+        }
+        #[cfg(not(feature = "distributed"))]
+        {
+            Device::Cpu
+        }
+    }
+
     /// Joins the launch's group (Gloo): rank 0 serves the TCPStore on MASTER_ADDR:MASTER_PORT,
     /// bound to that address only; Gloo's transport binds to MASTER_ADDR too when it is a
     /// loopback address (one machine), else to this host's name.
     pub fn join(launch: &Launch, timeout: Duration) -> Result<ProcessGroup> {
         #[cfg(feature = "distributed")]
         {
-            let loopback = launch
-                .master_addr
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|a| a.is_loopback());
-            let config = ddpm_c10d::GlooConfig {
-                master_addr: launch.master_addr.clone(),
-                master_port: launch.master_port,
-                rank: launch.rank,
-                world_size: launch.world_size,
-                timeout,
-                gloo_host: loopback.then(|| launch.master_addr.clone()),
-                serve_store: !launch.agent_store,
-                store_prefix: format!("ddpm/{}/", launch.restart),
-            };
+            let config = Self::c10d_config(launch, timeout);
             let inner =
                 ddpm_c10d::ProcessGroup::gloo(&config).map_err(|e| DdpmError::Distributed {
                     rank: launch.rank,
@@ -206,7 +303,7 @@ impl ProcessGroup {
     }
 
     /// Averages the gradients of `params` over the ranks in one all-reduce: the gradients are
-    /// concatenated into one flat buffer (on the CPU for Gloo), reduced, divided by the world
+    /// concatenated into one flat buffer (on the CPU for Gloo, the GPU for NCCL), reduced, divided by the world
     /// size and copied back. A parameter without a gradient adds zeros (so that every rank's
     /// buffer has the same layout) and keeps no gradient. Every rank must pass the same
     /// parameters in the same order, with the same kind.
@@ -227,7 +324,7 @@ impl ProcessGroup {
                 }
             })
             .collect::<std::result::Result<_, _>>()?;
-        let mut buffer = Tensor::f_cat(&flat, 0)?.f_to_device(Device::Cpu)?;
+        let mut buffer = Tensor::f_cat(&flat, 0)?.f_to_device(self.collective_device())?;
         self.all_reduce_average(&mut buffer)?;
         let mut offset = 0i64;
         for (p, mut g) in params.iter().zip(grads) {
@@ -490,5 +587,49 @@ mod tests {
     #[test]
     fn backends_match_the_feature() {
         assert_eq!(backends().contains(&"gloo"), cfg!(feature = "distributed"));
+        assert_eq!(backends().contains(&"nccl"), cfg!(feature = "nccl"));
+    }
+
+    #[test]
+    fn the_backend_follows_the_device() {
+        assert_eq!(ProcessGroup::backend_for(Device::Cpu), ("gloo", None));
+        let (backend, note) = ProcessGroup::backend_for(Device::Cuda(1));
+        if cfg!(feature = "nccl") {
+            assert_eq!((backend, note), ("nccl", None));
+        } else {
+            assert_eq!(backend, "gloo");
+            let note = note.expect("a note on what Gloo on CUDA costs");
+            assert!(note.contains("`nccl`") && note.contains("CPU"), "{note}");
+        }
+    }
+
+    #[test]
+    fn local_rank_picks_the_gpu() {
+        assert_eq!(rank_device(Device::Cuda(0), 0, 2).unwrap(), Device::Cuda(0));
+        assert_eq!(rank_device(Device::Cuda(0), 1, 2).unwrap(), Device::Cuda(1));
+        assert_eq!(rank_device(Device::Cuda(0), 3, 8).unwrap(), Device::Cuda(3));
+        // The CPU is shared by every rank.
+        assert_eq!(rank_device(Device::Cpu, 5, 0).unwrap(), Device::Cpu);
+        assert_eq!(rank_device(Device::Cpu, 1, 1).unwrap(), Device::Cpu);
+    }
+
+    #[test]
+    fn a_local_rank_without_its_gpu_is_named() {
+        for (local_rank, visible) in [(1usize, 1i64), (2, 2), (0, 0)] {
+            let e = rank_device(Device::Cuda(0), local_rank, visible).unwrap_err();
+            match &e {
+                DdpmError::DistributedEnv { var, value, reason } => {
+                    assert_eq!(*var, "LOCAL_RANK");
+                    assert_eq!(value, &local_rank.to_string());
+                    assert!(reason.contains(&format!("cuda:{local_rank}")), "{reason}");
+                    assert!(
+                        reason.contains(&format!("{visible} CUDA device")),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(e.to_string().contains("LOCAL_RANK"), "{e}");
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! PyTorch's c10d process groups for tch tensors: a Gloo group (CPU) set up from a TCPStore,
-//! with in-place all-reduce, broadcast and barrier.
+//! PyTorch's c10d process groups for tch tensors: a Gloo group (CPU) or, with the `nccl`
+//! feature, an NCCL group (one GPU per rank) set up from a TCPStore, with in-place all-reduce,
+//! broadcast and barrier.
 //!
 //! tch has no distributed API; this crate compiles a small C++ shim (csrc/c10d_shim.cpp) against
 //! the c10d headers of the pinned libtorch and the gloo headers vendored in third_party/gloo
@@ -24,6 +25,17 @@ mod ffi {
             world: c_int,
             timeout_ms: i64,
             gloo_host: *const c_char,
+            serve: c_int,
+            prefix: *const c_char,
+            out: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn ddpm_c10d_init_nccl(
+            master_addr: *const c_char,
+            port: u16,
+            rank: c_int,
+            world: c_int,
+            timeout_ms: i64,
+            device_index: c_int,
             serve: c_int,
             prefix: *const c_char,
             out: *mut *mut c_void,
@@ -82,17 +94,23 @@ pub struct GlooConfig {
     pub store_prefix: String,
 }
 
-/// A Gloo process group; destroyed on drop. Collectives are blocking and in place, on contiguous
-/// CPU tensors.
+/// A Gloo or NCCL process group; destroyed on drop. Collectives are in place, on contiguous
+/// tensors: CPU tensors for Gloo; for NCCL the group's GPU's, or CPU tensors that the shim
+/// copies there and back (small ones: flags, a loss).
 #[derive(Debug)]
 pub struct ProcessGroup {
     raw: NonNull<c_void>,
     rank: usize,
     world_size: usize,
+    device: Device,
 }
 
 /// The backends compiled into this crate.
+#[cfg(not(feature = "nccl"))]
 pub const BACKENDS: &[&str] = &["gloo"];
+/// The backends compiled into this crate.
+#[cfg(feature = "nccl")]
+pub const BACKENDS: &[&str] = &["gloo", "nccl"];
 
 fn check(op: &'static str, err: *mut c_char) -> Result<(), C10dError> {
     if err.is_null() {
@@ -156,7 +174,65 @@ impl ProcessGroup {
             raw,
             rank: config.rank,
             world_size: config.world_size,
+            device: Device::Cpu,
         })
+    }
+
+    /// Joins an NCCL group on GPU `cuda_index` (this rank's; made the current CUDA device):
+    /// the store as for [`ProcessGroup::gloo`] (`gloo_host` is not used). NCCL needs one GPU
+    /// per rank. Without the `nccl` feature: an error saying so.
+    pub fn nccl(config: &GlooConfig, cuda_index: usize) -> Result<Self, C10dError> {
+        let op = "init";
+        let too_big = |what: &str| C10dError {
+            op,
+            message: format!("{what} does not fit a C int"),
+        };
+        let rank = c_int::try_from(config.rank).map_err(|_| too_big("rank"))?;
+        let world = c_int::try_from(config.world_size).map_err(|_| too_big("world size"))?;
+        let index = c_int::try_from(cuda_index).map_err(|_| too_big("the CUDA device"))?;
+        let timeout_ms = i64::try_from(config.timeout.as_millis()).unwrap_or(i64::MAX);
+        let addr = cstring(op, "MASTER_ADDR", &config.master_addr)?;
+        let prefix = cstring(op, "the store prefix", &config.store_prefix)?;
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: as in `gloo`.
+        let err = unsafe {
+            ffi::ddpm_c10d_init_nccl(
+                addr.as_ptr(),
+                config.master_port,
+                rank,
+                world,
+                timeout_ms,
+                index,
+                c_int::from(config.serve_store),
+                prefix.as_ptr(),
+                &mut out,
+            )
+        };
+        check(op, err)?;
+        let raw = NonNull::new(out).ok_or_else(|| C10dError {
+            op,
+            message: "the shim returned no group".into(),
+        })?;
+        Ok(Self {
+            raw,
+            rank: config.rank,
+            world_size: config.world_size,
+            device: Device::Cuda(cuda_index),
+        })
+    }
+
+    /// Where the collectives run: the CPU (Gloo) or the group's GPU (NCCL); a buffer there
+    /// is reduced without a copy.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// `gloo` or `nccl`.
+    pub fn backend(&self) -> &'static str {
+        match self.device {
+            Device::Cpu => "gloo",
+            _ => "nccl",
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -167,12 +243,17 @@ impl ProcessGroup {
         self.world_size
     }
 
-    fn cpu_contiguous(op: &'static str, tensor: &Tensor) -> Result<(), C10dError> {
-        if tensor.device() != Device::Cpu || !tensor.is_contiguous() {
+    fn cpu_contiguous(&self, op: &'static str, tensor: &Tensor) -> Result<(), C10dError> {
+        let here = tensor.device() == Device::Cpu || tensor.device() == self.device;
+        if !here || !tensor.is_contiguous() {
+            let wanted = match self.device {
+                Device::Cpu => "Gloo needs a contiguous CPU tensor".to_string(),
+                d => format!("NCCL needs a contiguous tensor on {d:?} or the CPU"),
+            };
             return Err(C10dError {
                 op,
                 message: format!(
-                    "Gloo needs a contiguous CPU tensor, got one on {:?} (contiguous: {})",
+                    "{wanted}, got one on {:?} (contiguous: {})",
                     tensor.device(),
                     tensor.is_contiguous()
                 ),
@@ -185,7 +266,7 @@ impl ProcessGroup {
     /// same shape and kind everywhere.
     pub fn all_reduce(&self, tensor: &mut Tensor, reduce: Reduce) -> Result<(), C10dError> {
         let op = "all_reduce";
-        Self::cpu_contiguous(op, tensor)?;
+        self.cpu_contiguous(op, tensor)?;
         let average = c_int::from(reduce == Reduce::Average);
         // SAFETY: `raw` is a live group; `as_mut_ptr` is tch's `at::Tensor*`, valid for the call.
         check(op, unsafe {
@@ -196,7 +277,7 @@ impl ProcessGroup {
     /// In place on every rank: `root`'s tensor.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<(), C10dError> {
         let op = "broadcast";
-        Self::cpu_contiguous(op, tensor)?;
+        self.cpu_contiguous(op, tensor)?;
         let root = c_int::try_from(root).map_err(|_| C10dError {
             op,
             message: "root does not fit a C int".into(),

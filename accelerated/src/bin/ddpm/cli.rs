@@ -749,7 +749,7 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
     let signals = StopSignals::install().context("cannot install the signal handlers")?;
     let opts = TrainOptions {
         run_dir: run_dir.clone(),
-        device: device.resolve()?,
+        device: rank_device(device.resolve()?)?,
         resume: args.resume,
         resume_must_match: args.preset.is_some() || args.config.is_some(),
         stop: signals.stop_flag(),
@@ -766,7 +766,7 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
             run_dir.display()
         );
     }
-    let group = join_group(args, &cfg, &given)?;
+    let group = join_group(args, &cfg, &given, opts.device)?;
     let rank = group.as_ref().map_or(0, |g| g.rank());
     let mut bar = Bar::new(progress && rank == 0);
     let summary = train_in_group(&cfg, &opts, args.steps, &mut bar, group)
@@ -805,6 +805,19 @@ fn run_train(args: &TrainArgs, device: DeviceArg, progress: bool) -> anyhow::Res
     Ok(())
 }
 
+/// Under torchrun on CUDA (`--device cuda`, or auto with a GPU): this rank's GPU,
+/// cuda:LOCAL_RANK; otherwise `device` as it is.
+fn rank_device(device: tch::Device) -> anyhow::Result<tch::Device> {
+    let Some(launch) = ddpm::distributed::Launch::from_env()? else {
+        return Ok(device);
+    };
+    Ok(ddpm::distributed::rank_device(
+        device,
+        launch.local_rank,
+        tch::Cuda::device_count(),
+    )?)
+}
+
 /// Under torchrun (its RANK, WORLD_SIZE, … set): this rank's process group, joined within
 /// --distributed-timeout (else `train.distributed_timeout_s`, else 300 s), after refusing a
 /// --batch-size the ranks cannot share (on --resume the run's saved batch is checked by the
@@ -813,6 +826,7 @@ fn join_group(
     args: &TrainArgs,
     cfg: &Config,
     given: &[Given],
+    device: tch::Device,
 ) -> anyhow::Result<Option<ddpm::distributed::ProcessGroup>> {
     let Some(launch) = ddpm::distributed::Launch::from_env()? else {
         return Ok(None);
@@ -828,12 +842,16 @@ fn join_group(
     if secs == 0 {
         bail!("--distributed-timeout must be at least 1 second, got 0");
     }
-    let group =
-        ddpm::distributed::ProcessGroup::join(&launch, std::time::Duration::from_secs(secs))?;
+    let timeout = std::time::Duration::from_secs(secs);
+    let group = ddpm::distributed::ProcessGroup::join_on(&launch, timeout, device)?;
     if launch.rank == 0 {
+        if let (_, Some(note)) = ddpm::distributed::ProcessGroup::backend_for(device) {
+            tracing::warn!("{note}");
+        }
         tracing::info!(
-            "data-parallel training: {} ranks (gloo, {}:{}), timeout {secs} s",
+            "data-parallel training: {} ranks ({}, {}:{}), timeout {secs} s",
             launch.world_size,
+            group.backend(),
             launch.master_addr,
             launch.master_port
         );
