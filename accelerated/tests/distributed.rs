@@ -291,7 +291,12 @@ fn ddpm_info_lists_the_built_in_backends() {
     let out = common::ddpm().arg("info").output().expect("run ddpm info");
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("distributed backends: gloo\n"), "{stdout}");
+    let backends = if cfg!(feature = "nccl") {
+        "distributed backends: gloo, nccl\n"
+    } else {
+        "distributed backends: gloo\n"
+    };
+    assert!(stdout.contains(backends), "{stdout}");
 }
 
 // ---- the `ddpm train` binary --------------------------------------------------------------

@@ -288,7 +288,10 @@ fn dpm_settings_are_checked() {
     };
     assert!(matches!(
         Sampler::new(&s, all.clone()),
-        Err(ddpm::error::DdpmError::OutOfRange { key: "sample.steps", .. })
+        Err(ddpm::error::DdpmError::OutOfRange {
+            key: "sample.steps",
+            ..
+        })
     ));
     let trailing = SamplerConfig {
         spacing: Spacing::Trailing,
