@@ -560,6 +560,26 @@ fn against_the_oracle(
     })
 }
 
+/// Items 3 and 5's run: `tiny` on the cosine schedule with T = 50, batch 16, warm-up 20, lr
+/// 5e-3 decayed to 0.1× at the last step, run seed 5; `default` steps unless
+/// `DDPM_TRAINING_STEPS` says otherwise (for measurement).
+fn mixture_run(default: u64) -> (Config, u64) {
+    let steps = std::env::var("DDPM_TRAINING_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    let mut cfg = tiny(ScheduleKind::Cosine, 50, steps);
+    cfg.train.batch_size = 16;
+    cfg.train.warmup_steps = 20;
+    cfg.train.lr = 5e-3;
+    cfg.train.lr_decay = vec![ddpm::config::LrPoint {
+        step: steps,
+        factor: 0.1,
+    }];
+    cfg.train.seed = 5;
+    (cfg, steps)
+}
+
 /// Item 3: a short product run (`train_on`, the real loop: loader, `train_step`, LAMB with
 /// warm-up and decay, checkpoint) on 4096 draws of the mixture (seed 9), cosine schedule with
 /// T = 50 (ᾱ_t from ~1 to ~0, the whole range of noise levels), the harness's small U-Net, 600
@@ -588,19 +608,7 @@ fn a_short_run_on_a_mixture_approaches_the_oracle_at_every_t() {
     let _rng = rng_lock();
     single_thread();
     const T: i64 = 50;
-    let steps = std::env::var("DDPM_TRAINING_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
-    let mut cfg = tiny(ScheduleKind::Cosine, T, steps);
-    cfg.train.batch_size = 16;
-    cfg.train.warmup_steps = 20;
-    cfg.train.lr = 5e-3;
-    cfg.train.lr_decay = vec![ddpm::config::LrPoint {
-        step: steps,
-        factor: 0.1,
-    }];
-    cfg.train.seed = 5;
+    let (cfg, steps) = mixture_run(600);
     let g = law();
     let oracle = oracle_law(&g);
     let schedule = Schedule::new(cfg.diffusion.schedule, T, Device::Cpu).unwrap();
@@ -724,19 +732,8 @@ fn a_short_conditional_run_approaches_both_oracles() {
     let _rng = rng_lock();
     single_thread();
     const T: i64 = 50;
-    let steps = std::env::var("DDPM_TRAINING_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
-    let mut cfg = tiny(ScheduleKind::Cosine, T, steps);
-    cfg.train.batch_size = 16;
-    cfg.train.warmup_steps = 20;
-    cfg.train.lr = 5e-3;
-    cfg.train.lr_decay = vec![ddpm::config::LrPoint {
-        step: steps,
-        factor: 0.1,
-    }];
-    cfg.train.seed = 5;
+    let (cfg, steps) = mixture_run(2000);
+    let mut cfg = cfg;
     cfg.train.conditional = true;
     cfg.train.label_dropout = 0.5;
     let amp = 0.3;
