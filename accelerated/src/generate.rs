@@ -149,7 +149,6 @@ pub fn generate_each<M: NoisePredictor + ?Sized>(
     sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<usize> {
     draw(
-        model.bytes_per_sample(),
         &|_, _| Ok(Plain(model)),
         schedule,
         cfg,
@@ -190,11 +189,7 @@ pub fn generate_each_class<M: NoisePredictor + ConditionalPredictor + ?Sized>(
         });
     }
     let w = cfg.sample.guidance;
-    // Guidance runs the network on the doubled batch [x; x].
-    let per_sample = ConditionalPredictor::bytes_per_sample(model)
-        .and_then(|b| b.checked_mul(if w == 0.0 { 1 } else { 2 }));
     draw(
-        per_sample,
         &|first, size| {
             Ok(Guided {
                 model,
@@ -232,7 +227,6 @@ impl<M: NoisePredictor + ?Sized> NoisePredictor for Plain<'_, M> {
 /// is `predictor(first, size)`.
 #[allow(clippy::too_many_arguments)]
 fn draw<P: NoisePredictor>(
-    bytes_per_sample: Option<u64>,
     predictor: &dyn Fn(usize, usize) -> Result<P>,
     schedule: &Schedule,
     cfg: &Config,
@@ -250,7 +244,9 @@ fn draw<P: NoisePredictor>(
     let sampler = Sampler::new(schedule, sampler_cfg)?;
     let [c, s, _] = cfg.image_shape();
     let image_bytes = (c * s * s) as u64 * 4;
-    if let Some(per_sample) = bytes_per_sample {
+    // What a sample needs is the first batch's predictor's to say (a guided one counts its
+    // doubled batch itself), the same check for every kind of predictor.
+    if let Some(per_sample) = predictor(0, b)?.bytes_per_sample() {
         let needed = per_sample
             .checked_add(image_bytes)
             .and_then(|p| p.checked_mul(b as u64));
