@@ -2,7 +2,8 @@
 # Mutation score of the accelerated crate's product files (issue 13; docs/verification.md,
 # "Mutation score"). Usage: bash scripts/mutants.sh [FILE-KEY ...]   (default: every key below)
 # Environment: MUTANTS_DIR (the mutated copy), MUTANTS_OUT (results), MUTANTS_TIMEOUT (test
-# timeout, s), MUTANTS_ARGS (extra cargo-mutants arguments), LIBTORCH (see below).
+# timeout, s), MUTANTS_ARGS (extra cargo-mutants arguments), MUTANTS_NICE (niceness, default
+# 19; 0 on a machine kept for it: at 19 a mutant gets ~1 % of a core beside a build), LIBTORCH.
 #
 # Each mutant costs an incremental release rebuild of `ddpm` and the test binaries named for
 # its file, then those tests. To keep that cheap and leave the working tree alone, the tree
@@ -76,7 +77,7 @@ for key in "${keys[@]}"; do
   for a in ${tests[$key]}; do targs+=("--cargo-arg=$a"); done
   start=$(date +%s)
   # --in-place runs one mutant at a time (no -j).
-  nice -n 19 cargo mutants --in-place --no-shuffle -p ddpm "${fargs[@]}" \
+  nice -n "${MUTANTS_NICE:-19}" cargo mutants --in-place --no-shuffle -p ddpm "${fargs[@]}" \
     --test-package ddpm,ddpm-tests --baseline skip --timeout "${MUTANTS_TIMEOUT:-120}" --build-timeout 600 \
     --profile release --output "$out/$key" "${targs[@]}" ${extra[@]+"${extra[@]}"} || true
   echo "[mutants] $key: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"

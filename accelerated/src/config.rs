@@ -271,7 +271,7 @@ fn yes() -> bool {
 }
 
 /// The names of the presets.
-pub const PRESETS: [&str; 3] = ["mnist", "cifar32", "celeba128"];
+pub const PRESETS: [&str; 4] = ["mnist", "mnist-conditional", "cifar32", "celeba128"];
 
 /// The most bytes a config file may hold (a whole configuration is a few KiB); a longer file,
 /// or anything but a regular file (a FIFO, a link to /dev/zero), is refused before reading.
@@ -345,6 +345,27 @@ impl Config {
         }
     }
 
+    /// `mnist-conditional` (the main job, `bash scripts/train.sh`): `mnist` trained on the
+    /// digits' labels (label dropout 0.1) and sampled with classifier-free guidance w = 0.5,
+    /// its grids one row a digit, one grid at the end. At the same budget it gives FD-MNIST 5.8
+    /// and 91.5 % confident samples against `mnist`'s 29.8 and 41 % (docs/training-defaults.md).
+    pub fn mnist_conditional() -> Config {
+        let mnist = Config::mnist();
+        Config {
+            train: TrainConfig {
+                conditional: true,
+                // One guided grid costs two of `mnist`'s: one at the end keeps the budget.
+                sample_every: 2000,
+                ..mnist.train
+            },
+            sample: SampleConfig {
+                guidance: 0.5,
+                ..mnist.sample
+            },
+            ..mnist
+        }
+    }
+
     /// `cifar32`: a folder of images at 32×32 RGB with flips, 128·[1,2,2,2], EMA 0.9999.
     pub fn cifar32() -> Config {
         let mnist = Config::mnist();
@@ -415,6 +436,7 @@ impl Config {
     pub fn preset(name: &str) -> Result<Config> {
         match name {
             "mnist" => Ok(Config::mnist()),
+            "mnist-conditional" => Ok(Config::mnist_conditional()),
             "cifar32" => Ok(Config::cifar32()),
             "celeba128" => Ok(Config::celeba128()),
             _ => Err(DdpmError::OutOfRange {
@@ -987,6 +1009,21 @@ pub mod saved {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The main job's preset is `mnist` but for its labels, its guidance and its one grid.
+    #[test]
+    fn the_conditional_preset_is_mnist_with_labels_and_guidance() {
+        let mut c = Config::preset("mnist-conditional").unwrap();
+        assert_eq!(
+            (c.train.conditional, c.sample.guidance, c.train.sample_every),
+            (true, 0.5, 2000)
+        );
+        assert_eq!(c.train.label_dropout, DEFAULT_LABEL_DROPOUT);
+        c.train.conditional = false;
+        c.train.sample_every = 500;
+        c.sample.guidance = 0.0;
+        assert_eq!(c, Config::mnist());
+    }
 
     #[test]
     fn presets_are_valid_and_round_trip_through_toml() {

@@ -152,6 +152,21 @@ pub fn run(opts: &Options, device: Device, progress: &mut dyn Progress) -> Resul
     opts.check()?;
     let ckpt = open_mnist(&opts.checkpoint, "the quality table")?;
     let cfg = ckpt.manifest.config.clone();
+    if cfg.model.classes > 0 {
+        // Its σ̂_t, bits/dim and σ rows are those of the unconditional law; a guided model's
+        // are not defined by this table (issue 15).
+        return Err(DdpmError::Incompatible {
+            key: "model.classes",
+            other: "the quality table".into(),
+            reason: format!(
+                "{} is a conditional run ({} classes); the table measures unconditional \
+                 sampling: score it with `ddpm score` or `ddpm guidance`, or tabulate an \
+                 unconditional run (`ddpm train --preset mnist`)",
+                ckpt.dir.display(),
+                cfg.model.classes
+            ),
+        });
+    }
     let plan = opts.plan(cfg.sample.clip_each_step);
     plan.check(cfg.diffusion.t_max)?;
     let LoadedModel {

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::data::load_dataset;
 use crate::error::{DdpmError, Result};
 use crate::grid::{ensure_dir, ensure_writable, save_grid};
+use crate::guidance::Balanced;
 use crate::progress::Progress;
 use crate::sampler::{NoisePredictor, Sampler, SamplerConfig};
 use crate::schedule::Schedule;
@@ -64,6 +65,9 @@ pub struct ScoreOptions {
     pub grid: usize,
     /// The step rule in place of the run's `sample.sampler` (none: the run's).
     pub sampler: Option<crate::config::SamplerKind>,
+    /// A conditional run's guidance weight w in place of its `sample.guidance` (none: the
+    /// run's); its samples take every class in turn ([`Balanced`]).
+    pub guidance: Option<f64>,
 }
 
 impl Default for ScoreOptions {
@@ -82,6 +86,7 @@ impl Default for ScoreOptions {
             threshold: CONFIDENT,
             grid: 36,
             sampler: None,
+            guidance: None,
         }
     }
 }
@@ -158,6 +163,9 @@ pub struct ScoreReport {
     pub sampler: SamplerConfig,
     /// Sampled with the EMA weights (the run's `sample.ema`).
     pub ema: bool,
+    /// A conditional run's guidance weight, its samples taking every class in turn; `None`
+    /// for an unconditional run.
+    pub guidance: Option<f64>,
     /// Base seed.
     pub seed: u64,
     /// The confident share's threshold.
@@ -194,7 +202,7 @@ impl ScoreReport {
         };
         format!(
             "FD-MNIST {:.2}{} (floor {:.2}{}), confident {:.1} % (held-out digits {:.1} %), \
-             H(y|x) {:.3}, H(ȳ) {:.3}; {} samples at {} steps from step {}",
+             H(y|x) {:.3}, H(ȳ) {:.3}; {} samples{} at {} steps from step {}",
             g.fd.unwrap_or(f64::NAN),
             interval(g),
             f.fd.unwrap_or(f64::NAN),
@@ -204,6 +212,8 @@ impl ScoreReport {
             g.entropy,
             g.marginal_entropy,
             g.images,
+            self.guidance
+                .map_or_else(String::new, |w| format!(" (every class in turn, w = {w})")),
             self.sampler.steps.unwrap_or(0),
             self.step,
         )
@@ -367,6 +377,15 @@ pub fn run(
     opts.check()?;
     let ckpt = open_mnist(&opts.checkpoint, "ddpm score")?;
     let cfg = ckpt.manifest.config.clone();
+    let conditional = cfg.model.classes > 0;
+    if !conditional && opts.guidance.is_some() {
+        return Err(DdpmError::NotConditional {
+            what: format!("the checkpoint {}", ckpt.dir.display()),
+            reason: "it was trained without labels: model.classes = 0".into(),
+            advice: "score it without a guidance weight".into(),
+        });
+    }
+    let w = opts.guidance.unwrap_or(cfg.sample.guidance);
     crate::timesteps::strided(cfg.diffusion.t_max, opts.steps)?;
     let out = out_dir(opts.out.as_deref(), &ckpt.dir);
     ensure_dir(&out)?;
@@ -399,17 +418,32 @@ pub fn run(
         heldout: &heldout.images,
         device,
     };
+    let balanced = Balanced { model: &net, w };
     let Measured {
         generated,
         floor,
         ceiling,
         sample_seconds,
-    } = measure(&ctx, opts, &out, progress)?;
+    } = if conditional {
+        let ctx = ScoreContext {
+            model: &balanced,
+            schedule: ctx.schedule,
+            sampler: ctx.sampler.clone(),
+            classifier: ctx.classifier,
+            train: ctx.train,
+            heldout: ctx.heldout,
+            device,
+        };
+        measure(&ctx, opts, &out, progress)?
+    } else {
+        measure(&ctx, opts, &out, progress)?
+    };
     let report = ScoreReport {
         checkpoint: ckpt.dir.display().to_string(),
         step: ckpt.manifest.step,
         sampler: ctx.sampler.clone(),
         ema: cfg.sample.ema,
+        guidance: conditional.then_some(w),
         seed: opts.seed,
         threshold: opts.threshold,
         confidence: CONFIDENCE,

@@ -48,6 +48,10 @@ pub struct ScoreArgs {
     /// sample.eta, else 0) or dpm++2m [default: the run's].
     #[arg(long, value_name = "RULE", value_parser = ["ancestral", "ddim", "dpm++2m"])]
     pub sampler: Option<String>,
+    /// A conditional run's guidance weight w ≥ 0 (0: plain conditional), in place of its
+    /// sample.guidance; the samples take every class in turn, so each is drawn equally often.
+    #[arg(long, value_name = "W", allow_hyphen_values = true, value_parser = finite)]
+    pub guidance: Option<f64>,
 }
 
 impl ScoreArgs {
@@ -69,6 +73,7 @@ impl ScoreArgs {
                 "dpm++2m" => ddpm::config::SamplerKind::DpmSolver2M,
                 _ => ddpm::config::SamplerKind::Ancestral,
             }),
+            guidance: self.guidance,
         }
     }
 }
@@ -81,6 +86,7 @@ fn score_flag(key: &str) -> Option<&'static str> {
         "batch" => "--batch",
         "bootstrap" => "--bootstrap",
         "threshold" => "--threshold",
+        "sample.guidance" => "--guidance",
         _ => return None,
     })
 }
