@@ -219,7 +219,7 @@ pub enum DdpmError {
     },
     /// A class asked for that the model does not have: an index out of 0..classes or an
     /// unknown name.
-    #[error("class {asked:?} is not one of the model's {} classes: give an index from 0 to {} or a name ({}), a comma-separated list of them, or `all`", names.len(), names.len().saturating_sub(1), names.join(", "))]
+    #[error("class {asked:?} is not one of the model's {} classes: give an index from 0 to {} or a name ({}), `none` (no class), a comma-separated list of them, or `all`", names.len(), names.len().saturating_sub(1), names.join(", "))]
     UnknownClass {
         /// What was asked for, as given.
         asked: String,

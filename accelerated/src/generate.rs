@@ -36,9 +36,10 @@ pub struct SampleOptions {
     /// A directory to write each image to as `NNNNN.png`; `None` writes none.
     pub each: Option<PathBuf>,
     /// Conditional models ([`run`] only): the classes to draw, as `ddpm sample --class` takes
-    /// them (an index or name, a comma-separated list, or `all`; see [`parse_classes`]); `n`
-    /// images of each, class after class, the grid one row per class when there are several.
-    /// `None`: no class (ε̂(x_t, ∅), for a conditional model the unconditional samples).
+    /// them (an index or name, a comma-separated list, `all`, or `none` for ε̂(x_t, ∅), the
+    /// unconditional samples; see [`parse_classes`]); `n` images of each, class after class,
+    /// the grid one row per class when there are several. `None`: every class in turn, image
+    /// i of class i mod K, the grid one column a class (an unconditional model: no class).
     pub classes: Option<String>,
 }
 
@@ -346,8 +347,21 @@ pub fn run(
         grid::ensure_dir(dir)?;
     }
     let model = checkpoint::load_model(path, device, opts.weights)?;
+    let guidance_given = overrides
+        .get("sample")
+        .and_then(|s| s.as_table())
+        .is_some_and(|s| s.contains_key("guidance"));
     let cfg = settings(&model.config, overrides, origin)?;
+    let k = model.net.class_count();
+    if k == 0 && guidance_given {
+        return Err(DdpmError::NotConditional {
+            what: format!("the checkpoint {}", model.checkpoint.dir.display()),
+            reason: "it was trained without labels: model.classes = 0, so there is no class to guide towards (sample.guidance)".into(),
+            advice: "sample it without a guidance weight, or train a conditional run (train.conditional = true)".into(),
+        });
+    }
     let labels = match &opts.classes {
+        None if k > 0 => Some((0..opts.n).map(|i| (i % k) as i64).collect()),
         None => None,
         Some(spec) => {
             if model.net.class_count() == 0 {
@@ -363,9 +377,14 @@ pub fn run(
             ))
         }
     };
-    // n images of each class asked for, one row a class when there are several.
+    // n images of each class asked for, one row a class when there are several; without a
+    // class, one column a class.
     let opts = &match &labels {
         None => opts.clone(),
+        Some(_) if opts.classes.is_none() => SampleOptions {
+            columns: opts.columns.or(Some(k as i64)),
+            ..opts.clone()
+        },
         Some(labels) => {
             let rows = labels.len() / opts.n.max(1);
             let total = SampleOptions {
@@ -453,8 +472,9 @@ pub fn class_names(cfg: &Config) -> Vec<String> {
 
 /// The labels `spec` names among `names` (a model's classes, in label order): `all` is every
 /// class in order; otherwise a comma-separated list of classes, each a name (an exact match
-/// comes first) or an index from 0; repeats are kept. [`DdpmError::UnknownClass`] names the
-/// first item that is neither.
+/// comes first), an index from 0 or `none` (∅, the label `names.len()`: the unconditional
+/// prediction, where no class is named `none`); repeats are kept.
+/// [`DdpmError::UnknownClass`] names the first item that is none of these.
 pub fn parse_classes(spec: &str, names: &[String]) -> Result<Vec<i64>> {
     if spec.trim() == "all" {
         return Ok((0..names.len() as i64).collect());
@@ -466,6 +486,7 @@ pub fn parse_classes(spec: &str, names: &[String]) -> Result<Vec<i64>> {
                 .iter()
                 .position(|n| n == item)
                 .or_else(|| item.parse::<usize>().ok().filter(|&k| k < names.len()))
+                .or_else(|| (item == "none").then_some(names.len()))
                 .map(|k| k as i64)
                 .ok_or_else(|| DdpmError::UnknownClass {
                     asked: item.to_string(),

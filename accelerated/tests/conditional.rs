@@ -164,8 +164,40 @@ fn a_tiny_conditional_run_records_its_classes_and_samples_each_class() {
         std::fs::read(out("g-full.png")).unwrap(),
         "w = 2 draws other images than w = 0"
     );
-    // Without --class a conditional model draws unconditionally (no class).
-    succeeds(&mut sample(&run, &out("none.png"), &["--n", "2"]));
+    // Without --class a conditional model draws every class in turn, one column a class:
+    // image i is class i mod 3, bitwise the images --class asks for one at a time (the same
+    // seeded noise, batch for batch).
+    succeeds(
+        sample(
+            &run,
+            &out("turn.png"),
+            &["--n", "6", "--grid-scale", "1", "--each"],
+        )
+        .arg(out("turn")),
+    );
+    assert_eq!(png_size(&out("turn.png")), grid(3, 2, 1));
+    succeeds(
+        sample(
+            &run,
+            &out("rows.png"),
+            &["--class", "a,b,c,a,b,c", "--n", "1", "--each"],
+        )
+        .arg(out("rows")),
+    );
+    for i in 0..6 {
+        let file = format!("{i:05}.png");
+        assert_eq!(
+            std::fs::read(out("turn").join(&file)).unwrap(),
+            std::fs::read(out("rows").join(&file)).unwrap(),
+            "image {i}"
+        );
+    }
+    // `none` is the unconditional prediction, also under guidance.
+    succeeds(&mut sample(
+        &run,
+        &out("none.png"),
+        &["--class", "none", "--n", "2", "--guidance", "2"],
+    ));
 
     // `ddpm guidance` measures mnist runs only (its classifier knows the digits).
     fails(
@@ -197,11 +229,6 @@ fn a_tiny_conditional_run_records_its_classes_and_samples_each_class() {
         &mut sample(&run, &out("x.png"), &["--class", "a,dog"]),
         1,
         &["class \"dog\""],
-    );
-    fails(
-        &mut sample(&run, &out("x.png"), &["--guidance", "1"]),
-        1,
-        &["--guidance", "--class"],
     );
     fails(
         &mut sample(&run, &out("x.png"), &["--class", "0", "--guidance", "-1"]),
@@ -289,6 +316,11 @@ fn an_unconditional_run_is_as_before_and_refuses_a_class() {
         "{saved}"
     );
     succeeds(&mut sample(&run, &setup.path("plain.png"), &["--n", "2"]));
+    fails(
+        &mut sample(&run, &setup.path("x.png"), &["--guidance", "1"]),
+        1,
+        &["--guidance", "has no classes", "sample.guidance"],
+    );
 
     fails(
         &mut sample(&run, &setup.path("x.png"), &["--class", "0"]),

@@ -23,8 +23,9 @@ fn random_digits(path: &Path, n: usize) {
     std::fs::write(path, text).unwrap();
 }
 
-/// A tiny mnist run of 2 steps, trained in `dir`; returns the run directory.
-fn tiny_mnist_run(dir: &Path) -> PathBuf {
+/// A tiny mnist run of 2 steps, trained in `dir` with `ddpm train` flags `extra`; returns the
+/// run directory.
+fn tiny_mnist_run(dir: &Path, extra: &[&str]) -> PathBuf {
     let csv = dir.join("digits.csv");
     random_digits(&csv, 40);
     let config = dir.join("tiny-mnist.toml");
@@ -62,7 +63,8 @@ grid_steps = 4
         .arg("--config")
         .arg(&config)
         .arg("--out")
-        .arg(&run);
+        .arg(&run)
+        .args(extra);
     succeeds(&mut cmd);
     run
 }
@@ -93,7 +95,7 @@ fn score(run: &Path, extra: &[&str]) -> std::process::Command {
 #[test]
 fn a_tiny_mnist_run_is_scored_end_to_end() {
     let dir = scratch();
-    let run = tiny_mnist_run(dir.path());
+    let run = tiny_mnist_run(dir.path(), &[]);
     let out = score(&run, &[]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -138,6 +140,62 @@ fn a_tiny_mnist_run_is_scored_end_to_end() {
         assert_eq!(first[set], second[set], "{set}");
     }
     assert_eq!(first["classifier"], second["classifier"]);
+    assert!(first["guidance"].is_null(), "an unconditional run has no w");
+    // A guidance weight asks an unconditional run for classes it does not have.
+    fails(
+        &mut score(&run, &["--guidance", "1"]),
+        1,
+        &["--guidance", "has no classes", "model.classes = 0"],
+    );
+}
+
+/// A conditional run (the main job's kind) is scored with every class in turn under its own
+/// guidance weight or --guidance's, and the quality table, which measures unconditional
+/// sampling, refuses it.
+#[test]
+fn a_conditional_mnist_run_is_scored_with_its_guidance() {
+    let dir = scratch();
+    let run = tiny_mnist_run(dir.path(), &["--conditional"]);
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(name).join("score.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let mut outputs = Vec::new();
+    for (name, w) in [("w0", "0"), ("w2", "2")] {
+        let out = score(&run, &["--guidance", w, "--out"])
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            stdout.contains(&format!(
+                "6 samples (every class in turn, w = {w}) at 5 steps"
+            )),
+            "{stdout}"
+        );
+        let report = read(name);
+        assert_eq!(report["guidance"].as_f64(), Some(w.parse().unwrap()));
+        outputs.push(report["generated"].clone());
+    }
+    assert_ne!(
+        outputs[0], outputs[1],
+        "w changes the samples and their scores"
+    );
+    fails(
+        &mut score(&run, &["--guidance", "-1"]),
+        1,
+        &["--guidance", "sample.guidance"],
+    );
+    let mut quality = ddpm();
+    quality.args(["quality", "--checkpoint"]).arg(&run);
+    fails(
+        &mut quality,
+        1,
+        &["model.classes", "is a conditional run", "ddpm score"],
+    );
 }
 
 /// A run trained on a folder of images has no labels for the classifier: refused, naming

@@ -590,12 +590,14 @@ pub struct SampleArgs {
     /// Write no grid (--out); for more images than a grid holds (10000), with --each.
     #[arg(long, conflicts_with = "out")]
     pub no_grid: bool,
-    /// A conditional model's classes to draw: an index or a name (`3`), a list (`1,4,7`), or
-    /// `all`; --n images of each, the grid one row a class when there are several.
+    /// A conditional model's classes to draw: an index or a name (`3`), a list (`1,4,7`),
+    /// `all`, or `none` (the unconditional prediction); --n images of each, the grid one row a
+    /// class when there are several [default: every class in turn, --n images in all, one
+    /// column a class].
     #[arg(long, value_name = "CLASS")]
     pub class: Option<String>,
-    /// Classifier-free guidance weight w with --class: ε̂ = (1 + w) ε̂(x, class) − w ε̂(x, none)
-    /// [default: the run's sample.guidance, 0].
+    /// A conditional model's classifier-free guidance weight w: ε̂ = (1 + w) ε̂(x, class) −
+    /// w ε̂(x, none) [default: the run's sample.guidance; the mnist-conditional preset's 0.5].
     #[arg(long, value_name = "W", allow_hyphen_values = true, value_parser = finite)]
     pub guidance: Option<f64>,
     /// Decode these latents (`ddpm invert`'s safetensors) instead of fresh noise, one image
@@ -1023,9 +1025,6 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
     if args.no_grid && args.each.is_none() {
         bail!("--no-grid without --each writes nothing: give --each DIR");
     }
-    if args.guidance.is_some() && args.class.is_none() {
-        bail!("--guidance weighs a class against no class: give --class too");
-    }
     let device = device.resolve()?;
     let given = args.given()?;
     let opts = SampleOptions {
@@ -1059,6 +1058,10 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         ),
         DdpmError::OutOfMemory { key: "n", .. } => {
             anyhow::anyhow!("{}", e.to_string().replacen("lower n", "lower --n", 1))
+        }
+        // Without --class only a guidance weight asks an unconditional model for classes.
+        DdpmError::NotConditional { .. } if args.class.is_none() => {
+            anyhow::anyhow!("--guidance: {e}")
         }
         DdpmError::NotConditional { .. } | DdpmError::UnknownClass { .. } => {
             anyhow::anyhow!("--class: {e}")

@@ -95,6 +95,8 @@ fn score_flag(key: &str) -> Option<&'static str> {
 fn score_error(e: DdpmError) -> anyhow::Error {
     let flag = match &e {
         DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. } => score_flag(key),
+        // Only a guidance weight asks an unconditional run for classes.
+        DdpmError::NotConditional { .. } => Some("--guidance"),
         _ => None,
     };
     match flag {
