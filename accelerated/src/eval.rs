@@ -441,6 +441,12 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("a batch of 8 images"), "{e}");
+        // What is asked for: each of the 8 images the network's bytes plus the bound's terms,
+        // 8 f64 values of 8 bytes a pixel (16 pixels here).
+        let DdpmError::OutOfMemory { needed, .. } = e else {
+            unreachable!()
+        };
+        assert_eq!(needed, 8 * ((1u64 << 40) + 16 * 8 * 8));
         let zero = EvalOptions {
             batch_size: 0,
             ..opts(None)
