@@ -435,7 +435,7 @@ fn cuda_requested_is_used_where_present_and_refused_where_not() {
 
 /// The numeric flags of every subcommand, with whether each holds a whole number or a real;
 /// `--threads` is global.
-const NUMERIC_FLAGS: [(&str, &[(&str, bool)]); 5] = [
+const NUMERIC_FLAGS: [(&str, &[(&str, bool)]); 6] = [
     (
         "train",
         &[
@@ -467,6 +467,7 @@ const NUMERIC_FLAGS: [(&str, &[(&str, bool)]); 5] = [
             ("--eta", false),
             ("--seed", true),
             ("--columns", true),
+            ("--guidance", false),
         ],
     ),
     (
@@ -494,10 +495,23 @@ const NUMERIC_FLAGS: [(&str, &[(&str, bool)]); 5] = [
             ("--seed", true),
         ],
     ),
+    (
+        "score",
+        &[
+            ("--steps", true),
+            ("--samples", true),
+            ("--seed", true),
+            ("--batch", true),
+            ("--bootstrap", true),
+            ("--threshold", false),
+            ("--grid", true),
+            ("--guidance", false),
+        ],
+    ),
     ("info", &[("--threads", true)]),
 ];
 
-/// Every numeric flag of train, sample, eval, quality (and the global --threads) given a
+/// Every numeric flag of train, sample, eval, quality, score (and the global --threads) given a
 /// value no flag can hold — a negative or 2^64 for a whole number, NaN, ±inf or 1e400 for a
 /// real — ends with status 2 and clap's "invalid value … for '--flag …'" carrying the range,
 /// never "unexpected argument '-1'" (a negative read as a flag) and never a panic. The values
@@ -542,7 +556,7 @@ fn every_numeric_flag_refuses_values_its_type_cannot_hold() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 39);
+    assert_eq!(cases, 48);
 }
 
 /// Zero, and -1 where the type holds it, reach the settings' own checks, which name the
