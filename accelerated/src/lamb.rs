@@ -133,10 +133,14 @@ pub fn lamb_update(
         Ok(t.f_view([n])?)
     };
     let lengths = Tensor::f_from_slice(&[n])?.f_to_device(param.device())?;
+    let len = if adapt { n } else { 0 };
+    let index = segment_index(&lengths, n)?.f_narrow(0, 0, len)?;
     let adapted = Adapted {
-        len: if adapt { n } else { 0 },
+        len,
         lengths: &lengths,
+        index: &index,
     };
+    let mut scratch = Scratch::new(n, len, (param.kind(), param.device()))?;
     tch::no_grad(|| {
         let (mut w, mut mf, mut vf) = (flat(param, "param")?, flat(m, "m")?, flat(v, "v")?);
         flat_update(
@@ -147,6 +151,7 @@ pub fn lamb_update(
             step,
             cfg,
             &adapted,
+            &mut scratch,
         )
     })
 }
@@ -171,26 +176,54 @@ fn deep_copy(t: &Tensor) -> Result<Tensor> {
 }
 
 /// The adapted prefix of a flat buffer: its first `len` elements, cut into the segments of
-/// `lengths` (Int64 on the buffer's device, summing to `len`), one per adapted variable.
+/// `lengths` (Int64 on the buffer's device, summing to `len`), one per adapted variable;
+/// `index` (Int32, `len` elements) names each element's segment.
 struct Adapted<'a> {
     len: i64,
     lengths: &'a Tensor,
+    index: &'a Tensor,
+}
+
+/// Working memory of [`flat_update`], allocated once: two buffers of the update's length and
+/// kind, and an f64 one as long as the adapted prefix (for the norms). Full-size temporaries
+/// allocated at every step would cost more than the arithmetic on the CPU (each is fresh,
+/// page-faulted memory), so the update writes into these instead.
+#[derive(Debug)]
+struct Scratch {
+    a: Tensor,
+    u: Tensor,
+    d: Tensor,
+}
+
+impl Scratch {
+    fn new(len: i64, adapted: i64, (kind, device): (Kind, tch::Device)) -> Result<Scratch> {
+        Ok(Scratch {
+            a: Tensor::f_empty([len], (kind, device))?,
+            u: Tensor::f_empty([len], (kind, device))?,
+            d: Tensor::f_empty([adapted], (Kind::Double, device))?,
+        })
+    }
 }
 
 /// ‖x_s‖ for each segment s of `lengths`, in the kind of `x`: squares summed in f64 (one
-/// segmented reduction, deterministic), the root rounded once to x's kind.
-fn segment_norms(x: &Tensor, lengths: &Tensor) -> Result<Tensor> {
-    let squares = x.f_to_kind(Kind::Double)?.f_square()?;
+/// segmented reduction, deterministic), the root rounded once to x's kind. `d` is f64
+/// working memory of x's length.
+fn segment_norms(x: &Tensor, d: &mut Tensor, lengths: &Tensor) -> Result<Tensor> {
+    d.f_copy_(x)?;
+    let _ = d.f_square_()?;
     // `unsafe_ = true` skips libtorch's check that the lengths sum to the size, which reads
     // the lengths back to the host (a device synchronisation); they do by construction.
-    let sums = Tensor::f_segment_reduce(&squares, "sum", Some(lengths), None, None, 0, true, 0.0)?;
+    let sums = Tensor::f_segment_reduce(d, "sum", Some(lengths), None, None, 0, true, 0.0)?;
     Ok(sums.f_sqrt()?.f_to_kind(x.kind())?)
 }
 
 /// The LAMB update over whole flat buffers `w`, `g`, `m`, `v` (same length): the elementwise
 /// part once over everything, the trust ratios over the adapted prefix by one segmented
 /// reduction per norm, expanded back per element. Per element it does exactly what the
-/// per-tensor formula does, in the same order; only the norms are summed differently.
+/// per-tensor formula does, in the same order (every product, quotient and sum rounded as
+/// there); only the norms are summed differently. `g` may be `scratch.u` itself: it is read
+/// only before `u` is first written.
+#[allow(clippy::too_many_arguments)]
 fn flat_update(
     w: &mut Tensor,
     g: &Tensor,
@@ -199,32 +232,45 @@ fn flat_update(
     step: i64,
     cfg: &LambConfig,
     adapted: &Adapted<'_>,
+    scratch: &mut Scratch,
 ) -> Result<()> {
     check_step(step)?;
-    let _ = m
-        .f_mul_scalar_(cfg.beta1)?
-        .f_add_(&g.f_mul_scalar(1.0 - cfg.beta1)?)?;
-    let _ = v
-        .f_mul_scalar_(cfg.beta2)?
-        .f_add_(&g.f_square()?.f_mul_scalar(1.0 - cfg.beta2)?)?;
-    let m_hat = m.f_div_scalar(1.0 - cfg.beta1.powi(step as i32))?;
-    let v_hat = v.f_div_scalar(1.0 - cfg.beta2.powi(step as i32))?;
-    let update = m_hat.f_div(&v_hat.f_sqrt()?.f_add_scalar(cfg.eps)?)?;
+    let Scratch { a, u, d } = scratch;
+    // m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g².
+    let _ = g.f_mul_scalar_out(a, 1.0 - cfg.beta1)?;
+    let _ = m.f_mul_scalar_(cfg.beta1)?.f_add_(a)?;
+    let _ = g.f_square_out(a)?;
+    let _ = a.f_mul_scalar_(1.0 - cfg.beta2)?;
+    let _ = v.f_mul_scalar_(cfg.beta2)?.f_add_(a)?;
+    // u = m̂/(sqrt(v̂) + ε).
+    let _ = m.f_div_scalar_out(u, 1.0 - cfg.beta1.powi(step as i32))?;
+    let _ = v.f_div_scalar_out(a, 1.0 - cfg.beta2.powi(step as i32))?;
+    let _ = a.f_sqrt_()?.f_add_scalar_(cfg.eps)?;
+    let _ = u.f_div_(a)?;
     if adapted.len > 0 {
-        let mut u = update.f_narrow(0, 0, adapted.len)?;
+        let mut ua = u.f_narrow(0, 0, adapted.len)?;
+        let aa = a.f_narrow(0, 0, adapted.len)?;
         let wa = w.f_narrow(0, 0, adapted.len)?;
         if cfg.weight_decay != 0.0 {
-            let _ = u.f_add_(&wa.f_mul_scalar(cfg.weight_decay)?)?;
+            let _ = wa.f_mul_scalar_out(&aa, cfg.weight_decay)?;
+            let _ = ua.f_add_(&aa)?;
         }
-        let w_norm = segment_norms(&wa, adapted.lengths)?;
-        let u_norm = segment_norms(&u, adapted.lengths)?;
+        let w_norm = segment_norms(&wa, d, adapted.lengths)?;
+        let u_norm = segment_norms(&ua, d, adapted.lengths)?;
         let both = w_norm.f_gt(0.0)?.f_logical_and(&u_norm.f_gt(0.0)?)?;
         let ratio = w_norm.f_div(&u_norm)?.f_where_scalarother(&both, 1.0)?;
-        let per_element = ratio.f_repeat_interleave_self_tensor(adapted.lengths, 0, adapted.len)?;
-        let _ = u.f_mul_(&per_element)?;
+        let _ = ratio.f_index_select_out(&aa, 0, adapted.index)?;
+        let _ = ua.f_mul_(&aa)?;
     }
-    let _ = w.f_sub_(&update.f_mul_scalar(cfg.lr)?)?;
+    let _ = w.f_sub_(&u.f_mul_scalar_(cfg.lr)?)?;
     Ok(())
+}
+
+/// Each element's segment for `lengths` (Int32, on `lengths`' device).
+fn segment_index(lengths: &Tensor, len: i64) -> Result<Tensor> {
+    let segments = lengths.size()[0];
+    Ok(Tensor::f_arange(segments, (Kind::Int, lengths.device()))?
+        .f_repeat_interleave_self_tensor(lengths, 0, len)?)
 }
 
 /// Whether LAMB adapts a variable (trust ratio and weight decay): every variable except
@@ -259,6 +305,9 @@ struct Part {
     v: Tensor,
     /// The padded lengths of the adapted variables, Int64 on the device.
     lengths: Tensor,
+    /// Each adapted element's segment (Int32 on the device).
+    index: Tensor,
+    scratch: Scratch,
     slots: Vec<Slot>,
 }
 
@@ -278,6 +327,8 @@ impl Part {
             .map(|e| e.padded)
             .collect();
         let lengths = Tensor::f_from_slice(&lengths)?.f_to_device(group.device())?;
+        let index = segment_index(&lengths, group.adapted_len)?;
+        let scratch = Scratch::new(n, group.adapted_len, opts)?;
         let slots = group
             .entries
             .iter()
@@ -300,6 +351,8 @@ impl Part {
             m,
             v,
             lengths,
+            index,
+            scratch,
             slots,
         })
     }
@@ -479,10 +532,12 @@ impl Lamb {
         let (step, cfg) = (self.step, self.cfg);
         tch::no_grad(|| -> Result<()> {
             for (p, missing) in self.parts.iter_mut().zip(&missing) {
+                // The clipped gradient goes to the working buffer `u`, which the update
+                // overwrites only after its last read of the gradient.
                 let grad = match &scale {
                     Some(k) => {
                         let k = k.f_to_device(p.grad.device())?.f_to_kind(p.grad.kind())?;
-                        p.grad.f_mul(&k)?
+                        p.grad.f_mul_out(&p.scratch.u, &k)?
                     }
                     None => p.grad.shallow_clone(),
                 };
@@ -499,8 +554,18 @@ impl Lamb {
                 let adapted = Adapted {
                     len: p.group.adapted_len,
                     lengths: &p.lengths,
+                    index: &p.index,
                 };
-                flat_update(&mut w, &grad, &mut p.m, &mut p.v, step, &cfg, &adapted)?;
+                flat_update(
+                    &mut w,
+                    &grad,
+                    &mut p.m,
+                    &mut p.v,
+                    step,
+                    &cfg,
+                    &adapted,
+                    &mut p.scratch,
+                )?;
                 for (&i, [w0, m0, v0]) in missing.iter().zip(kept) {
                     let s = &p.slots[i];
                     p.group.entries[s.entry].var.shallow_clone().f_copy_(&w0)?;

@@ -444,3 +444,68 @@ test_device!(
     flat_step_equals_the_per_tensor_update_cpu,
     flat_step_equals_the_per_tensor_update_cuda
 );
+
+/// The cost of one optimiser step on the mnist preset's network (473,345 parameters), CPU,
+/// one thread: the flat `Lamb::step` against the per-tensor oracle above on the same
+/// gradients, after each has warmed up; printed (`--ignored --nocapture`), and the two results
+/// held together as in `flat_step_equals_the_per_tensor_update`. docs/performance.md quotes it.
+#[test]
+#[ignore = "timing: run with --ignored --nocapture to print the CPU cost of a step"]
+fn optimiser_step_cost_on_the_mnist_network() {
+    tch::set_num_threads(1);
+    tch::manual_seed(3);
+    let vs = VarStore::new(Device::Cpu);
+    let net = ddpm::unet::UNet::new(&vs.root(), &ddpm::unet::UNetConfig::mnist()).unwrap();
+    let cfg = LambConfig::default();
+    let mut opt = Lamb::new(&vs, cfg).unwrap();
+    let adapted: Vec<String> = opt.partition().0.iter().map(|s| s.to_string()).collect();
+    let x = Tensor::randn([8, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[3i64, 50, 100, 200, 400, 600, 800, 999]);
+    opt.zero_grad();
+    net.forward_t(&x, &t, true)
+        .unwrap()
+        .square()
+        .sum(Kind::Float)
+        .backward();
+    let mut oracle: Vec<(String, Tensor, Tensor, Tensor, Tensor, bool)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, w)| {
+            let g = w.grad().copy();
+            let a = adapted.contains(&n);
+            (n, w.detach().copy(), g, w.zeros_like(), w.zeros_like(), a)
+        })
+        .collect();
+    let n = 30;
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        start.elapsed().as_secs_f64() / n as f64
+    };
+    let mut k = 0;
+    let flat = time(&mut || {
+        let _ = opt.step().unwrap();
+    });
+    let per_tensor = time(&mut || {
+        k += 1;
+        per_tensor_step(&mut oracle, k, &cfg);
+    });
+    println!(
+        "{} variables, {} parameters: flat step {:.2} ms, per-tensor step {:.2} ms ({:.2}×)",
+        oracle.len(),
+        oracle.iter().map(|o| o.1.numel()).sum::<usize>(),
+        flat * 1e3,
+        per_tensor * 1e3,
+        per_tensor / flat
+    );
+    // Both took n + 1 steps from the same start on the same gradients.
+    for (name, w, ..) in &oracle {
+        let got = values(&vs.variables()[name]);
+        let want = values(w);
+        let scale: Vec<f64> = want.iter().map(|v| v.abs() + 1e-3).collect();
+        close_scaled(name, &got, &want, &scale, 1e-4).unwrap();
+    }
+}
