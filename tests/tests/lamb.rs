@@ -494,8 +494,10 @@ fn optimiser_step_cost_on_the_mnist_network() {
         per_tensor_step(&mut oracle, k, &cfg);
     });
     println!(
-        "{} variables, {} parameters: flat step {:.2} ms, per-tensor step {:.2} ms ({:.2}×)",
+        "{} variables ({} adapted), {} parameters: flat step {:.2} ms, per-tensor step {:.2} ms \
+         ({:.2}×)",
         oracle.len(),
+        adapted.len(),
         oracle.iter().map(|o| o.1.numel()).sum::<usize>(),
         flat * 1e3,
         per_tensor * 1e3,
