@@ -3,7 +3,8 @@
 //! dozen small ones per variable (docs/performance.md, "Flat buffers").
 //!
 //! [`FlatVars::of`] copies each variable into its place in a fresh buffer and then points the
-//! variable at that place (`set_data` to `buffer.narrow(0, offset, n).view(shape)`): every
+//! variable at that place (`set_data` to `buffer.narrow(0, offset, n)` seen with the
+//! variable's shape and strides, so a channels-last weight stays channels-last): every
 //! handle to the variable (the network's layers, `VarStore::variables`) keeps working and
 //! writes through to the buffer, and copying into a variable (`VarStore::copy`, checkpoint
 //! loads) writes into the buffer. If the variables already are such views (a second caller:
@@ -37,6 +38,9 @@ pub(crate) struct Entry {
     pub padded: i64,
     /// The variable's shape.
     pub shape: Vec<i64>,
+    /// Its strides: the variable's own when its elements are dense in memory (contiguous,
+    /// channels-last, any permutation), else the contiguous ones.
+    pub strides: Vec<i64>,
     /// Whether the variable requires a gradient.
     pub trainable: bool,
     /// Whether LAMB adapts it (trust ratio, weight decay).
@@ -46,9 +50,12 @@ pub(crate) struct Entry {
 impl Entry {
     /// This entry's part of a buffer laid out like its group's (`buffer` 1-D).
     pub fn view_of(&self, buffer: &Tensor) -> Result<Tensor> {
-        Ok(buffer
-            .f_narrow(0, self.offset, self.numel)?
-            .f_view(self.shape.as_slice())?)
+        // `as_strided` without an offset keeps the narrowed tensor's own storage offset.
+        Ok(buffer.f_narrow(0, self.offset, self.numel)?.f_as_strided(
+            self.shape.as_slice(),
+            self.strides.as_slice(),
+            None,
+        )?)
     }
 }
 
@@ -89,6 +96,7 @@ impl Group {
         if tensor.data_ptr() as usize == want
             && tensor.kind() == self.kind()
             && tensor.size() == entry.shape
+            && tensor.stride() == entry.strides
         {
             Ok(())
         } else {
@@ -162,6 +170,7 @@ impl Group {
             let trainable = var.requires_grad();
             let adapt = trainable && crate::lamb::is_adapted(&name, &var);
             let shape = var.size();
+            let strides = dense_strides(&shape, &var.stride());
             entries.push(Entry {
                 name,
                 var,
@@ -169,6 +178,7 @@ impl Group {
                 numel,
                 padded,
                 shape,
+                strides,
                 trainable,
                 adapt,
             });
@@ -227,6 +237,37 @@ impl Group {
         }
         Ok(Some(candidate))
     }
+}
+
+/// `strides` if they lay the elements of `shape` out densely without overlap (some order of
+/// the dimensions, each stride the product of the sizes inside it), else the contiguous ones.
+fn dense_strides(shape: &[i64], strides: &[i64]) -> Vec<i64> {
+    let contiguous = {
+        let mut out = vec![1i64; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            out[i] = out[i + 1] * shape[i + 1].max(1);
+        }
+        out
+    };
+    if strides.len() != shape.len() || shape.contains(&0) {
+        return contiguous;
+    }
+    let mut order: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != 1).collect();
+    order.sort_by_key(|&i| strides[i]);
+    let mut expected = 1i64;
+    for i in order {
+        if strides[i] != expected {
+            return contiguous;
+        }
+        expected *= shape[i];
+    }
+    // Dimensions of size 1 get the contiguous stride (any is valid; this keeps them canonical).
+    shape
+        .iter()
+        .zip(strides)
+        .zip(&contiguous)
+        .map(|((&n, &s), &c)| if n == 1 { c } else { s })
+        .collect()
 }
 
 #[cfg(test)]
@@ -291,5 +332,35 @@ mod tests {
             .set_data(&Tensor::zeros([5, 3], (Kind::Float, Device::Cpu)));
         let e = &g.entries[0];
         assert!(g.check_view("test", e, &vs.variables()[&e.name]).is_err());
+    }
+
+    /// A channels-last weight keeps its layout (and values) as a view of the buffer.
+    #[test]
+    fn a_channels_last_weight_stays_channels_last() {
+        let vs = VarStore::new(Device::Cpu);
+        let conv = nn::conv2d(vs.root() / "conv", 3, 4, 3, Default::default());
+        let mut w = conv.ws.shallow_clone();
+        let cl = w
+            .contiguous()
+            .permute([0, 2, 3, 1])
+            .contiguous()
+            .permute([0, 3, 1, 2]);
+        w.set_data(&cl);
+        let strides = w.stride();
+        assert_eq!(strides, vec![27, 1, 9, 3]);
+        let before = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
+        let flat = FlatVars::of(&vs).unwrap();
+        assert_eq!(conv.ws.stride(), strides);
+        assert_eq!(
+            Vec::<f32>::try_from(conv.ws.flatten(0, -1)).unwrap(),
+            before
+        );
+        let g = &flat.groups[0];
+        g.check_view("test", &g.entries[0], &conv.ws).unwrap();
+        assert_eq!(
+            dense_strides(&[2, 3], &[1, 1]),
+            vec![3, 1],
+            "overlapping: contiguous"
+        );
     }
 }
