@@ -8,7 +8,8 @@ around the same calls), so that the two sides do the same work and only the fram
 kernels differs. It is a worker: the bench binary starts it, writes the spec as the first line
 on stdin (JSON, with the schedule tables and the step lists computed by the Rust side), reads one
 "ready" JSON line, then sends one phase name a line (`train`; `trainer`, the same loop timed
-against the Rust product's trainer; `strided`; `ancestral`; `quit`) and reads one JSON line of
+against the Rust product's trainer; `strided`; `ancestral`; `optim`, the LAMB step and EMA update
+alone on the warm-up's gradients; `quit`) and reads one JSON line of
 measurements for each.
 """
 
@@ -411,6 +412,12 @@ class Worker:
             for _ in range(s["train_steps"]):
                 self.train_step()
             images = s["train_steps"] * s["train_batch"]
+        elif name == "optim":
+            # The optimiser alone on the gradients the warm-up left; "images" counts steps.
+            for _ in range(s["optim_steps"]):
+                self.lamb.step()
+                self.ema.update(self.foreach)
+            images = s["optim_steps"]
         else:
             images = s[f"{name}_images"]
             self.run_sampler(name, images)
@@ -454,7 +461,7 @@ def main():
         name = line.strip()
         if name == "quit":
             break
-        if name not in ("train", "trainer", "strided", "ancestral"):
+        if name not in ("train", "trainer", "strided", "ancestral", "optim"):
             print(json.dumps({"error": f"unknown phase {name!r}"}), flush=True)
             continue
         print(json.dumps(worker.phase(name)), flush=True)

@@ -67,6 +67,10 @@ enum Phase {
     Strided,
     /// The article's ancestral sampler over all T steps.
     Ancestral,
+    /// The optimiser alone: `--optim-steps` LAMB steps, each followed by the EMA update, on
+    /// the gradients the warm-up left (no forward or backward pass); the "images" columns
+    /// count these steps.
+    Optim,
 }
 
 impl Phase {
@@ -76,6 +80,7 @@ impl Phase {
             Phase::Trainer => "trainer",
             Phase::Strided => "strided",
             Phase::Ancestral => "ancestral",
+            Phase::Optim => "optim",
         }
     }
 }
@@ -114,12 +119,15 @@ struct Args {
     /// Images per T-step ancestral sampling round (0 skips the phase).
     #[arg(long)]
     ancestral_images: Option<i64>,
+    /// Optimiser steps (LAMB + EMA) per round of the `optim` phase.
+    #[arg(long, default_value_t = 20)]
+    optim_steps: usize,
     /// Phases to time, comma-separated.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "train,trainer,strided,ancestral"
+        default_value = "train,trainer,strided,ancestral,optim"
     )]
     phases: Vec<Phase>,
     /// CPU intra-op threads of both sides (default: libtorch's choice, reported).
@@ -185,6 +193,7 @@ struct Spec {
     warmup_steps: usize,
     strided_images: i64,
     ancestral_images: i64,
+    optim_steps: usize,
     lamb: LambConfig,
     ema_decay: f64,
     tables: Tables,
@@ -295,6 +304,7 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
         warmup_steps: args.warmup_steps,
         strided_images: args.strided_images.unwrap_or(sizes.strided_images),
         ancestral_images: args.ancestral_images.unwrap_or(sizes.ancestral_images),
+        optim_steps: args.optim_steps,
         lamb: LambConfig::default(),
         ema_decay: EMA_DECAY,
         tables,
@@ -569,6 +579,13 @@ impl Ours {
                 let _ = lib.sample(&lib.ancestral, spec.ancestral_images, spec)?;
                 spec.ancestral_images
             }
+            (Role::Library(lib), Phase::Optim) => {
+                for _ in 0..spec.optim_steps {
+                    let _ = lib.lamb.step()?;
+                    lib.ema.update(&lib.vs)?;
+                }
+                spec.optim_steps as i64
+            }
             (_, phase) => bail!("this worker does not run the {} phase", phase.name()),
         };
         self.sync();
@@ -624,6 +641,7 @@ fn run_worker(product: bool) -> Result<()> {
             "trainer" => Phase::Trainer,
             "strided" => Phase::Strided,
             "ancestral" => Phase::Ancestral,
+            "optim" => Phase::Optim,
             other => bail!("unknown phase {other:?}"),
         };
         let reply = ours
@@ -853,7 +871,8 @@ fn drive(args: Args) -> Result<()> {
         .copied()
         .filter(|p| {
             !((*p == Phase::Ancestral && spec.ancestral_images == 0)
-                || (*p == Phase::Strided && spec.strided_images == 0))
+                || (*p == Phase::Strided && spec.strided_images == 0)
+                || (*p == Phase::Optim && spec.optim_steps == 0))
         })
         .collect();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -1013,6 +1032,14 @@ fn drive(args: Args) -> Result<()> {
             Phase::Trainer => format!("train via Trainer::train_step (batch {})", spec.train_batch),
             Phase::Strided => format!("sample, {}-step strided", spec.strided_pairs.len()),
             Phase::Ancestral => format!("sample, {}-step ancestral", spec.ancestral_pairs.len()),
+            Phase::Optim => format!(
+                "optimiser alone: LAMB step + EMA update (steps, steps/s; twin {})",
+                if spec.twin_foreach {
+                    "foreach"
+                } else {
+                    "per tensor"
+                }
+            ),
         };
         table.push_str(&format!(
             "| {label} | {} | {omed:.2} | {pmed:.2} | {rmin:.3} / {rmed:.3} / {rmax:.3} | {} | {} | {} |\n",

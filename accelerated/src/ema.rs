@@ -1,6 +1,9 @@
-//! Exponential moving average of the weights, kept as a shadow copy of every variable.
+//! Exponential moving average of the weights, kept as a shadow copy of every variable: one
+//! flat shadow buffer per kind and device, laid out as the flat weight buffer the variables
+//! are views of (`flat.rs`), so an update is one `lerp_` however many variables there are.
 
 use crate::error::{DdpmError, Result};
+use crate::flat::{FlatVars, Group};
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -13,11 +16,16 @@ pub struct Ema {
     decay: f64,
     warmup: bool,
     updates: u64,
-    shadow: Vec<(String, Tensor)>,
+    /// Each group of the weights with its flat shadow.
+    parts: Vec<(Group, Tensor)>,
+    /// (name, part, entry) sorted by name: the order of [`Ema::export`].
+    names: Vec<(String, usize, usize)>,
 }
 
 impl Ema {
-    /// Starts the average at the current weights of `vs`; `decay` in [0, 1).
+    /// Starts the average at the current weights of `vs`; `decay` in [0, 1). Flattens the
+    /// variables of `vs` (or reuses their buffer if [`crate::lamb::Lamb::new`] already did);
+    /// afterwards they must keep their storage (see [`crate::lamb::Lamb`]).
     pub fn new(vs: &VarStore, decay: f64, warmup: bool) -> Result<Ema> {
         if !(0.0..1.0).contains(&decay) {
             return Err(DdpmError::OutOfRange {
@@ -26,20 +34,29 @@ impl Ema {
                 expected: "in [0, 1) (the EMA decay)".into(),
             });
         }
-        let mut shadow: Vec<(String, Tensor)> = Vec::new();
-        for (name, w) in vs.variables() {
-            // A deep copy (what `Tensor::copy` does, through the fallible calls).
-            let w = w.f_detach()?;
-            let mut avg = w.f_zeros_like()?;
-            avg.f_copy_(&w)?;
-            shadow.push((name, avg));
+        let mut parts = Vec::new();
+        for group in FlatVars::of(vs)?.groups {
+            let mut shadow = group.buffer.f_zeros_like()?;
+            tch::no_grad(|| shadow.f_copy_(&group.buffer))?;
+            parts.push((group, shadow));
         }
-        shadow.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut names: Vec<(String, usize, usize)> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(p, (g, _))| {
+                g.entries
+                    .iter()
+                    .enumerate()
+                    .map(move |(e, entry)| (entry.name.clone(), p, e))
+            })
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Ema {
             decay,
             warmup,
             updates: 0,
-            shadow,
+            parts,
+            names,
         })
     }
 
@@ -58,14 +75,26 @@ impl Ema {
         self.updates
     }
 
-    /// w̄ ← d w̄ + (1 − d) w for every variable of `vs` (the one given to [`Ema::new`]).
+    /// The averaged tensor of a named entry: a view of its part's shadow.
+    fn shadow_of(&self, part: usize, entry: usize) -> Result<Tensor> {
+        let (group, shadow) = &self.parts[part];
+        group.entries[entry].view_of(shadow)
+    }
+
+    /// w̄ ← d w̄ + (1 − d) w for every variable of `vs` (the one given to [`Ema::new`], whose
+    /// variables must still be views of the flat weight buffer): one `lerp_` per buffer.
     pub fn update(&mut self, vs: &VarStore) -> Result<()> {
         let d = self.current_decay();
         let vars = vs.variables();
+        for (group, _) in &self.parts {
+            for entry in &group.entries {
+                let w = vars.get(&entry.name).ok_or_else(|| missing(&entry.name))?;
+                group.check_view("EMA", entry, w)?;
+            }
+        }
         tch::no_grad(|| -> Result<()> {
-            for (name, avg) in self.shadow.iter_mut() {
-                let w = vars.get(name).ok_or_else(|| missing(name))?;
-                let _ = avg.f_lerp_(w, 1.0 - d)?;
+            for (group, shadow) in self.parts.iter_mut() {
+                let _ = shadow.f_lerp_(&group.buffer, 1.0 - d)?;
             }
             Ok(())
         })?;
@@ -77,9 +106,9 @@ impl Ema {
     pub fn copy_to(&self, vs: &VarStore) -> Result<()> {
         let vars = vs.variables();
         tch::no_grad(|| {
-            for (name, avg) in &self.shadow {
+            for (name, p, e) in &self.names {
                 let mut w = vars.get(name).ok_or_else(|| missing(name))?.shallow_clone();
-                w.f_copy_(avg)?;
+                w.f_copy_(&self.shadow_of(*p, *e)?)?;
             }
             Ok(())
         })
@@ -87,27 +116,28 @@ impl Ema {
 
     /// The averaged weights under the model's variable names (a loadable weight set).
     pub fn export(&self) -> Vec<(String, Tensor)> {
-        self.shadow
+        self.names
             .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .filter_map(|(n, p, e)| Some((n.clone(), self.shadow_of(*p, *e).ok()?)))
             .collect()
     }
 
     /// Restores averaged weights saved by [`Ema::export`] and the update count.
     pub fn import(&mut self, named: &[(String, Tensor)], updates: u64) -> Result<()> {
         let saved: HashMap<&str, &Tensor> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        if saved.len() != self.shadow.len() {
+        if saved.len() != self.names.len() {
             return Err(DdpmError::StateMismatch {
                 part: "EMA",
                 reason: format!(
                     "the saved average has {} tensors, the model {}",
                     saved.len(),
-                    self.shadow.len()
+                    self.names.len()
                 ),
             });
         }
         tch::no_grad(|| {
-            for (name, avg) in self.shadow.iter_mut() {
+            for (name, p, e) in &self.names {
+                let mut avg = self.shadow_of(*p, *e)?;
                 let src = saved.get(name.as_str()).ok_or_else(|| missing(name))?;
                 if src.size() != avg.size() {
                     return Err(DdpmError::StateMismatch {

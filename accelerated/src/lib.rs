@@ -5,6 +5,7 @@ pub mod bound;
 pub mod dpm_solver;
 pub mod ema;
 pub mod error;
+mod flat;
 pub mod guidance;
 pub mod lamb;
 pub mod loss;

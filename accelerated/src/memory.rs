@@ -139,12 +139,14 @@ pub fn training_bytes_per_image(cfg: &UNetConfig) -> Option<u64> {
 }
 
 /// Refuses a training run of `cfg` that cannot fit on `device`: the weights with their
-/// gradients, LAMB's two moments and the EMA copy (five f32 copies), one training batch, and
+/// gradients, LAMB's two moments and the EMA copy (five f32 copies), LAMB's working memory
+/// (two f32 buffers, an f64 one and an Int32 index over the adapted weights: at most five f32
+/// copies more; lamb.rs), one training batch, and
 /// the grid of `sample.n` images the run draws (`sample.batch_size` at a time, all of them
 /// kept for the picture).
 pub fn check_training(cfg: &crate::config::Config, device: Device) -> Result<()> {
     let m = &cfg.model;
-    let params = parameter_count(m).and_then(|p| p.checked_mul(5 * F32));
+    let params = parameter_count(m).and_then(|p| p.checked_mul(10 * F32));
     let per_image = training_bytes_per_image(m);
     let per_sample = sampling_bytes_per_image(m);
     // First the network with one image of each: if that does not fit, the network is too large.
