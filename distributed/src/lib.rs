@@ -131,94 +131,106 @@ fn cstring(op: &'static str, what: &str, s: &str) -> Result<CString, C10dError> 
     })
 }
 
+/// The C form of what both backends' init calls take from a [`GlooConfig`].
+struct InitArgs {
+    rank: c_int,
+    world: c_int,
+    timeout_ms: i64,
+    addr: CString,
+    prefix: CString,
+}
+
+/// `what` does not fit a C int, as an init error.
+fn too_big(what: &str) -> C10dError {
+    C10dError {
+        op: "init",
+        message: format!("{what} does not fit a C int"),
+    }
+}
+
+impl InitArgs {
+    fn new(config: &GlooConfig) -> Result<Self, C10dError> {
+        Ok(Self {
+            rank: c_int::try_from(config.rank).map_err(|_| too_big("rank"))?,
+            world: c_int::try_from(config.world_size).map_err(|_| too_big("world size"))?,
+            timeout_ms: i64::try_from(config.timeout.as_millis()).unwrap_or(i64::MAX),
+            addr: cstring("init", "MASTER_ADDR", &config.master_addr)?,
+            prefix: cstring("init", "the store prefix", &config.store_prefix)?,
+        })
+    }
+}
+
 impl ProcessGroup {
-    /// Joins the group: blocks until all `world_size` ranks have joined the store, or fails after
-    /// `timeout`.
-    pub fn gloo(config: &GlooConfig) -> Result<Self, C10dError> {
-        let op = "init";
-        let too_big = |what: &str| C10dError {
-            op,
-            message: format!("{what} does not fit a C int"),
-        };
-        let rank = c_int::try_from(config.rank).map_err(|_| too_big("rank"))?;
-        let world = c_int::try_from(config.world_size).map_err(|_| too_big("world size"))?;
-        let timeout_ms = i64::try_from(config.timeout.as_millis()).unwrap_or(i64::MAX);
-        let addr = cstring(op, "MASTER_ADDR", &config.master_addr)?;
-        let host = config
-            .gloo_host
-            .as_deref()
-            .map(|h| cstring(op, "the Gloo host", h))
-            .transpose()?;
-        let prefix = cstring(op, "the store prefix", &config.store_prefix)?;
-        let mut out: *mut c_void = std::ptr::null_mut();
-        // SAFETY: the strings outlive the call; `out` is written by the shim before it returns.
-        let err = unsafe {
-            ffi::ddpm_c10d_init_gloo(
-                addr.as_ptr(),
-                config.master_port,
-                rank,
-                world,
-                timeout_ms,
-                host.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
-                c_int::from(config.serve_store),
-                prefix.as_ptr(),
-                &mut out,
-            )
-        };
-        check(op, err)?;
+    /// The group a shim init call returned (`err`, `out`), on `device`.
+    fn joined(
+        config: &GlooConfig,
+        err: *mut c_char,
+        out: *mut c_void,
+        device: Device,
+    ) -> Result<Self, C10dError> {
+        check("init", err)?;
         let raw = NonNull::new(out).ok_or_else(|| C10dError {
-            op,
+            op: "init",
             message: "the shim returned no group".into(),
         })?;
         Ok(Self {
             raw,
             rank: config.rank,
             world_size: config.world_size,
-            device: Device::Cpu,
+            device,
         })
+    }
+
+    /// Joins the group: blocks until all `world_size` ranks have joined the store, or fails after
+    /// `timeout`.
+    pub fn gloo(config: &GlooConfig) -> Result<Self, C10dError> {
+        let op = "init";
+        let a = InitArgs::new(config)?;
+        let host = config
+            .gloo_host
+            .as_deref()
+            .map(|h| cstring(op, "the Gloo host", h))
+            .transpose()?;
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the strings outlive the call; `out` is written by the shim before it returns.
+        let err = unsafe {
+            ffi::ddpm_c10d_init_gloo(
+                a.addr.as_ptr(),
+                config.master_port,
+                a.rank,
+                a.world,
+                a.timeout_ms,
+                host.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
+                c_int::from(config.serve_store),
+                a.prefix.as_ptr(),
+                &mut out,
+            )
+        };
+        Self::joined(config, err, out, Device::Cpu)
     }
 
     /// Joins an NCCL group on GPU `cuda_index` (this rank's; made the current CUDA device):
     /// the store as for [`ProcessGroup::gloo`] (`gloo_host` is not used). NCCL needs one GPU
     /// per rank. Without the `nccl` feature: an error saying so.
     pub fn nccl(config: &GlooConfig, cuda_index: usize) -> Result<Self, C10dError> {
-        let op = "init";
-        let too_big = |what: &str| C10dError {
-            op,
-            message: format!("{what} does not fit a C int"),
-        };
-        let rank = c_int::try_from(config.rank).map_err(|_| too_big("rank"))?;
-        let world = c_int::try_from(config.world_size).map_err(|_| too_big("world size"))?;
+        let a = InitArgs::new(config)?;
         let index = c_int::try_from(cuda_index).map_err(|_| too_big("the CUDA device"))?;
-        let timeout_ms = i64::try_from(config.timeout.as_millis()).unwrap_or(i64::MAX);
-        let addr = cstring(op, "MASTER_ADDR", &config.master_addr)?;
-        let prefix = cstring(op, "the store prefix", &config.store_prefix)?;
         let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: as in `gloo`.
         let err = unsafe {
             ffi::ddpm_c10d_init_nccl(
-                addr.as_ptr(),
+                a.addr.as_ptr(),
                 config.master_port,
-                rank,
-                world,
-                timeout_ms,
+                a.rank,
+                a.world,
+                a.timeout_ms,
                 index,
                 c_int::from(config.serve_store),
-                prefix.as_ptr(),
+                a.prefix.as_ptr(),
                 &mut out,
             )
         };
-        check(op, err)?;
-        let raw = NonNull::new(out).ok_or_else(|| C10dError {
-            op,
-            message: "the shim returned no group".into(),
-        })?;
-        Ok(Self {
-            raw,
-            rank: config.rank,
-            world_size: config.world_size,
-            device: Device::Cuda(cuda_index),
-        })
+        Self::joined(config, err, out, Device::Cuda(cuda_index))
     }
 
     /// Where the collectives run: the CPU (Gloo) or the group's GPU (NCCL); a buffer there
