@@ -12,6 +12,9 @@
 //! scripts/build-nccl.sh fills), and linked to libtorch_cuda and c10_cuda.
 use std::path::{Path, PathBuf};
 
+#[path = "../scripts/cuda_headers.rs"]
+mod cuda_headers;
+
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
@@ -47,45 +50,15 @@ fn main() {
     }
 }
 
-/// `-DUSE_C10D_NCCL` and the CUDA / NCCL include folders; stops the build naming the header
-/// that is missing and where it comes from.
+/// `-DUSE_C10D_NCCL` and the CUDA / NCCL include folders (scripts/cuda_headers.rs).
 fn nccl_includes(build: &mut cc::Build, libtorch: &Path, manifest: &Path) {
-    println!("cargo:rerun-if-env-changed=DDPM_CUDA_HEADERS");
-    let nvidia = libtorch.join("../nvidia");
-    let extra = std::env::var_os("DDPM_CUDA_HEADERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../.nccl-headers/nvidia/cu13/include"));
-    let dirs = [
-        nvidia.join("cu13/include"),
-        nvidia.join("nccl/include"),
-        extra.clone(),
-    ];
-    let needed = [
-        (
-            "cuda_runtime.h",
-            "the nvidia-cuda-runtime wheel (a torch dependency)",
-        ),
-        ("nccl.h", "the nvidia-nccl-cu13 wheel (a torch dependency)"),
-        ("crt/host_config.h", "the nvidia-cuda-crt 13.0 wheel"),
-        ("nv/target", "the nvidia-cuda-cccl 13.0 wheel"),
-    ];
-    for (header, from) in needed {
-        if !dirs.iter().any(|d| d.join(header).exists()) {
-            println!(
-                "cargo:warning=the `nccl` feature needs {header} (from {from}), found in none of {}; run scripts/build-nccl.sh, or set DDPM_CUDA_HEADERS to a folder holding crt/ and nv/",
-                dirs.iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            std::process::exit(1);
-        }
-    }
-    println!("cargo:rerun-if-changed={}", extra.display());
+    let nccl = cuda_headers::Needed {
+        dir: "nccl/include",
+        header: "nccl.h",
+        from: "the nvidia-nccl-cu13 wheel (a torch dependency)",
+    };
+    cuda_headers::add_cuda_includes(build, libtorch, &manifest.join(".."), "nccl", &[nccl]);
     build.define("USE_C10D_NCCL", None);
-    for d in dirs {
-        build.include(d);
-    }
 }
 
 fn link(lib: &Path) {

@@ -30,23 +30,31 @@ run() {
 }
 
 # Most important first: the cifar32 bf16 targets (training ≥ 5,000 images/s and ≥ 1.3× a
-# foreach twin, 256 images over 1000 ancestral steps in ≤ 8 s), with the optimiser alone
-# (flat LAMB + EMA against the twin's per-tensor and foreach ones), then channels-last.
-# Every row reports peak device memory: nvidia-smi's per-process figure for both sides and
-# the twin's torch.cuda.max_memory_allocated (tch exposes no allocator statistics).
-# The limits add up to 520 s, inside one 600 s device call; ROWS picks rows (celeba128-bf16
-# is left to a second call: ROWS=celeba128-bf16 accelerated/benches/gpu.sh ...). A smoke run
+# foreach twin, 256 images over 1000 ancestral steps in ≤ 8 s), sampling with the weights
+# cast to bf16 once (`ddpm sample --bf16-weights`) and then also replayed from a CUDA graph
+# (`--cuda-graph`: the bench must be built with `--features cuda-graph`), the optimiser alone
+# (flat LAMB + EMA against the twin's per-tensor and foreach ones), mnist fp32 (its 50-step
+# sampling: target ≥ 2× today). Every row reports peak device memory: nvidia-smi's
+# per-process figure for both sides and the twin's torch.cuda.max_memory_allocated (tch
+# exposes no allocator statistics). The default rows' limits add up to 570 s, inside one 600 s
+# device call; ROWS picks rows. A second call:
+#   ROWS="mnist-bf16-weights mnist-graph cifar32-bf16-channels-last cifar32-fp32 celeba128-bf16"
+# (channels-last measures the product's trainer through train.channels_last). A smoke run
 # of the script on a machine without a GPU (mnist's optimiser rows, seconds):
 #   DEVICE=cpu PYTHON=.venv/bin/python EXTRA="--threads 1 --strided-images 1 --ancestral-images 0" \
 #     ROWS="mnist-optim mnist-optim-foreach" accelerated/benches/gpu.sh BINARY OUTDIR
-ROWS=${ROWS:-"cifar32-bf16 cifar32-bf16-twin-foreach cifar32-optim cifar32-optim-foreach cifar32-bf16-channels-last mnist-fp32 cifar32-fp32"}
+ROWS=${ROWS:-"cifar32-bf16 cifar32-bf16-twin-foreach cifar32-bf16-weights cifar32-bf16-weights-graph cifar32-optim cifar32-optim-foreach mnist-fp32"}
 for row in $ROWS; do
     case $row in
     cifar32-bf16) run 200 "$row" --config cifar32 --precision bf16 --rounds 2 --phases train,trainer,strided,ancestral ;;
     cifar32-bf16-twin-foreach) run 60 "$row" --config cifar32 --precision bf16 --rounds 2 --twin-foreach --phases train,trainer ;;
     cifar32-optim) run 35 "$row" --config cifar32 --rounds 3 --phases optim --optim-steps "${OPTIM_STEPS:-50}" ;;
     cifar32-optim-foreach) run 35 "$row" --config cifar32 --rounds 3 --phases optim --optim-steps "${OPTIM_STEPS:-50}" --twin-foreach ;;
-    cifar32-bf16-channels-last) run 60 "$row" --config cifar32 --precision bf16 --rounds 2 --channels-last --phases train,strided ;;
+    cifar32-bf16-weights-graph) run 90 "$row" --config cifar32 --precision bf16 --rounds 2 --bf16-weights --cuda-graph --phases strided,ancestral ;;
+    mnist-graph) run 30 "$row" --config mnist --rounds 3 --cuda-graph --phases strided ;;
+    cifar32-bf16-weights) run 90 "$row" --config cifar32 --precision bf16 --rounds 2 --bf16-weights --phases strided,ancestral ;;
+    cifar32-bf16-channels-last) run 60 "$row" --config cifar32 --precision bf16 --rounds 2 --channels-last --phases train,trainer,strided ;;
+    mnist-bf16-weights) run 30 "$row" --config mnist --rounds 3 --bf16-weights --phases strided ;;
     mnist-optim) run 35 "$row" --config mnist --rounds 3 --phases optim --optim-steps "${OPTIM_STEPS:-50}" ;;
     mnist-optim-foreach) run 35 "$row" --config mnist --rounds 3 --phases optim --optim-steps "${OPTIM_STEPS:-50}" --twin-foreach ;;
     mnist-fp32) run 60 "$row" --config mnist --rounds 3 --phases train,trainer,strided,ancestral,optim ;;

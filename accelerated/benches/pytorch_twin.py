@@ -13,6 +13,7 @@ alone on the warm-up's gradients; `quit`) and reads one JSON line of
 measurements for each.
 """
 
+import copy
 import json
 import math
 import sys
@@ -66,10 +67,12 @@ class TimeNet(nn.Module):
     def forward(self, t, kind):
         if self.learned:
             return self.embedding(t - 1)
-        i = torch.arange(self.half, dtype=kind, device=t.device)
+        # At least f32, as unet.rs: bfloat16 rounds t = 999 to 1000.
+        exact = torch.float32 if kind in (torch.bfloat16, torch.float16) else kind
+        i = torch.arange(self.half, dtype=exact, device=t.device)
         freq = (i * (-math.log(10000.0) / self.half)).exp()
-        args = t.to(kind).unsqueeze(1) * freq.unsqueeze(0)
-        feats = torch.cat([args.sin(), args.cos()], 1)
+        args = t.to(exact).unsqueeze(1) * freq.unsqueeze(0)
+        feats = torch.cat([args.sin(), args.cos()], 1).to(kind)
         return self.mlp2(F.silu(self.mlp1(feats)))
 
 
@@ -355,6 +358,9 @@ class Worker:
         self.memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
         if spec["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # --bf16-weights: the samplers run a copy cast to bfloat16 once, without autocast.
+        self.bf16_weights = bool(spec.get("bf16_weights"))
+        self.sample_model = copy.deepcopy(self.model).to(torch.bfloat16) if self.bf16_weights else self.model
         self.foreach = bool(spec.get("twin_foreach"))
         self.lamb = (ForeachLamb if self.foreach else Lamb)(self.model, spec["lamb"])
         self.ema = Ema(self.model, spec["ema_decay"])
@@ -386,7 +392,8 @@ class Worker:
     def run_sampler(self, name, images):
         pairs = self.spec[f"{name}_pairs"]
         shape = [images] + self.image
-        return sample(self.model, pairs, self.updates[name], shape, self.device, self.bf16)
+        autocast = self.bf16 and not self.bf16_weights
+        return sample(self.sample_model, pairs, self.updates[name], shape, self.device, autocast)
 
     def sync(self):
         if self.device.type == "cuda":

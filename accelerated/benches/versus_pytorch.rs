@@ -18,6 +18,7 @@ use ddpm::autocast::autocast_bf16;
 use ddpm::config::Config;
 use ddpm::data::loader::Batch;
 use ddpm::ema::Ema;
+use ddpm::graph::Graphed;
 use ddpm::lamb::{is_adapted, Lamb, LambConfig};
 use ddpm::loss::euclidean_loss;
 use ddpm::marginal::marginal_sample;
@@ -25,7 +26,7 @@ use ddpm::sampler::{Sampler, SamplerConfig};
 use ddpm::schedule::{Schedule, ScheduleKind};
 use ddpm::sigma::SigmaChoice;
 use ddpm::train::Trainer;
-use ddpm::unet::{parameter_count, UNet, UNetConfig};
+use ddpm::unet::{channels_last, parameter_count, to_channels_last, UNet, UNetConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -133,9 +134,20 @@ struct Args {
     /// CPU intra-op threads of both sides (default: libtorch's choice, reported).
     #[arg(long)]
     threads: Option<i32>,
-    /// Convert weights and training inputs to channels-last on both sides.
+    /// Convert weights and training inputs to channels-last on both sides (the product's
+    /// trainer through `train.channels_last`).
     #[arg(long)]
     channels_last: bool,
+    /// Sample with a copy of the weights cast to bfloat16 once (both sides; `ddpm sample
+    /// --bf16-weights`) instead of the precision's autocast at every network call.
+    #[arg(long)]
+    bf16_weights: bool,
+    /// Our side replays each sampler step's network call from a CUDA graph (`ddpm sample
+    /// --cuda-graph`; a bench built with `--features cuda-graph`), captured afresh in each
+    /// round (3 warm-up calls and the capture are timed, as `ddpm sample` pays them once a
+    /// batch); the twin stays eager.
+    #[arg(long)]
+    cuda_graph: bool,
     /// Let the twin run LAMB and EMA with PyTorch's multi-tensor `_foreach_*` kernels (same
     /// arithmetic, far fewer launches), to measure what a multi-tensor optimiser would gain.
     #[arg(long)]
@@ -185,6 +197,10 @@ struct Spec {
     precision: Precision,
     threads: Option<i32>,
     channels_last: bool,
+    #[serde(default)]
+    bf16_weights: bool,
+    #[serde(default)]
+    cuda_graph: bool,
     cudnn_benchmark: bool,
     twin_foreach: bool,
     seed: i64,
@@ -258,6 +274,9 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
     if args.precision == Precision::Bf16 && !cuda {
         bail!("--precision bf16 needs CUDA: tch's autocast is CUDA-only, so the sides would not match on the CPU");
     }
+    if args.cuda_graph && args.precision == Precision::Bf16 && !args.bf16_weights {
+        bail!("--cuda-graph cannot hold autocast: with --precision bf16 add --bf16-weights");
+    }
     let model = UNetConfig::preset(&args.config)?;
     let forced =
         args.batch.is_some() && args.strided_images.is_some() && args.ancestral_images.is_some();
@@ -296,6 +315,8 @@ fn build_spec(args: &Args, device: Device) -> Result<Spec> {
         precision: args.precision,
         threads: args.threads,
         channels_last: args.channels_last,
+        bf16_weights: args.bf16_weights,
+        cuda_graph: args.cuda_graph,
         cudnn_benchmark: args.cudnn_benchmark,
         twin_foreach: args.twin_foreach,
         seed: args.seed,
@@ -335,12 +356,6 @@ fn check_bf16_autocast() -> Result<()> {
     Ok(())
 }
 
-/// Gives a 4-D tensor channels-last strides (NHWC in memory, NCHW in shape), as
-/// `.to(memory_format=torch.channels_last)` does; tch has no memory-format call.
-fn channels_last(t: &Tensor) -> Tensor {
-    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
-}
-
 /// Our side's worker: either the library's pieces (`train`, `strided`, `ancestral`) or the
 /// product's trainer (`trainer`), never both in one process, so that each process's peak
 /// memory holds one model, one optimiser and one EMA, as the twin's does.
@@ -367,6 +382,8 @@ struct Library {
     strided: Sampler,
     ancestral: Sampler,
     warmup: Sampler,
+    /// `--bf16-weights`: the network the samplers run, its weights a bfloat16 copy.
+    bf16_copy: Option<(nn::VarStore, UNet)>,
 }
 
 /// The product's trainer and one CPU batch that it is fed at every step.
@@ -383,6 +400,7 @@ impl Product {
         cfg.model = spec.model.clone();
         cfg.train.batch_size = spec.train_batch as usize;
         cfg.train.bf16 = spec.precision == Precision::Bf16;
+        cfg.train.channels_last = spec.channels_last;
         cfg.train.seed = spec.seed as u64;
         let trainer = Trainer::new(&cfg, device)?;
         let [c, h, w] = cfg.image_shape();
@@ -421,13 +439,7 @@ impl Library {
         let vs = nn::VarStore::new(device);
         let net = UNet::new(&vs.root(), &spec.model)?;
         if spec.channels_last {
-            tch::no_grad(|| {
-                for (_, mut w) in vs.variables() {
-                    if w.dim() == 4 {
-                        w.set_data(&channels_last(&w));
-                    }
-                }
-            });
+            to_channels_last(&vs)?;
         }
         let lamb = Lamb::new(&vs, spec.lamb)?;
         let ema = Ema::new(&vs, spec.ema_decay, true)?;
@@ -436,11 +448,21 @@ impl Library {
         let shape = [spec.train_batch, m.in_channels, m.image_size, m.image_size];
         let x0 = Tensor::rand(shape, (Kind::Float, device)) * 2.0 - 1.0;
         let x0 = if spec.channels_last {
-            channels_last(&x0)
+            channels_last(&x0)?
         } else {
             x0
         };
-        let bf16 = spec.precision == Precision::Bf16;
+        // As `ddpm sample --bf16-weights`: a copy cast once, the sampler without autocast.
+        let bf16_copy = if spec.bf16_weights {
+            let mut copy_vs = nn::VarStore::new(device);
+            let copy = UNet::new(&copy_vs.root(), &spec.model)?;
+            copy_vs.copy(&vs)?;
+            copy_vs.bfloat16();
+            Some((copy_vs, copy))
+        } else {
+            None
+        };
+        let bf16 = spec.precision == Precision::Bf16 && !spec.bf16_weights;
         let strided = Sampler::new(
             &schedule,
             sampler_config(Some(spec.strided_pairs.len()), Some(1.0), bf16),
@@ -463,6 +485,7 @@ impl Library {
             strided,
             ancestral,
             warmup,
+            bf16_copy,
         })
     }
 
@@ -483,11 +506,15 @@ impl Library {
         Ok(())
     }
 
-    /// Samples with `sampler`, whose config carries the precision (autocast per network call).
+    /// Samples with `sampler`, whose config carries the precision (autocast per network call),
+    /// through the bfloat16 copy of the network under `--bf16-weights`, replayed from a CUDA
+    /// graph under `--cuda-graph`.
     fn sample(&self, sampler: &Sampler, images: i64, spec: &Spec) -> Result<Tensor> {
         let m = &spec.model;
         let shape = [images, m.in_channels, m.image_size, m.image_size];
-        Ok(sampler.sample(&self.net, &shape, self.x0.device())?)
+        let net = self.bf16_copy.as_ref().map_or(&self.net, |(_, net)| net);
+        let net = Graphed::new(net, spec.cuda_graph);
+        Ok(sampler.sample(&net, &shape, self.x0.device())?)
     }
 }
 
@@ -1062,7 +1089,7 @@ fn drive(args: Args) -> Result<()> {
     println!(
         "\nddpm vs PyTorch eager — {} on {}, {precision}, {} rounds (A B / B A), {started}\n\
          machine: {} ({} CPUs{}); load before {} / after {}\n\
-         parameters: {} both sides; threads ours {} / PyTorch {}; channels-last {}; cuDNN autotuning {}{}\n",
+         parameters: {} both sides; threads ours {} / PyTorch {}; channels-last {}; sampling weights {}; cuDNN autotuning {}{}{}\n",
         spec.config,
         spec.device,
         args.rounds,
@@ -1075,8 +1102,10 @@ fn drive(args: Args) -> Result<()> {
         ours_ready["threads"],
         torch_ready["threads"],
         spec.channels_last,
+        if spec.bf16_weights { "bf16 (cast once)" } else { "f32" },
         gpu && spec.cudnn_benchmark,
         if spec.twin_foreach { "; PyTorch's LAMB/EMA use _foreach kernels" } else { "" },
+        if spec.cuda_graph { "; our sampler replays a CUDA graph" } else { "" },
     );
     println!("{table}");
     let mut settings = serde_json::to_value(&spec)?;

@@ -137,6 +137,11 @@ pub struct TrainConfig {
     pub min_snr_gamma: f64,
     /// Run the network in bfloat16 autocast on CUDA (weights and optimiser stay f32).
     pub bf16: bool,
+    /// Lay the network's convolution weights and inputs out channels-last (NHWC in memory),
+    /// so that cuDNN can pick its NHWC kernels; the values and the results are the same
+    /// (up to f32 rounding), so a resumed run may change it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub channels_last: bool,
     /// Seed of everything random: initial weights, data order, t, ε, flips, the split.
     pub seed: u64,
     /// Write a checkpoint every this many updates (and at the end).
@@ -328,6 +333,7 @@ impl Config {
                 conditional: false,
                 label_dropout: DEFAULT_LABEL_DROPOUT,
                 distributed_timeout_s: None,
+                channels_last: false,
             },
             sample: SampleConfig {
                 sigma: SigmaChoice::Beta,
@@ -585,6 +591,7 @@ impl Config {
             flat.remove("model.classes");
             flat.remove("data.class_names");
             flat.remove("train.distributed_timeout_s");
+            flat.remove("train.channels_last");
             Ok(flat)
         };
         let (a, b) = (flat(self)?, flat(saved)?);

@@ -6,7 +6,7 @@
 //! network; [`run`] loads the network of a checkpoint with the weights asked for and streams
 //! the batches to the files.
 
-use crate::checkpoint::{self, Weights};
+use crate::checkpoint::{self, LoadedModel, Weights};
 use crate::config::Config;
 use crate::error::{DdpmError, Result};
 use crate::grid;
@@ -27,6 +27,17 @@ pub struct SampleOptions {
     pub seed: i64,
     /// Run the network in bfloat16 autocast on CUDA (ignored on the CPU).
     pub bf16: bool,
+    /// [`load`] (so [`run`]) only: cast the network's weights to bfloat16 once before sampling, on any
+    /// device (slow on the CPU), instead of autocast at every network call: every layer then
+    /// computes in bf16 (the time features in f32), ε̂ comes back f32. Not with `bf16`.
+    pub bf16_weights: bool,
+    /// Replay each batch's network calls from a CUDA graph captured at its first step
+    /// ([`crate::graph::Graphed`]; CUDA only, the `cuda-graph` feature). Not with `bf16`.
+    pub cuda_graph: bool,
+    /// [`load`] (so [`run`]) only: lay the network's convolution weights (and so its input) out
+    /// channels-last, NHWC in memory, for cuDNN's NHWC kernels; the same images up to f32
+    /// rounding.
+    pub channels_last: bool,
     /// Which weights of the checkpoint ([`run`] only).
     pub weights: Weights,
     /// Images per grid row (default ceil(sqrt n)).
@@ -50,6 +61,9 @@ impl Default for SampleOptions {
             n: 36,
             seed: 0,
             bf16: false,
+            bf16_weights: false,
+            cuda_graph: false,
+            channels_last: false,
             weights: Weights::Ema,
             columns: None,
             out: None,
@@ -106,8 +120,22 @@ pub fn batch_size(cfg: &Config) -> usize {
 }
 
 /// Refuses, before any work, what `opts` asks for when it cannot be done: no images, a grid of
-/// more than [`MAX_GRID_IMAGES`].
+/// more than [`MAX_GRID_IMAGES`], autocast over bfloat16 weights or in a CUDA graph.
 pub fn check_request(opts: &SampleOptions) -> Result<()> {
+    if opts.bf16 && opts.cuda_graph {
+        return Err(DdpmError::Incompatible {
+            key: "cuda_graph",
+            other: "bf16".into(),
+            reason: "autocast's cache of cast weights cannot live in a CUDA graph: use bfloat16 weights (bf16_weights) with the graph".into(),
+        });
+    }
+    if opts.bf16 && opts.bf16_weights {
+        return Err(DdpmError::Incompatible {
+            key: "bf16_weights",
+            other: "bf16".into(),
+            reason: "bfloat16 weights already compute in bfloat16: choose one (autocast keeps the weights f32 and casts at every call)".into(),
+        });
+    }
     if opts.n == 0 {
         return Err(DdpmError::OutOfRange {
             key: "n",
@@ -268,8 +296,9 @@ fn draw<P: NoisePredictor>(
             tch::manual_seed(batch_seed(opts.seed, j));
             let done = j as u64 * steps;
             let model = predictor(first, size)?;
+            let net = crate::graph::Graphed::new(&model, opts.cuda_graph);
             let images =
-                sampler.sample_with(&model, &[size as i64, c, s, s], device, |step, _| {
+                sampler.sample_with(&net, &[size as i64, c, s, s], device, |step, _| {
                     progress.update(done + step as u64)
                 })?;
             sink(first, &images)?;
@@ -325,6 +354,20 @@ pub fn write(images: &Tensor, opts: &SampleOptions, grid_scale: u32) -> Result<(
     Ok(())
 }
 
+/// The network of the checkpoint at `path` with `opts.weights` on `device` (see
+/// [`checkpoint::load_model`]), its weights cast to bfloat16 (`opts.bf16_weights`) and laid
+/// out channels-last (`opts.channels_last`) if asked: what `ddpm sample` draws with.
+pub fn load(path: &Path, device: Device, opts: &SampleOptions) -> Result<LoadedModel> {
+    let mut model = checkpoint::load_model(path, device, opts.weights)?;
+    if opts.bf16_weights {
+        model.vs.bfloat16();
+    }
+    if opts.channels_last {
+        crate::unet::to_channels_last(&model.vs)?;
+    }
+    Ok(model)
+}
+
 /// `ddpm sample`: checks the request and that the outputs can be written, loads the network of
 /// the checkpoint at `path` (see [`checkpoint::load_model`]) with `opts.weights`, layers
 /// `overrides` over the run's configuration and draws the images batch by batch
@@ -346,7 +389,7 @@ pub fn run(
     if let Some(dir) = &opts.each {
         grid::ensure_dir(dir)?;
     }
-    let model = checkpoint::load_model(path, device, opts.weights)?;
+    let model = load(path, device, opts)?;
     let guidance_given = overrides
         .get("sample")
         .and_then(|s| s.as_table())

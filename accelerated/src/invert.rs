@@ -519,7 +519,8 @@ pub fn run_decode(
     if let Some(dir) = &opts.each {
         grid::ensure_dir(dir)?;
     }
-    let model = checkpoint::load_model(path, device, opts.weights)?;
+    generate::check_request(opts)?;
+    let model = generate::load(path, device, opts)?;
     let latents = load_latents(file, model.config.image_shape())?;
     let cfg = generate::settings(
         &model.config,
@@ -527,7 +528,7 @@ pub fn run_decode(
         origin,
     )?;
     let images = decode(
-        &model.net,
+        &crate::graph::Graphed::new(&model.net, opts.cuda_graph),
         &model.schedule,
         &cfg,
         &latents.latents,

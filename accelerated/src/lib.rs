@@ -30,6 +30,7 @@ pub mod distributed;
 pub mod eval;
 pub mod fsio;
 pub mod generate;
+pub mod graph;
 pub mod grid;
 pub mod interpolate;
 pub mod invert;

@@ -312,14 +312,20 @@ impl TimeNet {
                 false,
             )?),
             TimeNet::Sinusoidal { half, mlp1, mlp2 } => {
-                // Frequencies 10000^(−i/half), i = 0..half, as in the Transformer.
-                let i = Tensor::f_arange(*half, (kind, t.device()))?;
+                // Frequencies 10000^(−i/half), i = 0..half, as in the Transformer. Computed
+                // in f32 at least: bfloat16 holds integers exactly only up to 256 (t = 999
+                // would round to 1000) and its sines of large arguments are noise.
+                let exact = match kind {
+                    Kind::BFloat16 | Kind::Half => Kind::Float,
+                    k => k,
+                };
+                let i = Tensor::f_arange(*half, (exact, t.device()))?;
                 let freq = i.f_mul_scalar(-(10000f64.ln()) / *half as f64)?.f_exp()?;
                 let args = t
-                    .f_to_kind(kind)?
+                    .f_to_kind(exact)?
                     .f_unsqueeze(1)?
                     .f_mul(&freq.f_unsqueeze(0)?)?;
-                let feats = Tensor::f_cat(&[args.f_sin()?, args.f_cos()?], 1)?;
+                let feats = Tensor::f_cat(&[args.f_sin()?, args.f_cos()?], 1)?.f_to_kind(kind)?;
                 linear(mlp2, &linear(mlp1, &feats)?.f_silu()?)
             }
         }
@@ -563,6 +569,13 @@ impl UNet {
         crate::schedule::check_t(t, x_t)?;
         let kind = self.conv_in.ws.kind();
         let x = x_t.f_to_kind(kind)?;
+        // A channels-last network ([`to_channels_last`]) takes its input in the same layout,
+        // so that no convolution converts between the two.
+        let x = if is_channels_last(&self.conv_in.ws) {
+            channels_last(&x)?
+        } else {
+            x
+        };
         let mut temb = self.time.forward(t, kind)?;
         if let Some(emb) = &self.class_embedding {
             let y = match y {
@@ -661,6 +674,43 @@ impl crate::guidance::ConditionalPredictor for UNet {
     fn bytes_per_sample(&self) -> Option<u64> {
         crate::memory::sampling_bytes_per_image(&self.cfg)
     }
+}
+
+/// `t` (4-D, [N, C, H, W]) with channels-last strides (NHWC in memory, NCHW in shape), the
+/// values unchanged: PyTorch's `.to(memory_format=torch.channels_last)`, which tch lacks.
+pub fn channels_last(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])?)
+}
+
+/// Whether `t` is 4-D and laid out as [`channels_last`] lays it out: strides (H·W·C, 1, W·C,
+/// C) in every dimension of more than one element (the stride of a size-1 dimension is never
+/// used, and libtorch leaves it as it finds it, as PyTorch's own check ignores it).
+pub fn is_channels_last(t: &Tensor) -> bool {
+    match t.size()[..] {
+        [n, c, h, w] => [n, c, h, w]
+            .iter()
+            .zip(t.stride())
+            .zip([h * w * c, 1, w * c, c])
+            .all(|((&size, got), want)| size == 1 || got == want),
+        _ => false,
+    }
+}
+
+/// Lays every 4-D variable of `vs` (the convolutions' weights) out channels-last, values
+/// unchanged, so that cuDNN can run the network in NHWC (`train.channels_last`, `ddpm sample
+/// --channels-last`); [`UNet`] then gives its input the same layout. Call it before anything
+/// takes views of the variables (LAMB's and the EMA's flat buffers keep the layout they find).
+pub fn to_channels_last(vs: &nn::VarStore) -> Result<()> {
+    tch::no_grad(|| {
+        for (_, mut w) in vs.variables() {
+            if w.dim() == 4 && !is_channels_last(&w) {
+                w.set_data(&channels_last(&w)?);
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Number of scalar parameters in a variable store.
@@ -881,6 +931,65 @@ mod tests {
             let diff = f64::try_from((y.get(0) - y.get(1)).abs().max()).unwrap();
             assert!(diff > 1e-3, "{time_embedding:?}: {diff}");
         }
+    }
+
+    /// Channels-last weights (and so input) compute the same ε̂: only the order of the
+    /// convolutions' f32 sums may differ (|ε̂| is O(1), 1e-4 is ~1000 f32 ulps, while a layout
+    /// bug, channels read as pixels, changes ε̂ by O(1)).
+    #[test]
+    fn a_channels_last_network_predicts_the_same_noise() {
+        let _rng = crate::sampler::rng_lock();
+        let (vs, net) = build(&tiny());
+        let x = Tensor::randn([3, 2, 8, 8], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[1i64, 500, 1000]);
+        let before = net.predict(&x, &t).unwrap();
+        to_channels_last(&vs).unwrap();
+        let four_d: Vec<Tensor> = vs
+            .variables()
+            .into_values()
+            .filter(|w| w.dim() == 4)
+            .collect();
+        assert!(!four_d.is_empty() && four_d.iter().all(is_channels_last));
+        assert!(!is_channels_last(&x) && is_channels_last(&channels_last(&x).unwrap()));
+        // A 1×1 convolution's weight [O, I, 1, 1] is both layouts at once (the strides of its
+        // size-1 dimensions are never used, and libtorch leaves them as it finds them).
+        let one = Tensor::randn([4, 3, 1, 1], (Kind::Float, Device::Cpu));
+        assert!(is_channels_last(&one) && is_channels_last(&channels_last(&one).unwrap()));
+        let wide = Tensor::randn([4, 3, 1, 2], (Kind::Float, Device::Cpu));
+        assert!(!is_channels_last(&wide) && is_channels_last(&channels_last(&wide).unwrap()));
+        let after = net.predict(&x, &t).unwrap();
+        let diff = f64::try_from((&after - &before).abs().max()).unwrap();
+        assert!(diff < 1e-4, "channels-last changed ε̂ by {diff}");
+        // What comes back is what x's layout-free shape and kind say.
+        assert_eq!((after.size(), after.kind()), (x.size(), Kind::Float));
+    }
+
+    /// Weights cast to bfloat16 compute ε̂ in bf16, returned in f32: within bf16's precision
+    /// of the f32 network (unit roundoff 2^−9 ≈ 0.002 an operation; 0.05 of ε̂'s scale over the
+    /// tiny net's dozen layers, measured 0.007), yet not equal to it. The time features stay
+    /// f32: in bf16, t = 999 rounds to 1000 and the two steps would get the same ε̂.
+    #[test]
+    fn bfloat16_weights_stay_near_the_f32_network_and_tell_every_step_apart() {
+        let _rng = crate::sampler::rng_lock();
+        let (mut vs, net) = build(&UNetConfig {
+            time_embedding: TimeEmbedding::Sinusoidal,
+            ..tiny()
+        });
+        let x = Tensor::randn([1, 2, 8, 8], (Kind::Float, Device::Cpu)).repeat([2, 1, 1, 1]);
+        let t = Tensor::from_slice(&[999i64, 1000]);
+        let f32_eps = net.predict(&x, &t).unwrap();
+        vs.bfloat16();
+        assert_eq!(net.conv_in.ws.kind(), Kind::BFloat16);
+        let bf16_eps = net.predict(&x, &t).unwrap();
+        assert_eq!(bf16_eps.kind(), Kind::Float);
+        let scale = f64::try_from(f32_eps.abs().max()).unwrap();
+        let diff = f64::try_from((&bf16_eps - &f32_eps).abs().max()).unwrap();
+        assert!(
+            diff > 0.0 && diff < 0.05 * scale,
+            "bf16 off by {diff} at scale {scale}"
+        );
+        let apart = f64::try_from((bf16_eps.get(0) - bf16_eps.get(1)).abs().max()).unwrap();
+        assert!(apart > 0.0, "t = 999 and t = 1000 gave the same ε̂ in bf16");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use ddpm::sampler::{NoisePredictor, Sampler};
 use ddpm::schedule::{Schedule, ScheduleKind};
 use ddpm::sigma::SigmaChoice;
 use ddpm::train::{train_on, StepOutcome, TrainOptions, Trainer};
+use ddpm::unet::{is_channels_last, to_channels_last};
 use ddpm_reference as reference;
 use ddpm_tests::{array2, arrayd, normal, single_thread, small_unet, tensor, values};
 use ndarray::{Array2, ArrayD};
@@ -122,10 +123,19 @@ fn ema_decay_by_definition(cfg: &Config, j: u64) -> f64 {
 /// t = T and two times between, on a cosine schedule with T = 10, whose steps are large (so
 /// noising at t − 1 moves x_t by ~β̄_1 ≈ 0.17 ε at t = 1).
 fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
+    steps_against_the_reference(weight, sigma, false);
+}
+
+/// [`one_step_against_the_reference`] with `train.channels_last` as given: the trainer's
+/// convolution weights then stay channels-last through its flat LAMB and EMA buffers, and the
+/// copy whose gradients stand in for the trainer's is laid out the same way (so the two
+/// forward passes are the same arithmetic, not only the same up to summation order).
+fn steps_against_the_reference(weight: LossWeight, sigma: SigmaChoice, channels_last: bool) {
     let _rng = rng_lock();
     single_thread();
     const T: i64 = 10;
     let mut cfg = tiny(ScheduleKind::Cosine, T, 3);
+    cfg.train.channels_last = channels_last;
     cfg.train.loss_weight = weight;
     cfg.train.loss_sigma = sigma;
     cfg.train.ema_decay = 0.999;
@@ -182,6 +192,9 @@ fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
         let ema_pre = named_f64(&before.ema);
         let (copy_vs, copy_net) = build_model(&cfg, device, 12345).unwrap();
         let mut copy_vs: VarStore = copy_vs;
+        if channels_last {
+            to_channels_last(&copy_vs).unwrap();
+        }
         copy_vs.copy(trainer.var_store()).unwrap();
 
         // The reference marginal, and the copy's ε̂ on it. The copy is fed the crate's f32
@@ -285,6 +298,17 @@ fn one_step_against_the_reference(weight: LossWeight, sigma: SigmaChoice) {
         // The product's step.
         let outcome = trainer.train_step(&batch).unwrap();
         assert_eq!(outcome, StepOutcome::Updated);
+        for (name, w) in trainer.var_store().variables() {
+            // Through LAMB's and the EMA's flat buffers, the layout asked for (a 1×1 kernel
+            // is both).
+            let laid_out = w.dim() != 4
+                || if channels_last {
+                    is_channels_last(&w)
+                } else {
+                    w.is_contiguous()
+                };
+            assert!(laid_out, "{name} {:?}: strides {:?}", w.size(), w.stride());
+        }
         let got_loss = trainer.take_mean_loss().unwrap();
         // f32: the loss sums 256 squares of O(1) after a forward pass of ~20 layers, each an
         // f32 sum of ≤ 16·9 products: relative roundoff ~1e-6; 1e-4 leaves a factor 100.
@@ -397,6 +421,12 @@ fn a_step_has_the_reference_loss_lamb_and_ema_weighted_isotropic() {
         LossWeight::Article,
         SigmaChoice::Isotropic { data_std: 0.5 },
     );
+}
+
+/// The same three steps with the network laid out channels-last (`train.channels_last`).
+#[test]
+fn a_step_has_the_reference_loss_lamb_and_ema_channels_last() {
+    steps_against_the_reference(LossWeight::None, SigmaChoice::Beta, true);
 }
 
 /// Min-SNR-γ with the default γ = 5: on this cosine schedule with T = 10, SNR_1 ≈ 35 is

@@ -333,6 +333,10 @@ pub struct TrainArgs {
     /// bfloat16 autocast on CUDA (ignored on the CPU).
     #[arg(long)]
     pub bf16: bool,
+    /// Lay the convolution weights and inputs out channels-last (NHWC) for cuDNN's NHWC
+    /// kernels; the same training up to f32 rounding (train.channels_last).
+    #[arg(long)]
+    pub channels_last: bool,
     /// Seed of everything random [default: 0].
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<u64>)]
     pub seed: Option<u64>,
@@ -459,6 +463,11 @@ impl TrainArgs {
                 self.min_snr_gamma.map(Value::from),
             ),
             ("--bf16", "train.bf16", yes(self.bf16)),
+            (
+                "--channels-last",
+                "train.channels_last",
+                yes(self.channels_last),
+            ),
             ("--seed", "train.seed", self.seed.map(int)),
             (
                 "--checkpoint-every",
@@ -566,6 +575,19 @@ pub struct SampleArgs {
     /// update stays f32.
     #[arg(long)]
     pub bf16: bool,
+    /// Cast the weights to bfloat16 once and run the whole network in bf16, on any device
+    /// (slow on the CPU), instead of autocast at every call; the sampler's update stays f32.
+    #[arg(long, conflicts_with = "bf16")]
+    pub bf16_weights: bool,
+    /// Lay the convolution weights and the network's input out channels-last (NHWC) for
+    /// cuDNN's NHWC kernels; the same images up to f32 rounding.
+    #[arg(long)]
+    pub channels_last: bool,
+    /// Replay the network's kernels from a CUDA graph captured at each batch's first step:
+    /// one launch a step instead of hundreds (CUDA only; a build with `--features
+    /// cuda-graph`; not with --bf16, use --bf16-weights).
+    #[arg(long, conflicts_with = "bf16")]
+    pub cuda_graph: bool,
     /// Images per grid row [default: ceil(sqrt(n))].
     #[arg(long, allow_negative_numbers = true, value_parser = whole::<i64>)]
     pub columns: Option<i64>,
@@ -1031,6 +1053,9 @@ fn run_sample(args: &SampleArgs, device: DeviceArg, progress: bool) -> anyhow::R
         n: args.n,
         seed: args.seed,
         bf16: args.bf16,
+        bf16_weights: args.bf16_weights,
+        cuda_graph: args.cuda_graph,
+        channels_last: args.channels_last,
         weights: if args.raw { Weights::Raw } else { Weights::Ema },
         columns: args.columns,
         out: (!args.no_grid).then(|| args.out.clone()),
@@ -1223,6 +1248,9 @@ fn run_sample_latents(
         classes: None,
         seed: args.seed,
         bf16: args.bf16,
+        bf16_weights: args.bf16_weights,
+        cuda_graph: args.cuda_graph,
+        channels_last: args.channels_last,
         weights: if args.raw { Weights::Raw } else { Weights::Ema },
         columns: args.columns,
         out: (!args.no_grid).then(|| args.out.clone()),

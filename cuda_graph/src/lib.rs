@@ -1,0 +1,170 @@
+//! CUDA graphs for the work tch queues: [`CudaGraph::capture`] records the kernels a closure
+//! launches (tch ops on CUDA tensors) once, [`CudaGraph::replay`] launches them all again at
+//! the cost of one launch, on the same memory.
+//!
+//! tch has no CUDA-graph API; this crate compiles a small C++ shim (csrc/cuda_graph_shim.cpp)
+//! over libtorch's `at::cuda::CUDAGraph` when its `cuda` feature is on (it needs CUDA 13.0's
+//! `crt/` and `nv/` headers, as ddpm-c10d's `nccl`: scripts/build-nccl.sh). Without the
+//! feature the crate still builds, anywhere, and every capture fails with a
+//! [`GraphError`] saying so. The shim catches every C++ exception: errors arrive here with
+//! libtorch's message.
+//!
+//! What a capture may hold is libtorch's rule: device work only — no host read of a device
+//! value, no synchronisation, no copy from pageable host memory, no new random generator state.
+//! Tensors the captured ops allocate come from the graph's private memory pool and are
+//! rewritten by every replay; inputs are the tensors they read, allocated before the capture
+//! (copy new values into them, then replay).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr::NonNull;
+
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    extern "C" {
+        pub fn ddpm_cuda_graph_free_error(err: *mut c_char);
+        pub fn ddpm_cuda_graph_built() -> c_int;
+        pub fn ddpm_cuda_graph_new(device: c_int, out: *mut *mut c_void) -> *mut c_char;
+        pub fn ddpm_cuda_graph_enter(graph: *mut c_void) -> *mut c_char;
+        pub fn ddpm_cuda_graph_capture_begin(graph: *mut c_void) -> *mut c_char;
+        pub fn ddpm_cuda_graph_capture_end(graph: *mut c_void) -> *mut c_char;
+        pub fn ddpm_cuda_graph_leave(graph: *mut c_void) -> *mut c_char;
+        pub fn ddpm_cuda_graph_replay(graph: *mut c_void) -> *mut c_char;
+        pub fn ddpm_cuda_graph_destroy(graph: *mut c_void);
+    }
+}
+
+/// A CUDA-graph call that failed: which one, and libtorch's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CUDA graph {op} failed: {message}")]
+pub struct GraphError {
+    /// The step: `new`, `enter`, `capture_begin`, `capture_end`, `leave` or `replay`.
+    pub op: &'static str,
+    /// libtorch's message (or this crate's, when CUDA graphs are not built in).
+    pub message: String,
+}
+
+/// Whether this build can capture graphs (the `cuda` feature).
+pub fn is_built() -> bool {
+    // SAFETY: a constant of the shim, no arguments.
+    unsafe { ffi::ddpm_cuda_graph_built() != 0 }
+}
+
+/// Turns the shim's answer into a `Result`, freeing its message.
+fn check(op: &'static str, err: *mut c_char) -> Result<(), GraphError> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null answer is a NUL-terminated string malloc'd by the shim, read once and
+    // freed by the shim's own free.
+    let message = unsafe {
+        let text = CStr::from_ptr(err).to_string_lossy().into_owned();
+        ffi::ddpm_cuda_graph_free_error(err);
+        text
+    };
+    Err(GraphError { op, message })
+}
+
+/// A captured CUDA graph on one device, with its private memory pool.
+#[derive(Debug)]
+pub struct CudaGraph {
+    raw: NonNull<c_void>,
+}
+
+impl CudaGraph {
+    /// Runs `body` `warmup` times and then captures one more call of it, all on a side stream
+    /// of CUDA device `device` ordered after the work already queued; returns the graph and the
+    /// captured call's value (its output tensors, which every [`replay`](Self::replay)
+    /// rewrites). The warm-up lets cuDNN choose its algorithms and the allocator its blocks
+    /// outside the capture, as PyTorch's `torch.cuda.graph` asks. The previous stream is
+    /// current again afterwards, whatever happened.
+    pub fn capture<T>(
+        device: usize,
+        warmup: usize,
+        mut body: impl FnMut() -> T,
+    ) -> Result<(CudaGraph, T), GraphError> {
+        let index = c_int::try_from(device).map_err(|_| GraphError {
+            op: "new",
+            message: format!("no CUDA device {device}"),
+        })?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` is written by the shim, a valid graph only on success.
+        check("new", unsafe { ffi::ddpm_cuda_graph_new(index, &mut raw) })?;
+        let graph = CudaGraph {
+            raw: NonNull::new(raw).ok_or_else(|| GraphError {
+                op: "new",
+                message: "the shim returned no graph".into(),
+            })?,
+        };
+        let p = graph.raw.as_ptr();
+        // SAFETY: `p` is this live graph for every call below.
+        check("enter", unsafe { ffi::ddpm_cuda_graph_enter(p) })?;
+        let captured = (|| {
+            for _ in 0..warmup {
+                drop(body());
+            }
+            check("capture_begin", unsafe {
+                ffi::ddpm_cuda_graph_capture_begin(p)
+            })?;
+            let value = body();
+            check("capture_end", unsafe {
+                ffi::ddpm_cuda_graph_capture_end(p)
+            })?;
+            Ok(value)
+        })();
+        let left = check("leave", unsafe { ffi::ddpm_cuda_graph_leave(p) });
+        let value = captured?;
+        left?;
+        Ok((graph, value))
+    }
+
+    /// Launches the captured work again on the current stream (asynchronously, as any kernel).
+    pub fn replay(&self) -> Result<(), GraphError> {
+        // SAFETY: `raw` is a live, captured graph.
+        check("replay", unsafe {
+            ffi::ddpm_cuda_graph_replay(self.raw.as_ptr())
+        })
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: the graph was created by the shim and is dropped once.
+        unsafe { ffi::ddpm_cuda_graph_destroy(self.raw.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without the `cuda` feature a capture is refused with a message that says how to build
+    /// it in, and the body never runs (not even its warm-up).
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn a_build_without_cuda_says_so() {
+        assert!(!is_built());
+        let mut ran = 0;
+        let err = CudaGraph::capture(0, 2, || ran += 1).unwrap_err();
+        assert_eq!(err.op, "new");
+        assert!(err.message.contains("--features cuda-graph"), "{err}");
+        assert_eq!(ran, 0);
+    }
+
+    /// Built in, a device that no machine has is libtorch's error through the shim (its C++
+    /// exception caught), not a crash, and the body never runs; on any machine, GPU or not.
+    #[test]
+    #[cfg(feature = "cuda")]
+    fn a_missing_device_is_an_error_from_libtorch() {
+        assert!(is_built());
+        let mut ran = 0;
+        let err = CudaGraph::capture(1000, 2, || ran += 1).unwrap_err();
+        assert_eq!(err.op, "new");
+        assert!(
+            err.message.contains("CUDA") || err.message.contains("device"),
+            "{err}"
+        );
+        assert!(!err.message.contains("--features"), "{err}");
+        assert_eq!(ran, 0);
+    }
+}
