@@ -54,7 +54,7 @@ declare -A tests=(
   [loss]="--lib --test=loss --test=training"
   [eval]="--lib --test=product --test=bound"
   [lamb]="--lib --test=lamb --test=training"
-  [sampler]="--lib --test=sampler_steps --test=product --test=oracle_sampling"
+  [sampler]="--lib --test=sampler_steps --test=product --test=oracle_sampling --test=dpm_solver"
   [train]="--lib --test=training --test=faults --test=signals --test=writes"
   [checkpoint]="--lib --test=product --test=faults --test=bad_input"
   [config]="--lib --test=bad_input --test=product"

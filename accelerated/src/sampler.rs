@@ -648,6 +648,40 @@ mod tests {
         );
     }
 
+    /// Progress (`on_step(done, total)`) counts every step once, in order, ending at the total,
+    /// for each step rule: ancestral, DDIM and DPM-Solver++(2M) (whose loop is its own branch).
+    #[test]
+    fn every_step_rule_reports_each_step_once_in_order() {
+        let _rng = rng_lock();
+        let s = Schedule::new(ScheduleKind::Article, 20, Device::Cpu).unwrap();
+        let model = |x: &Tensor, _t: &Tensor| x * 0.1;
+        let rules = [
+            SamplerConfig::default(),
+            SamplerConfig {
+                steps: Some(5),
+                eta: Some(0.0),
+                ..SamplerConfig::default()
+            },
+            SamplerConfig {
+                steps: Some(6),
+                dpm_solver: true,
+                ..SamplerConfig::default()
+            },
+        ];
+        for cfg in rules {
+            let sampler = Sampler::new(&s, cfg.clone()).unwrap();
+            let n = sampler.steps().len();
+            let mut seen = Vec::new();
+            let _ = sampler
+                .sample_with(&model, &[2, 1, 2, 2], Device::Cpu, |i, total| {
+                    seen.push((i, total))
+                })
+                .unwrap();
+            let want: Vec<(usize, usize)> = (1..=n).map(|i| (i, n)).collect();
+            assert_eq!(seen, want, "{cfg:?}");
+        }
+    }
+
     /// Strided DDPM two ways: the ancestral step on the respaced chain with the posterior σ, and
     /// DDIM with η = 1, are the same formula; in f64 with the same noise they must agree.
     #[test]
