@@ -876,4 +876,68 @@ mod tests {
         );
         assert!(f64::try_from(state["m.used"].abs().sum(Kind::Double)).unwrap() > 0.0);
     }
+
+    /// Every setting outside its domain is refused under its own name, and the edges of each
+    /// domain are accepted: lr = 0, β = 0, weight decay 0 and any positive clip norm are
+    /// settings (a frozen run, no momentum, no decay); lr < 0, β ≥ 1, ε ≤ 0, a negative decay,
+    /// a clip norm ≤ 0, and anything not finite are not.
+    #[test]
+    fn every_setting_outside_its_domain_is_refused_by_name() {
+        let ok = LambConfig::default();
+        let with = |f: &dyn Fn(&mut LambConfig)| {
+            let mut c = ok;
+            f(&mut c);
+            c
+        };
+        let bad: [(&str, LambConfig); 14] = [
+            ("lr", with(&|c| c.lr = -1e-3)),
+            ("lr", with(&|c| c.lr = f64::NAN)),
+            ("lr", with(&|c| c.lr = f64::INFINITY)),
+            ("beta1", with(&|c| c.beta1 = 1.0)),
+            ("beta1", with(&|c| c.beta1 = -0.1)),
+            ("beta2", with(&|c| c.beta2 = 1.0)),
+            ("beta2", with(&|c| c.beta2 = -0.1)),
+            ("eps", with(&|c| c.eps = 0.0)),
+            ("eps", with(&|c| c.eps = f64::INFINITY)),
+            ("eps", with(&|c| c.eps = f64::NAN)),
+            ("weight_decay", with(&|c| c.weight_decay = -0.01)),
+            ("weight_decay", with(&|c| c.weight_decay = f64::INFINITY)),
+            ("max_grad_norm", with(&|c| c.max_grad_norm = Some(0.0))),
+            ("max_grad_norm", with(&|c| c.max_grad_norm = Some(-1.0))),
+        ];
+        for (name, cfg) in bad {
+            match cfg.validate() {
+                Err(DdpmError::OutOfRange { key, .. }) => assert_eq!(key, name, "{cfg:?}"),
+                other => panic!("{cfg:?} ({name}): {other:?}"),
+            }
+        }
+        let edges = [
+            with(&|c| c.lr = 0.0),
+            with(&|c| c.beta1 = 0.0),
+            with(&|c| c.beta2 = 0.0),
+            with(&|c| c.eps = f64::MIN_POSITIVE),
+            with(&|c| c.weight_decay = 0.0),
+            with(&|c| c.max_grad_norm = Some(f64::MIN_POSITIVE)),
+            with(&|c| c.max_grad_norm = None),
+        ];
+        for cfg in edges {
+            assert!(cfg.validate().is_ok(), "{cfg:?}");
+        }
+    }
+
+    /// Step 0 is refused before anything moves: its bias corrections 1 − β^0 are 0, so m̂ and
+    /// v̂ would be 0/0.
+    #[test]
+    fn step_zero_is_refused_and_changes_nothing() {
+        let mut w = Tensor::from_slice(&[3.0, -4.0]);
+        let g = Tensor::from_slice(&[0.5, 2.0]);
+        let (mut m, mut v) = (w.zeros_like(), w.zeros_like());
+        let err = lamb_update(&mut w, &g, &mut m, &mut v, 0, &LambConfig::default(), true);
+        assert!(
+            matches!(err, Err(DdpmError::OutOfRange { key: "step", .. })),
+            "{err:?}"
+        );
+        assert_eq!(Vec::<f64>::try_from(&w).unwrap(), vec![3.0, -4.0]);
+        assert!(lamb_update(&mut w, &g, &mut m, &mut v, 1, &LambConfig::default(), true).is_ok());
+    }
 }
