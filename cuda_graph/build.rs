@@ -1,8 +1,8 @@
 //! Compiles csrc/cuda_graph_shim.cpp. With the `cuda` feature: with `-DDDPM_CUDA_GRAPH` against
 //! libtorch's headers at LIBTORCH and the CUDA headers of scripts/cuda_headers.rs, linked to
 //! libtorch_cuda and c10_cuda (the ddpm binary links the rest of libtorch through torch-sys).
-//! Without it the shim needs no header beyond the C++ library and links nothing: every call
-//! answers that CUDA graphs are not built in.
+//! Without it the shim needs only c10's headers (for scripts/shim_errors.h) and links nothing:
+//! every call answers that CUDA graphs are not built in.
 use std::path::PathBuf;
 
 #[path = "../scripts/cuda_headers.rs"]
@@ -11,27 +11,30 @@ mod cuda_headers;
 fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_graph_shim.cpp");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+    println!("cargo:rerun-if-changed=../scripts/shim_errors.h");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        println!("cargo:warning=LIBTORCH is not set: run scripts/bootstrap.sh first");
+        std::process::exit(1);
+    };
+    let libtorch = PathBuf::from(libtorch);
     let mut build = cc::Build::new();
+    // libtorch's headers (c10's exception type, scripts/shim_errors.h) in both forms.
     build
         .cpp(true)
         .file(manifest.join("csrc/cuda_graph_shim.cpp"))
-        .std("c++17");
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(manifest.join("../scripts"))
+        .include(libtorch.join("include"))
+        // libtorch's own headers are not warning-clean; the shim is small enough to read.
+        .warnings(false);
     let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
     if cuda {
-        println!("cargo:rerun-if-env-changed=LIBTORCH");
-        let Ok(libtorch) = std::env::var("LIBTORCH") else {
-            println!("cargo:warning=LIBTORCH is not set: run scripts/bootstrap.sh first");
-            std::process::exit(1);
-        };
-        let libtorch = PathBuf::from(libtorch);
         cuda_headers::add_cuda_includes(&mut build, &libtorch, &manifest.join(".."), "cuda", &[]);
         build
             .define("DDPM_CUDA_GRAPH", None)
-            .define("_GLIBCXX_USE_CXX11_ABI", "1")
-            .include(libtorch.join("include"))
-            .include(libtorch.join("include/torch/csrc/api/include"))
-            // libtorch's own headers are not warning-clean; the shim is small enough to read.
-            .warnings(false);
+            .include(libtorch.join("include/torch/csrc/api/include"));
         let lib = libtorch.join("lib");
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-lib=dylib=torch_cuda");

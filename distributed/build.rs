@@ -18,6 +18,7 @@ mod cuda_headers;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=../scripts/shim_errors.h");
     println!("cargo:rerun-if-changed=../third_party/gloo");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run scripts/bootstrap.sh first");
@@ -38,6 +39,7 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)
         .include(&gloo)
+        .include(manifest.join("../scripts"))
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
         // libtorch's own headers are not warning-clean; the shim is small enough to read.

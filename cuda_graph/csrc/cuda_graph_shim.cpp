@@ -2,8 +2,8 @@
 // for real with DDPM_CUDA_GRAPH (the crate's `cuda` feature); without it every entry point that
 // would touch CUDA answers that it is not built in, so the crate builds on any machine.
 //
-// Every entry point catches everything: a C++ exception never crosses into Rust. Errors come back
-// as a malloc'd message (free it with ddpm_cuda_graph_free_error); success is a null pointer.
+// Errors follow scripts/shim_errors.h: a C++ exception never crosses into Rust; a failure is a
+// malloc'd message (free it with ddpm_cuda_graph_free_error), success a null pointer.
 //
 // A graph cannot be captured on the legacy default stream, so the work to capture (and its
 // warm-up) runs on a pooled side stream: `enter` makes it current once it has waited for what the
@@ -14,9 +14,6 @@
 // memory: new inputs are copied into the tensors the captured ops read.
 
 #include <cstdlib>
-#include <cstring>
-#include <exception>
-#include <string>
 
 #ifdef DDPM_CUDA_GRAPH
 // c10's device-generic event and stream guard dispatch to c10_cuda at run time; their CUDA
@@ -30,15 +27,11 @@
 #include <optional>
 #endif
 
+#include "shim_errors.h"
+
 namespace {
 
-char* message(const std::string& what) {
-  char* out = static_cast<char*>(std::malloc(what.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what.c_str(), what.size() + 1);
-  }
-  return out;
-}
+using ddpm_shim::message;
 
 #ifdef DDPM_CUDA_GRAPH
 struct Graph {
@@ -51,16 +44,7 @@ struct Graph {
 
 template <typename F>
 char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception in the CUDA graph shim");
-  }
+  return ddpm_shim::guarded(body, "unknown C++ exception in the CUDA graph shim");
 }
 
 // `later` waits for the work queued on `earlier` so far (on the device, not the host).

@@ -27,6 +27,8 @@
 #endif
 #include <optional>
 
+#include "shim_errors.h"
+
 namespace {
 
 struct PG {
@@ -38,26 +40,11 @@ struct PG {
   std::optional<at::Device> device;
 };
 
-char* message(const std::string& what) {
-  char* out = static_cast<char*>(std::malloc(what.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what.c_str(), what.size() + 1);
-  }
-  return out;
-}
+using ddpm_shim::message;
 
 template <typename F>
 char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception in c10d");
-  }
+  return ddpm_shim::guarded(body, "unknown C++ exception in c10d");
 }
 
 // A listening IPv4 socket bound to `addr:port`, so that the TCPStore server does not listen on

@@ -636,34 +636,47 @@ fn sample_uses_the_weights_asked_for() {
     );
 }
 
+/// 4 images of seed 9 into a grid under `root` (whose images `sample_grid` returns).
+fn grid_options(root: &std::path::Path) -> SampleOptions {
+    SampleOptions {
+        n: 4,
+        seed: 9,
+        out: Some(root.join("grid.png")),
+        ..SampleOptions::default()
+    }
+}
+
+/// `ddpm sample`'s own path (`generate::run`, no overrides) from `dir`: the grid's images.
+fn sample_grid(
+    dir: &std::path::Path,
+    opts: &SampleOptions,
+    device: Device,
+) -> ddpm::error::Result<Tensor> {
+    generate::run(
+        dir,
+        toml::Table::new(),
+        "the test",
+        opts,
+        device,
+        &mut Silent,
+    )
+    .map(|s| s.images.expect("a grid keeps its images"))
+}
+
 /// `ddpm sample --channels-last` draws the images of the plain layout, up to the order of the
 /// convolutions' f32 sums (1e-4 on images in [−1, 1], ~1000 ulps; a layout bug moves them by
 /// O(1)); `--bf16-weights` casts every weight to bfloat16 and draws images near the f32 ones
 /// (bf16's unit roundoff 2^−9 a layer, through 20 steps of a random network: under 0.1,
-/// measured 0.025; channels-last 3e-6) but not the same; asking for both bfloat16 modes is refused before loading.
+/// measured 0.025; channels-last 3e-6) but not the same; asking for both bfloat16 modes is
+/// refused before loading.
 #[test]
 fn sample_lays_out_and_casts_the_weights_as_asked() {
     single_thread();
     let _rng = rng_lock();
     let root = tempfile::tempdir().unwrap();
     let (dir, _, _) = saved_checkpoint(root.path());
-    let base = SampleOptions {
-        n: 4,
-        seed: 9,
-        out: Some(root.path().join("grid.png")),
-        ..SampleOptions::default()
-    };
-    let draw = |opts: &SampleOptions| {
-        generate::run(
-            &dir,
-            toml::Table::new(),
-            "the test",
-            opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .map(|s| s.images.expect("a grid keeps its images"))
-    };
+    let base = grid_options(root.path());
+    let draw = |opts: &SampleOptions| sample_grid(&dir, opts, Device::Cpu);
     let max_diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
     let plain = draw(&base).unwrap();
 
@@ -711,28 +724,13 @@ fn graphed_sampling_matches_eager_sampling(device: Device) {
     let _rng = rng_lock();
     let root = tempfile::tempdir().unwrap();
     let (dir, _, _) = saved_checkpoint(root.path());
-    let out = root.path().join("grid.png");
-    let base = SampleOptions {
-        n: 4,
-        seed: 9,
-        out: Some(out.clone()),
-        ..SampleOptions::default()
-    };
+    let base = grid_options(root.path());
+    let out = base.out.clone().unwrap_or_default();
     let graphed = SampleOptions {
         cuda_graph: true,
         ..base.clone()
     };
-    let draw = |opts: &SampleOptions| {
-        generate::run(
-            &dir,
-            toml::Table::new(),
-            "the test",
-            opts,
-            device,
-            &mut Silent,
-        )
-        .map(|s| s.images.expect("a grid keeps its images"))
-    };
+    let draw = |opts: &SampleOptions| sample_grid(&dir, opts, device);
     use ddpm::error::DdpmError;
     match (device, ddpm::graph::is_built()) {
         (Device::Cuda(_), true) => {
