@@ -456,6 +456,9 @@ impl Library {
         let bf16_copy = if spec.bf16_weights {
             let mut copy_vs = nn::VarStore::new(device);
             let copy = UNet::new(&copy_vs.root(), &spec.model)?;
+            if spec.channels_last {
+                to_channels_last(&copy_vs)?;
+            }
             copy_vs.copy(&vs)?;
             copy_vs.bfloat16();
             Some((copy_vs, copy))

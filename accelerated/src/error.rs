@@ -9,7 +9,7 @@ pub enum DdpmError {
     Torch(#[from] tch::TchError),
     /// Capturing or replaying a CUDA graph failed (`ddpm sample --cuda-graph`): not built in,
     /// not on CUDA, or the predictor does what a capture cannot hold; the message is libtorch's.
-    #[error("{0} (sample.cuda_graph: --cuda-graph)")]
+    #[error("{0} (cuda_graph)")]
     CudaGraph(#[from] ddpm_cuda_graph::GraphError),
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
     #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); choose the CPU or `auto`")]

@@ -73,14 +73,32 @@ impl<'a, M: NoisePredictor + ?Sized> Graphed<'a, M> {
         // The graph reads its inputs from these tensors: allocated outside the capture.
         let x = fresh_copy(x_t)?;
         let t_in = fresh_copy(t)?;
-        let (graph, eps) = CudaGraph::capture(index, WARMUP_CALLS, || {
-            tch::no_grad(|| self.model.predict(&x, &t_in))
+        // The predictor's own error, if it fails in the warm-up or the capture, says more than
+        // the invalidated capture that follows it.
+        let mut failed = None;
+        let captured = CudaGraph::capture(index, WARMUP_CALLS, || {
+            match tch::no_grad(|| self.model.predict(&x, &t_in)) {
+                Ok(eps) => Some(eps),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    None
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (graph, eps) = captured?;
+        let eps = eps.ok_or_else(|| DdpmError::ShapeMismatch {
+            what: "the captured prediction",
+            expected: "the predictor's output".into(),
+            got: Vec::new(),
         })?;
         Ok(Captured {
             shape: x_t.size(),
             x,
             t: t_in,
-            eps: eps?,
+            eps,
             graph,
         })
     }

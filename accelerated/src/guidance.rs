@@ -15,6 +15,14 @@ pub trait ConditionalPredictor {
     /// same shape and kind as x_t; an error (never a panic) when the batch does not fit.
     fn predict_class(&self, x_t: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor>;
 
+    /// [`predict_class`](Self::predict_class) for labels whose values were checked already
+    /// ([`Guided`]'s `check_input`, before sampling): a predictor that checks them at every
+    /// call by reading them back skips that here, so a step reads nothing from the device (and
+    /// a CUDA graph can hold the call). By default the checked call.
+    fn predict_class_prechecked(&self, x_t: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.predict_class(x_t, t, y)
+    }
+
     /// The number of classes; the label value `classes()` is ∅.
     fn classes(&self) -> usize;
 
@@ -74,8 +82,9 @@ pub fn combine(cond: &Tensor, uncond: &Tensor, w: f64) -> Result<Tensor> {
 /// sampler takes it (w = 0: one conditional call; otherwise one call on the doubled batch
 /// [x; x], [y; ∅] and `combine`). Labels may be ∅ (`classes()`): such samples are
 /// unconditional whatever w. `check_input` checks the labels (Int64 [B], values in
-/// 0..=classes) and w before sampling; `predict` checks their shape only (no device sync a
-/// step) and leaves the values to the model.
+/// 0..=classes) and w before sampling; `predict` checks their shape only and calls the model's
+/// [`ConditionalPredictor::predict_class_prechecked`], so a step reads nothing back from the
+/// device (a value out of range that reaches the network anyway is libtorch's index error).
 pub struct Guided<'a, M: ?Sized> {
     /// The conditional predictor.
     pub model: &'a M,
@@ -105,11 +114,12 @@ impl<M: ConditionalPredictor + ?Sized> NoisePredictor for Guided<'_, M> {
         let b = x_t.size().first().copied().unwrap_or(0);
         self.check_labels_shape(b)?;
         let y = self.labels.f_to_device(x_t.device())?;
+        // The labels' values were checked by `check_input` before sampling.
         if self.w == 0.0 {
-            return self.model.predict_class(x_t, t, &y);
+            return self.model.predict_class_prechecked(x_t, t, &y);
         }
         let none = Tensor::f_full([b], self.model.classes() as i64, (Kind::Int64, y.device()))?;
-        let out = self.model.predict_class(
+        let out = self.model.predict_class_prechecked(
             &Tensor::f_cat(&[x_t, x_t], 0)?,
             &Tensor::f_cat(&[t, t], 0)?,
             &Tensor::f_cat(&[&y, &none], 0)?,

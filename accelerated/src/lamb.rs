@@ -925,6 +925,24 @@ mod tests {
         }
     }
 
+    /// `config` reports the settings LAMB was built with, and the learning rate `set_lr` set.
+    #[test]
+    fn config_reports_the_settings_and_the_lr_set() {
+        let vs = VarStore::new(Device::Cpu);
+        let _w = vs.root().var("w", &[2, 2], nn::Init::Const(1.0));
+        let cfg = LambConfig {
+            lr: 0.25,
+            beta1: 0.5,
+            weight_decay: 0.0,
+            max_grad_norm: Some(3.0),
+            ..LambConfig::default()
+        };
+        let mut lamb = Lamb::new(&vs, cfg).unwrap();
+        assert_eq!(lamb.config(), &cfg);
+        lamb.set_lr(0.125);
+        assert_eq!(lamb.config(), &LambConfig { lr: 0.125, ..cfg });
+    }
+
     /// Step 0 is refused before anything moves: its bias corrections 1 − β^0 are 0, so m̂ and
     /// v̂ would be 0/0.
     #[test]

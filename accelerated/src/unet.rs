@@ -663,6 +663,11 @@ impl crate::guidance::ConditionalPredictor for UNet {
         self.forward_class(x_t, t, y, false)
     }
 
+    /// The labels' shape and kind are still checked; their values are not read back.
+    fn predict_class_prechecked(&self, x_t: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.forward_class(x_t, t, y, false)
+    }
+
     fn classes(&self) -> usize {
         self.class_count()
     }
@@ -676,17 +681,26 @@ impl crate::guidance::ConditionalPredictor for UNet {
     }
 }
 
-/// `t` (4-D, [N, C, H, W]) with channels-last strides (NHWC in memory, NCHW in shape), the
-/// values unchanged: PyTorch's `.to(memory_format=torch.channels_last)`, which tch lacks.
+/// `t` (4-D, [N, C, H, W]) with channels-last strides (H·W·C, 1, W·C, C) — NHWC in memory,
+/// NCHW in shape — the values unchanged: PyTorch's `.to(memory_format=torch.channels_last)`,
+/// which tch lacks. The strides are set explicitly, size-1 dimensions included (a permuted
+/// copy would keep the old ones there, and cuDNN would read [N, 1, H, W] as NCHW).
 pub fn channels_last(t: &Tensor) -> Result<Tensor> {
-    Ok(t.f_permute([0, 2, 3, 1])?
-        .f_contiguous()?
-        .f_permute([0, 3, 1, 2])?)
+    let [n, c, h, w] = t.size()[..] else {
+        return Err(DdpmError::ShapeMismatch {
+            what: "a channels-last tensor",
+            expected: "4 dimensions [N, C, H, W]".into(),
+            got: t.size(),
+        });
+    };
+    // Dense NHWC memory, then seen as [N, C, H, W] with NHWC strides.
+    let nhwc = t.f_permute([0, 2, 3, 1])?.f_contiguous()?;
+    Ok(nhwc.f_as_strided([n, c, h, w], [h * w * c, 1, w * c, c], None)?)
 }
 
 /// Whether `t` is 4-D and laid out as [`channels_last`] lays it out: strides (H·W·C, 1, W·C,
 /// C) in every dimension of more than one element (the stride of a size-1 dimension is never
-/// used, and libtorch leaves it as it finds it, as PyTorch's own check ignores it).
+/// used to address memory, so a 1×1 kernel [O, I, 1, 1] is both layouts at once).
 pub fn is_channels_last(t: &Tensor) -> bool {
     match t.size()[..] {
         [n, c, h, w] => [n, c, h, w]
@@ -860,6 +874,10 @@ mod tests {
         let t = Tensor::from_slice(&[40i64, 40, 40]);
         let y = Tensor::from_slice(&[0i64, 1, 2]);
         let out = net.predict_class(&x, &t, &y).unwrap();
+        assert!(net
+            .predict_class_prechecked(&x, &t, &y)
+            .unwrap()
+            .equal(&out));
         let diff = |i: i64, j: i64| f64::try_from((out.get(i) - out.get(j)).abs().max()).unwrap();
         assert!(
             diff(0, 1) > 1e-3 && diff(0, 2) > 1e-3,
@@ -951,10 +969,14 @@ mod tests {
             .collect();
         assert!(!four_d.is_empty() && four_d.iter().all(is_channels_last));
         assert!(!is_channels_last(&x) && is_channels_last(&channels_last(&x).unwrap()));
-        // A 1×1 convolution's weight [O, I, 1, 1] is both layouts at once (the strides of its
-        // size-1 dimensions are never used, and libtorch leaves them as it finds them).
+        // A 1×1 convolution's weight [O, I, 1, 1] is both layouts at once; a grey input or
+        // kernel [N, 1, H, W] gets the exact NHWC strides, its size-1 one included.
         let one = Tensor::randn([4, 3, 1, 1], (Kind::Float, Device::Cpu));
         assert!(is_channels_last(&one) && is_channels_last(&channels_last(&one).unwrap()));
+        let grey = Tensor::randn([4, 1, 3, 3], (Kind::Float, Device::Cpu));
+        let grey_nhwc = channels_last(&grey).unwrap();
+        assert_eq!(grey_nhwc.stride(), [9, 1, 3, 1]);
+        assert!(grey_nhwc.equal(&grey));
         let wide = Tensor::randn([4, 3, 1, 2], (Kind::Float, Device::Cpu));
         assert!(!is_channels_last(&wide) && is_channels_last(&channels_last(&wide).unwrap()));
         let after = net.predict(&x, &t).unwrap();

@@ -99,22 +99,19 @@ impl CudaGraph {
         let p = graph.raw.as_ptr();
         // SAFETY: `p` is this live graph for every call below.
         check("enter", unsafe { ffi::ddpm_cuda_graph_enter(p) })?;
-        let captured = (|| {
-            for _ in 0..warmup {
-                drop(body());
-            }
-            check("capture_begin", unsafe {
-                ffi::ddpm_cuda_graph_capture_begin(p)
-            })?;
-            let value = body();
-            check("capture_end", unsafe {
-                ffi::ddpm_cuda_graph_capture_end(p)
-            })?;
-            Ok(value)
-        })();
-        let left = check("leave", unsafe { ffi::ddpm_cuda_graph_leave(p) });
-        let value = captured?;
-        left?;
+        // Restores the previous stream however this ends, a panic of `body` included.
+        let side = SideStream(p);
+        for _ in 0..warmup {
+            drop(body());
+        }
+        check("capture_begin", unsafe {
+            ffi::ddpm_cuda_graph_capture_begin(p)
+        })?;
+        let value = body();
+        check("capture_end", unsafe {
+            ffi::ddpm_cuda_graph_capture_end(p)
+        })?;
+        side.leave()?;
         Ok((graph, value))
     }
 
@@ -124,6 +121,26 @@ impl CudaGraph {
         check("replay", unsafe {
             ffi::ddpm_cuda_graph_replay(self.raw.as_ptr())
         })
+    }
+}
+
+/// The side stream `enter` made current: [`SideStream::leave`] restores the previous one and
+/// reports how it went; dropped without it (an early return, a panic), it restores it quietly.
+struct SideStream(*mut c_void);
+
+impl SideStream {
+    fn leave(self) -> Result<(), GraphError> {
+        let p = self.0;
+        std::mem::forget(self);
+        // SAFETY: `p` is the live graph `enter` was called on.
+        check("leave", unsafe { ffi::ddpm_cuda_graph_leave(p) })
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        // SAFETY: as in `leave`; the error, if any, has nowhere to go.
+        let _ = check("leave", unsafe { ffi::ddpm_cuda_graph_leave(self.0) });
     }
 }
 

@@ -902,8 +902,7 @@ fn training_batches_never_hold_a_held_out_sample() {
         label_dropout: 0.1,
     };
     let steps = 3 * plan.steps_per_epoch(train.len());
-    let mut loader =
-        ddpm::data::loader::Loader::spawn(train.clone(), plan, 1, 2, tch::Device::Cpu).unwrap();
+    let mut loader = ddpm::data::loader::Loader::spawn(train.clone(), plan, 1, 2).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for step in 1..=steps {
         let batch = loader.next_batch().unwrap();
