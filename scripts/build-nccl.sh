@@ -4,7 +4,7 @@
 # and nv/target (nvidia-cuda-cccl) — into .nccl-headers/ (git-ignored; the venv's packages
 # are not touched), then `cargo build --release --features nccl`. Needs no GPU: NCCL is only
 # compiled and linked here. Extra arguments go to cargo (e.g. `--tests`, or `--features
-# cuda-graph`: the CUDA-graph shim of cuda_graph/ needs the same headers).
+# cuda-graph`: the CUDA-graph shim of cuda/ needs the same headers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.nccl-headers

@@ -1,5 +1,5 @@
 //! The CUDA include folders of a shim compiled against libtorch's CUDA headers (ddpm-c10d's
-//! `nccl` feature, ddpm-cuda-graph's `cuda`), shared by their build scripts (`#[path]`): the
+//! `nccl` feature, ddpm-cuda's `cuda`), shared by their build scripts (`#[path]`): the
 //! torch wheel's nvidia packages beside `$LIBTORCH` (`nvidia/cu13/include` and the `more` ones)
 //! and the two CUDA 13.0 header sets those lack, `crt/host_config.h` (nvidia-cuda-crt) and
 //! `nv/target` (nvidia-cuda-cccl), from `DDPM_CUDA_HEADERS` (a folder holding `crt/` and `nv/`;

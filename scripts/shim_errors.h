@@ -1,5 +1,5 @@
 // The error convention of this project's C++ shims (distributed/csrc/c10d_shim.cpp,
-// cuda_graph/csrc/cuda_graph_shim.cpp; their build scripts put scripts/ on the include path):
+// cuda/csrc/cuda_shim.cpp; their build scripts put scripts/ on the include path):
 // a C++ exception never crosses into Rust. An entry point returns null on success, else a
 // malloc'd message that Rust reads once and hands back to the shim's free.
 #pragma once

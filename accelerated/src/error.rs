@@ -7,10 +7,10 @@ pub enum DdpmError {
     /// libtorch's first lines, without its C++ stack frames.
     #[error("libtorch error: {}", torch_message(.0))]
     Torch(#[from] tch::TchError),
-    /// Capturing or replaying a CUDA graph failed (`ddpm sample --cuda-graph`): not built in,
-    /// not on CUDA, or the predictor does what a capture cannot hold; the message is libtorch's.
-    #[error("{0} (cuda_graph)")]
-    CudaGraph(#[from] ddpm_cuda_graph::GraphError),
+    /// A call of the `ddpm-cuda` shim failed: a CUDA graph (`cuda_graph`: not built in, or the
+    /// predictor does what a capture cannot hold) or pinning host memory; libtorch's message.
+    #[error("{0}")]
+    Cuda(#[from] ddpm_cuda::CudaError),
     /// CUDA was asked for explicitly but libtorch sees no CUDA device.
     #[error("CUDA was requested but libtorch reports no usable CUDA device (is libtorch_cuda linked and a GPU visible?); choose the CPU or `auto`")]
     CudaUnavailable,

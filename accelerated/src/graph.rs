@@ -1,5 +1,5 @@
 //! CUDA-graph replay of a noise predictor (`ddpm sample --cuda-graph`): [`Graphed`] captures
-//! the predictor's call once per batch shape, through the `ddpm-cuda-graph` crate's shim over
+//! the predictor's call once per batch shape, through the `ddpm-cuda` crate's shim over
 //! libtorch's `at::cuda::CUDAGraph`, and then answers every call with one graph launch instead
 //! of the network's hundreds of kernel launches: the sampler's loop is the same, step for step.
 //!
@@ -7,17 +7,17 @@
 //! (its shape checks read sizes, not values), and so is `generate`'s guided one (its labels are
 //! on the device already); autocast is not (its cache of cast weights outlives the capture:
 //! `generate` refuses the pair; bfloat16 weights do the same work without it). What cannot be
-//! captured fails with [`DdpmError::CudaGraph`], not a panic.
+//! captured fails with [`DdpmError::Cuda`], not a panic.
 
 use crate::error::{DdpmError, Result};
 use crate::sampler::NoisePredictor;
-use ddpm_cuda_graph::CudaGraph;
+use ddpm_cuda::CudaGraph;
 use std::cell::RefCell;
 use tch::{Device, Tensor};
 
 /// Whether this build can capture CUDA graphs (the `cuda-graph` feature).
 pub fn is_built() -> bool {
-    ddpm_cuda_graph::is_built()
+    ddpm_cuda::is_built()
 }
 
 /// Calls of the predictor before the capture (cuDNN's algorithm choice, the allocator's

@@ -176,12 +176,15 @@ impl Trainer {
         }
         tch::manual_seed(batch.torch_seed);
         let dev = self.device;
-        let x0 = batch.x0.f_to_device(dev)?;
-        let t = batch.t.f_to_device(dev)?;
-        let eps = batch.eps.f_to_device(dev)?;
+        // Asynchronous on CUDA: from the loader's pinned memory the copies overlap the host's
+        // work; libtorch keeps a pinned block alive until its copy is done.
+        let upload = |t: &Tensor| t.f_to_device_(dev, t.kind(), dev.is_cuda(), false);
+        let x0 = upload(&batch.x0)?;
+        let t = upload(&batch.t)?;
+        let eps = upload(&batch.eps)?;
         let x_t = marginal_sample(&self.schedule, &x0, &t, &eps)?;
         let y = match (&batch.y, self.net.class_count() > 0) {
-            (Some(y), true) => Some(y.f_to_device(dev)?),
+            (Some(y), true) => Some(upload(y)?),
             (None, false) => None,
             (y, _) => {
                 return Err(DdpmError::Incompatible {
@@ -816,7 +819,13 @@ fn train_locked(
         run.trainer.set_process_group(group);
     }
     run.data_record = data_record;
-    let mut loader = Loader::spawn(data, run.trainer.plan(), run.trainer.step() + 1, PREFETCH)?;
+    let mut loader = Loader::spawn(
+        data,
+        run.trainer.plan(),
+        run.trainer.step() + 1,
+        PREFETCH,
+        run.trainer.device,
+    )?;
     progress.start(cfg.train.steps, run.trainer.step(), "steps");
     while run.trainer.step() < cfg.train.steps {
         let batch = loader.next_batch()?;

@@ -740,7 +740,7 @@ fn graphed_sampling_matches_eager_sampling(device: Device) {
             assert!(d < 1e-4, "graphed images differ from eager ones by {d}");
         }
         (Device::Cuda(_), false) => match draw(&graphed) {
-            Err(DdpmError::CudaGraph(e)) => {
+            Err(DdpmError::Cuda(e)) => {
                 assert!(e.message.contains("--features cuda-graph"), "{e}")
             }
             other => panic!(
@@ -902,7 +902,8 @@ fn training_batches_never_hold_a_held_out_sample() {
         label_dropout: 0.1,
     };
     let steps = 3 * plan.steps_per_epoch(train.len());
-    let mut loader = ddpm::data::loader::Loader::spawn(train.clone(), plan, 1, 2).unwrap();
+    let mut loader =
+        ddpm::data::loader::Loader::spawn(train.clone(), plan, 1, 2, tch::Device::Cpu).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for step in 1..=steps {
         let batch = loader.next_batch().unwrap();

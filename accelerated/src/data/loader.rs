@@ -9,7 +9,7 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// How batches are drawn: epochs are seeded permutations of the training set (the last
 /// partial batch of an epoch is dropped), t ~ U{1..T}, ε ~ N(0, I), optional flips.
@@ -153,9 +153,35 @@ pub struct Loader {
     handle: Option<JoinHandle<()>>,
 }
 
+impl Batch {
+    /// This batch in page-locked ("pinned") host memory, from which a copy to `device` can run
+    /// asynchronously (`non_blocking`) while the host goes on; on the CPU, itself.
+    pub fn pinned_for(self, device: Device) -> Result<Batch> {
+        if !device.is_cuda() {
+            return Ok(self);
+        }
+        // Through ddpm-cuda: tch's own pin_memory(device) warns at every call in libtorch 2.11.
+        let pin = |t: &Tensor| ddpm_cuda::pin_memory(t).map_err(DdpmError::from);
+        Ok(Batch {
+            x0: pin(&self.x0)?,
+            t: pin(&self.t)?,
+            eps: pin(&self.eps)?,
+            y: self.y.as_ref().map(pin).transpose()?,
+            ..self
+        })
+    }
+}
+
 impl Loader {
-    /// Starts the producer thread for `data` from 1-based step `first`.
-    pub fn spawn(data: Dataset, plan: BatchPlan, first: u64, prefetch: usize) -> Result<Loader> {
+    /// Starts the producer thread for `data` from 1-based step `first`; the batches are for
+    /// `device` (pinned host memory on CUDA, [`Batch::pinned_for`]).
+    pub fn spawn(
+        data: Dataset,
+        plan: BatchPlan,
+        first: u64,
+        prefetch: usize,
+        device: Device,
+    ) -> Result<Loader> {
         plan.validate(data.len())?;
         let (tx, rx) = sync_channel(prefetch.max(1));
         let handle = std::thread::Builder::new()
@@ -168,7 +194,9 @@ impl Loader {
                     if now != epoch {
                         (epoch, order) = (now, plan.order(n, now));
                     }
-                    let batch = plan.batch_with_order(&data, &order, step);
+                    let batch = plan
+                        .batch_with_order(&data, &order, step)
+                        .and_then(|b| b.pinned_for(device));
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         break;
@@ -342,7 +370,7 @@ mod tests {
             flip: true,
             label_dropout: 0.3,
         };
-        let mut from_one = Loader::spawn(train.clone(), plan, 1, 2).unwrap();
+        let mut from_one = Loader::spawn(train.clone(), plan, 1, 2, Device::Cpu).unwrap();
         let all: Vec<Batch> = (0..12).map(|_| from_one.next_batch().unwrap()).collect();
         assert!(all.iter().all(|b| b.y.is_some()));
         for (i, b) in all.iter().enumerate() {
@@ -352,7 +380,7 @@ mod tests {
                 i + 1
             );
         }
-        let mut resumed = Loader::spawn(train.clone(), plan, 6, 2).unwrap();
+        let mut resumed = Loader::spawn(train.clone(), plan, 6, 2, Device::Cpu).unwrap();
         for b in &all[5..] {
             assert!(same(&resumed.next_batch().unwrap(), b), "step {}", b.step);
         }
@@ -382,7 +410,7 @@ mod tests {
             flip: true,
             label_dropout: 0.1,
         };
-        let mut from_one = Loader::spawn(data.clone(), plan, 1, 2).unwrap();
+        let mut from_one = Loader::spawn(data.clone(), plan, 1, 2, Device::Cpu).unwrap();
         let all: Vec<Batch> = (0..8).map(|_| from_one.next_batch().unwrap()).collect();
         for (i, b) in all.iter().enumerate() {
             assert!(
@@ -391,7 +419,7 @@ mod tests {
                 i + 1
             );
         }
-        let mut resumed = Loader::spawn(data.clone(), plan, 5, 2).unwrap();
+        let mut resumed = Loader::spawn(data.clone(), plan, 5, 2, Device::Cpu).unwrap();
         for b in &all[4..] {
             assert!(same(&resumed.next_batch().unwrap(), b), "step {}", b.step);
         }

@@ -1,13 +1,15 @@
-//! CUDA graphs for the work tch queues: [`CudaGraph::capture`] records the kernels a closure
-//! launches (tch ops on CUDA tensors) once, [`CudaGraph::replay`] launches them all again at
-//! the cost of one launch, on the same memory.
+//! What tch lacks of libtorch's CUDA side, through a small C++ shim (csrc/cuda_shim.cpp):
+//! - [`pin_memory`]: a tensor's values in page-locked host memory, from which a copy to the GPU
+//!   can run asynchronously. tch's `Tensor::pin_memory(device)` always passes a device, an
+//!   argument libtorch 2.11 deprecates with a warning on stderr at every call.
+//! - CUDA graphs: [`CudaGraph::capture`] records the kernels a closure launches (tch ops on
+//!   CUDA tensors) once, [`CudaGraph::replay`] launches them all again at the cost of one
+//!   launch, on the same memory. Compiled for real with the `cuda` feature (it needs CUDA
+//!   13.0's `crt/` and `nv/` headers, as ddpm-c10d's `nccl`: scripts/build-nccl.sh); without
+//!   it the crate still builds, anywhere, and every capture fails with a [`CudaError`] saying
+//!   so.
 //!
-//! tch has no CUDA-graph API; this crate compiles a small C++ shim (csrc/cuda_graph_shim.cpp)
-//! over libtorch's `at::cuda::CUDAGraph` when its `cuda` feature is on (it needs CUDA 13.0's
-//! `crt/` and `nv/` headers, as ddpm-c10d's `nccl`: scripts/build-nccl.sh). Without the
-//! feature the crate still builds, anywhere, and every capture fails with a
-//! [`GraphError`] saying so. The shim catches every C++ exception: errors arrive here with
-//! libtorch's message.
+//! The shim catches every C++ exception: errors arrive here with libtorch's message.
 //!
 //! What a capture may hold is libtorch's rule: device work only — no host read of a device
 //! value, no synchronisation, no copy from pageable host memory, no new random generator state.
@@ -17,12 +19,14 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr::NonNull;
+use tch::Tensor;
 
 mod ffi {
     use std::ffi::{c_char, c_int, c_void};
 
     extern "C" {
         pub fn ddpm_cuda_graph_free_error(err: *mut c_char);
+        pub fn ddpm_cuda_pin_memory(tensor: *mut c_void, out: *mut *mut c_void) -> *mut c_char;
         pub fn ddpm_cuda_graph_built() -> c_int;
         pub fn ddpm_cuda_graph_new(device: c_int, out: *mut *mut c_void) -> *mut c_char;
         pub fn ddpm_cuda_graph_enter(graph: *mut c_void) -> *mut c_char;
@@ -34,14 +38,36 @@ mod ffi {
     }
 }
 
-/// A CUDA-graph call that failed: which one, and libtorch's message.
+/// A call of the shim that failed: which one, and libtorch's message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("CUDA graph {op} failed: {message}")]
-pub struct GraphError {
-    /// The step: `new`, `enter`, `capture_begin`, `capture_end`, `leave` or `replay`.
+#[error("CUDA {op} failed: {message}")]
+pub struct CudaError {
+    /// The call: `pin_memory`, or a graph's `new`, `enter`, `capture_begin`, `capture_end`,
+    /// `leave` or `replay`.
     pub op: &'static str,
     /// libtorch's message (or this crate's, when CUDA graphs are not built in).
     pub message: String,
+}
+
+/// `t`'s values in a new tensor in page-locked ("pinned") host memory, from which a copy to
+/// a CUDA device can be `non_blocking` (libtorch's caching host allocator keeps the block
+/// alive until such a copy is done); libtorch's error where there is no GPU to pin for.
+pub fn pin_memory(t: &Tensor) -> Result<Tensor, CudaError> {
+    let mut src = t.shallow_clone();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: `as_mut_ptr` is tch's `at::Tensor*`, valid for the call; on success `out` is a
+    // new `at::Tensor*` that tch takes over.
+    check("pin_memory", unsafe {
+        ffi::ddpm_cuda_pin_memory(src.as_mut_ptr().cast(), &mut out)
+    })?;
+    if out.is_null() {
+        return Err(CudaError {
+            op: "pin_memory",
+            message: "the shim returned no tensor".into(),
+        });
+    }
+    // SAFETY: a fresh `at::Tensor*` from the shim, owned from here on.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
 
 /// Whether this build can capture graphs (the `cuda` feature).
@@ -51,7 +77,7 @@ pub fn is_built() -> bool {
 }
 
 /// Turns the shim's answer into a `Result`, freeing its message.
-fn check(op: &'static str, err: *mut c_char) -> Result<(), GraphError> {
+fn check(op: &'static str, err: *mut c_char) -> Result<(), CudaError> {
     if err.is_null() {
         return Ok(());
     }
@@ -62,7 +88,7 @@ fn check(op: &'static str, err: *mut c_char) -> Result<(), GraphError> {
         ffi::ddpm_cuda_graph_free_error(err);
         text
     };
-    Err(GraphError { op, message })
+    Err(CudaError { op, message })
 }
 
 /// A captured CUDA graph on one device, with its private memory pool.
@@ -82,8 +108,8 @@ impl CudaGraph {
         device: usize,
         warmup: usize,
         mut body: impl FnMut() -> T,
-    ) -> Result<(CudaGraph, T), GraphError> {
-        let index = c_int::try_from(device).map_err(|_| GraphError {
+    ) -> Result<(CudaGraph, T), CudaError> {
+        let index = c_int::try_from(device).map_err(|_| CudaError {
             op: "new",
             message: format!("no CUDA device {device}"),
         })?;
@@ -91,7 +117,7 @@ impl CudaGraph {
         // SAFETY: `raw` is written by the shim, a valid graph only on success.
         check("new", unsafe { ffi::ddpm_cuda_graph_new(index, &mut raw) })?;
         let graph = CudaGraph {
-            raw: NonNull::new(raw).ok_or_else(|| GraphError {
+            raw: NonNull::new(raw).ok_or_else(|| CudaError {
                 op: "new",
                 message: "the shim returned no graph".into(),
             })?,
@@ -116,7 +142,7 @@ impl CudaGraph {
     }
 
     /// Launches the captured work again on the current stream (asynchronously, as any kernel).
-    pub fn replay(&self) -> Result<(), GraphError> {
+    pub fn replay(&self) -> Result<(), CudaError> {
         // SAFETY: `raw` is a live, captured graph.
         check("replay", unsafe {
             ffi::ddpm_cuda_graph_replay(self.raw.as_ptr())
@@ -129,7 +155,7 @@ impl CudaGraph {
 struct SideStream(*mut c_void);
 
 impl SideStream {
-    fn leave(self) -> Result<(), GraphError> {
+    fn leave(self) -> Result<(), CudaError> {
         let p = self.0;
         std::mem::forget(self);
         // SAFETY: `p` is the live graph `enter` was called on.
@@ -154,6 +180,25 @@ impl Drop for CudaGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a machine without a GPU pinning is libtorch's error, not a crash; with one, the
+    /// values are the same and the memory is page-locked.
+    #[test]
+    fn pinning_copies_into_page_locked_memory_or_says_why_not() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        match pin_memory(&t) {
+            Ok(pinned) => {
+                assert!(tch::Cuda::is_available(), "pinned without a GPU");
+                assert!(pinned.equal(&t));
+                assert!(pinned.is_pinned(tch::Device::Cuda(0)));
+            }
+            Err(e) => {
+                assert!(!tch::Cuda::is_available(), "a GPU, yet: {e}");
+                assert_eq!(e.op, "pin_memory");
+                assert!(!e.message.is_empty());
+            }
+        }
+    }
 
     /// Without the `cuda` feature a capture is refused with a message that says how to build
     /// it in, and the body never runs (not even its warm-up).

@@ -1,15 +1,15 @@
-//! Compiles csrc/cuda_graph_shim.cpp. With the `cuda` feature: with `-DDDPM_CUDA_GRAPH` against
-//! libtorch's headers at LIBTORCH and the CUDA headers of scripts/cuda_headers.rs, linked to
-//! libtorch_cuda and c10_cuda (the ddpm binary links the rest of libtorch through torch-sys).
-//! Without it the shim needs only c10's headers (for scripts/shim_errors.h) and links nothing:
-//! every call answers that CUDA graphs are not built in.
+//! Compiles csrc/cuda_shim.cpp against libtorch's headers at LIBTORCH and links libtorch_cpu
+//! and c10 (pinning, c10's exception type). With the `cuda` feature also with
+//! `-DDDPM_CUDA_GRAPH` against the CUDA headers of scripts/cuda_headers.rs, linked to
+//! libtorch_cuda and c10_cuda; without it every graph call answers that CUDA graphs are not
+//! built in.
 use std::path::PathBuf;
 
 #[path = "../scripts/cuda_headers.rs"]
 mod cuda_headers;
 
 fn main() {
-    println!("cargo:rerun-if-changed=csrc/cuda_graph_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_shim.cpp");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     println!("cargo:rerun-if-changed=../scripts/shim_errors.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
@@ -22,7 +22,7 @@ fn main() {
     // libtorch's headers (c10's exception type, scripts/shim_errors.h) in both forms.
     build
         .cpp(true)
-        .file(manifest.join("csrc/cuda_graph_shim.cpp"))
+        .file(manifest.join("csrc/cuda_shim.cpp"))
         .std("c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(manifest.join("../scripts"))
@@ -35,12 +35,18 @@ fn main() {
         build
             .define("DDPM_CUDA_GRAPH", None)
             .include(libtorch.join("include/torch/csrc/api/include"));
-        let lib = libtorch.join("lib");
-        println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
-        println!("cargo:rustc-link-lib=dylib=c10");
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
-    build.compile("ddpm_cuda_graph_shim");
+    // Pinning is libtorch_cpu's; c10's exception type is c10's.
+    let lib = libtorch.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    // This crate's own test executable: keep libtorch (and so libtorch_cuda, whose hooks make
+    // a GPU visible) as scripts/link_libtorch.rs does, and find it without LD_LIBRARY_PATH.
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-ltorch");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    build.compile("ddpm_cuda_shim");
 }

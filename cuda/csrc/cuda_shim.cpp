@@ -1,6 +1,9 @@
-// C ABI over libtorch's CUDA graphs (at::cuda::CUDAGraph) for the ddpm-cuda-graph crate. Compiled
-// for real with DDPM_CUDA_GRAPH (the crate's `cuda` feature); without it every entry point that
-// would touch CUDA answers that it is not built in, so the crate builds on any machine.
+// C ABI for the ddpm-cuda crate over what tch lacks of libtorch's CUDA side: page-locked host
+// memory (`at::Tensor::pin_memory()` without the device argument that tch always passes and
+// libtorch 2.11 deprecates with a warning at every call), built in always; and CUDA graphs
+// (at::cuda::CUDAGraph), compiled for real with DDPM_CUDA_GRAPH (the crate's `cuda` feature) —
+// without it every graph entry point answers that it is not built in, so the crate builds on
+// any machine.
 //
 // Errors follow scripts/shim_errors.h: a C++ exception never crosses into Rust; a failure is a
 // malloc'd message (free it with ddpm_cuda_graph_free_error), success a null pointer.
@@ -14,6 +17,8 @@
 // memory: new inputs are copied into the tensors the captured ops read.
 
 #include <cstdlib>
+
+#include <ATen/core/Tensor.h>
 
 #ifdef DDPM_CUDA_GRAPH
 // c10's device-generic event and stream guard dispatch to c10_cuda at run time; their CUDA
@@ -33,6 +38,11 @@ namespace {
 
 using ddpm_shim::message;
 
+template <typename F>
+char* guarded(F&& body) {
+  return ddpm_shim::guarded(body, "unknown C++ exception in the CUDA graph shim");
+}
+
 #ifdef DDPM_CUDA_GRAPH
 struct Graph {
   at::cuda::CUDAGraph graph;
@@ -42,10 +52,6 @@ struct Graph {
       : side(c10::cuda::getStreamFromPool(false, device)) {}
 };
 
-template <typename F>
-char* guarded(F&& body) {
-  return ddpm_shim::guarded(body, "unknown C++ exception in the CUDA graph shim");
-}
 
 // `later` waits for the work queued on `earlier` so far (on the device, not the host).
 void wait_for(c10::cuda::CUDAStream later, c10::cuda::CUDAStream earlier) {
@@ -58,7 +64,7 @@ Graph* as_graph(void* g) { return static_cast<Graph*>(g); }
 #else
 char* not_built() {
   return message(
-      "this build has no CUDA graphs: ddpm-cuda-graph was compiled without its `cuda` feature "
+      "this build has no CUDA graphs: ddpm-cuda was compiled without its `cuda` feature "
       "(build with --features cuda-graph, scripts/build-nccl.sh)");
 }
 #endif
@@ -68,6 +74,14 @@ char* not_built() {
 extern "C" {
 
 void ddpm_cuda_graph_free_error(char* err) { std::free(err); }
+
+// `*out` = a new `at::Tensor*` holding `tensor`'s values in page-locked memory (tch takes it
+// over with Tensor::from_ptr); libtorch's error where no accelerator is there to pin for.
+char* ddpm_cuda_pin_memory(void* tensor, void** out) {
+  return guarded([&] {
+    *out = new at::Tensor(static_cast<at::Tensor*>(tensor)->pin_memory());
+  });
+}
 
 int ddpm_cuda_graph_built() {
 #ifdef DDPM_CUDA_GRAPH
