@@ -925,6 +925,32 @@ mod tests {
         }
     }
 
+    /// `zero_grad` clears every gradient, whether autograd made it (before the first step) or
+    /// it is already a view of the flat gradient buffer (after); `grad_norm` is the global
+    /// L2 norm of the gradients, ‖(g_1, …, g_n)‖, here with g = 3 for each of 6 weights and
+    /// g = 2 for each of 2: √(6·9 + 2·4) = √62.
+    #[test]
+    fn zero_grad_clears_every_gradient_and_grad_norm_is_the_global_norm() {
+        let vs = VarStore::new(Device::Cpu);
+        let a = vs.root().var("a", &[3, 2], nn::Init::Const(1.0));
+        let b = vs.root().var("b", &[2], nn::Init::Const(1.0));
+        let mut lamb = Lamb::new(&vs, LambConfig::default()).unwrap();
+        let loss = || (a.sum(Kind::Float) * 3.0 + b.sum(Kind::Float) * 2.0).backward();
+        let grad_sum = |t: &Tensor| f64::try_from(t.grad().abs().sum(Kind::Double)).unwrap();
+        for step in 0..2 {
+            // Straight after backward: before the first step autograd's own tensors.
+            loss();
+            lamb.zero_grad();
+            assert_eq!((grad_sum(&a), grad_sum(&b)), (0.0, 0.0), "step {step}");
+            loss();
+            let norm = f64::try_from(lamb.grad_norm().unwrap()).unwrap();
+            assert!((norm - 62f64.sqrt()).abs() < 1e-6, "step {step}: {norm}");
+            let _ = lamb.step().unwrap();
+            lamb.zero_grad();
+            assert_eq!((grad_sum(&a), grad_sum(&b)), (0.0, 0.0), "after step {step}");
+        }
+    }
+
     /// `config` reports the settings LAMB was built with, and the learning rate `set_lr` set.
     #[test]
     fn config_reports_the_settings_and_the_lr_set() {
