@@ -947,7 +947,11 @@ mod tests {
             assert!((norm - 62f64.sqrt()).abs() < 1e-6, "step {step}: {norm}");
             let _ = lamb.step().unwrap();
             lamb.zero_grad();
-            assert_eq!((grad_sum(&a), grad_sum(&b)), (0.0, 0.0), "after step {step}");
+            assert_eq!(
+                (grad_sum(&a), grad_sum(&b)),
+                (0.0, 0.0),
+                "after step {step}"
+            );
         }
     }
 
