@@ -569,9 +569,11 @@ impl UNet {
         crate::schedule::check_t(t, x_t)?;
         let kind = self.conv_in.ws.kind();
         let x = x_t.f_to_kind(kind)?;
-        // A channels-last network ([`to_channels_last`]) takes its input in the same layout,
-        // so that no convolution converts between the two.
-        let x = if is_channels_last(&self.conv_in.ws) {
+        // A network laid out channels-last ([`to_channels_last`]: its first weight has the
+        // NHWC strides, not the NCHW ones) takes its input in the same layout, so that no
+        // convolution converts between the two; any other network gets its input as it comes.
+        let w = &self.conv_in.ws;
+        let x = if w.stride() == nhwc_strides(&w.size()) && w.stride() != nchw_strides(&w.size()) {
             channels_last(&x)?
         } else {
             x
@@ -698,6 +700,22 @@ pub fn channels_last(t: &Tensor) -> Result<Tensor> {
     Ok(nhwc.f_as_strided([n, c, h, w], [h * w * c, 1, w * c, c], None)?)
 }
 
+/// The strides (H·W·C, 1, W·C, C) of a dense [N, C, H, W] tensor stored NHWC (none unless 4-D).
+fn nhwc_strides(size: &[i64]) -> Vec<i64> {
+    match size[..] {
+        [_, c, h, w] => vec![h * w * c, 1, w * c, c],
+        _ => Vec::new(),
+    }
+}
+
+/// The strides (C·H·W, H·W, W, 1) of a dense [N, C, H, W] tensor stored NCHW (none unless 4-D).
+fn nchw_strides(size: &[i64]) -> Vec<i64> {
+    match size[..] {
+        [_, c, h, w] => vec![c * h * w, h * w, w, 1],
+        _ => Vec::new(),
+    }
+}
+
 /// Whether `t` is 4-D and laid out as [`channels_last`] lays it out: strides (H·W·C, 1, W·C,
 /// C) in every dimension of more than one element (the stride of a size-1 dimension is never
 /// used to address memory, so a 1×1 kernel [O, I, 1, 1] is both layouts at once).
@@ -719,6 +737,7 @@ pub fn is_channels_last(t: &Tensor) -> bool {
 pub fn to_channels_last(vs: &nn::VarStore) -> Result<()> {
     tch::no_grad(|| {
         for (_, mut w) in vs.variables() {
+            // A kernel that is both layouts (one input channel, or 1×1) is left as it is.
             if w.dim() == 4 && !is_channels_last(&w) {
                 w.set_data(&channels_last(&w)?);
             }
