@@ -464,13 +464,35 @@ pub fn pixels_to_model(pixels: &Tensor) -> Result<Tensor> {
         .f_sub_scalar(1.0)?)
 }
 
-/// A fresh, empty directory for one test (cleared first if an earlier run left it).
+/// A fresh, empty directory for one test, removed with its contents when the value drops (a
+/// `tempfile::TempDir` that reads as its path, so a test writes `dir.join(…)`).
 #[cfg(test)]
-pub(crate) fn test_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ddpm-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+pub(crate) struct TestDir(tempfile::TempDir);
+
+#[cfg(test)]
+impl std::ops::Deref for TestDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+#[cfg(test)]
+impl AsRef<std::path::Path> for TestDir {
+    fn as_ref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+/// [`TestDir`] named after the test, under the system's temporary directory.
+#[cfg(test)]
+pub(crate) fn test_dir(name: &str) -> TestDir {
+    TestDir(
+        tempfile::Builder::new()
+            .prefix(&format!("ddpm-test-{name}-"))
+            .tempdir()
+            .unwrap(),
+    )
 }
 
 #[cfg(test)]

@@ -608,6 +608,5 @@ mod tests {
             load_latents(&dir.join("junk"), [1, 4, 4]),
             Err(DdpmError::Latents { .. })
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

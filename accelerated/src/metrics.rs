@@ -128,7 +128,8 @@ mod tests {
 
     #[test]
     fn reopening_drops_later_steps_and_a_partial_line() {
-        let path = test_dir("metrics_reopen").join("metrics.jsonl");
+        let dir = test_dir("metrics_reopen");
+        let path = dir.join("metrics.jsonl");
         let mut log = MetricsLog::open(&path, 0).unwrap();
         for step in 1..=4 {
             let record = Record {
@@ -158,7 +159,8 @@ mod tests {
 
     #[test]
     fn the_losses_of_kept_and_appended_lines_are_known() {
-        let path = test_dir("metrics_losses").join("metrics.jsonl");
+        let dir = test_dir("metrics_losses");
+        let path = dir.join("metrics.jsonl");
         let record = |step, loss| Record {
             step,
             loss,

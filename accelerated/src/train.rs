@@ -1275,13 +1275,13 @@ mod tests {
                 .unwrap();
         }
         let mut cfg = tiny(3);
-        cfg.data.path = Some(images.clone());
+        cfg.data.path = Some(images.to_path_buf());
         cfg.data.holdout = 2;
         let dir = test_dir("train_data_run");
         train(&cfg, &opts(&dir, false), None, &mut Silent).unwrap();
         let first = checkpoint::load(&checkpoints_dir(&dir).join("step-0000003")).unwrap();
         let record = first.manifest.data.clone().unwrap();
-        assert_eq!(record.path_given.as_deref(), Some(images.as_path()));
+        assert_eq!(record.path_given.as_deref(), Some(&*images));
         assert_eq!(
             first.manifest.config.data.path,
             Some(std::fs::canonicalize(&images).unwrap())

@@ -42,12 +42,12 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A fresh directory under the system's temporary directory.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ddpm-training-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory under the system's temporary directory, removed when the value drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("ddpm-training-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn opts(dir: PathBuf) -> TrainOptions {
@@ -511,10 +511,25 @@ fn training_grids_use_the_weights_asked_for() {
     for ema in [true, false] {
         cfg.sample.ema = ema;
         let dir = scratch(&format!("grid-{ema}"));
-        let summary = train_on(&cfg, data.clone(), &opts(dir.clone()), None, &mut Silent).unwrap();
+        let summary = train_on(
+            &cfg,
+            data.clone(),
+            &opts(dir.path().to_path_buf()),
+            None,
+            &mut Silent,
+        )
+        .unwrap();
         let drawn = std::fs::read(&summary.grid).unwrap();
-        let by_ema = grid_by_hand(&summary.checkpoint, Weights::Ema, &dir.join("ema.png"));
-        let by_raw = grid_by_hand(&summary.checkpoint, Weights::Raw, &dir.join("raw.png"));
+        let by_ema = grid_by_hand(
+            &summary.checkpoint,
+            Weights::Ema,
+            &dir.path().join("ema.png"),
+        );
+        let by_raw = grid_by_hand(
+            &summary.checkpoint,
+            Weights::Raw,
+            &dir.path().join("raw.png"),
+        );
         assert_ne!(
             by_ema, by_raw,
             "EMA and raw weights draw the same grid: the test could not tell them apart"
@@ -533,7 +548,6 @@ fn training_grids_use_the_weights_asked_for() {
             if ema { "raw" } else { "EMA" },
         );
         grids.push(drawn);
-        let _ = std::fs::remove_dir_all(&dir);
     }
     assert_ne!(grids[0], grids[1]);
 }
@@ -651,7 +665,7 @@ fn a_short_run_on_a_mixture_approaches_the_oracle_at_every_t() {
     let summary = train_on(
         &cfg,
         images(&g, 4096, 9),
-        &opts(dir.clone()),
+        &opts(dir.path().to_path_buf()),
         None,
         &mut Silent,
     )
@@ -660,7 +674,6 @@ fn a_short_run_on_a_mixture_approaches_the_oracle_at_every_t() {
     assert_eq!(summary.steps, steps);
     let trained = load_model(&summary.checkpoint, Device::Cpu, Weights::Raw).unwrap();
     let after = against_the_oracle(&trained.net, &oracle, &schedule, &buckets, 512, 77);
-    let _ = std::fs::remove_dir_all(&dir);
     eprintln!("{steps} steps in {secs:.1} s");
     for ((range, b), a) in buckets.iter().zip(&before).zip(&after) {
         eprintln!("  t in {range:?}: untrained {b:?}\n                 trained   {a:?}");
@@ -807,11 +820,17 @@ fn a_short_conditional_run_approaches_both_oracles() {
     let before = against_both_oracles(&untrained, &oracle, &schedule, &buckets, 512, 77);
 
     let dir = scratch("conditional");
-    let summary = train_on(&cfg, data, &opts(dir.clone()), None, &mut Silent).unwrap();
+    let summary = train_on(
+        &cfg,
+        data,
+        &opts(dir.path().to_path_buf()),
+        None,
+        &mut Silent,
+    )
+    .unwrap();
     assert_eq!(summary.steps, steps);
     let trained = load_model(&summary.checkpoint, Device::Cpu, Weights::Raw).unwrap();
     let after = against_both_oracles(&trained.net, &oracle, &schedule, &buckets, 512, 77);
-    let _ = std::fs::remove_dir_all(&dir);
     for ((range, b), a) in buckets.iter().zip(&before).zip(&after) {
         eprintln!("  t in {range:?}: untrained {b:?}\n                 trained   {a:?}");
         assert!(
