@@ -748,6 +748,21 @@ mod tests {
     }
 
     #[test]
+    fn only_seven_or_more_plain_digits_name_a_checkpoint() {
+        assert_eq!(parse_dir_name(&dir_name(12)), Some(12));
+        assert_eq!(parse_dir_name("step-123456789"), Some(123_456_789));
+        // Too short, a sign, a suffix, another prefix: `u64::from_str` alone takes the first two.
+        for name in [
+            "step-12",
+            "step-+000012",
+            "step-0000012.tmp",
+            "steps-0000012",
+        ] {
+            assert_eq!(parse_dir_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
     fn round_trip_is_exact_and_checks_the_architecture() {
         let root = test_dir("ckpt_round_trip");
         let vs = net(1, 4);
