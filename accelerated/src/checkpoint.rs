@@ -763,6 +763,24 @@ mod tests {
     }
 
     #[test]
+    fn a_root_that_cannot_be_listed_is_an_error_and_only_a_missing_one_is_empty() {
+        let dir = test_dir("ckpt_list");
+        assert!(list(&dir.join("absent")).unwrap().is_empty());
+        let file = dir.join("a-file");
+        fs::write(&file, b"x").unwrap();
+        let err = list(&file).unwrap_err().to_string();
+        assert!(err.contains("cannot list"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_synced_is_an_error() {
+        let dir = test_dir("ckpt_sync");
+        sync_dir(&dir).unwrap();
+        let err = sync_dir(&dir.join("absent")).unwrap_err().to_string();
+        assert!(err.contains("cannot fsync the directory"), "{err}");
+    }
+
+    #[test]
     fn round_trip_is_exact_and_checks_the_architecture() {
         let root = test_dir("ckpt_round_trip");
         let vs = net(1, 4);
