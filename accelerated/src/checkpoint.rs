@@ -828,6 +828,22 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_manifest_checksum_is_allowed_and_an_unreadable_one_is_not() {
+        let root = test_dir("ckpt_sum");
+        let vs = net(1, 4);
+        let dir = save(&root, manifest(1), &state(&vs), 5).unwrap();
+        let sum = dir.join(MANIFEST_SUM_FILE);
+        // A directory in its place: read_bounded refuses it (not NotFound).
+        fs::remove_file(&sum).unwrap();
+        fs::create_dir(&sum).unwrap();
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(err.contains("cannot read manifest.sha256"), "{err}");
+        // None at all, as before the sidecar existed: the manifest is still read.
+        fs::remove_dir(&sum).unwrap();
+        assert_eq!(load(&dir).unwrap().manifest.step, 1);
+    }
+
+    #[test]
     fn a_corrupt_newest_checkpoint_falls_back_to_the_previous() {
         let root = test_dir("ckpt_corrupt");
         let vs = net(1, 4);
