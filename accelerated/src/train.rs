@@ -1182,6 +1182,57 @@ mod tests {
                 .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
     }
 
+    /// metrics.jsonl of a run as JSON objects, one a line.
+    fn metrics_lines(run: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_metrics_line_holds_the_mean_loss_and_the_rate_since_the_line_before() {
+        let _guard = crate::sampler::rng_lock();
+        let field = |line: &serde_json::Value, key: &str| line[key].as_f64().unwrap();
+        let mut cfg = tiny(4);
+        let each = test_dir("train_log_each");
+        train_on(&cfg, pictures(10), &opts(&each, false), None, &mut Silent).unwrap();
+        cfg.train.log_every = 2;
+        let pairs = test_dir("train_log_pairs");
+        train_on(&cfg, pictures(10), &opts(&pairs, false), None, &mut Silent).unwrap();
+        let (each, pairs) = (metrics_lines(&each), metrics_lines(&pairs));
+        assert_eq!((each.len(), pairs.len()), (4, 2));
+        // Logging does not change the run, so a line every second step holds the mean of the
+        // two per-step losses (both sums of the same f64 numbers).
+        for (i, line) in pairs.iter().enumerate() {
+            assert_eq!(field(line, "step"), 2.0 * (i + 1) as f64);
+            let want = (field(&each[2 * i], "loss") + field(&each[2 * i + 1], "loss")) / 2.0;
+            let got = field(line, "loss");
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "line {i}: {got}, mean {want}"
+            );
+        }
+        for lines in [&each, &pairs] {
+            // Each rate is that of its own window, log_every steps; the windows are disjoint
+            // and inside the run, so their lengths add up to no more than its time.
+            let every = 4 / lines.len();
+            let windows: f64 = lines
+                .iter()
+                .map(|l| every as f64 / field(l, "steps_per_s"))
+                .sum();
+            let run = field(lines.last().unwrap(), "elapsed_s");
+            assert!(
+                windows > 0.0 && windows <= run,
+                "windows {windows} s, run {run} s"
+            );
+            for l in lines.iter() {
+                assert!(field(l, "grad_norm") > 0.0, "{l}");
+            }
+        }
+    }
+
     #[test]
     fn a_resumed_run_ends_bitwise_where_an_uninterrupted_one_does() {
         let _guard = crate::sampler::rng_lock();

@@ -309,6 +309,19 @@ fn steps_against_the_reference(weight: LossWeight, sigma: SigmaChoice, channels_
                 };
             assert!(laid_out, "{name} {:?}: strides {:?}", w.size(), w.stride());
         }
+        // The gradient norm it reports (metrics.jsonl's grad_norm) is that of these gradients:
+        // an f32 sum of ~10⁴ squares, so 1e-5 relative is ample.
+        let want_norm = grads
+            .values()
+            .flat_map(|g| g.iter())
+            .map(|v| v * v)
+            .sum::<f64>()
+            .sqrt();
+        let got_norm = trainer.last_grad_norm().unwrap();
+        assert!(
+            (got_norm - want_norm).abs() <= 1e-5 * want_norm,
+            "step {k}: grad norm {got_norm}, of the gradients {want_norm}"
+        );
         let got_loss = trainer.take_mean_loss().unwrap();
         // f32: the loss sums 256 squares of O(1) after a forward pass of ~20 layers, each an
         // f32 sum of ≤ 16·9 products: relative roundoff ~1e-6; 1e-4 leaves a factor 100.
