@@ -335,6 +335,8 @@ fn steps_against_the_reference(weight: LossWeight, sigma: SigmaChoice, channels_
 
         // Reference LAMB, f64, per tensor.
         let lr = lr_by_definition(&cfg, k);
+        // The rate the trainer reports (metrics.jsonl's lr) is the one it stepped with.
+        assert_eq!(trainer.current_lr(), lr, "step {k}: reported lr");
         let lamb_cfg = reference::lamb::LambConfig {
             lr,
             beta1: cfg.train.beta1,
