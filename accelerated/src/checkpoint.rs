@@ -844,6 +844,40 @@ mod tests {
     }
 
     #[test]
+    fn a_data_file_past_its_documented_bound_is_refused_and_real_ones_are_within_it() {
+        let root = test_dir("ckpt_bound");
+        let dir = save(&root, manifest(1), &state(&net(1, 4)), 5).unwrap();
+        let m = load(&dir).unwrap().manifest;
+        // The doc's bound: 4096 bytes, then a tensor 8 bytes an element and a header of its
+        // name (with "m." or "v." in the LAMB state), 128 bytes and 24 a dimension.
+        let copy = |prefix: u64| -> u64 {
+            4096 + m
+                .tensors
+                .iter()
+                .map(|(name, shape)| {
+                    let numel: i64 = shape.iter().product();
+                    8 * numel as u64 + name.len() as u64 + prefix + 128 + 24 * shape.len() as u64
+                })
+                .sum::<u64>()
+        };
+        let bounds = [
+            (MODEL_FILE, copy(0)),
+            (EMA_FILE, copy(0)),
+            (OPTIM_FILE, 2 * copy(2) + 4096),
+        ];
+        for (file, bound) in bounds {
+            assert_eq!(size_limit(&m, file), bound, "{file}");
+            assert!(
+                fs::metadata(dir.join(file)).unwrap().len() <= bound,
+                "{file}"
+            );
+        }
+        fs::write(dir.join(MODEL_FILE), vec![0u8; copy(0) as usize + 1]).unwrap();
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
+    }
+
+    #[test]
     fn a_corrupt_newest_checkpoint_falls_back_to_the_previous() {
         let root = test_dir("ckpt_corrupt");
         let vs = net(1, 4);
