@@ -1233,6 +1233,27 @@ mod tests {
         }
     }
 
+    fn ckpt_at(run: &Path, step: u64) -> Checkpoint {
+        checkpoint::load(&checkpoints_dir(run).join(checkpoint::dir_name(step))).unwrap()
+    }
+
+    #[test]
+    fn a_weight_that_is_not_finite_is_a_typed_error_naming_it() {
+        let trainer = Trainer::new(&tiny(1), Device::Cpu).unwrap();
+        trainer.check_finite().unwrap();
+        let (name, w) = trainer.vs.variables().into_iter().next().unwrap();
+        let _ = tch::no_grad(|| w.view([-1]).get(0).fill_(f64::INFINITY));
+        match trainer.check_finite() {
+            Err(DdpmError::StateMismatch {
+                part: "weights",
+                reason,
+            }) => {
+                assert!(reason.contains(&name), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_resumed_run_ends_bitwise_where_an_uninterrupted_one_does() {
         let _guard = crate::sampler::rng_lock();
@@ -1276,7 +1297,16 @@ mod tests {
             same_tensors(&a.state.optim, &b.state.optim),
             "LAMB state differs"
         );
-        let start = checkpoint::load(&checkpoints_dir(&whole).join("step-0000003")).unwrap();
+        // The manifest says where the next step, the 0-based k-th batch, reads.
+        for ckpt in [&ckpt_at(&whole, 3), &a] {
+            let (k, at) = (ckpt.manifest.step, ckpt.manifest.data_position);
+            let per = at.steps_per_epoch;
+            assert!(
+                per >= 1 && (at.epoch, at.batch_in_epoch) == (k / per, k % per),
+                "{at:?}"
+            );
+        }
+        let start = ckpt_at(&whole, 3);
         assert!(
             !same_tensors(&start.state.model, &a.state.model),
             "training did not move the weights"
