@@ -27,16 +27,17 @@ pub struct SampleOptions {
     pub seed: i64,
     /// Run the network in bfloat16 autocast on CUDA (ignored on the CPU).
     pub bf16: bool,
-    /// [`load`] (so [`run`] and latents decoding) only: cast the network's weights to bfloat16 once before sampling, on any
-    /// device (slow on the CPU), instead of autocast at every network call: every layer then
-    /// computes in bf16 (the time features in f32), ε̂ comes back f32. Not with `bf16`.
+    /// [`load`] (so [`run`] and latents decoding) only: cast the network's weights to bfloat16
+    /// once before sampling, on any device (slow on the CPU), instead of autocast at every
+    /// network call: every layer then computes in bf16 (the time features in f32), ε̂ comes
+    /// back f32. Not with `bf16`.
     pub bf16_weights: bool,
     /// Replay each batch's network calls from a CUDA graph captured at its first step
     /// ([`crate::graph::Graphed`]; CUDA only, the `cuda-graph` feature). Not with `bf16`.
     pub cuda_graph: bool,
-    /// [`load`] (so [`run`] and latents decoding) only: lay the network's convolution weights (and so its input) out
-    /// channels-last, NHWC in memory, for cuDNN's NHWC kernels; the same images up to f32
-    /// rounding.
+    /// [`load`] (so [`run`] and latents decoding) only: lay the network's convolution weights
+    /// (and so its input) out channels-last, NHWC in memory, for cuDNN's NHWC kernels; the same
+    /// images up to f32 rounding.
     pub channels_last: bool,
     /// Which weights of the checkpoint ([`run`] only).
     pub weights: Weights,

@@ -1286,8 +1286,8 @@ mod tests {
         )
         .unwrap();
 
-        let a = checkpoint::load(&checkpoints_dir(&whole).join("step-0000007")).unwrap();
-        let b = checkpoint::load(&checkpoints_dir(&resumed).join("step-0000007")).unwrap();
+        let a = ckpt_at(&whole, 7);
+        let b = ckpt_at(&resumed, 7);
         assert!(
             same_tensors(&a.state.model, &b.state.model),
             "weights differ"
@@ -1297,8 +1297,9 @@ mod tests {
             same_tensors(&a.state.optim, &b.state.optim),
             "LAMB state differs"
         );
+        let start = ckpt_at(&whole, 3);
         // The manifest says where the next step, the 0-based k-th batch, reads.
-        for ckpt in [&ckpt_at(&whole, 3), &a] {
+        for ckpt in [&start, &a] {
             let (k, at) = (ckpt.manifest.step, ckpt.manifest.data_position);
             let per = at.steps_per_epoch;
             assert!(
@@ -1306,7 +1307,6 @@ mod tests {
                 "{at:?}"
             );
         }
-        let start = ckpt_at(&whole, 3);
         assert!(
             !same_tensors(&start.state.model, &a.state.model),
             "training did not move the weights"
@@ -1360,7 +1360,7 @@ mod tests {
         cfg.data.holdout = 2;
         let dir = test_dir("train_data_run");
         train(&cfg, &opts(&dir, false), None, &mut Silent).unwrap();
-        let first = checkpoint::load(&checkpoints_dir(&dir).join("step-0000003")).unwrap();
+        let first = ckpt_at(&dir, 3);
         let record = first.manifest.data.clone().unwrap();
         assert_eq!(record.path_given.as_deref(), Some(&*images));
         assert_eq!(
@@ -1387,7 +1387,7 @@ mod tests {
         let mut allowed = opts(&dir, true);
         allowed.resume_data.allow_change = true;
         train(&cfg, &allowed, Some(5), &mut Silent).unwrap();
-        let last = checkpoint::load(&checkpoints_dir(&dir).join("step-0000005")).unwrap();
+        let last = ckpt_at(&dir, 5);
         assert_eq!(last.manifest.data.unwrap().fingerprint.count, 9);
     }
 

@@ -697,7 +697,8 @@ pub fn channels_last(t: &Tensor) -> Result<Tensor> {
     };
     // Dense NHWC memory, then seen as [N, C, H, W] with NHWC strides.
     let nhwc = t.f_permute([0, 2, 3, 1])?.f_contiguous()?;
-    Ok(nhwc.f_as_strided([n, c, h, w], [h * w * c, 1, w * c, c], None)?)
+    let size = [n, c, h, w];
+    Ok(nhwc.f_as_strided(size, nhwc_strides(&size), None)?)
 }
 
 /// The strides (H·W·C, 1, W·C, C) of a dense [N, C, H, W] tensor stored NHWC (none unless 4-D).
