@@ -55,7 +55,7 @@ declare -A tests=(
   [eval]="--lib --test=product --test=bound"
   [lamb]="--lib --test=lamb --test=training"
   [sampler]="--lib --test=sampler_steps --test=product --test=oracle_sampling --test=dpm_solver"
-  [train]="--lib --test=training --test=faults --test=signals --test=writes"
+  [train]="--lib --test=training --test=faults --test=signals --test=writes --test=outputs --test=conditional --test=distributed"
   [checkpoint]="--lib --test=product --test=faults --test=bad_input"
   [config]="--lib --test=bad_input --test=product"
   [data]="--lib --test=product --test=training"

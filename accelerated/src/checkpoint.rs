@@ -864,6 +864,8 @@ mod tests {
             (MODEL_FILE, copy(0)),
             (EMA_FILE, copy(0)),
             (OPTIM_FILE, 2 * copy(2) + 4096),
+            // The run's configuration: a config file's bound, as `ddpm train --config` reads.
+            (CONFIG_FILE, crate::config::MAX_CONFIG_FILE_BYTES),
         ];
         for (file, bound) in bounds {
             assert_eq!(size_limit(&m, file), bound, "{file}");
@@ -875,6 +877,24 @@ mod tests {
         fs::write(dir.join(MODEL_FILE), vec![0u8; copy(0) as usize + 1]).unwrap();
         let err = load(&dir).unwrap_err().to_string();
         assert!(err.contains("more than"), "{err}");
+    }
+
+    /// The network's T is `diffusion.t_max`, the one place T is set, even in a configuration
+    /// built in code whose model section still carries another (validation would refuse it).
+    #[test]
+    fn a_built_network_takes_t_from_the_diffusion_section() {
+        let mut cfg = Config::mnist();
+        cfg.model.time_embedding = crate::unet::TimeEmbedding::Learned;
+        cfg.diffusion.t_max = 20;
+        assert_eq!(cfg.model.t_max, 1000);
+        let (vs, _) = build_model(&cfg, Device::Cpu, 0).unwrap();
+        let tables: Vec<Vec<i64>> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.contains("embedding"))
+            .map(|(_, t)| t.size())
+            .collect();
+        assert_eq!(tables, [vec![20, cfg.model.base_channels]]);
     }
 
     #[test]

@@ -1231,4 +1231,458 @@ mod tests {
             );
         }
     }
+
+    /// The key `cfg` is refused under (an out-of-range or incompatible setting), `None` when
+    /// it is valid.
+    fn refused_key(cfg: &Config) -> Option<&'static str> {
+        match cfg.validate() {
+            Ok(()) => None,
+            Err(DdpmError::OutOfRange { key, .. } | DdpmError::Incompatible { key, .. }) => {
+                Some(key)
+            }
+            Err(e) => panic!("not a refusal naming a key: {e}"),
+        }
+    }
+
+    /// Every check of `validate` takes the value at its edge and refuses the one just past
+    /// it, naming the key to change (each rule's boundary was tested only far from it).
+    #[test]
+    fn each_check_takes_its_edge_and_refuses_the_value_past_it_naming_its_key() {
+        type Edit = fn(&mut Config);
+        let mnist: &[(&str, Edit, Option<&str>)] = &[
+            (
+                "T differs",
+                |c| c.diffusion.t_max = 999,
+                Some("model.t_max"),
+            ),
+            ("MNIST 32×32", |c| c.model.image_size = 32, None),
+            (
+                "MNIST 36×36",
+                |c| c.model.image_size = 36,
+                Some("data.source"),
+            ),
+            (
+                "MNIST RGB",
+                |c| c.model.in_channels = 3,
+                Some("data.source"),
+            ),
+            (
+                "MNIST 2 channels",
+                |c| c.model.in_channels = 2,
+                Some("data.source"),
+            ),
+            ("train.steps 0", |c| c.train.steps = 0, Some("train.steps")),
+            ("train.steps 1", |c| c.train.steps = 1, None),
+            (
+                "checkpoint_every 0",
+                |c| c.train.checkpoint_every = 0,
+                Some("train.checkpoint_every"),
+            ),
+            ("checkpoint_every 1", |c| c.train.checkpoint_every = 1, None),
+            (
+                "log_every 0",
+                |c| c.train.log_every = 0,
+                Some("train.log_every"),
+            ),
+            ("log_every 1", |c| c.train.log_every = 1, None),
+            (
+                "batch_size 0",
+                |c| c.train.batch_size = 0,
+                Some("train.batch_size"),
+            ),
+            ("batch_size 1", |c| c.train.batch_size = 1, None),
+            (
+                "keep_last 0",
+                |c| c.train.keep_last = 0,
+                Some("train.keep_last"),
+            ),
+            ("keep_last 1", |c| c.train.keep_last = 1, None),
+            ("sample.n 0", |c| c.sample.n = 0, Some("sample.n")),
+            ("sample.n 1", |c| c.sample.n = 1, None),
+            (
+                "sample.batch_size 0",
+                |c| c.sample.batch_size = Some(0),
+                Some("sample.batch_size"),
+            ),
+            (
+                "sample.batch_size 1",
+                |c| c.sample.batch_size = Some(1),
+                None,
+            ),
+            (
+                "timeout 0",
+                |c| c.train.distributed_timeout_s = Some(0),
+                Some("train.distributed_timeout_s"),
+            ),
+            (
+                "timeout 1",
+                |c| c.train.distributed_timeout_s = Some(1),
+                None,
+            ),
+            ("lr 0", |c| c.train.lr = 0.0, Some("train.lr")),
+            ("lr NaN", |c| c.train.lr = f64::NAN, Some("train.lr")),
+            ("lr ∞", |c| c.train.lr = f64::INFINITY, Some("train.lr")),
+            ("lr tiny", |c| c.train.lr = 1e-300, None),
+            ("ema_decay 0", |c| c.train.ema_decay = 0.0, None),
+            (
+                "ema_decay 1",
+                |c| c.train.ema_decay = 1.0,
+                Some("train.ema_decay"),
+            ),
+            (
+                "ema_decay < 0",
+                |c| c.train.ema_decay = -1e-9,
+                Some("train.ema_decay"),
+            ),
+            (
+                "grad_clip 0",
+                |c| c.train.grad_clip = Some(0.0),
+                Some("train.grad_clip"),
+            ),
+            (
+                "grad_clip NaN",
+                |c| c.train.grad_clip = Some(f64::NAN),
+                Some("train.grad_clip"),
+            ),
+            (
+                "grad_clip ∞",
+                |c| c.train.grad_clip = Some(f64::INFINITY),
+                Some("train.grad_clip"),
+            ),
+            ("grad_clip tiny", |c| c.train.grad_clip = Some(1e-300), None),
+            ("beta1 1", |c| c.train.beta1 = 1.0, Some("train.beta1")),
+            ("beta2 1", |c| c.train.beta2 = 1.0, Some("train.beta2")),
+            ("eps 0", |c| c.train.eps = 0.0, Some("train.eps")),
+            (
+                "weight_decay < 0",
+                |c| c.train.weight_decay = -1e-9,
+                Some("train.weight_decay"),
+            ),
+            ("weight_decay 0", |c| c.train.weight_decay = 0.0, None),
+            (
+                "γ 0",
+                |c| c.train.min_snr_gamma = 0.0,
+                Some("train.min_snr_gamma"),
+            ),
+            (
+                "γ NaN",
+                |c| c.train.min_snr_gamma = f64::NAN,
+                Some("train.min_snr_gamma"),
+            ),
+            (
+                "γ ∞",
+                |c| c.train.min_snr_gamma = f64::INFINITY,
+                Some("train.min_snr_gamma"),
+            ),
+            ("γ tiny", |c| c.train.min_snr_gamma = 1e-300, None),
+            (
+                "article, posterior",
+                |c| {
+                    c.train.loss_weight = LossWeight::Article;
+                    c.train.loss_sigma = SigmaChoice::Posterior;
+                },
+                Some("train.loss_sigma"),
+            ),
+            (
+                "article, beta",
+                |c| c.train.loss_weight = LossWeight::Article,
+                None,
+            ),
+            (
+                "unweighted, posterior",
+                |c| c.train.loss_sigma = SigmaChoice::Posterior,
+                None,
+            ),
+            (
+                "sample.steps 0",
+                |c| c.sample.steps = Some(0),
+                Some("sample.steps"),
+            ),
+            ("sample.steps 1", |c| c.sample.steps = Some(1), None),
+            ("sample.steps T", |c| c.sample.steps = Some(1000), None),
+            (
+                "sample.steps T + 1",
+                |c| c.sample.steps = Some(1001),
+                Some("sample.steps"),
+            ),
+            (
+                "grid_steps 0",
+                |c| c.train.grid_steps = Some(0),
+                Some("train.grid_steps"),
+            ),
+            ("grid_steps T", |c| c.train.grid_steps = Some(1000), None),
+            (
+                "grid_steps T + 1",
+                |c| c.train.grid_steps = Some(1001),
+                Some("train.grid_steps"),
+            ),
+            (
+                "grid_scale 0",
+                |c| c.sample.grid_scale = 0,
+                Some("sample.grid_scale"),
+            ),
+            ("grid_scale 1", |c| c.sample.grid_scale = 1, None),
+            (
+                "grid_scale max",
+                |c| c.sample.grid_scale = crate::grid::MAX_SCALE,
+                None,
+            ),
+            (
+                "grid_scale max + 1",
+                |c| c.sample.grid_scale = crate::grid::MAX_SCALE + 1,
+                Some("sample.grid_scale"),
+            ),
+            ("label_dropout 0", |c| c.train.label_dropout = 0.0, None),
+            ("label_dropout 1", |c| c.train.label_dropout = 1.0, None),
+            (
+                "label_dropout < 0",
+                |c| c.train.label_dropout = -1e-9,
+                Some("train.label_dropout"),
+            ),
+            (
+                "label_dropout > 1",
+                |c| c.train.label_dropout = 1.0 + 1e-9,
+                Some("train.label_dropout"),
+            ),
+            ("guidance 0", |c| c.sample.guidance = 0.0, None),
+            (
+                "guidance < 0",
+                |c| c.sample.guidance = -1e-9,
+                Some("sample.guidance"),
+            ),
+            (
+                "guidance NaN",
+                |c| c.sample.guidance = f64::NAN,
+                Some("sample.guidance"),
+            ),
+            (
+                "guidance ∞",
+                |c| c.sample.guidance = f64::INFINITY,
+                Some("sample.guidance"),
+            ),
+            (
+                "classes, unconditional",
+                |c| c.model.classes = 2,
+                Some("model.classes"),
+            ),
+            (
+                "classes, conditional",
+                |c| {
+                    c.train.conditional = true;
+                    c.model.classes = 2;
+                },
+                None,
+            ),
+            (
+                "classes and their names",
+                |c| {
+                    c.train.conditional = true;
+                    c.model.classes = 2;
+                    c.data.class_names = vec!["a".into(), "b".into()];
+                },
+                None,
+            ),
+            (
+                "one name short",
+                |c| {
+                    c.train.conditional = true;
+                    c.model.classes = 2;
+                    c.data.class_names = vec!["a".into()];
+                },
+                Some("data.class_names"),
+            ),
+            (
+                "ancestral with η",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::Ancestral);
+                    c.sample.eta = Some(0.0);
+                },
+                Some("sample.sampler"),
+            ),
+            (
+                "DPM-Solver++ with η",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::DpmSolver2M);
+                    c.sample.eta = Some(0.0);
+                },
+                Some("sample.sampler"),
+            ),
+            (
+                "DDIM with η",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::Ddim);
+                    c.sample.eta = Some(0.5);
+                },
+                None,
+            ),
+            (
+                "DPM-Solver++ at T − 1 steps",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::DpmSolver2M);
+                    c.sample.steps = Some(999);
+                },
+                None,
+            ),
+            (
+                "DPM-Solver++ at T steps",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::DpmSolver2M);
+                    c.sample.steps = Some(1000);
+                },
+                Some("sample.steps"),
+            ),
+            (
+                "DPM-Solver++ grids at T steps",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::DpmSolver2M);
+                    c.train.grid_steps = None;
+                },
+                Some("train.grid_steps"),
+            ),
+            (
+                "DPM-Solver++ trailing at T steps",
+                |c| {
+                    c.sample.sampler = Some(SamplerKind::DpmSolver2M);
+                    c.sample.spacing = crate::timesteps::Spacing::Trailing;
+                    c.sample.steps = Some(1000);
+                    c.train.grid_steps = None;
+                },
+                None,
+            ),
+        ];
+        let folder: &[(&str, Edit, Option<&str>)] = &[
+            ("grey", |c| c.model.in_channels = 1, None),
+            ("RGB", |c| c.model.in_channels = 3, None),
+            (
+                "2 channels",
+                |c| c.model.in_channels = 2,
+                Some("model.in_channels"),
+            ),
+            (
+                "4 channels",
+                |c| c.model.in_channels = 4,
+                Some("model.in_channels"),
+            ),
+            ("any size", |c| c.model.image_size = 40, None),
+        ];
+        for (base, cases) in [(Config::mnist(), mnist), (Config::cifar32(), folder)] {
+            assert_eq!(refused_key(&base), None);
+            for (what, edit, expected) in cases {
+                let mut cfg = base.clone();
+                edit(&mut cfg);
+                assert_eq!(refused_key(&cfg), *expected, "{what}");
+            }
+        }
+    }
+
+    /// The presets table of docs/usage.md ("What each preset sets"): setting any value it
+    /// lists on its preset changes nothing, so each preset is what the table says.
+    #[test]
+    fn each_preset_is_what_docs_usage_lists() {
+        let usage = include_str!("../../docs/usage.md");
+        let mut rows = usage
+            .lines()
+            .skip_while(|l| !l.starts_with("| key | mnist |"))
+            .take_while(|l| l.starts_with('|'));
+        let cells = |line: &str| -> Vec<String> {
+            line.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().trim_matches('`').to_string())
+                .collect()
+        };
+        let header = cells(rows.next().expect("docs/usage.md has the presets table"));
+        assert_eq!(header[1..], PRESETS.map(String::from));
+        let mut checked = 0;
+        for line in rows.skip(1) {
+            let row = cells(line);
+            assert_eq!(row.len(), header.len(), "{line}");
+            for (name, cell) in PRESETS.iter().zip(&row[1..]) {
+                let value: toml::Table = toml::from_str(&format!("v = {cell}")).unwrap();
+                let mut over = toml::Table::new();
+                set_key(&mut over, &row[0], value["v"].clone());
+                let preset = Config::preset(name).unwrap();
+                let documented = preset.with_overrides(over, "docs/usage.md").unwrap();
+                assert_eq!(documented, preset, "{name}: {} = {cell}", row[0]);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 26 * PRESETS.len());
+    }
+
+    /// The saved form (a checkpoint's manifest) gives back the configuration it was given,
+    /// every optional key away from its default; a manifest written before a key existed
+    /// reads with that key's documented default; and a run that uses none of the later
+    /// features is saved without their keys, so older builds (which refuse unknown keys)
+    /// still read it.
+    #[test]
+    fn the_saved_form_round_trips_and_reads_older_manifests_with_the_defaults() {
+        let mut cfg = Config::mnist_conditional();
+        cfg.model.classes = 2;
+        cfg.data.class_names = vec!["a".into(), "b".into()];
+        cfg.data.path = Some("/data".into());
+        cfg.train.label_dropout = 0.3;
+        cfg.train.channels_last = true;
+        cfg.train.min_snr_gamma = 2.0;
+        cfg.train.grad_clip = Some(1.0);
+        cfg.train.distributed_timeout_s = Some(60);
+        cfg.train.plot_loss = false;
+        cfg.sample.guidance = 1.5;
+        cfg.sample.steps = Some(50);
+        cfg.sample.eta = Some(0.5);
+        cfg.sample.batch_size = Some(8);
+        cfg.sample.sampler = Some(SamplerKind::Ddim);
+        cfg.sample.spacing = crate::timesteps::Spacing::Trailing;
+        cfg.sample.grid_scale = 2;
+        cfg.validate().unwrap();
+        let json = saved::serialize(&cfg, serde_json::value::Serializer).unwrap();
+        assert_eq!(saved::deserialize(json).unwrap(), cfg);
+
+        // label_dropout at its default is not even written.
+        let mut older = serde_json::to_value(Config::mnist()).unwrap();
+        for (section, key) in [
+            ("train", "min_snr_gamma"),
+            ("train", "label_dropout"),
+            ("train", "plot_loss"),
+            ("sample", "grid_scale"),
+        ] {
+            older[section].as_object_mut().unwrap().remove(key);
+        }
+        let read = saved::deserialize(older).unwrap();
+        assert_eq!(
+            (
+                read.train.min_snr_gamma,
+                read.train.label_dropout,
+                read.train.plot_loss,
+                read.sample.grid_scale
+            ),
+            (5.0, 0.1, true, 4)
+        );
+
+        let text = Config::mnist().to_toml().unwrap();
+        for key in [
+            "channels_last",
+            "conditional",
+            "label_dropout",
+            "guidance",
+            "sampler",
+            "spacing",
+        ] {
+            assert!(!text.contains(&format!("\n{key} =")), "{key} in\n{text}");
+        }
+    }
+
+    /// `SamplerKind::name`, which messages quote, is the value `sample.sampler` takes.
+    #[test]
+    fn a_sampler_kind_is_named_as_sample_sampler_takes_it() {
+        for kind in [
+            SamplerKind::Ancestral,
+            SamplerKind::Ddim,
+            SamplerKind::DpmSolver2M,
+        ] {
+            assert_eq!(
+                toml::Value::try_from(kind).unwrap().as_str(),
+                Some(kind.name())
+            );
+        }
+    }
 }

@@ -640,8 +640,8 @@ pub fn train_in_group(
         // Before the data are read, so an unwritable run directory fails at once.
         create_run_dir(&opts.run_dir)?;
     }
-    // Before anything is read or written; a resume of a directory that does not exist
-    // fails below as it always did, having written nothing.
+    // Before anything is read or written. A resume of a directory that does not exist takes
+    // none: it fails in `resume_point` (no checkpoints), having written nothing.
     let lock = if !writer || (opts.resume && !opts.run_dir.is_dir()) {
         None
     } else {
@@ -687,14 +687,6 @@ pub fn train_in_group(
     let record = DataRecord {
         path_given,
         fingerprint,
-    };
-    let lock = match lock {
-        Some(lock) => Some(lock),
-        None if writer => {
-            create_run_dir(&opts.run_dir)?;
-            Some(RunLock::acquire(&opts.run_dir)?)
-        }
-        None => None,
     };
     train_locked(
         &cfg,
@@ -811,9 +803,9 @@ fn train_locked(
 ) -> Result<TrainSummary> {
     let (cfg, data) = resolve_classes(cfg, data)?;
     let cfg = &cfg;
-    // Rank 0 (or a lone run) holds the run directory's lock; the other ranks write nothing.
+    // Only the holder of the run directory's lock writes there: rank 0, or a lone run.
+    let writer = lock.is_some();
     let _lock = lock;
-    let writer = group.as_ref().is_none_or(|g| g.rank() == 0);
     let mut run = Run::start(cfg, &data, opts, resume_from.as_ref(), writer)?;
     if let Some(group) = group {
         run.trainer.set_process_group(group);
@@ -1346,15 +1338,144 @@ mod tests {
         RunLock::acquire(&dir).unwrap();
     }
 
+    /// A resume of a run directory that does not exist fails having created nothing (no
+    /// directory, no lock file): a mistyped `--out` leaves no empty run behind.
     #[test]
-    fn a_resume_on_other_data_is_a_typed_error_unless_allowed() {
-        let _guard = crate::sampler::rng_lock();
-        let images = test_dir("train_data_images");
+    fn resuming_a_directory_that_does_not_exist_fails_and_creates_nothing() {
+        let parent = test_dir("train_resume_missing");
+        let dir = parent.join("typo");
+        let err = train(&tiny(3), &opts(&dir, true), None, &mut Silent).unwrap_err();
+        assert!(
+            matches!(&err, DdpmError::Checkpoint { reason, .. } if reason.contains("no checkpoint")),
+            "{err}"
+        );
+        assert!(!dir.exists());
+    }
+
+    /// Eight 8×8 grey pictures as PNG files in a fresh directory named `name`.
+    fn picture_folder(name: &str) -> crate::data::TestDir {
+        let images = test_dir(name);
         for i in 0..8u8 {
             image::GrayImage::from_fn(8, 8, |x, y| image::Luma([i * 30 + (x + y) as u8]))
                 .save(images.join(format!("{i}.png")))
                 .unwrap();
         }
+        images
+    }
+
+    /// What a run reports, in order (statuses left out).
+    #[derive(Default)]
+    struct Reports(Vec<String>);
+
+    impl Progress for Reports {
+        fn start(&mut self, total: u64, done: u64, unit: &'static str) {
+            self.0.push(format!("start {total} {done} {unit}"));
+        }
+        fn update(&mut self, done: u64) {
+            self.0.push(format!("update {done}"));
+        }
+        fn note(&mut self, line: &str) {
+            self.0.push(format!("note {line}"));
+        }
+        fn warn(&mut self, line: &str) {
+            self.0.push(format!("warn {line}"));
+        }
+        fn finish(&mut self) {
+            self.0.push("finish".into());
+        }
+    }
+
+    /// A run without a group is rank 0 and reports to its caller itself: the steps to do,
+    /// each one done, each file written and the end (only other ranks are kept to warnings).
+    #[test]
+    fn a_lone_run_reports_its_steps_its_files_and_its_end() {
+        let _guard = crate::sampler::rng_lock();
+        let images = picture_folder("train_reports_images");
+        let mut cfg = tiny(3);
+        cfg.data.path = Some(images.to_path_buf());
+        cfg.data.holdout = 2;
+        let dir = test_dir("train_reports_run");
+        let mut reports = Reports::default();
+        let summary = train(&cfg, &opts(&dir, false), None, &mut reports).unwrap();
+        let ckpt = format!("note step 3: checkpoint {}", summary.checkpoint.display());
+        let grid = format!("note step 3: samples {}", summary.grid.display());
+        assert_eq!(
+            reports.0,
+            [
+                "start 3 0 steps",
+                "update 1",
+                "update 2",
+                "update 3",
+                &ckpt,
+                &grid,
+                "finish"
+            ]
+        );
+    }
+
+    /// A stop asked for during the last step changes nothing: the run is complete, not
+    /// stopped.
+    #[test]
+    fn a_stop_raised_in_the_last_step_leaves_a_complete_run() {
+        let _guard = crate::sampler::rng_lock();
+        let dir = test_dir("train_stop_last");
+        let o = opts(&dir, false);
+        o.stop.raise();
+        let summary = train_on(&tiny(1), pictures(10), &o, None, &mut Silent).unwrap();
+        assert_eq!((summary.steps, summary.stopped), (1, false));
+        assert!(summary.grid.is_file());
+    }
+
+    /// A stop asked for in a step that writes a checkpoint ends the run on that checkpoint,
+    /// written once.
+    #[test]
+    fn a_stop_in_a_checkpoint_step_writes_that_checkpoint_once() {
+        /// Raises the stop when step `.0` is reported done; keeps the notes.
+        struct StopAt(u64, StopFlag, Reports);
+        impl Progress for StopAt {
+            fn update(&mut self, done: u64) {
+                if done == self.0 {
+                    self.1.raise();
+                }
+            }
+            fn note(&mut self, line: &str) {
+                self.2.note(line);
+            }
+        }
+        let _guard = crate::sampler::rng_lock();
+        let dir = test_dir("train_stop_checkpoint");
+        let o = opts(&dir, false);
+        let mut progress = StopAt(3, o.stop.clone(), Reports::default());
+        let summary = train_on(&tiny(7), pictures(10), &o, None, &mut progress).unwrap();
+        assert_eq!((summary.steps, summary.stopped), (3, true));
+        let ckpt = format!("note step 3: checkpoint {}", summary.checkpoint.display());
+        assert_eq!(progress.2 .0, [ckpt]);
+    }
+
+    /// A grid is drawn every `train.sample_every` steps and at the end; with 0, only at the
+    /// end.
+    #[test]
+    fn grids_are_drawn_every_sample_every_steps_and_at_the_end() {
+        let _guard = crate::sampler::rng_lock();
+        for (every, steps) in [(2, vec![2, 4, 5]), (0, vec![5])] {
+            let mut cfg = tiny(5);
+            cfg.train.sample_every = every;
+            let dir = test_dir("train_grids");
+            train_on(&cfg, pictures(10), &opts(&dir, false), None, &mut Silent).unwrap();
+            let mut drawn: Vec<PathBuf> = std::fs::read_dir(dir.join("samples"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            drawn.sort();
+            let want: Vec<PathBuf> = steps.iter().map(|&k| grid_path(&dir, k)).collect();
+            assert_eq!(drawn, want, "sample_every = {every}");
+        }
+    }
+
+    #[test]
+    fn a_resume_on_other_data_is_a_typed_error_unless_allowed() {
+        let _guard = crate::sampler::rng_lock();
+        let images = picture_folder("train_data_images");
         let mut cfg = tiny(3);
         cfg.data.path = Some(images.to_path_buf());
         cfg.data.holdout = 2;
