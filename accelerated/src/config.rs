@@ -1685,4 +1685,97 @@ mod tests {
             );
         }
     }
+
+    /// A changed setting is named with the run's value and the saved one; keys a resumed run
+    /// may change (length, decay end, data path, classes) are not differences.
+    #[test]
+    fn differences_name_each_changed_key_with_both_values_and_skip_the_resumable_ones() {
+        let saved = Config::mnist();
+        assert_eq!(saved.differences(&saved).unwrap(), vec![]);
+        let mut now = saved.clone();
+        now.train.lr = 0.002;
+        now.train.steps = 5000;
+        now.train.lr_decay.clear();
+        now.data.path = Some(PathBuf::from("/elsewhere"));
+        now.train.channels_last = !saved.train.channels_last;
+        assert_eq!(
+            now.differences(&saved).unwrap(),
+            vec![(
+                "train.lr".to_string(),
+                "0.002".to_string(),
+                "0.005".to_string()
+            )]
+        );
+    }
+
+    /// `.toml` and `.json` files read to the same configuration; any other name is refused;
+    /// a JSON null gets the hint to leave the key out.
+    #[test]
+    fn a_config_file_is_read_by_its_extension_and_a_json_null_is_explained() {
+        let dir = crate::data::test_dir("config_files");
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let toml = write("c.toml", "[train]\nsteps = 7\n");
+        let json = write("c.json", r#"{"train": {"steps": 7}}"#);
+        let from_toml = Config::from_file(&toml).unwrap();
+        assert_eq!(from_toml.train.steps, 7);
+        assert_eq!(Config::from_file(&json).unwrap(), from_toml);
+        let yaml = write("c.yaml", "train:\n  steps: 7\n");
+        let err = Config::from_file(&yaml).unwrap_err().to_string();
+        assert!(err.contains(".toml or .json"), "{err}");
+        let null = write("n.json", r#"{"train": {"steps": null}}"#);
+        let err = Config::from_file(&null).unwrap_err().to_string();
+        assert!(err.contains("JSON null is not allowed"), "{err}");
+    }
+
+    /// A new T caps `train.grid_steps` only when the same overrides leave it unset: a grid
+    /// length given with it is the user's and is held to the new T.
+    #[test]
+    fn a_new_t_caps_the_grid_steps_unless_they_are_given_too() {
+        let base = Config::mnist();
+        let mut both = toml::Table::new();
+        set_key(&mut both, "diffusion.t_max", 20.into());
+        set_key(&mut both, "train.grid_steps", 50.into());
+        let err = base.with_overrides(both, "flags").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DdpmError::OutOfRange {
+                    key: "train.grid_steps",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// The decay point follows the run's length only when it ends the base run, and it is
+    /// dropped when the new end is not past the point before it (here the warm-up's end).
+    #[test]
+    fn the_decay_end_follows_only_an_end_and_only_past_the_point_before_it() {
+        let mut base = Config::mnist();
+        let overridden = |base: &Config, steps: i64| {
+            let mut over = toml::Table::new();
+            set_key(&mut over, "train.steps", steps.into());
+            base.with_overrides(over, "flags").unwrap().train.lr_decay
+        };
+        assert_eq!(base.train.warmup_steps, 100);
+        assert_eq!(
+            overridden(&base, 100),
+            vec![],
+            "a run that ends with the warm-up"
+        );
+        base.train.lr_decay = vec![LrPoint {
+            step: 1000,
+            factor: 0.1,
+        }];
+        assert_eq!(
+            overridden(&base, 4000),
+            base.train.lr_decay,
+            "a decay point inside the run is not its end"
+        );
+    }
 }

@@ -517,6 +517,41 @@ mod tests {
     }
 
     #[test]
+    fn only_4d_uint8_tensors_are_pixels() {
+        let refused = |t: Tensor| match Dataset::from_pixels(t, "bad") {
+            Err(DdpmError::ShapeMismatch { what, .. }) => what == "pixels",
+            other => panic!("{other:?}"),
+        };
+        let four_d = [2i64, 1, 2, 2];
+        assert!(refused(Tensor::zeros(four_d, (Kind::Float, Device::Cpu))));
+        assert!(refused(Tensor::zeros([2, 4], (Kind::Uint8, Device::Cpu))));
+        assert!(
+            Dataset::from_pixels(Tensor::zeros(four_d, (Kind::Uint8, Device::Cpu)), "ok").is_ok()
+        );
+    }
+
+    #[test]
+    fn a_set_reports_its_name_size_and_sample_shape() {
+        let d = toy(3);
+        assert_eq!((d.name(), d.len(), d.is_empty()), ("toy", 3, false));
+        assert_eq!((d.item_shape(), d.item_dim()), (vec![1, 2, 2], 4));
+        let v = Dataset::from_values(Tensor::zeros([5, 3], (Kind::Float, Device::Cpu)), "v");
+        let v = v.unwrap();
+        assert_eq!((v.item_dim(), v.is_8bit()), (3, false));
+    }
+
+    #[test]
+    fn without_labels_forgets_the_labels() {
+        let d = toy(3)
+            .with_labels(&[0, 1, 0], vec!["a".into(), "b".into()])
+            .unwrap();
+        assert_eq!(d.class_names().map(<[String]>::len), Some(2));
+        let d = d.without_labels();
+        assert!(d.class_names().is_none());
+        assert!(d.labels_at(&[0, 1]).unwrap().is_none());
+    }
+
+    #[test]
     fn split_is_a_seeded_partition() {
         let d = toy(50);
         let (train, test) = d.split(10, 7).unwrap();
