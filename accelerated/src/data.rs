@@ -592,16 +592,21 @@ mod tests {
             .unwrap();
         assert_ne!(one.sha256, a.sha256, "one pixel changed");
         let said = a.change_to(&one).unwrap();
-        assert!(
-            said.starts_with("same count (50) and shape, different content"),
-            "{said}"
+        assert_eq!(
+            said,
+            format!(
+                "same count (50) and shape, different content (sha256 {} in the run, {} now)",
+                &a.sha256[..12],
+                &one.sha256[..12]
+            )
         );
 
-        let fewer = toy(49).fingerprint().unwrap();
+        // 50 − 47 = 3, where 50 / 47 would be 1.
+        let fewer = toy(47).fingerprint().unwrap();
         let said = a.change_to(&fewer).unwrap();
-        assert_eq!(said, "50 images in the run, 49 now, 1 removed");
+        assert_eq!(said, "50 images in the run, 47 now, 3 removed");
         let said = fewer.change_to(&a).unwrap();
-        assert_eq!(said, "49 images in the run, 50 now, 1 added");
+        assert_eq!(said, "47 images in the run, 50 now, 3 added");
 
         // The order is part of the content (it fixes the epochs and the split).
         let reversed: Vec<i64> = (0..50).rev().collect();
@@ -628,6 +633,103 @@ mod tests {
             a.change_to(&f).unwrap().contains("(u8) in the run"),
             "{f:?}"
         );
+    }
+
+    /// The fingerprint is the sha256 of the byte stream its doc comment defines, computed here
+    /// in one piece; the set spans several of `fingerprint`'s 4 MiB chunks, the last partial.
+    #[test]
+    fn the_fingerprint_is_the_sha256_of_the_documented_bytes_across_chunks() {
+        use sha2::{Digest, Sha256};
+        let (n, side) = (1500i64, 64i64);
+        let px = Tensor::arange(n * side * side, (Kind::Int64, Device::Cpu))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([n, 1, side, side]);
+        let mut stream = Vec::new();
+        stream.extend(FINGERPRINT_VERSION.as_bytes());
+        stream.extend(b"u8");
+        stream.extend((n as u64).to_le_bytes());
+        for d in [1i64, side, side] {
+            stream.extend(d.to_le_bytes());
+        }
+        let mut pixels = vec![0u8; px.numel()];
+        px.copy_data_u8(&mut pixels, px.numel());
+        stream.extend(&pixels);
+        let hex: String = Sha256::digest(&stream)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let f = Dataset::from_pixels(px, "chunks")
+            .unwrap()
+            .fingerprint()
+            .unwrap();
+        assert!(n * side * side > 1 << 22, "more than one chunk");
+        assert_eq!((f.count, f.sha256), (1500, hex));
+    }
+
+    /// `load_dataset` reads the configured source at the model's image shape (MNIST 28 or
+    /// padded to 32, a folder in grey or RGB), labelled exactly when the run is conditional,
+    /// and refuses images of another shape.
+    #[test]
+    fn the_configured_source_loads_at_the_models_shape_labelled_when_conditional() {
+        let dir = test_dir("load_dataset");
+        let csv = dir.join("digits.csv");
+        let row = |label: u8| {
+            let mut v = vec!["9".to_string(); mnist::PIXELS];
+            v.push(label.to_string());
+            v.join(",")
+        };
+        std::fs::write(&csv, format!("{}\n{}\n", row(3), row(5))).unwrap();
+        let mut cfg = Config::mnist();
+        cfg.data.path = Some(csv);
+        for (size, conditional) in [(28, false), (32, false), (28, true), (32, true)] {
+            cfg.model.image_size = size;
+            cfg.train.conditional = conditional;
+            let d = load_dataset(&cfg).unwrap();
+            assert_eq!((d.len(), d.item_shape()), (2, vec![1, size, size]));
+            assert_eq!(
+                d.class_names().is_some(),
+                conditional,
+                "{size} {conditional}"
+            );
+        }
+        cfg.train.conditional = false;
+        cfg.model.in_channels = 3;
+        cfg.model.image_size = 28;
+        assert!(matches!(
+            load_dataset(&cfg),
+            Err(DdpmError::ShapeMismatch {
+                what: "the data set's images",
+                ..
+            })
+        ));
+
+        let images = dir.join("images");
+        std::fs::create_dir(&images).unwrap();
+        for i in 0..3u8 {
+            image::RgbImage::from_pixel(8, 8, image::Rgb([i * 50, 0, 255]))
+                .save(images.join(format!("{i}.png")))
+                .unwrap();
+        }
+        cfg.data.source = DataSource::Folder;
+        cfg.data.path = Some(images);
+        cfg.model.image_size = 8;
+        for channels in [1, 3] {
+            cfg.model.in_channels = channels;
+            let d = load_dataset(&cfg).unwrap();
+            assert_eq!((d.len(), d.item_shape()), (3, vec![channels, 8, 8]));
+        }
+    }
+
+    #[test]
+    fn a_data_path_is_made_absolute_or_kept_as_given() {
+        let dir = test_dir("absolute_path");
+        let file = dir.join("d.csv");
+        std::fs::write(&file, "x").unwrap();
+        let through_dots = dir.join(".").join("d.csv");
+        assert_eq!(absolute_path(&through_dots), file.canonicalize().unwrap());
+        let missing = std::path::Path::new("no/such/data.csv");
+        assert_eq!(absolute_path(missing), missing);
     }
 
     #[test]

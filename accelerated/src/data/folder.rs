@@ -269,6 +269,78 @@ mod tests {
         assert_eq!(g.item_shape(), vec![1, 2, 2]);
     }
 
+    /// A tall image is cropped to its vertical centre as a wide one is to its horizontal one.
+    #[test]
+    fn crops_the_centre_of_a_tall_image() {
+        let dir = test_dir("folder_tall");
+        // 4×12, top half red: the centre 4×4 square spans y = 4..8, two rows of each.
+        RgbImage::from_fn(4, 12, |_, y| {
+            if y < 6 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        })
+        .save(dir.join("tall.png"))
+        .unwrap();
+        let raw = load(&dir, 4, Channels::Rgb).unwrap().raw(&[0]).unwrap();
+        let red_column = Vec::<u8>::try_from(raw.get(0).get(0).select(1, 0)).unwrap();
+        assert_eq!(red_column, [255, 255, 0, 0]);
+    }
+
+    /// The classes are the subfolders, sorted by name; hidden folders and files are not
+    /// classes, a file whose name is not UTF-8 is passed over, a subfolder's is an error.
+    #[test]
+    fn class_folders_are_the_visible_subfolders_sorted() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = test_dir("class_folders");
+        for sub in ["b", "a", ".hidden"] {
+            std::fs::create_dir(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("c"), "a file").unwrap();
+        std::fs::write(dir.join(std::ffi::OsStr::from_bytes(b"f\xff")), "x").unwrap();
+        let classes = class_folders(&dir).unwrap();
+        assert_eq!(
+            classes,
+            [
+                ("a".to_string(), dir.join("a")),
+                ("b".to_string(), dir.join("b"))
+            ]
+        );
+        std::fs::create_dir(dir.join(std::ffi::OsStr::from_bytes(b"d\xff"))).unwrap();
+        let err = class_folders(&dir).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+        let err = class_folders(&dir.join("a").join("none")).unwrap_err();
+        assert!(matches!(err, DdpmError::BadData { .. }), "{err}");
+    }
+
+    /// A labelled folder: the samples class after class, each labelled with its subfolder's
+    /// rank; a side of 0 is refused.
+    #[test]
+    fn a_labelled_folder_labels_each_image_by_its_subfolder() {
+        let dir = test_dir("load_classes");
+        for (class, n) in [("cats", 2), ("ants", 1)] {
+            std::fs::create_dir(dir.join(class)).unwrap();
+            for i in 0..n {
+                picture(4, 4)
+                    .save(dir.join(class).join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        let d = load_classes(&dir, 4, Channels::Grey).unwrap();
+        assert_eq!(
+            d.class_names(),
+            Some(&["ants".to_string(), "cats".to_string()][..])
+        );
+        let labels = d.labels_at(&[0, 1, 2]).unwrap().unwrap();
+        assert_eq!(Vec::<i64>::try_from(labels).unwrap(), [0, 1, 1]);
+        let err = load_classes(&dir, 0, Channels::Grey).unwrap_err();
+        assert!(
+            matches!(err, DdpmError::OutOfRange { key: "side", .. }),
+            "{err}"
+        );
+    }
+
     #[test]
     fn clear_errors_for_bad_folders_and_files() {
         let bad_data = |err: &DdpmError, needle: &str| matches!(err, DdpmError::BadData { set, reason } if format!("{set} {reason}").contains(needle));
