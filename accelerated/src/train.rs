@@ -1413,6 +1413,18 @@ mod tests {
         );
     }
 
+    /// A fresh run creates its directory, parents included, and writes there the
+    /// configuration it ran with, which reads back as that configuration.
+    #[test]
+    fn a_fresh_run_creates_its_directory_and_writes_its_config_there() {
+        let _guard = crate::sampler::rng_lock();
+        let root = test_dir("train_fresh_dir");
+        let dir = root.join("runs").join("first");
+        let cfg = tiny(1);
+        train_on(&cfg, pictures(10), &opts(&dir, false), None, &mut Silent).unwrap();
+        assert_eq!(Config::from_file(&dir.join("config.toml")).unwrap(), cfg);
+    }
+
     /// A stop asked for during the last step changes nothing: the run is complete, not
     /// stopped.
     #[test]
