@@ -1778,4 +1778,34 @@ mod tests {
             "a decay point inside the run is not its end"
         );
     }
+
+    /// The sampler is the `sample` section as set: σ, steps, η, clipping and spacing carried
+    /// over, DDIM's η 0 unless given, DPM-Solver++ without η.
+    #[test]
+    fn the_sampler_is_the_sample_section_as_set() {
+        use crate::sampler::SamplerConfig;
+        use crate::timesteps::Spacing;
+        let mut cfg = Config::mnist();
+        cfg.sample.sigma = SigmaChoice::Isotropic { data_std: 0.5 };
+        cfg.sample.steps = Some(20);
+        cfg.sample.eta = Some(0.3);
+        cfg.sample.clip_each_step = true;
+        cfg.sample.spacing = Spacing::Linspace;
+        let expected = SamplerConfig {
+            sigma: SigmaChoice::Isotropic { data_std: 0.5 },
+            steps: Some(20),
+            eta: Some(0.3),
+            clip_each_step: true,
+            seed: Some(4),
+            spacing: Spacing::Linspace,
+            ..SamplerConfig::default()
+        };
+        assert_eq!(cfg.sampler(Some(4)), expected);
+        cfg.sample.sampler = Some(SamplerKind::Ddim);
+        cfg.sample.eta = None;
+        assert_eq!(cfg.sampler(Some(4)).eta, Some(0.0));
+        cfg.sample.sampler = Some(SamplerKind::DpmSolver2M);
+        let dpm = cfg.sampler(None);
+        assert_eq!((dpm.eta, dpm.dpm_solver, dpm.seed), (None, true, None));
+    }
 }

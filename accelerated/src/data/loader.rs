@@ -280,6 +280,68 @@ mod tests {
             .collect()
     }
 
+    /// T = 1 is a diffusion (every t is 1); T = 0 is refused under its key.
+    #[test]
+    fn a_plan_takes_t_max_1_and_refuses_0() {
+        let mut plan = BatchPlan {
+            batch_size: 4,
+            seed: 1,
+            t_max: 1,
+            flip: false,
+            label_dropout: 0.0,
+        };
+        let b = plan.batch(&images(4), 1).unwrap();
+        assert_eq!(Vec::<i64>::try_from(&b.t).unwrap(), [1, 1, 1, 1]);
+        plan.t_max = 0;
+        assert!(matches!(
+            plan.batch(&images(4), 1),
+            Err(DdpmError::OutOfRange {
+                key: "diffusion.t_max",
+                ..
+            })
+        ));
+    }
+
+    /// With `flip`, each image is itself or its mirror image, a fair seeded coin each: of 40
+    /// images, 5 to 35 mirrored (Binomial(40, ½): mean 20, σ ≈ 3.2, so 4.7σ either side,
+    /// α ≈ 3e-6). Values that are not images (`[N, d]`) are never flipped.
+    #[test]
+    fn flip_mirrors_a_seeded_half_of_the_images_and_leaves_values_alone() {
+        let n = 40i64;
+        // One row of two pixels, (2i, 2i + 1): its mirror is (2i + 1, 2i).
+        let px = Tensor::arange(2 * n, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Uint8)
+            .view([n, 1, 1, 2]);
+        let data = Dataset::from_pixels(px, "pairs").unwrap();
+        let plan = BatchPlan {
+            batch_size: 40,
+            seed: 9,
+            t_max: 10,
+            flip: true,
+            label_dropout: 0.0,
+        };
+        let b = plan.batch(&data, 1).unwrap();
+        let order = plan.order(data.len(), 0);
+        let x = Vec::<f32>::try_from(b.x0.flatten(0, -1)).unwrap();
+        let pixel = |v: f32| ((v + 1.0) * 255.0 / 2.0).round() as i64;
+        let mut mirrored = 0;
+        for (i, pair) in x.chunks(2).enumerate() {
+            let (l, r) = (pixel(pair[0]), pixel(pair[1]));
+            let k = order[i];
+            if (l, r) == (2 * k + 1, 2 * k) {
+                mirrored += 1;
+            } else {
+                assert_eq!((l, r), (2 * k, 2 * k + 1), "image {k}");
+            }
+        }
+        assert!((5..=35).contains(&mirrored), "{mirrored} of 40 mirrored");
+        let values = Tensor::arange(3 * n, (Kind::Float, Device::Cpu)).view([n, 3]);
+        let data = Dataset::from_values(values.shallow_clone(), "values").unwrap();
+        let b = plan.batch(&data, 1).unwrap();
+        let rows = Tensor::from_slice(&plan.order(data.len(), 0));
+        assert!(b.x0.equal(&values.index_select(0, &rows)));
+    }
+
     /// Label dropout is a seeded Bernoulli(p) per sample: over n = 250 steps × 40 samples =
     /// 10,000 labels at p = 0.1 the dropped count is Binomial(10⁴, 0.1), mean 1000, standard
     /// deviation 30; |share − 0.1| < 0.015 is 5 standard deviations (α < 1e-6, two-sided).

@@ -175,6 +175,20 @@ mod tests {
         assert!(parse("".as_bytes(), "x.csv").is_err());
     }
 
+    /// `$DDPM_MNIST` when set, else the repository's `data/mnist_5k.csv.gz`.
+    #[test]
+    fn the_default_path_is_the_environments_or_the_repositorys_copy() {
+        let path = default_path();
+        match std::env::var_os("DDPM_MNIST") {
+            Some(set) => assert_eq!(path, PathBuf::from(set)),
+            None => assert!(
+                path.ends_with("data/mnist_5k.csv.gz") && path.is_absolute(),
+                "{}",
+                path.display()
+            ),
+        }
+    }
+
     #[test]
     fn missing_file_points_at_the_bootstrap() {
         let err = load(Path::new("/nonexistent/mnist_5k.csv.gz"), false)
