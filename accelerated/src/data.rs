@@ -535,8 +535,8 @@ mod tests {
         let d = toy(3);
         assert_eq!((d.name(), d.len(), d.is_empty()), ("toy", 3, false));
         assert_eq!((d.item_shape(), d.item_dim()), (vec![1, 2, 2], 4));
-        let v = Dataset::from_values(Tensor::zeros([5, 3], (Kind::Float, Device::Cpu)), "v");
-        let v = v.unwrap();
+        let v =
+            Dataset::from_values(Tensor::zeros([5, 3], (Kind::Float, Device::Cpu)), "v").unwrap();
         assert_eq!((v.item_dim(), v.is_8bit()), (3, false));
     }
 

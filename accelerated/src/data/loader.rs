@@ -275,9 +275,12 @@ mod tests {
     /// The class a batch's images carry in their pixels (pixel value k ↦ x = 2k/255 − 1).
     fn classes_of(b: &Batch) -> Vec<i64> {
         let x = Vec::<f32>::try_from(b.x0.select(3, 0).select(2, 0).select(1, 0)).unwrap();
-        x.iter()
-            .map(|v| ((v + 1.0) * 255.0 / 2.0).round() as i64)
-            .collect()
+        x.iter().map(|&v| pixel_of(v)).collect()
+    }
+
+    /// The 8-bit pixel value k of model-space x = 2k/255 − 1.
+    fn pixel_of(x: f32) -> i64 {
+        ((x + 1.0) * 255.0 / 2.0).round() as i64
     }
 
     /// T = 1 is a diffusion (every t is 1); T = 0 is refused under its key.
@@ -323,10 +326,9 @@ mod tests {
         let b = plan.batch(&data, 1).unwrap();
         let order = plan.order(data.len(), 0);
         let x = Vec::<f32>::try_from(b.x0.flatten(0, -1)).unwrap();
-        let pixel = |v: f32| ((v + 1.0) * 255.0 / 2.0).round() as i64;
         let mut mirrored = 0;
         for (i, pair) in x.chunks(2).enumerate() {
-            let (l, r) = (pixel(pair[0]), pixel(pair[1]));
+            let (l, r) = (pixel_of(pair[0]), pixel_of(pair[1]));
             let k = order[i];
             if (l, r) == (2 * k + 1, 2 * k) {
                 mirrored += 1;
