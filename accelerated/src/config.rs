@@ -629,7 +629,7 @@ impl Config {
         let (d, m, t, s) = (&self.data, &self.model, &self.train, &self.sample);
         let t_max = self.diffusion.t_max;
         if t_max != m.t_max {
-            return Err(t_max_conflict(m.t_max, t_max));
+            return Err(t_max_conflict(&m.t_max, t_max));
         }
         if d.source == DataSource::Mnist
             && (m.in_channels != 1 || !(m.image_size == 28 || m.image_size == 32))
@@ -961,7 +961,7 @@ fn settle_t_max(table: &mut toml::Table) -> Result<()> {
     if let (Some(t_max), Some(toml::Value::Table(model))) = (t_max, table.get_mut("model")) {
         if let Some(old) = model.get("t_max") {
             if old.as_integer() != Some(t_max) {
-                return Err(t_max_conflict(old.as_integer().unwrap_or(-1), t_max));
+                return Err(t_max_conflict(old, t_max));
             }
         }
         model.insert("t_max".into(), toml::Value::Integer(t_max));
@@ -969,7 +969,8 @@ fn settle_t_max(table: &mut toml::Table) -> Result<()> {
     Ok(())
 }
 
-fn t_max_conflict(model: i64, diffusion: i64) -> DdpmError {
+/// `model` is shown as the file gave it, so a non-integer is quoted, not guessed at.
+fn t_max_conflict(model: &dyn std::fmt::Display, diffusion: i64) -> DdpmError {
     DdpmError::Incompatible {
         key: "model.t_max",
         other: "diffusion.t_max".into(),
@@ -1095,6 +1096,14 @@ mod tests {
             matches!(err, DdpmError::Incompatible { key: "model.t_max", ref other, .. } if other == "diffusion.t_max"),
             "{err}"
         );
+        assert!(err.to_string().contains("model.t_max = 400"), "{err}");
+        // A model.t_max that is not an integer is quoted as written.
+        let err = Config::from_toml_str(
+            "[diffusion]\nt_max = 500\n[model]\nt_max = \"500\"\n",
+            "f.toml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("model.t_max = \"500\""), "{err}");
         assert!(Config::from_toml_str("preset = \"nope\"\n", "f.toml").is_err());
     }
 
