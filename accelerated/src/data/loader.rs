@@ -272,15 +272,18 @@ mod tests {
             .unwrap()
     }
 
-    /// The class a batch's images carry in their pixels (pixel value k ↦ x = 2k/255 − 1).
-    fn classes_of(b: &Batch) -> Vec<i64> {
-        let x = Vec::<f32>::try_from(b.x0.select(3, 0).select(2, 0).select(1, 0)).unwrap();
-        x.iter().map(|&v| pixel_of(v)).collect()
+    /// The class each image carries in its pixels: its first pixel value k (x = 2k/255 − 1).
+    fn classes_of(x0: &Tensor) -> Vec<i64> {
+        pixels_of(&x0.select(3, 0).select(2, 0).select(1, 0))
     }
 
-    /// The 8-bit pixel value k of model-space x = 2k/255 − 1.
-    fn pixel_of(x: f32) -> i64 {
-        ((x + 1.0) * 255.0 / 2.0).round() as i64
+    /// The 8-bit pixel values k of model-space images x = 2k/255 − 1, unclipped, so that a
+    /// value out of range shows as one.
+    fn pixels_of(x: &Tensor) -> Vec<i64> {
+        let x = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+        x.iter()
+            .map(|v| ((v + 1.0) * 255.0 / 2.0).round() as i64)
+            .collect()
     }
 
     /// T = 1 is a diffusion (every t is 1); T = 0 is refused under its key.
@@ -325,10 +328,9 @@ mod tests {
         };
         let b = plan.batch(&data, 1).unwrap();
         let order = plan.order(data.len(), 0);
-        let x = Vec::<f32>::try_from(b.x0.flatten(0, -1)).unwrap();
         let mut mirrored = 0;
-        for (i, pair) in x.chunks(2).enumerate() {
-            let (l, r) = (pixel_of(pair[0]), pixel_of(pair[1]));
+        for (i, pair) in pixels_of(&b.x0).chunks(2).enumerate() {
+            let (l, r) = (pair[0], pair[1]);
             let k = order[i];
             if (l, r) == (2 * k + 1, 2 * k) {
                 mirrored += 1;
@@ -362,7 +364,7 @@ mod tests {
         for step in 1..=250 {
             let b = plan.batch(&data, step).unwrap();
             let y = Vec::<i64>::try_from(b.y.as_ref().unwrap()).unwrap();
-            for (label, class) in y.iter().zip(classes_of(&b)) {
+            for (label, class) in y.iter().zip(classes_of(&b.x0)) {
                 total += 1;
                 if *label == 3 {
                     dropped += 1;
@@ -410,19 +412,7 @@ mod tests {
         let (train, held) = labelled(30).split(6, 2).unwrap();
         let held = held.unwrap();
         let all: Vec<i64> = (0..6).collect();
-        let held_classes: Vec<i64> = {
-            let x = Vec::<f32>::try_from(
-                held.batch(&all)
-                    .unwrap()
-                    .select(3, 0)
-                    .select(2, 0)
-                    .select(1, 0),
-            )
-            .unwrap();
-            x.iter()
-                .map(|v| ((v + 1.0) * 255.0 / 2.0).round() as i64)
-                .collect()
-        };
+        let held_classes = classes_of(&held.batch(&all).unwrap());
         assert_eq!(
             Vec::<i64>::try_from(held.labels_at(&all).unwrap().unwrap()).unwrap(),
             held_classes
